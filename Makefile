@@ -1,0 +1,41 @@
+# Thin front for CMake/Ninja. The two commands of the README: `make demo` and `make test`.
+BUILD      ?= build
+BUILD_ASAN ?= build-asan
+JOBS       ?= $(shell nproc)
+CMAKE_FLAGS ?=
+
+.PHONY: all setup configure build test test-slow test-asan demo bench fuzz clean
+
+all: build
+
+setup:
+	@bash scripts/setup.sh
+
+$(BUILD)/build.ninja: | setup
+	@cmake -S . -B $(BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS) >/dev/null
+
+configure: setup $(BUILD)/build.ninja
+
+build: configure
+	@cmake --build $(BUILD) -j $(JOBS)
+
+# Fast tests only (ctest label "fast"); slow ones: `make test-slow`.
+test: build
+	@cd $(BUILD) && ctest -L fast --output-on-failure -j $(JOBS) --timeout 900
+
+test-slow: build
+	@cd $(BUILD) && ctest -L slow --output-on-failure --timeout 3600
+
+test-asan: setup
+	@cmake -S . -B $(BUILD_ASAN) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DNIBBLE_SANITIZE=ON -DNIBBLE_BUILD_BENCH=OFF >/dev/null
+	@cmake --build $(BUILD_ASAN) -j $(JOBS)
+	@cd $(BUILD_ASAN) && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest -L fast --output-on-failure -j $(JOBS) --timeout 1800
+
+demo: build
+	@./$(BUILD)/nibble demo
+
+bench: build
+	@./$(BUILD)/nibble bench
+
+clean:
+	rm -rf $(BUILD) $(BUILD_ASAN) build-fuzz

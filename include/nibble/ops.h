@@ -1,0 +1,65 @@
+// nibble/ops.h — the kitchen ops (spec §6) and their prepared (load-time repacked) forms.
+//
+// Semantics follow the spec's CUDA path (fp32 scale math, round-half-even, exact int32 group sums).
+// Every op validates its inputs and throws nibble::Error with the spec's messages. All ops dispatch
+// on active_isa(); Isa::Scalar runs the reference oracles of src/kernels/reference/. Work is split
+// over output columns on the library thread pool, so results do not depend on the thread count.
+#pragma once
+#include <memory>
+#include <optional>
+
+#include "nibble/formats.h"
+#include "nibble/tensor.h"
+
+namespace nibble {
+
+// ---------------------------------------------------------------- awq_w4a16 (spec §2)
+// x (..., K) F32|BF16|F16; qweight (N, K/2) I8; wscales/wzeros (K/G, N) BF16|F16; bias (N) optional.
+// y (..., N) in wscales' dtype, or `out_dtype` (F32 for the runtime).
+// Math: y[m,n] = Σ_g [ s[g,n]·Σ_{k∈g} x[m,k]·(q[n,k]−8) + z[g,n]·Σ_{k∈g} x[m,k] ] + bias[n],
+// fp32 accumulation (the zero term folded per group).
+Tensor gemv_awq_w4a16(const Tensor& x, const Tensor& qweight, const Tensor& wscales,
+                      const Tensor& wzeros, const Tensor& bias = {}, int64_t group_size = 64,
+                      std::optional<DType> out_dtype = std::nullopt);
+
+// Load-time prepared AWQ weights (any repack for the active ISA lives here; the original tensors
+// are kept by the caller for saving).
+struct AwqW4A16Prepared;
+std::shared_ptr<const AwqW4A16Prepared> prepare_awq_w4a16(const AwqW4A16Params& p);
+Tensor gemv_awq_w4a16(const Tensor& x, const AwqW4A16Prepared& w,
+                      std::optional<DType> out_dtype = std::nullopt);
+
+// ---------------------------------------------------------------- svdquant_w4a4 (spec §3)
+struct SvdquantActs {
+  Tensor q_x;       // (M_pad, K/2) I8
+  Tensor ascales;   // (K/64, M_pad) dtype of x
+  Tensor lora_act;  // (M_pad, R), dtype of x by default (CUDA semantics)
+};
+// x (M, K) F32|BF16|F16, smooth (K), proj_down (K, R); K % 64 == 0.
+SvdquantActs quantize_svdquant_w4a4(const Tensor& x, const Tensor& smooth, const Tensor& proj_down,
+                                    int64_t pad_size = 256, bool act_unsigned = false,
+                                    const Tensor& lora_x = {},
+                                    std::optional<DType> lora_act_dtype = std::nullopt);
+// act (M, K/2) I8; wgt natural (N, K/2) or tile (N/128, K/64, 32, 128); ascales (K/64, M);
+// wscales natural (K/64, N) or tile; lora_act (M, R); proj_up natural (N, R) or tile (N/128, R, 128).
+// Output (M, N) in proj_up's dtype, or `out_dtype`.
+Tensor scaled_mm_svdquant_w4a4(const Tensor& act, const Tensor& wgt, const Tensor& ascales,
+                               const Tensor& wscales, const Tensor& lora_act, const Tensor& proj_up,
+                               const Tensor& bias = {}, bool act_unsigned = false,
+                               std::optional<DType> out_dtype = std::nullopt);
+
+struct SvdquantW4A4Prepared;
+std::shared_ptr<const SvdquantW4A4Prepared> prepare_svdquant_w4a4(const SvdquantW4A4Params& p);
+// The layer forward of spec §3.4: x (..., K) → y (..., N). Shift for act_unsigned on the main path,
+// low-rank branch on the raw input, bias last. Output dtype: x's dtype unless `out_dtype`.
+Tensor svdquant_linear(const Tensor& x, const SvdquantW4A4Prepared& w,
+                       std::optional<DType> out_dtype = std::nullopt);
+Tensor svdquant_linear(const Tensor& x, const SvdquantW4A4Params& p,
+                       std::optional<DType> out_dtype = std::nullopt);
+
+// ---------------------------------------------------------------- dense helpers
+// y = x·Wᵀ + b in fp32 (x (..., K) any float dtype, W (N, K) F32|BF16|F16). The float baseline and
+// the eager fallback of formats without a fused kernel. Threaded, ISA dispatched.
+Tensor linear_f32(const Tensor& x, const Tensor& weight, const Tensor& bias = {});
+
+}  // namespace nibble

@@ -1,0 +1,166 @@
+// Tensor storage, shape arithmetic and float conversions.
+#include "nibble/tensor.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <fmt/format.h>
+
+namespace nibble {
+
+std::string shape_str(const Shape& s) {
+  std::string r = "(";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + (s.size() == 1 ? ",)" : ")");
+}
+
+int64_t shape_numel(const Shape& s) {
+  int64_t n = 1;
+  for (int64_t d : s) {
+    if (d < 0) throw Error(fmt::format("negative dimension in shape {}", shape_str(s)));
+    if (d != 0 && n > INT64_MAX / d) throw Error(fmt::format("shape {} overflows int64", shape_str(s)));
+    n *= d;
+  }
+  return n;
+}
+
+static std::shared_ptr<void> aligned_alloc_bytes(size_t n) {
+  const size_t rounded = (n + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, rounded ? rounded : 64);
+  if (!p) throw Error(fmt::format("out of memory allocating {} bytes", n));
+  return std::shared_ptr<void>(p, [](void* q) { std::free(q); });
+}
+
+Tensor Tensor::empty(DType dtype, Shape shape) {
+  Tensor t;
+  t.dtype_ = dtype;
+  t.dtype_set_ = true;
+  t.numel_ = shape_numel(shape);
+  t.nbytes_ = dtype_nbytes(dtype, uint64_t(t.numel_));
+  t.shape_ = std::move(shape);
+  auto buf = aligned_alloc_bytes(t.nbytes_);
+  t.data_ = buf.get();
+  t.storage_ = std::move(buf);
+  t.writable_ = true;
+  return t;
+}
+
+Tensor Tensor::zeros(DType dtype, Shape shape) {
+  Tensor t = empty(dtype, std::move(shape));
+  std::memset(const_cast<void*>(t.data_), 0, t.nbytes_);
+  return t;
+}
+
+Tensor Tensor::view(DType dtype, Shape shape, const void* data, std::shared_ptr<const void> keepalive,
+                    bool writable) {
+  Tensor t;
+  t.dtype_ = dtype;
+  t.dtype_set_ = true;
+  t.numel_ = shape_numel(shape);
+  t.nbytes_ = dtype_nbytes(dtype, uint64_t(t.numel_));
+  t.shape_ = std::move(shape);
+  t.data_ = data;
+  t.storage_ = std::move(keepalive);
+  t.writable_ = writable;
+  return t;
+}
+
+Tensor Tensor::from_bytes(DType dtype, Shape shape, const void* bytes, size_t nbytes) {
+  Tensor t = empty(dtype, std::move(shape));
+  if (nbytes != t.nbytes_)
+    throw Error(fmt::format("from_bytes: {} bytes given, {} {} needs {}", nbytes, dtype_name(dtype),
+                            shape_str(t.shape_), t.nbytes_));
+  if (nbytes) std::memcpy(const_cast<void*>(t.data_), bytes, nbytes);
+  return t;
+}
+
+int64_t Tensor::size(int64_t i) const {
+  const int64_t d = dim();
+  if (i < 0) i += d;
+  if (i < 0 || i >= d) throw Error(fmt::format("dimension {} out of range for shape {}", i, shape_str(shape_)));
+  return shape_[size_t(i)];
+}
+
+void* Tensor::mutable_raw() {
+  if (!writable_) throw Error("tensor is a read-only view (clone() it to modify)");
+  return const_cast<void*>(data_);
+}
+
+Tensor Tensor::reshape(Shape shape) const {
+  if (shape_numel(shape) != numel_)
+    throw Error(fmt::format("cannot reshape {} to {}", shape_str(shape_), shape_str(shape)));
+  Tensor t = *this;
+  t.shape_ = std::move(shape);
+  return t;
+}
+
+Tensor Tensor::clone() const {
+  Tensor t = empty(dtype_, shape_);
+  if (nbytes_) std::memcpy(const_cast<void*>(t.data_), data_, nbytes_);
+  return t;
+}
+
+Tensor Tensor::slice_rows(int64_t begin, int64_t end) const {
+  if (dim() < 1 || begin < 0 || end < begin || end > shape_[0])
+    throw Error(fmt::format("slice_rows [{}, {}) out of range for shape {}", begin, end, shape_str(shape_)));
+  Tensor t = *this;
+  t.shape_[0] = end - begin;
+  t.numel_ = shape_numel(t.shape_);
+  const size_t row_bytes = shape_[0] ? nbytes_ / size_t(shape_[0]) : 0;
+  t.data_ = static_cast<const uint8_t*>(data_) + size_t(begin) * row_bytes;
+  t.nbytes_ = size_t(end - begin) * row_bytes;
+  return t;
+}
+
+static float load_as_f32(DType t, const void* p, int64_t i) {
+  switch (t) {
+    case DType::F32: return static_cast<const float*>(p)[i];
+    case DType::F64: return float(static_cast<const double*>(p)[i]);
+    case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    case DType::BF16: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    case DType::F8_E4M3: return fp8_e4m3_to_f32(static_cast<const uint8_t*>(p)[i]);
+    case DType::F8_E5M2: return fp8_e5m2_to_f32(static_cast<const uint8_t*>(p)[i]);
+    case DType::F8_E8M0: return e8m0_to_f32(static_cast<const uint8_t*>(p)[i]);
+    default: break;
+  }
+  throw Error(fmt::format("cannot convert {} to a float dtype", dtype_name(t)));
+}
+
+Tensor Tensor::to(DType dtype) const {
+  if (dtype == dtype_) return clone();
+  Tensor out = empty(dtype, shape_);
+  void* o = const_cast<void*>(out.data_);
+  for (int64_t i = 0; i < numel_; ++i) {
+    if (dtype_ == DType::F64 && dtype == DType::F32) {  // avoid double rounding through f32
+      static_cast<float*>(o)[i] = float(static_cast<const double*>(data_)[i]);
+      continue;
+    }
+    const float f = load_as_f32(dtype_, data_, i);
+    switch (dtype) {
+      case DType::F32: static_cast<float*>(o)[i] = f; break;
+      case DType::F64: static_cast<double*>(o)[i] = f; break;
+      case DType::F16: static_cast<uint16_t*>(o)[i] = f32_to_f16(f); break;
+      case DType::BF16: static_cast<uint16_t*>(o)[i] = f32_to_bf16(f); break;
+      case DType::F8_E4M3: static_cast<uint8_t*>(o)[i] = f32_to_fp8_e4m3(f); break;
+      case DType::F8_E5M2: static_cast<uint8_t*>(o)[i] = f32_to_fp8_e5m2(f); break;
+      default: throw Error(fmt::format("cannot convert to {}", dtype_name(dtype)));
+    }
+  }
+  return out;
+}
+
+Tensor Tensor::to_f32() const { return dtype_ == DType::F32 ? *this : to(DType::F32); }
+
+void check_dtype(const Tensor& t, std::initializer_list<DType> allowed, const std::string& what) {
+  for (DType d : allowed)
+    if (t.dtype() == d) return;
+  std::string names;
+  for (DType d : allowed) names += (names.empty() ? "" : "|") + std::string(dtype_name(d));
+  throw Error(fmt::format("{}: expected dtype {}, got {}", what, names, dtype_name(t.dtype())));
+}
+
+void check_shape(const Tensor& t, const Shape& expected, const std::string& what) {
+  if (t.shape() != expected)
+    throw Error(fmt::format("{}: expected shape {}, got {}", what, shape_str(expected), shape_str(t.shape())));
+}
+
+}  // namespace nibble
