@@ -22,6 +22,7 @@ build: configure
 # Fast tests only (ctest label "fast"); slow ones: `make test-slow`.
 test: build
 	@cd $(BUILD) && ctest -L fast --output-on-failure -j $(JOBS) --timeout 900
+	@if [ -f scripts/test_python.sh ]; then bash scripts/test_python.sh; fi
 
 test-slow: build
 	@cd $(BUILD) && ctest -L slow --output-on-failure --timeout 3600
@@ -36,6 +37,10 @@ demo: build
 
 bench: build
 	@./$(BUILD)/nibble bench
+
+# libFuzzer targets over the reader and the config parser (clang); FUZZ_SECONDS per target.
+fuzz: setup
+	@bash scripts/fuzz.sh
 
 clean:
 	rm -rf $(BUILD) $(BUILD_ASAN) build-fuzz
