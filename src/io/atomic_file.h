@@ -1,0 +1,44 @@
+// A file that appears at its target path only when complete.
+//
+// Bytes go to a temporary file created next to the target (same directory, so rename() is atomic
+// and never crosses a file system); commit() flushes, fsyncs, renames over the target and fsyncs
+// the directory. Destroying an uncommitted AtomicFile removes the temporary file, so an exception
+// anywhere in a writer leaves the target path untouched. Small writes are buffered.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace nibble::io {
+
+class AtomicFile {
+ public:
+  // Creates the temporary file; throws nibble::Error naming the target and the directory.
+  explicit AtomicFile(std::string target);
+  ~AtomicFile();
+  AtomicFile(const AtomicFile&) = delete;
+  AtomicFile& operator=(const AtomicFile&) = delete;
+
+  void write(const void* data, size_t n);
+  void commit();
+  uint64_t bytes_written() const { return written_; }
+  const std::string& target() const { return target_; }
+  const std::string& temp_path() const { return temp_; }
+
+ private:
+  void flush();
+  void write_all(const void* data, size_t n);
+  void discard() noexcept;
+  std::string target_, temp_;
+  int fd_ = -1;
+  bool committed_ = false;
+  uint64_t written_ = 0;
+  std::vector<unsigned char> buf_;
+  size_t buf_used_ = 0;
+};
+
+// Directory part of `path` ("." when there is none).
+std::string parent_dir(const std::string& path);
+
+}  // namespace nibble::io
