@@ -1,0 +1,264 @@
+// Shared benchmark helpers (see bench_util.h for the why).
+#include "bench_util.h"
+
+#include <fmt/format.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+
+#include "nibble/error.h"
+#include "nibble/thread_pool.h"
+
+#ifdef NIBBLE_HAVE_OPENBLAS
+#include <cblas.h>
+extern "C" void openblas_set_num_threads(int);
+#endif
+
+namespace nibble::bench {
+
+double median_seconds_indexed(int repeats, const std::function<void(int)>& fn) {
+  if (repeats < 1) repeats = 1;
+  fn(0);  // warm-up: pool wake-up, page faults of fresh outputs
+  std::vector<double> t;
+  t.reserve(size_t(repeats));
+  for (int i = 0; i < repeats; ++i) {
+    const double t0 = now_seconds();
+    fn(i + 1);
+    t.push_back(now_seconds() - t0);
+  }
+  std::sort(t.begin(), t.end());
+  const size_t h = t.size() / 2;
+  return t.size() % 2 ? t[h] : 0.5 * (t[h - 1] + t[h]);
+}
+
+double median_seconds(int repeats, const std::function<void()>& fn) {
+  return median_seconds_indexed(repeats, [&](int) { fn(); });
+}
+
+// ---------------------------------------------------------------- read bandwidth
+namespace {
+
+// Sums 64-byte lines with independent accumulators so the loop is load bound, not latency bound.
+__attribute__((target("avx512f"))) uint64_t read_sum_avx512(const uint8_t* p, size_t n) {
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  size_t i = 0;
+  for (; i + 256 <= n; i += 256) {
+    a0 = _mm512_xor_si512(a0, _mm512_load_si512(p + i));
+    a1 = _mm512_xor_si512(a1, _mm512_load_si512(p + i + 64));
+    a2 = _mm512_xor_si512(a2, _mm512_load_si512(p + i + 128));
+    a3 = _mm512_xor_si512(a3, _mm512_load_si512(p + i + 192));
+  }
+  a0 = _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3));
+  alignas(64) uint64_t lanes[8];
+  _mm512_store_si512(lanes, a0);
+  uint64_t r = 0;
+  for (uint64_t v : lanes) r ^= v;
+  return r;
+}
+
+__attribute__((target("avx2"))) uint64_t read_sum_avx2(const uint8_t* p, size_t n) {
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+  size_t i = 0;
+  for (; i + 128 <= n; i += 128) {
+    a0 = _mm256_xor_si256(a0, _mm256_load_si256((const __m256i*)(p + i)));
+    a1 = _mm256_xor_si256(a1, _mm256_load_si256((const __m256i*)(p + i + 32)));
+    a2 = _mm256_xor_si256(a2, _mm256_load_si256((const __m256i*)(p + i + 64)));
+    a3 = _mm256_xor_si256(a3, _mm256_load_si256((const __m256i*)(p + i + 96)));
+  }
+  a0 = _mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3));
+  alignas(32) uint64_t lanes[4];
+  _mm256_store_si256((__m256i*)lanes, a0);
+  return lanes[0] ^ lanes[1] ^ lanes[2] ^ lanes[3];
+}
+
+uint64_t read_sum(const uint8_t* p, size_t n) {
+  static const bool has512 = __builtin_cpu_supports("avx512f");
+  static const bool has2 = __builtin_cpu_supports("avx2");
+  if (has512) return read_sum_avx512(p, n);
+  if (has2) return read_sum_avx2(p, n);
+  uint64_t r = 0;
+  for (size_t i = 0; i + 8 <= n; i += 8) {
+    uint64_t v;
+    std::memcpy(&v, p + i, 8);
+    r ^= v;
+  }
+  return r;
+}
+
+struct AlignedBuf {
+  explicit AlignedBuf(size_t n) : size(n), p(static_cast<uint8_t*>(std::aligned_alloc(64, n))) {
+    if (!p) throw Error(fmt::format("bench: cannot allocate {} bytes", n));
+    // touch every page with non-zero data (zero pages may all map to one physical page)
+    for (size_t i = 0; i < n; i += 64) p[i] = uint8_t(i >> 6);
+    for (size_t i = 0; i < n; ++i) p[i] = uint8_t(i * 131u + 7u);
+  }
+  ~AlignedBuf() { std::free(p); }
+  size_t size;
+  uint8_t* p;
+};
+
+volatile uint64_t g_sink;
+
+}  // namespace
+
+double read_bandwidth_gbs(size_t buffer_bytes, size_t min_total_bytes, int trials) {
+  buffer_bytes = std::max<size_t>(buffer_bytes & ~size_t(4095), size_t(1) << 20);
+  AlignedBuf buf(buffer_bytes);
+  // Chunks of 1 MiB: enough tasks for load balance, large enough to stream.
+  const size_t chunk = size_t(1) << 20;
+  const int64_t n_chunks = int64_t(buffer_bytes / chunk);
+  const int sweeps_per_pass = int(std::max<size_t>(1, (min_total_bytes / std::max(1, trials) + buffer_bytes - 1) / buffer_bytes));
+  std::vector<uint64_t> sinks(size_t(n_chunks), 0);
+  auto sweep = [&] {
+    parallel_for(n_chunks, [&](int64_t c) { sinks[size_t(c)] ^= read_sum(buf.p + size_t(c) * chunk, chunk); });
+  };
+  sweep();  // warm-up (pool, TLB)
+  double best = 0;
+  for (int t = 0; t < std::max(1, trials); ++t) {
+    const double t0 = now_seconds();
+    for (int s = 0; s < sweeps_per_pass; ++s) sweep();
+    const double dt = now_seconds() - t0;
+    best = std::max(best, double(buffer_bytes) * sweeps_per_pass / dt / 1e9);
+  }
+  uint64_t x = 0;
+  for (uint64_t v : sinks) x ^= v;
+  g_sink = x;
+  return best;
+}
+
+size_t l3_bytes() {
+  if (const char* e = std::getenv("NIBBLE_BENCH_L3"); e && *e) {
+    const long long v = std::atoll(e);
+    if (v > 0) return size_t(v);
+  }
+  return size_t(32) << 20;
+}
+
+int copies_to_defeat_cache(size_t bytes_per_copy) {
+  if (bytes_per_copy == 0) return 2;
+  const size_t need = 2 * l3_bytes();
+  return int(std::max<size_t>(2, (need + bytes_per_copy - 1) / bytes_per_copy + 1));
+}
+
+void flush_cache() {
+  static AlignedBuf buf(2 * l3_bytes());
+  g_sink = read_sum(buf.p, buf.size);
+}
+
+RotatingCopies::RotatingCopies(const std::vector<Tensor>& originals, int n_copies) {
+  for (auto& t : originals)
+    if (t.defined()) bytes_ += t.nbytes();
+  sets_.reserve(size_t(std::max(1, n_copies)));
+  for (int i = 0; i < std::max(1, n_copies); ++i) {
+    std::vector<Tensor> set;
+    for (auto& t : originals) set.push_back(t.defined() ? t.clone() : Tensor());
+    sets_.push_back(std::move(set));
+  }
+}
+
+// ---------------------------------------------------------------- OpenBLAS
+bool openblas_available() {
+#ifdef NIBBLE_HAVE_OPENBLAS
+  return true;
+#else
+  return false;
+#endif
+}
+
+void sgemm_nt(int64_t M, int64_t N, int64_t K, const float* A, const float* B, float* C) {
+#ifdef NIBBLE_HAVE_OPENBLAS
+  openblas_set_num_threads(num_threads());
+  if (M == 1) {
+    // y (N) = B (N,K) · x (K)
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, int(N), int(K), 1.0f, B, int(K), A, 1, 0.0f, C, 1);
+  } else {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(N), int(K), 1.0f, A, int(K), B, int(K),
+                0.0f, C, int(N));
+  }
+#else
+  (void)M; (void)N; (void)K; (void)A; (void)B; (void)C;
+  throw Error("bench: OpenBLAS was not found at build time (sgemm peer unavailable)");
+#endif
+}
+
+// ---------------------------------------------------------------- printing
+namespace {
+std::string json_escape(const std::string& s) {
+  std::string r;
+  for (char c : s) {
+    switch (c) {
+      case '"': r += "\\\""; break;
+      case '\\': r += "\\\\"; break;
+      case '\n': r += "\\n"; break;
+      case '\t': r += "\\t"; break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20) r += fmt::format("\\u{:04x}", int(c));
+        else r += c;
+    }
+  }
+  return r;
+}
+std::string json_number(double v) {
+  if (!std::isfinite(v)) return "null";
+  if (v == std::floor(v) && std::fabs(v) < 1e15) return fmt::format("{}", int64_t(v));
+  return fmt::format("{:.6g}", v);
+}
+}  // namespace
+
+std::string records_to_json(const std::vector<Record>& records) {
+  std::string out = "[";
+  for (size_t i = 0; i < records.size(); ++i) {
+    out += i ? ",\n {" : "\n {";
+    bool first = true;
+    for (auto& [k, v] : records[i].text) {
+      out += fmt::format("{}\"{}\": \"{}\"", first ? "" : ", ", json_escape(k), json_escape(v));
+      first = false;
+    }
+    for (auto& [k, v] : records[i].num) {
+      out += fmt::format("{}\"{}\": {}", first ? "" : ", ", json_escape(k), json_number(v));
+      first = false;
+    }
+    out += "}";
+  }
+  out += records.empty() ? "]\n" : "\n]\n";
+  return out;
+}
+
+std::string records_to_table(const std::vector<Record>& records, const std::vector<std::string>& columns,
+                             int precision) {
+  std::vector<std::vector<std::string>> cells;
+  cells.push_back(columns);
+  for (auto& r : records) {
+    std::vector<std::string> row;
+    for (auto& c : columns) {
+      std::string v = "-";
+      for (auto& [k, s] : r.text)
+        if (k == c) v = s;
+      for (auto& [k, x] : r.num)
+        if (k == c) {
+          if (!std::isfinite(x)) v = "-";
+          else if (x == std::floor(x) && std::fabs(x) < 1e12) v = fmt::format("{}", int64_t(x));
+          else v = fmt::format("{:.{}f}", x, precision);
+        }
+      row.push_back(v);
+    }
+    cells.push_back(std::move(row));
+  }
+  std::vector<size_t> w(columns.size(), 0);
+  for (auto& row : cells)
+    for (size_t j = 0; j < row.size(); ++j) w[j] = std::max(w[j], row[j].size());
+  std::string out;
+  for (size_t i = 0; i < cells.size(); ++i) {
+    for (size_t j = 0; j < cells[i].size(); ++j) out += fmt::format("{:>{}}{}", cells[i][j], w[j], j + 1 < w.size() ? "  " : "\n");
+    if (i == 0) {
+      for (size_t j = 0; j < w.size(); ++j) out += std::string(w[j], '-') + (j + 1 < w.size() ? "  " : "\n");
+    }
+  }
+  return out;
+}
+
+}  // namespace nibble::bench

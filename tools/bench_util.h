@@ -1,0 +1,82 @@
+// tools/bench_util.h — shared helpers of the benchmarks (`nibble bench --op ...` and bench/*.cpp).
+//
+// Benchmarks here report ratios measured in one process run, because the host is shared and
+// absolute figures drift by 2x between runs. The helpers give every op the same yardsticks:
+//   * read_bandwidth_gbs(): the machine's streaming read limit, measured with AVX loads on the
+//     library thread pool (same threads as the kernels), over >= 1 GiB of traffic;
+//   * median_seconds(): median of repeated timings (robust to a stray preemption);
+//   * RotatingCopies: N deep copies of an op's operands, cycled so that the weights are never
+//     cache resident (total > 2x the L3 size) — what a real model sees, one layer after another;
+//   * sgemm / sgemv wrappers around OpenBLAS (the fp32 peer) when it was found at build time
+//     (NIBBLE_HAVE_OPENBLAS), with the thread count matched to the library pool;
+//   * a tiny record table printed as aligned text or as a JSON array.
+// Bench binaries under bench/ link no JSON library, so this file uses only fmt and the standard
+// library; a bench/*.cpp that needs it includes "bench_util.cpp" directly (it is not part of
+// libnibble).
+#pragma once
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "nibble/tensor.h"
+
+namespace nibble::bench {
+
+// ---- timing
+inline double now_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+// Runs `fn` once untimed (warm-up), then `repeats` timed runs; returns the median in seconds.
+double median_seconds(int repeats, const std::function<void()>& fn);
+// As above, but `fn(i)` gets the run index (to rotate among copies), warm-up included.
+double median_seconds_indexed(int repeats, const std::function<void(int)>& fn);
+
+// ---- memory
+// Streaming read bandwidth in GB/s (1e9 bytes/s): reads a `buffer_bytes` buffer repeatedly with the
+// widest vector loads the CPU has, split over the library pool, until >= `min_total_bytes` were read;
+// the best of `trials` passes (a pass is one full sweep over the buffer by all threads).
+double read_bandwidth_gbs(size_t buffer_bytes = size_t(256) << 20, size_t min_total_bytes = size_t(1) << 30,
+                          int trials = 3);
+// Default last-level cache size in bytes (the host: 32 MB L3); env NIBBLE_BENCH_L3 overrides.
+size_t l3_bytes();
+// How many copies of `bytes_per_copy` bytes exceed 2x the L3 (>= 2).
+int copies_to_defeat_cache(size_t bytes_per_copy);
+// Touches (reads) a buffer larger than L3 so that previously used data is evicted.
+void flush_cache();
+
+// Deep copies of a set of tensors, rotated per call: copies[i % n].
+class RotatingCopies {
+ public:
+  RotatingCopies(const std::vector<Tensor>& originals, int n_copies);
+  int size() const { return int(sets_.size()); }
+  const std::vector<Tensor>& at(int i) const { return sets_[size_t(i) % sets_.size()]; }
+  size_t bytes_per_copy() const { return bytes_; }
+ private:
+  std::vector<std::vector<Tensor>> sets_;
+  size_t bytes_ = 0;
+};
+
+// ---- the fp32 peer (OpenBLAS); available() is false when not linked
+bool openblas_available();
+// C (M,N) = A (M,K) · B(N,K)ᵀ, all fp32 row-major. Uses cblas_sgemv when M == 1.
+// Sets OpenBLAS' thread count to nibble::num_threads(). Throws if OpenBLAS is unavailable.
+void sgemm_nt(int64_t M, int64_t N, int64_t K, const float* A, const float* B, float* C);
+
+// ---- records and their printing
+struct Record {
+  std::vector<std::pair<std::string, std::string>> text;  // key → string value (JSON string)
+  std::vector<std::pair<std::string, double>> num;        // key → number (JSON number, NaN → null)
+  Record& s(std::string k, std::string v) { text.emplace_back(std::move(k), std::move(v)); return *this; }
+  Record& n(std::string k, double v) { num.emplace_back(std::move(k), v); return *this; }
+};
+// JSON array of objects (text fields first, then numbers, in insertion order).
+std::string records_to_json(const std::vector<Record>& records);
+// Aligned text table of the given columns (keys of either kind; missing → "-"); numbers are
+// printed with `precision` significant decimals after the point.
+std::string records_to_table(const std::vector<Record>& records, const std::vector<std::string>& columns,
+                             int precision = 2);
+
+}  // namespace nibble::bench
