@@ -139,12 +139,14 @@ float e8m0_to_f32(uint8_t v) {
   return std::ldexp(1.0f, int(v) - 127);
 }
 
-// torch semantics (c10 Float8_e4m3fn): RNE; magnitudes ≥ 480 (which would round past 448) → NaN.
+// torch semantics (c10 Float8_e4m3fn): RNE as if the exponent range were unbounded; a result past
+// 448 lands on the code 0x7f, which is NaN in e4m3fn (no saturation). 464 is the midpoint between
+// 448 (mantissa 110, even) and the would-be 480, so: |x| ≤ 464 → finite, |x| > 464 → NaN; inf → NaN.
 uint8_t f32_to_fp8_e4m3(float f) {
   static const Fp8Table t = make_table(true);
   const uint8_t sign = (f32_to_bits(f) >> 24) & 0x80;
   const float a = std::fabs(f);
-  if (std::isnan(f) || a >= 480.0f) return uint8_t(sign | 0x7f);
+  if (std::isnan(f) || a > 464.0f) return uint8_t(sign | 0x7f);
   return uint8_t(sign | nearest_code(t, a));
 }
 // IEEE-like: RNE; magnitudes ≥ 61440 (half-way past 57344) → ±inf; NaN → NaN.
