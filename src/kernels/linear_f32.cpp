@@ -1,0 +1,142 @@
+// linear_f32 (include/nibble/ops.h): the dense fp32 baseline and the eager fallback of every
+// format without a fused kernel. Validation, packing, ISA dispatch and the fixed work split of
+// kernels/linear_f32_kernels.h (results are bit-identical for any thread count).
+//
+// Paths: Isa::Scalar → the oracle (kernels/reference/linear_f32_ref.cpp);
+//        M < kGemmMinRows → GEMV on the stored rows (AVX-512, or the oracle below AVX-512);
+//        otherwise → pack W into 32-column panels, then the panel GEMM (AVX-512 micro-kernel, or
+//        the portable loop below AVX-512).
+#include <fmt/format.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "kernels/linear_f32_kernels.h"
+#include "nibble/isa.h"
+#include "nibble/ops.h"
+#include "nibble/thread_pool.h"
+
+namespace nibble {
+namespace kernels::linear {
+
+namespace {
+constexpr int64_t kRowsTaskCols = 64;  // output columns per GEMV / oracle task
+
+inline float weight_at(const void* w, DType wdt, int64_t i) {
+  switch (wdt) {
+    case DType::F32: return static_cast<const float*>(w)[i];
+    case DType::BF16: return bf16_to_f32(static_cast<const uint16_t*>(w)[i]);
+    default: return f16_to_f32(static_cast<const uint16_t*>(w)[i]);
+  }
+}
+
+void add_bias(float* y, int64_t M, int64_t N, const float* bias, int64_t n0, int64_t n1) {
+  if (!bias) return;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = n0; n < n1; ++n) y[m * N + n] += bias[n];
+}
+}  // namespace
+
+PackedF32Weight pack_weight(const void* w, DType wdt, int64_t N, int64_t K) {
+  PackedF32Weight p;
+  p.N = N;
+  p.K = K;
+  p.panels = (N + kPanel - 1) / kPanel;
+  const size_t bytes = size_t(p.panels * K * kPanel) * sizeof(float);
+  void* mem = std::aligned_alloc(64, (bytes + 63) / 64 * 64 + 64);
+  if (!mem) throw Error(fmt::format("linear_f32: out of memory packing a ({}, {}) weight", N, K));
+  p.storage = std::shared_ptr<void>(mem, [](void* q) { std::free(q); });
+  p.data = static_cast<float*>(mem);
+  float* dst = p.data;
+  parallel_for(p.panels, [&](int64_t panel) {
+    float* out = dst + panel * K * kPanel;
+    for (int64_t j = 0; j < kPanel; ++j) {
+      const int64_t n = panel * kPanel + j;
+      if (n >= N) {
+        for (int64_t k = 0; k < K; ++k) out[k * kPanel + j] = 0.0f;
+      } else if (wdt == DType::F32) {
+        const float* row = static_cast<const float*>(w) + n * K;
+        for (int64_t k = 0; k < K; ++k) out[k * kPanel + j] = row[k];
+      } else {
+        for (int64_t k = 0; k < K; ++k) out[k * kPanel + j] = weight_at(w, wdt, n * K + k);
+      }
+    }
+  });
+  return p;
+}
+
+void run_packed(const float* x, int64_t M, const PackedF32Weight& w, const float* bias, float* y) {
+  const Isa isa = active_isa();
+  const int64_t tasks = (w.panels + kPanelsPerTask - 1) / kPanelsPerTask;
+  parallel_for(tasks, [&](int64_t t) {
+    const int64_t p0 = t * kPanelsPerTask, p1 = p0 + kPanelsPerTask < w.panels ? p0 + kPanelsPerTask : w.panels;
+#if defined(NIBBLE_HAVE_AVX512)
+    if (isa >= Isa::Avx512)
+      linear_gemm_avx512(x, M, w, y, p0, p1);
+    else
+#endif
+      linear_gemm_generic(x, M, w, y, p0, p1);
+    const int64_t n1 = p1 * kPanel < w.N ? p1 * kPanel : w.N;
+    add_bias(y, M, w.N, bias, p0 * kPanel, n1);
+  });
+  (void)isa;
+}
+
+void run_rows(const float* x, int64_t M, int64_t K, const void* w, DType wdt, int64_t N, const float* bias,
+              float* y) {
+  const Isa isa = active_isa();
+  parallel_for_range(N, kRowsTaskCols, [&](int64_t n0, int64_t n1) {
+#if defined(NIBBLE_HAVE_AVX512)
+    if (isa >= Isa::Avx512)
+      linear_gemv_avx512(x, M, K, w, wdt, N, y, n0, n1);
+    else
+#endif
+      linear_ref(x, M, K, w, wdt, N, y, n0, n1);
+    add_bias(y, M, N, bias, n0, n1);
+  });
+  (void)isa;
+}
+
+}  // namespace kernels::linear
+
+Tensor linear_f32(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  using namespace kernels::linear;
+  constexpr const char* op = "linear_f32";
+  if (!x.defined() || !weight.defined()) throw Error(fmt::format("{}: x and weight must be defined", op));
+  check_dtype(x, {DType::F32, DType::BF16, DType::F16, DType::F64}, fmt::format("{}: x", op));
+  check_dtype(weight, {DType::F32, DType::BF16, DType::F16}, fmt::format("{}: weight", op));
+  if (weight.dim() != 2)
+    throw Error(fmt::format("{}: weight: expected 2-D (N, K), got shape {}", op, shape_str(weight.shape())));
+  if (x.dim() < 1) throw Error(fmt::format("{}: x: expected shape (..., K), got a scalar", op));
+  const int64_t N = weight.size(0), K = weight.size(1);
+  if (x.size(-1) != K)
+    throw Error(fmt::format("{}: x's last dimension ({}) must equal the weight's in_features ({})", op, x.size(-1), K));
+  Tensor b;
+  if (bias.defined()) {
+    check_dtype(bias, {DType::F32, DType::BF16, DType::F16}, fmt::format("{}: bias", op));
+    check_shape(bias, {N}, fmt::format("{}: bias", op));
+    b = bias.to_f32();
+  }
+  const Tensor xf = x.to_f32();
+  const int64_t M = K == 0 ? 0 : x.numel() / K;
+  Shape out_shape = x.shape();
+  out_shape.back() = N;
+  Tensor y = Tensor::empty(DType::F32, out_shape);
+  if (M == 0 || N == 0) return y;
+  if (K == 0) {
+    float* yp = y.mutable_data<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) yp[m * N + n] = b.defined() ? b.data<float>()[n] : 0.0f;
+    return y;
+  }
+  const float* bp = b.defined() ? b.data<float>() : nullptr;
+  if (active_isa() == Isa::Scalar || M < kGemmMinRows) {
+    run_rows(xf.data<float>(), M, K, weight.raw(), weight.dtype(), N, bp, y.mutable_data<float>());
+  } else {
+    const PackedF32Weight packed = pack_weight(weight.raw(), weight.dtype(), N, K);
+    run_packed(xf.data<float>(), M, packed, bp, y.mutable_data<float>());
+  }
+  return y;
+}
+
+}  // namespace nibble

@@ -1,0 +1,59 @@
+// src/kernels/linear_f32_kernels.h — internal kernels of the dense fp32 linear (y = x·Wᵀ + b).
+//
+// Two shapes of work:
+//  * GEMM (M >= kGemmMinRows): the weight is first packed into column panels of kPanel output
+//    columns — panel p holds, for every k, the fp32 values W[p·kPanel + j, k] (j < kPanel, zero
+//    padded) — so the micro-kernel loads one weight vector per k and broadcasts activations. Packing
+//    happens once at load for a Linear (PackedF32Weight) or once per call in linear_f32().
+//  * GEMV (small M): straight from the stored (N, K) rows (fp32/bf16/fp16), one dot product per
+//    output, vector lanes over k.
+// The driver splits the output columns into fixed blocks of panels (independent of the thread
+// count) and, inside a block, walks k in fixed chunks of kKc with the partial sums kept in fp32 in
+// the output; so every output's summation order is fixed and results are bit-identical for any
+// thread count. Bias is added last, in fp32.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "nibble/dtype.h"
+
+namespace nibble::kernels::linear {
+
+inline constexpr int64_t kPanel = 32;       // output columns per packed panel (2 zmm)
+inline constexpr int64_t kPanelsPerTask = 4; // 128 output columns per task
+inline constexpr int64_t kKc = 256;         // k chunk kept hot in L1/L2
+inline constexpr int64_t kGemmMinRows = 8;  // M below this uses the GEMV path
+
+// Fp32 weight packed in panels (layout above). `data` has panels·K·kPanel floats.
+struct PackedF32Weight {
+  int64_t N = 0, K = 0, panels = 0;
+  float* data = nullptr;  // 64-byte aligned, owned by `storage`
+  std::shared_ptr<void> storage;
+  size_t bytes() const { return size_t(panels * K * kPanel) * sizeof(float); }
+};
+// Packs W (N, K) of dtype F32/BF16/F16 (row-major) on the thread pool.
+PackedF32Weight pack_weight(const void* w, DType wdt, int64_t N, int64_t K);
+
+// Scalar oracle: acc[m, n] (row stride N) = Σ_k x[m,k]·W[n,k] for n in [n0, n1), k ascending, fp32.
+void linear_ref(const float* x, int64_t M, int64_t K, const void* w, DType wdt, int64_t N, float* acc,
+                int64_t n0, int64_t n1);
+
+// AVX-512 GEMM on packed panels [p0, p1): y (M, N) row-major; no bias.
+void linear_gemm_avx512(const float* x, int64_t M, const PackedF32Weight& w, float* y, int64_t p0, int64_t p1);
+// AVX-512 GEMV from stored rows, columns [n0, n1): y (M, N); no bias.
+void linear_gemv_avx512(const float* x, int64_t M, int64_t K, const void* w, DType wdt, int64_t N, float* y,
+                        int64_t n0, int64_t n1);
+// Portable GEMM on packed panels (for ISAs without an AVX-512 kernel); same contract.
+void linear_gemm_generic(const float* x, int64_t M, const PackedF32Weight& w, float* y, int64_t p0, int64_t p1);
+
+}  // namespace nibble::kernels::linear
+
+namespace nibble::kernels::linear {
+// Drivers shared by linear_f32() and nn::Linear (validated inputs; y (M, N) fp32, bias may be null).
+// run_packed: GEMM on a packed weight for the active ISA. run_rows: small-M path (or the scalar
+// oracle when the active ISA is scalar) straight from the stored rows.
+void run_packed(const float* x, int64_t M, const PackedF32Weight& w, const float* bias, float* y);
+void run_rows(const float* x, int64_t M, int64_t K, const void* w, DType wdt, int64_t N, const float* bias,
+              float* y);
+}  // namespace nibble::kernels::linear
