@@ -239,6 +239,30 @@ TEST(Safetensors, ViewsOutliveTheFileObject) {
   EXPECT_THAT([&] { w.mutable_raw(); }, ::testing::ThrowsMessage<Error>(HasSubstr("read-only")));
 }
 
+TEST(Safetensors, MisalignedTensorsComeBackAlignedWithTheSameBytes) {
+  // Unpadded header (7 bytes of JSON would leave the data at offset 15) and a U8 tensor of 3 bytes
+  // before an F32 one: both are legal, neither is aligned.
+  const std::string h = R"({"b":{"dtype":"U8","shape":[3],"data_offsets":[0,3]},)"
+                        R"("f":{"dtype":"F32","shape":[2],"data_offsets":[3,11]},)"
+                        R"("h":{"dtype":"BF16","shape":[1],"data_offsets":[11,13]}})";
+  const float vals[2] = {1.25f, -3.5f};
+  std::string data = "abc";
+  data.append(reinterpret_cast<const char*>(vals), 8);
+  data += "\x80\x3f";  // bf16 1.0
+  for (int pad = 0; pad < 8; ++pad) {  // every misalignment of the data section
+    const std::string img = make_image(h + std::string(size_t(pad), ' '), data);
+    auto f = parse_image(img);
+    const Tensor t = f->get("f");
+    ASSERT_EQ(reinterpret_cast<uintptr_t>(t.raw()) % 4, 0u) << pad;
+    EXPECT_EQ(t.data<float>()[0], 1.25f);
+    EXPECT_EQ(t.data<float>()[1], -3.5f);
+    const Tensor bh = f->get("h");
+    ASSERT_EQ(reinterpret_cast<uintptr_t>(bh.raw()) % 2, 0u) << pad;
+    EXPECT_EQ(bh.to_f32().data<float>()[0], 1.0f);
+    EXPECT_EQ(std::string(f->get("b").data<char>(), 3), "abc");
+  }
+}
+
 TEST(Safetensors, GetAndFindOfMissingNames) {
   ScratchDir dir;
   save_safetensors(dir.file("g.safetensors"), {{"x", Tensor::zeros(DType::I8, {2})}});

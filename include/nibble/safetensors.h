@@ -47,6 +47,7 @@ class SafetensorsFile {
   const TensorInfo* find(std::string_view name) const;
   bool contains(std::string_view name) const { return find(name) != nullptr; }
   // Zero-copy view; throws if missing.
+  // (A tensor whose bytes are not aligned to its element size is returned as an aligned copy.)
   Tensor get(std::string_view name) const;
   // The "__metadata__" object (string → string).
   const std::map<std::string, std::string>& metadata() const { return metadata_; }

@@ -233,7 +233,18 @@ const TensorInfo* SafetensorsFile::find(std::string_view name) const {
 Tensor SafetensorsFile::get(std::string_view name) const {
   const TensorInfo* t = find(name);
   if (!t) throw Error(fmt::format("{}: no tensor named '{}'", file_what(path_), name));
-  return Tensor::view(t->dtype, t->shape, data_section_ + t->begin, mapping_);
+  const uint8_t* p = data_section_ + t->begin;
+  // Tensors are read through typed pointers, so their bytes must be aligned to the element size.
+  // The format does not promise that (no padding between tensors; other writers may not pad the
+  // header), so a misaligned tensor is returned as an aligned private copy instead of a view.
+  const size_t align = t->dtype == DType::C64 ? 4 : std::max<size_t>(1, dtype_size(t->dtype));
+  if (reinterpret_cast<uintptr_t>(p) % align != 0) {
+    // Read-only like every other tensor of a file; the copy lives as long as the view.
+    auto copy = std::make_shared<Tensor>(Tensor::from_bytes(t->dtype, t->shape, p, t->nbytes()));
+    const void* raw = copy->raw();
+    return Tensor::view(t->dtype, t->shape, raw, std::shared_ptr<const void>(copy, raw));
+  }
+  return Tensor::view(t->dtype, t->shape, p, mapping_);
 }
 
 }  // namespace nibble
