@@ -1,0 +1,243 @@
+// AWQ W4A16 kernels for AVX-512 + BF16 (vdpbf16ps; Zen 4, Sapphire Rapids).
+//
+// GEMV (small M): per weight row and group, 32 packed bytes (64 columns) are decoded with one
+// vpermw per nibble position into exact bf16 values (q − 8) ∈ [−8, 7]: a 16-bit word of the packed
+// row holds columns 4j..4j+3 in its four nibbles, so "word >> 4r" indexes the 16-entry table and
+// the activation streams are pre-arranged as X_r[j] = x[c0 + 4j + r]. The activations are exact
+// bf16 parts of x (1, 2 or 3 parts for bf16/f16/f32 input), so every vdpbf16ps product is exact
+// and only the fp32 sums round: the same arithmetic class as the spec's fp32 GEMV. Per group:
+// acc += s·dot; the zero term z·Σx is added once per column from the group sums.
+// GEMM (larger M): weight rows are dequantized once per task, rounded to bf16 (as the kitchen's
+// MMA tier does for 8 < M) and stored as (w[2c], w[2c+1]) pairs; the register tile is
+// 2 × 16 activation rows × 6 weight rows, x broadcast-free (activations are the vector operand).
+// GCC 12 warns inside its own AVX-512 headers (_mm512_undefined_* used by intrinsics).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "kernels/awq_w4a16_kernels.h"
+
+namespace nibble::kernels::awq {
+
+namespace {
+
+constexpr int64_t kSub = 64;  // columns whose scales/zero terms are staged at once
+
+// 16 halves (bf16 or f16) → fp32, the first `count` lanes (rest zero).
+inline __m512 load_halves(const uint16_t* src, int count, DType dt) {
+  const __mmask16 m = count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+  const __m256i h = _mm256_maskz_loadu_epi16(m, src);
+  if (dt == DType::BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return _mm512_cvtph_ps(h);
+}
+
+// Stages, for columns [nb0, nb0+cols): sblk[g][j] = s[g, n] and (if zterm) zterm[m][j] = Σ_g z[g,n]·xsum[m,g].
+void stage_scales(const Problem& p, int64_t nb0, int cols, const float* xsum, int64_t M, float* sblk, float* zblk,
+                  float* zterm) {
+  const int64_t groups = p.K / p.G;
+  for (int64_t g = 0; g < groups; ++g)
+    for (int j = 0; j < cols; j += 16) {
+      const int cnt = std::min(16, cols - j);
+      _mm512_storeu_ps(sblk + g * kSub + j, load_halves(p.wscales + g * p.N + nb0 + j, cnt, p.sdtype));
+      if (zblk) _mm512_storeu_ps(zblk + g * kSub + j, load_halves(p.wzeros + g * p.N + nb0 + j, cnt, p.sdtype));
+    }
+  if (!zterm) return;
+  for (int64_t m = 0; m < M; ++m)
+    for (int j = 0; j < cols; j += 16) {
+      __m512 t = _mm512_setzero_ps();
+      for (int64_t g = 0; g < groups; ++g)
+        t = _mm512_fmadd_ps(_mm512_loadu_ps(zblk + g * kSub + j), _mm512_set1_ps(xsum[m * groups + g]), t);
+      _mm512_storeu_ps(zterm + m * kSub + j, t);
+    }
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline __m256bh as_bh(__m256i v) { return (__m256bh)v; }
+
+template <int MB, int P>
+void gemv_rows(const GemvArgs& a, int64_t nb0, int64_t nb1, int64_t m0, const float* sblk, const float* zterm) {
+  const Problem& p = a.p;
+  const int64_t K = p.K, G = p.G, N = p.N, groups = K / G, cpg = chunks_per_group(G, kChunkBf16);
+  const int64_t full = G / kChunkBf16;
+  const __mmask8 tail_mask = __mmask8((1u << ((G % kChunkBf16) / 8)) - 1);
+  // bf16 of (i − 8), i = 0..15
+  const __m256i table = _mm256_setr_epi16(
+      (short)0xC100, (short)0xC0E0, (short)0xC0C0, (short)0xC0A0, (short)0xC080, (short)0xC040, (short)0xC000,
+      (short)0xBF80, 0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0);
+  const uint16_t* xc = static_cast<const uint16_t*>(a.xc);
+  const uint16_t* xrow[MB][P];
+  for (int m = 0; m < MB; ++m)
+    for (int q = 0; q < P; ++q) xrow[m][q] = xc + ((m0 + m) * P + q) * a.xc_row_elems;
+
+  for (int64_t n = nb0; n < nb1; ++n) {
+    const uint8_t* qrow = p.qweight + n * (K / 2);
+    __m256 acc[MB][2];
+    for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256 dot[MB];
+      for (int m = 0; m < MB; ++m) dot[m] = _mm256_setzero_ps();
+      const uint8_t* qg = qrow + g * (G / 2);
+      for (int64_t t = 0; t < cpg; ++t) {
+        const __m256i w = t < full ? _mm256_loadu_si256((const __m256i*)(qg + t * 32))
+                                   : _mm256_maskz_loadu_epi32(tail_mask, qg + t * 32);
+        const __m256i a0 = _mm256_permutexvar_epi16(w, table);
+        const __m256i a1 = _mm256_permutexvar_epi16(_mm256_srli_epi16(w, 4), table);
+        const __m256i a2 = _mm256_permutexvar_epi16(_mm256_srli_epi16(w, 8), table);
+        const __m256i a3 = _mm256_permutexvar_epi16(_mm256_srli_epi16(w, 12), table);
+        const int64_t off = (g * cpg + t) * kChunkBf16;
+        for (int m = 0; m < MB; ++m)
+          for (int q = 0; q < P; ++q) {
+            const uint16_t* xr = xrow[m][q] + off;
+            dot[m] = _mm256_dpbf16_ps(dot[m], as_bh(a0), as_bh(_mm256_loadu_si256((const __m256i*)xr)));
+            dot[m] = _mm256_dpbf16_ps(dot[m], as_bh(a1), as_bh(_mm256_loadu_si256((const __m256i*)(xr + 16))));
+            dot[m] = _mm256_dpbf16_ps(dot[m], as_bh(a2), as_bh(_mm256_loadu_si256((const __m256i*)(xr + 32))));
+            dot[m] = _mm256_dpbf16_ps(dot[m], as_bh(a3), as_bh(_mm256_loadu_si256((const __m256i*)(xr + 48))));
+          }
+      }
+      const __m256 s = _mm256_set1_ps(sblk[g * kSub + (n - nb0)]);
+      for (int m = 0; m < MB; ++m) acc[m][g & 1] = _mm256_fmadd_ps(dot[m], s, acc[m][g & 1]);
+    }
+    for (int m = 0; m < MB; ++m)
+      a.acc[(m0 + m) * N + n] = hsum(_mm256_add_ps(acc[m][0], acc[m][1])) + zterm[(m0 + m) * kSub + (n - nb0)];
+  }
+}
+
+template <int P>
+void gemv_batch(const GemvArgs& a, int64_t nb0, int64_t nb1, int64_t m0, int mb, const float* sblk,
+                const float* zterm) {
+  switch (mb) {
+    case 1: gemv_rows<1, P>(a, nb0, nb1, m0, sblk, zterm); break;
+    case 2: gemv_rows<2, P>(a, nb0, nb1, m0, sblk, zterm); break;
+    case 3: gemv_rows<3, P>(a, nb0, nb1, m0, sblk, zterm); break;
+    default: gemv_rows<4, P>(a, nb0, nb1, m0, sblk, zterm); break;
+  }
+}
+
+}  // namespace
+
+void awq_gemv_avx512bf16(const GemvArgs& a, int64_t n0, int64_t n1) {
+  const Problem& p = a.p;
+  const int64_t groups = p.K / p.G;
+  thread_local std::vector<float> buf;
+  buf.resize(size_t((2 * groups + p.M) * kSub));
+  float* sblk = buf.data();
+  float* zblk = sblk + groups * kSub;
+  float* zterm = zblk + groups * kSub;
+  // at most 4 rows share a decoded chunk; more rows than 3 parts × 4 would spill registers
+  const int max_rows = a.parts == 1 ? 4 : a.parts == 2 ? 2 : 1;
+  for (int64_t nb0 = n0; nb0 < n1; nb0 += kSub) {
+    const int64_t nb1 = std::min(n1, nb0 + kSub);
+    stage_scales(p, nb0, int(nb1 - nb0), a.xsum, p.M, sblk, zblk, zterm);
+    for (int64_t m0 = 0; m0 < p.M; m0 += max_rows) {
+      const int mb = int(std::min<int64_t>(max_rows, p.M - m0));
+      if (a.parts == 1) gemv_batch<1>(a, nb0, nb1, m0, mb, sblk, zterm);
+      else if (a.parts == 2) gemv_batch<2>(a, nb0, nb1, m0, mb, sblk, zterm);
+      else gemv_batch<3>(a, nb0, nb1, m0, mb, sblk, zterm);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- GEMM
+namespace {
+
+constexpr int kNr = 6;  // weight rows per register tile
+
+// Dequantizes weight rows [n0, n1) into wb[row][K/2] dwords of bf16 pairs (w[2c], w[2c+1]).
+void dequant_rows_bf16(const Problem& p, int64_t n0, int64_t n1, uint32_t* wb, float* sz) {
+  const int64_t K = p.K, G = p.G, groups = K / G, rows = n1 - n0;
+  float* sblk = sz;
+  float* zblk = sz + groups * kSub;
+  const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  __m512i ilv;
+  {
+    alignas(64) uint16_t idx[32];
+    for (int j = 0; j < 16; ++j) idx[2 * j] = uint16_t(j), idx[2 * j + 1] = uint16_t(32 + j);
+    ilv = _mm512_load_si512(idx);
+  }
+  for (int64_t nb0 = n0; nb0 < n1; nb0 += kSub) {
+    const int cols = int(std::min<int64_t>(kSub, n1 - nb0));
+    stage_scales(p, nb0, cols, nullptr, 0, sblk, zblk, nullptr);
+    for (int j = 0; j < cols; ++j) {
+      const int64_t n = nb0 + j;
+      const uint8_t* qrow = p.qweight + n * (K / 2);
+      uint32_t* out = wb + (n - n0) * (K / 2);
+      for (int64_t g = 0; g < groups; ++g) {
+        const __m512 s = _mm512_set1_ps(sblk[g * kSub + j]), z = _mm512_set1_ps(zblk[g * kSub + j]);
+        for (int64_t c = 0; c < G / 2; c += 16) {  // 16 bytes = 32 columns per step
+          const int64_t cnt = std::min<int64_t>(16, G / 2 - c);
+          const __mmask16 m = cnt == 16 ? __mmask16(0xFFFF) : __mmask16((1u << cnt) - 1);
+          const __m512i b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, qrow + g * (G / 2) + c));
+          const __m512 lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(b, table), s, z);
+          const __m512 hi = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table), s, z);
+          const __m512i l16 = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(lo));
+          const __m512i h16 = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(hi));
+          _mm512_mask_storeu_epi32(out + g * (G / 2) + c, m, _mm512_permutex2var_epi16(l16, ilv, h16));
+        }
+      }
+    }
+  }
+  (void)rows;
+}
+
+template <int MV, int NR>
+void tile(const uint32_t* xp, int64_t Mp, int64_t m0, const uint32_t* wb, int64_t K2, float* accT) {
+  __m512 acc[NR][MV];
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < MV; ++v) acc[r][v] = _mm512_setzero_ps();
+  const uint32_t* xr = xp + m0;
+  for (int64_t c = 0; c < K2; ++c) {
+    __m512i xv[MV];
+    for (int v = 0; v < MV; ++v) xv[v] = _mm512_loadu_si512(xr + c * Mp + 16 * v);
+    for (int r = 0; r < NR; ++r) {
+      const __m512i b = _mm512_set1_epi32(int(wb[r * K2 + c]));
+      for (int v = 0; v < MV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)xv[v], (__m512bh)b);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(accT + r * Mp + m0 + 16 * v, acc[r][v]);
+}
+
+template <int MV>
+void tile_nr(int nr, const uint32_t* xp, int64_t Mp, int64_t m0, const uint32_t* wb, int64_t K2, float* accT) {
+  switch (nr) {
+    case 1: tile<MV, 1>(xp, Mp, m0, wb, K2, accT); break;
+    case 2: tile<MV, 2>(xp, Mp, m0, wb, K2, accT); break;
+    case 3: tile<MV, 3>(xp, Mp, m0, wb, K2, accT); break;
+    case 4: tile<MV, 4>(xp, Mp, m0, wb, K2, accT); break;
+    case 5: tile<MV, 5>(xp, Mp, m0, wb, K2, accT); break;
+    default: tile<MV, 6>(xp, Mp, m0, wb, K2, accT); break;
+  }
+}
+
+}  // namespace
+
+void awq_gemm_avx512bf16(const GemmArgs& a, int64_t n0, int64_t n1) {
+  const Problem& p = a.p;
+  const int64_t K2 = p.K / 2, groups = p.K / p.G;
+  thread_local std::vector<uint32_t> wb;
+  thread_local std::vector<float> sz;
+  wb.resize(size_t((n1 - n0) * K2));
+  sz.resize(size_t(2 * groups * kSub));
+  dequant_rows_bf16(p, n0, n1, wb.data(), sz.data());
+  const uint32_t* xp = static_cast<const uint32_t*>(a.xp);
+  for (int64_t m0 = 0; m0 < a.Mp; m0 += 32) {
+    const bool two = m0 + 32 <= a.Mp;
+    for (int64_t r0 = n0; r0 < n1; r0 += kNr) {
+      const int nr = int(std::min<int64_t>(kNr, n1 - r0));
+      const uint32_t* w = wb.data() + (r0 - n0) * K2;
+      float* out = a.accT + r0 * a.Mp;
+      if (two) tile_nr<2>(nr, xp, a.Mp, m0, w, K2, out);
+      else tile_nr<1>(nr, xp, a.Mp, m0, w, K2, out);
+    }
+  }
+}
+
+}  // namespace nibble::kernels::awq

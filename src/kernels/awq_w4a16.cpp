@@ -1,0 +1,310 @@
+// awq_w4a16 op driver (spec §2.3): validation, flattening, activation layouts, ISA dispatch,
+// thread partition over output columns, epilogue (bias, output dtype).
+//
+// Paths (see docs/awq.md for the measurements behind the thresholds):
+//   Isa::Scalar            reference oracle, any M.
+//   M ≤ gemv_max_m(isa)    GEMV: weights streamed once from the stored layout, fp32-exact products
+//                          (avx512bf16 splits x exactly into 1/2/3 bf16 parts for bf16/f16/f32 x,
+//                          so vdpbf16ps products are exact and only fp32 sums are rounded).
+//   M > gemv_max_m(isa)    GEMM: a block of weight rows is dequantized once per task and reused by
+//                          every row of x. avx2/avx512 dequantize to fp32 (same numerics as the
+//                          reference); avx512bf16 rounds the dequantized weight to bf16 like the
+//                          kitchen's MMA tier (8 < M), x again split exactly into bf16 parts.
+// Column blocks have a fixed width, so the work split — and every bit of the result — does not
+// depend on the thread count.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "kernels/awq_w4a16_kernels.h"
+#include "nibble/isa.h"
+#include "nibble/ops.h"
+#include "nibble/thread_pool.h"
+
+namespace nibble {
+
+struct AwqW4A16Prepared {
+  AwqW4A16Params params;  // validated; kept as stored (the GEMV streams this layout directly)
+};
+
+namespace {
+using namespace kernels::awq;
+constexpr const char* kOp = "gemv_awq_w4a16";
+constexpr int64_t kGemvCols = 64;  // output columns per GEMV task
+
+// Largest M that takes the GEMV path (measured: docs/awq.md).
+int64_t gemv_max_m(Isa isa) {
+  switch (isa) {
+    case Isa::Avx2: return 4;
+    case Isa::Avx512: case Isa::Avx512Vnni: return 4;
+    case Isa::Avx512Bf16: return 8;
+    default: return 0;
+  }
+}
+
+int bf16_parts(DType xdt) { return xdt == DType::BF16 ? 1 : xdt == DType::F16 ? 2 : 3; }
+
+// Exact split of an fp32 value into bf16 parts: x = hi + mid + lo (hi = RNE(x), then the residuals).
+// For bf16 inputs hi == x; for f16 inputs the first residual has ≤ 3 significant bits; for f32 the
+// second residual has ≤ 8 (a bf16 significand), so the sum of the parts is x exactly (barring
+// underflow of residuals below 2^-133, which vdpbf16ps would flush anyway).
+inline void split_bf16(float x, int parts, uint16_t* out) {
+  float r = x;
+  for (int p = 0; p < parts; ++p) {
+    const uint16_t h = f32_to_bf16(r);
+    out[p] = h;
+    r = r - bf16_to_f32(h);
+  }
+}
+
+struct Impl {
+  Problem p;
+  DType xdt, out_dt;
+  Tensor bias;
+};
+
+void check_inputs(const Tensor& x, const AwqW4A16Params& w) {
+  if (!x.defined()) throw Error(fmt::format("{}: x is undefined", kOp));
+  check_dtype(x, {DType::F32, DType::BF16, DType::F16}, fmt::format("{}: x", kOp));
+  if (x.dim() < 1) throw Error(fmt::format("{}: x: expected shape (..., K), got a scalar", kOp));
+  const int64_t K = x.size(-1), G = w.group_size;
+  if (G <= 0 || G % 2 != 0)
+    throw Error(fmt::format("{}: group_size must be a positive even integer, got {}", kOp, G));
+  if (K % G != 0)
+    throw Error(fmt::format("{}: K ({}, the last dimension of x) must be divisible by group_size ({})", kOp, K, G));
+  if (!w.qweight.defined()) throw Error(fmt::format("{}: qweight is undefined", kOp));
+  check_dtype(w.qweight, {DType::I8}, fmt::format("{}: qweight", kOp));
+  if (w.qweight.dim() != 2)
+    throw Error(fmt::format("{}: qweight: expected 2-D (N, K/2), got shape {}", kOp, shape_str(w.qweight.shape())));
+  if (w.qweight.size(1) * 2 != K)
+    throw Error(fmt::format("{}: qweight.shape[1]*2 ({}) must equal K ({}, the last dimension of x)", kOp,
+                            w.qweight.size(1) * 2, K));
+  if (K == 0) throw Error(fmt::format("{}: K must be positive", kOp));
+  validate(w, kOp);
+}
+
+// Activations chunked for the GEMV kernels (layout in awq_w4a16_kernels.h).
+template <class T, class Conv>
+std::vector<T> chunk_activations(const float* x, int64_t M, int64_t K, int64_t G, int cw, int S, int parts,
+                                 Conv conv, int64_t* row_elems) {
+  const int64_t cpg = chunks_per_group(G, cw), groups = K / G;
+  *row_elems = groups * cpg * cw;
+  std::vector<T> out(size_t(M * parts * *row_elems), T(0));
+  const int per_stream = cw / S;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t t = 0; t < cpg; ++t)
+        for (int r = 0; r < S; ++r)
+          for (int j = 0; j < per_stream; ++j) {
+            const int64_t col = t * cw + int64_t(S) * j + r;
+            if (col >= G) continue;
+            const float v = x[m * K + g * G + col];
+            for (int p = 0; p < parts; ++p)
+              out[size_t((m * parts + p) * *row_elems + (g * cpg + t) * cw + r * per_stream + j)] = conv(v, p);
+          }
+  return out;
+}
+
+// Epilogue for columns [n0, n1): acc (fp32, no bias) → y in out dtype (spec §2.3: round to the
+// output dtype, then add the bias in that dtype).
+void epilogue(const Impl& im, const float* acc, int64_t acc_stride_m, int64_t acc_stride_n, void* y,
+              int64_t n0, int64_t n1, int parts_to_sum) {
+  const int64_t M = im.p.M, N = im.p.N;
+  std::vector<float> b;
+  if (im.bias.defined()) {
+    b.resize(size_t(n1 - n0));
+    const DType bd = im.bias.dtype();
+    for (int64_t n = n0; n < n1; ++n) {
+      const float v = bd == DType::F32 ? im.bias.data<float>()[n]
+                      : bd == DType::BF16 ? bf16_to_f32(im.bias.data<uint16_t>()[n])
+                                          : f16_to_f32(im.bias.data<uint16_t>()[n]);
+      b[size_t(n - n0)] = v;
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = n0; n < n1; ++n) {
+      float a = acc[m * parts_to_sum * acc_stride_m + n * acc_stride_n];
+      for (int p = 1; p < parts_to_sum; ++p) a += acc[(m * parts_to_sum + p) * acc_stride_m + n * acc_stride_n];
+      const float bias = b.empty() ? 0.0f : b[size_t(n - n0)];
+      if (im.out_dt == DType::F32) {
+        static_cast<float*>(y)[m * N + n] = b.empty() ? a : a + bias;
+      } else if (im.out_dt == DType::BF16) {
+        uint16_t t = f32_to_bf16(a);
+        if (!b.empty()) t = f32_to_bf16(bf16_to_f32(t) + bias);
+        static_cast<uint16_t*>(y)[m * N + n] = t;
+      } else {
+        uint16_t t = f32_to_f16(a);
+        if (!b.empty()) t = f32_to_f16(f16_to_f32(t) + bias);
+        static_cast<uint16_t*>(y)[m * N + n] = t;
+      }
+    }
+  }
+}
+
+Tensor run(const Tensor& x_in, const AwqW4A16Params& w, std::optional<DType> out_dtype) {
+  check_inputs(x_in, w);
+  Impl im;
+  const int64_t K = x_in.size(-1), N = w.qweight.size(0), G = w.group_size;
+  const int64_t M = x_in.numel() / K;
+  im.xdt = x_in.dtype();
+  im.out_dt = out_dtype.value_or(w.wscales.dtype());
+  if (im.out_dt != DType::F32 && im.out_dt != DType::BF16 && im.out_dt != DType::F16)
+    throw Error(fmt::format("{}: out_dtype must be F32, BF16 or F16, got {}", kOp, dtype_name(im.out_dt)));
+  im.bias = w.bias;
+  im.p = Problem{M, N, K, G, w.qweight.data<uint8_t>(), w.wscales.data<uint16_t>(), w.wzeros.data<uint16_t>(),
+                 w.wscales.dtype()};
+  Shape out_shape = x_in.shape();
+  out_shape.back() = N;
+  Tensor y = Tensor::empty(im.out_dt, out_shape);
+  if (M == 0 || N == 0) return y;
+  void* yp = y.mutable_raw();
+
+  const Tensor x32t = x_in.to_f32();
+  const float* x = x32t.data<float>();
+  Isa isa = active_isa();
+  if (isa == Isa::Avx512Bf16 && G % 8 != 0) isa = Isa::Avx512;  // the bf16 GEMV reads 8-column lanes
+  const int64_t gemv_tasks = (N + kGemvCols - 1) / kGemvCols;
+
+  if (isa == Isa::Scalar) {
+    std::vector<float> acc(size_t(M * N));
+    parallel_for(gemv_tasks, [&](int64_t t) {
+      const int64_t n0 = t * kGemvCols, n1 = std::min(N, n0 + kGemvCols);
+      awq_ref(im.p, x, acc.data(), n0, n1);
+      epilogue(im, acc.data(), N, 1, yp, n0, n1, 1);
+    });
+    return y;
+  }
+
+  if (M <= gemv_max_m(isa)) {
+    // group sums of the original x (fp32, in order) for the folded zero term
+    const int64_t groups = K / G;
+    std::vector<float> xsum(size_t(M * groups));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < groups; ++g) {
+        float s = 0.0f;
+        for (int64_t k = 0; k < G; ++k) s += x[m * K + g * G + k];
+        xsum[size_t(m * groups + g)] = s;
+      }
+    GemvArgs a;
+    a.p = im.p;
+    a.xsum = xsum.data();
+    std::vector<float> acc(size_t(M * N));
+    a.acc = acc.data();
+    std::vector<float> xc32;
+    std::vector<uint16_t> xc16;
+    void (*kernel)(const GemvArgs&, int64_t, int64_t) = nullptr;
+    if (isa == Isa::Avx512Bf16) {
+      a.parts = bf16_parts(im.xdt);
+      xc16 = chunk_activations<uint16_t>(x, M, K, G, kChunkBf16, kStreamsBf16, a.parts,
+                                         [](float v, int p) {
+                                           uint16_t parts[3];
+                                           split_bf16(v, p + 1, parts);
+                                           return parts[p];
+                                         },
+                                         &a.xc_row_elems);
+      a.xc = xc16.data();
+      kernel = awq_gemv_avx512bf16;
+    } else {
+      const bool is512 = isa != Isa::Avx2;
+      xc32 = chunk_activations<float>(x, M, K, G, is512 ? kChunkAvx512 : kChunkAvx2,
+                                      is512 ? kStreamsAvx512 : kStreamsAvx2, 1,
+                                      [](float v, int) { return v; }, &a.xc_row_elems);
+      a.xc = xc32.data();
+      kernel = is512 ? awq_gemv_avx512 : awq_gemv_avx2;
+    }
+    parallel_for(gemv_tasks, [&](int64_t t) {
+      const int64_t n0 = t * kGemvCols, n1 = std::min(N, n0 + kGemvCols);
+      kernel(a, n0, n1);
+      epilogue(im, acc.data(), N, 1, yp, n0, n1, 1);
+    });
+    return y;
+  }
+
+  // GEMM path
+  GemmArgs a;
+  a.p = im.p;
+  std::vector<float> xp32;
+  std::vector<uint32_t> xp16;
+  int parts = 1;
+  void (*kernel)(const GemmArgs&, int64_t, int64_t) = nullptr;
+  if (isa == Isa::Avx512Bf16) {
+    parts = bf16_parts(im.xdt);
+    a.Mp = (M * parts + kGemmMvAvx512 - 1) / kGemmMvAvx512 * kGemmMvAvx512;
+    xp16.assign(size_t(K / 2 * a.Mp), 0u);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t c = 0; c < K / 2; ++c) {
+        uint16_t e[3], o[3];
+        split_bf16(x[m * K + 2 * c], parts, e);
+        split_bf16(x[m * K + 2 * c + 1], parts, o);
+        for (int p = 0; p < parts; ++p) xp16[size_t(c * a.Mp + m * parts + p)] = uint32_t(e[p]) | (uint32_t(o[p]) << 16);
+      }
+    a.xp = xp16.data();
+    kernel = awq_gemm_avx512bf16;
+  } else {
+    const int mv = isa == Isa::Avx2 ? kGemmMvAvx2 : kGemmMvAvx512;
+    a.Mp = (M + mv - 1) / mv * mv;
+    xp32.assign(size_t(K * a.Mp), 0.0f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) xp32[size_t(k * a.Mp + m)] = x[m * K + k];
+    a.xp = xp32.data();
+    kernel = isa == Isa::Avx2 ? awq_gemm_avx2 : awq_gemm_avx512;
+  }
+  std::vector<float> accT(size_t(N * a.Mp));
+  a.accT = accT.data();
+  const int64_t tasks = (N + kGemmRowsPerTask - 1) / kGemmRowsPerTask;
+  parallel_for(tasks, [&](int64_t t) {
+    const int64_t n0 = t * kGemmRowsPerTask, n1 = std::min(N, n0 + kGemmRowsPerTask);
+    kernel(a, n0, n1);
+    epilogue(im, accT.data(), 1, a.Mp, yp, n0, n1, parts);
+  });
+  return y;
+}
+
+}  // namespace
+
+Tensor gemv_awq_w4a16(const Tensor& x, const Tensor& qweight, const Tensor& wscales, const Tensor& wzeros,
+                      const Tensor& bias, int64_t group_size, std::optional<DType> out_dtype) {
+  AwqW4A16Params w;
+  w.qweight = qweight;
+  w.wscales = wscales;
+  w.wzeros = wzeros;
+  w.bias = bias;
+  w.group_size = group_size;
+  if (qweight.defined() && qweight.dim() == 2) {
+    w.N = qweight.size(0);
+    w.K = 2 * qweight.size(1);
+  }
+  return run(x, w, out_dtype);
+}
+
+std::shared_ptr<const AwqW4A16Prepared> prepare_awq_w4a16(const AwqW4A16Params& p) {
+  validate(p, "prepare_awq_w4a16");
+  auto r = std::make_shared<AwqW4A16Prepared>();
+  r->params = p;
+  return r;
+}
+
+Tensor gemv_awq_w4a16(const Tensor& x, const AwqW4A16Prepared& w, std::optional<DType> out_dtype) {
+  return run(x, w.params, out_dtype);
+}
+
+}  // namespace nibble
+
+// Kernels of ISA levels that were not compiled: never selected (active_isa() only returns built
+// levels), so reaching one is a bug — fail loudly instead of computing something wrong.
+namespace nibble::kernels::awq {
+#ifndef NIBBLE_HAVE_AVX2
+[[noreturn]] static void not_built(const char* k) { throw Error(fmt::format("internal error: {} was not built", k)); }
+void awq_gemv_avx2(const GemvArgs&, int64_t, int64_t) { not_built("awq_gemv_avx2"); }
+void awq_gemm_avx2(const GemmArgs&, int64_t, int64_t) { not_built("awq_gemm_avx2"); }
+#endif
+#ifndef NIBBLE_HAVE_AVX512
+[[noreturn]] static void not_built512(const char* k) { throw Error(fmt::format("internal error: {} was not built", k)); }
+void awq_gemv_avx512(const GemvArgs&, int64_t, int64_t) { not_built512("awq_gemv_avx512"); }
+void awq_gemm_avx512(const GemmArgs&, int64_t, int64_t) { not_built512("awq_gemm_avx512"); }
+void awq_gemv_avx512bf16(const GemvArgs&, int64_t, int64_t) { not_built512("awq_gemv_avx512bf16"); }
+void awq_gemm_avx512bf16(const GemmArgs&, int64_t, int64_t) { not_built512("awq_gemm_avx512bf16"); }
+#endif
+}  // namespace nibble::kernels::awq

@@ -1,0 +1,78 @@
+// src/kernels/awq_w4a16_kernels.h — internal micro-kernels of the AWQ W4A16 op (spec §2).
+//
+// The driver (src/kernels/awq_w4a16.cpp) validates, converts the activations once per call into the
+// layout each kernel wants, splits the output columns [0, N) into fixed blocks (independent of the
+// thread count, so results are bit-identical for any number of threads) and calls one kernel per
+// block. Every kernel writes the fp32 accumulator acc[m][n] = Σ_k x[m,k]·W[n,k] WITHOUT bias; the
+// driver's epilogue adds the bias and rounds to the output dtype (spec §2.3: round, then add bias in
+// the output dtype).
+//
+// Two families:
+//  * GEMV (small M): weights are read once, straight from the stored layout (qweight (N, K/2),
+//    wscales/wzeros (K/G, N)). The zero term is folded: Σ_{k∈g} x_k·z_g = z_g·xsum[m,g], so the inner
+//    loop is int4 × x per group plus one scale FMA per group, and Σ_g z[g,n]·xsum[m,g] is a small
+//    dense product done per column block. Activations come "chunked": each group is cut into chunks
+//    of CW columns, and chunk c0.. is stored as S interleaved streams X_r[j] = x[c0 + S·j + r]
+//    (zero padded), matching the order in which the packed nibbles unpack.
+//  * GEMM (larger M): a block of weight rows is dequantized once into a row buffer and reused by all
+//    M rows (register tile: 16-row activation vectors × a few broadcast weight rows). The output of
+//    this family is transposed, accT[n][m], and the driver transposes it back.
+#pragma once
+#include <cstdint>
+
+#include "nibble/dtype.h"
+
+namespace nibble::kernels::awq {
+
+// ---- common problem description (pointers into validated tensors)
+struct Problem {
+  int64_t M = 0, N = 0, K = 0, G = 0;
+  const uint8_t* qweight = nullptr;   // (N, K/2)
+  const uint16_t* wscales = nullptr;  // (K/G, N) bf16 or f16
+  const uint16_t* wzeros = nullptr;   // (K/G, N) same dtype
+  DType sdtype = DType::BF16;
+};
+
+// ---- reference (Isa::Scalar): x fp32 (M, K); acc (M, N) row-major, columns [n0, n1).
+void awq_ref(const Problem& p, const float* x, float* acc, int64_t n0, int64_t n1);
+
+// ---- GEMV family. `xc` chunked activations (layout above) of `parts` bf16 parts (bf16 kernel) or
+// one fp32 copy (fp32 kernels); `xsum` (M, K/G) fp32 group sums of the original x; acc (M, N).
+struct GemvArgs {
+  Problem p;
+  const void* xc = nullptr;
+  int64_t xc_row_elems = 0;  // elements of one activation row (one part) in xc
+  int parts = 1;             // bf16 kernel: x = Σ_parts (exact split of fp32/fp16 into bf16)
+  const float* xsum = nullptr;
+  float* acc = nullptr;
+};
+// Chunk geometry per kernel: columns per chunk (CW) and streams (S).
+inline constexpr int kChunkAvx2 = 16, kStreamsAvx2 = 2;
+inline constexpr int kChunkAvx512 = 32, kStreamsAvx512 = 2;
+inline constexpr int kChunkBf16 = 64, kStreamsBf16 = 4;
+// Chunks per group for chunk width cw.
+inline int64_t chunks_per_group(int64_t G, int cw) { return (G + cw - 1) / cw; }
+
+void awq_gemv_avx2(const GemvArgs& a, int64_t n0, int64_t n1);
+void awq_gemv_avx512(const GemvArgs& a, int64_t n0, int64_t n1);
+void awq_gemv_avx512bf16(const GemvArgs& a, int64_t n0, int64_t n1);  // needs G % 8 == 0
+
+// ---- GEMM family. xp: activations packed for the kernel; accT (N, Mp) row-major where Mp = rows
+// of xp (M rounded up to the vector width, times `parts` for the bf16 kernel).
+//   fp32 kernels: xp[k][Mp] fp32 (Mp multiple of the vector width)
+//   bf16 kernel:  xp[k/2][Mp] dwords, each (x[m,2c], x[m,2c+1]) bf16 of one part row
+// The bf16 kernel rounds the dequantized weight to bf16 (the kitchen's MMA tier, spec §2.3).
+struct GemmArgs {
+  Problem p;
+  const void* xp = nullptr;
+  int64_t Mp = 0;
+  float* accT = nullptr;
+};
+inline constexpr int kGemmRowsPerTask = 48;  // weight rows dequantized per task (multiple of 6)
+void awq_gemm_avx2(const GemmArgs& a, int64_t n0, int64_t n1);
+void awq_gemm_avx512(const GemmArgs& a, int64_t n0, int64_t n1);
+void awq_gemm_avx512bf16(const GemmArgs& a, int64_t n0, int64_t n1);
+// Vector widths of the packed activations (Mp is a multiple of this).
+inline constexpr int kGemmMvAvx2 = 8, kGemmMvAvx512 = 16;
+
+}  // namespace nibble::kernels::awq

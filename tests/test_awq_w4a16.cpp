@@ -1,0 +1,334 @@
+// Tests of the awq_w4a16 op (spec §2): every built ISA against the scalar oracle on fresh random
+// inputs, error bounds derived from the arithmetic, thread-count independence, validation errors,
+// format bind/dequantize, and the kitchen's golden fixtures.
+//
+// Tolerance (per output element), with u = 2^-24 and A[m,n] = Σ_k |x[m,k]|·(|(q−8)·s| + |z|):
+//   fp32 paths: the oracle sums K products in order (error ≤ (K+2)·u·A: K−1 additions plus the two
+//   roundings of the dequantized weight); the fast paths sum the same exact products per group and
+//   then the K/G scaled group sums and zero terms (≤ (G + K/G + 6)·u·A). Their difference is
+//   bounded by the sum: tol = (2K + K/G + G + 8)·u·A (worst case; the observed error is far smaller).
+//   bf16 GEMM tier (avx512bf16, M above the GEMV threshold): the dequantized weight is rounded to
+//   bf16 (relative error ≤ 2^-9), adding 2^-9·A.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "formats/format_impls.h"
+#include "nibble/formats.h"
+#include "nibble/isa.h"
+#include "nibble/ops.h"
+#include "nibble/safetensors.h"
+#include "nibble/thread_pool.h"
+
+using namespace nibble;
+
+namespace {
+
+struct Case {
+  Tensor x, q, s, z, bias;
+  int64_t M, N, K, G;
+};
+
+uint32_t test_seed() {
+  const uint32_t seed = uint32_t(::testing::UnitTest::GetInstance()->random_seed());
+  return seed == 0 ? 12345u : seed;
+}
+
+Tensor random_float(std::mt19937& rng, DType dt, Shape shape, float lo, float hi) {
+  Tensor f = Tensor::empty(DType::F32, shape);
+  std::uniform_real_distribution<float> d(lo, hi);
+  for (int64_t i = 0; i < f.numel(); ++i) f.mutable_data<float>()[i] = d(rng);
+  return dt == DType::F32 ? f : f.to(dt);
+}
+
+Case make_case(std::mt19937& rng, int64_t M, int64_t N, int64_t K, int64_t G, DType xdt, DType sdt, bool with_bias) {
+  Case c{{}, {}, {}, {}, {}, M, N, K, G};
+  c.x = random_float(rng, xdt, {M, K}, -2.0f, 2.0f);
+  c.q = Tensor::empty(DType::I8, {N, K / 2});
+  std::uniform_int_distribution<int> byte(0, 255);
+  for (int64_t i = 0; i < c.q.numel(); ++i) c.q.mutable_data<uint8_t>()[i] = uint8_t(byte(rng));
+  c.s = random_float(rng, sdt, {K / G, N}, 0.002f, 0.03f);
+  c.z = random_float(rng, sdt, {K / G, N}, -0.2f, 0.2f);
+  if (with_bias) c.bias = random_float(rng, sdt, {N}, -1.0f, 1.0f);
+  return c;
+}
+
+// A[m,n] = Σ_k |x|·(|(q−8)·s| + |z|) in double.
+std::vector<double> magnitudes(const Case& c) {
+  const Tensor x = c.x.to_f32(), s = c.s.to_f32(), z = c.z.to_f32();
+  std::vector<double> a(size_t(c.M * c.N));
+  for (int64_t n = 0; n < c.N; ++n)
+    for (int64_t m = 0; m < c.M; ++m) {
+      double t = 0;
+      for (int64_t k = 0; k < c.K; ++k) {
+        const uint8_t b = c.q.data<uint8_t>()[n * (c.K / 2) + k / 2];
+        const int code = k % 2 ? b >> 4 : b & 15;
+        const int64_t gi = (k / c.G) * c.N + n;
+        t += std::fabs(x.data<float>()[m * c.K + k]) *
+             (std::fabs((code - 8) * double(s.data<float>()[gi])) + std::fabs(double(z.data<float>()[gi])));
+      }
+      a[size_t(m * c.N + n)] = t;
+    }
+  return a;
+}
+
+Tensor run(const Case& c, Isa isa) {
+  set_isa(isa);
+  return gemv_awq_w4a16(c.x, c.q, c.s, c.z, c.bias, c.G, DType::F32);
+}
+
+bool is_bf16_gemm_tier(Isa isa, int64_t M, int64_t G) { return isa == Isa::Avx512Bf16 && M > 8 && G % 8 == 0; }
+
+// Compares y against the oracle with the derived bound; returns the number of violations.
+int compare(const Case& c, const Tensor& y, const Tensor& ref, Isa isa, const std::vector<double>& A,
+            const std::string& label) {
+  const double u = std::ldexp(1.0, -24);
+  const double k_fp32 = 2.0 * c.K + double(c.K / c.G) + double(c.G) + 8.0;
+  const double extra = is_bf16_gemm_tier(isa, c.M, c.G) ? std::ldexp(1.0, -9) : 0.0;
+  int bad = 0;
+  for (int64_t i = 0; i < c.M * c.N; ++i) {
+    const float v = y.data<float>()[i], r = ref.data<float>()[i];
+    // the bias is added after the matmul, in fp32: one more rounding of |y|
+    const double tol = (k_fp32 * u + extra) * A[size_t(i)] + 2 * u * std::fabs(r);
+    if (!(std::fabs(double(v) - double(r)) <= tol)) {
+      if (bad < 5)
+        ADD_FAILURE() << label << " isa=" << isa_name(isa) << " elem " << i << ": got " << v << ", oracle " << r
+                      << ", |diff| " << std::fabs(double(v) - double(r)) << " > tol " << tol;
+      ++bad;
+    }
+  }
+  return bad;
+}
+
+std::string label_of(const Case& c, DType xdt, DType sdt) {
+  return "M=" + std::to_string(c.M) + " N=" + std::to_string(c.N) + " K=" + std::to_string(c.K) +
+         " G=" + std::to_string(c.G) + " x=" + std::string(dtype_name(xdt)) + " s=" + std::string(dtype_name(sdt)) +
+         (c.bias.defined() ? " bias" : "");
+}
+
+struct IsaGuard {
+  Isa saved = active_isa();
+  int threads = num_threads();
+  ~IsaGuard() {
+    set_isa(saved);
+    set_num_threads(threads);
+  }
+};
+
+}  // namespace
+
+// The sampled grid of the issue: every value of every axis appears, combinations are random.
+TEST(AwqW4A16, AllIsasMatchOracleOnSampledGrid) {
+  IsaGuard guard;
+  std::mt19937 rng(test_seed());
+  const std::vector<int64_t> Ms = {1, 2, 3, 7, 8, 9, 33}, Ns = {1, 7, 64, 129, 1000}, Gs = {32, 64, 128},
+                             Kmul = {1, 2, 3, 48};
+  const std::vector<DType> xdts = {DType::F32, DType::BF16, DType::F16}, sdts = {DType::BF16, DType::F16};
+  int cases = 0;
+  for (int i = 0; i < 140; ++i) {
+    // cycle each axis so every value is covered, shuffle the pairing with the rng
+    int64_t M = Ms[size_t(i) % Ms.size()], N = Ns[(size_t(i) / 2 + rng() % 3) % Ns.size()];
+    int64_t G = Gs[rng() % Gs.size()], K = G * Kmul[(size_t(i) + rng() % 2) % Kmul.size()];
+    if (M * N * K > 4'000'000) N = 64;  // keep the scalar oracle fast
+    const DType xdt = xdts[size_t(i) % 3], sdt = sdts[(size_t(i) / 3) % 2];
+    const bool bias = (i / 6) % 2 == 0;
+    const Case c = make_case(rng, M, N, K, G, xdt, sdt, bias);
+    const Tensor ref = run(c, Isa::Scalar);
+    const auto A = magnitudes(c);
+    for (Isa isa : supported_isas()) {
+      const Tensor y = run(c, isa);
+      ASSERT_EQ(y.shape(), (Shape{M, N}));
+      for (int64_t e = 0; e < y.numel(); ++e) ASSERT_FALSE(std::isnan(y.data<float>()[e])) << "NaN at " << e;
+      ASSERT_EQ(compare(c, y, ref, isa, A, label_of(c, xdt, sdt)), 0);
+    }
+    ++cases;
+  }
+  EXPECT_EQ(cases, 140);
+}
+
+// Group sizes off the fast paths' preferred widths: tails of chunks, the avx512bf16 → avx512
+// fallback for G % 8 != 0, and GEMM tiers for M beyond one register tile.
+TEST(AwqW4A16, OddGroupSizesAndLargerM) {
+  IsaGuard guard;
+  std::mt19937 rng(test_seed() + 1);
+  struct S { int64_t M, N, K, G; };
+  const S shapes[] = {{1, 9, 12, 2},  {3, 17, 36, 6},  {2, 33, 68, 34},  {5, 40, 192, 96}, {1, 13, 320, 160},
+                      {40, 50, 160, 160}, {70, 31, 96, 32}, {17, 7, 24, 8}, {12, 130, 128, 64}, {9, 13, 48, 24}};
+  for (const S& sh : shapes)
+    for (DType xdt : {DType::F32, DType::BF16}) {
+      const Case c = make_case(rng, sh.M, sh.N, sh.K, sh.G, xdt, DType::BF16, true);
+      const Tensor ref = run(c, Isa::Scalar);
+      const auto A = magnitudes(c);
+      for (Isa isa : supported_isas()) {
+        const Tensor y = run(c, isa);
+        for (int64_t e = 0; e < y.numel(); ++e) ASSERT_FALSE(std::isnan(y.data<float>()[e]));
+        ASSERT_EQ(compare(c, y, ref, isa, A, label_of(c, xdt, DType::BF16)), 0);
+      }
+    }
+}
+
+TEST(AwqW4A16, BitIdenticalForAnyThreadCount) {
+  IsaGuard guard;
+  std::mt19937 rng(test_seed() + 2);
+  for (int64_t M : {1, 3, 8, 40}) {
+    const Case c = make_case(rng, M, 777, 256, 64, DType::BF16, DType::BF16, true);
+    for (Isa isa : supported_isas()) {
+      set_num_threads(1);
+      const Tensor y1 = run(c, isa);
+      set_num_threads(3);
+      const Tensor y3 = run(c, isa);
+      ASSERT_EQ(0, std::memcmp(y1.raw(), y3.raw(), y1.nbytes())) << "isa=" << isa_name(isa) << " M=" << M;
+    }
+  }
+}
+
+TEST(AwqW4A16, OutputDtypeShapeAndBias) {
+  IsaGuard guard;
+  std::mt19937 rng(test_seed() + 3);
+  Case c = make_case(rng, 6, 19, 128, 64, DType::BF16, DType::F16, true);
+  const Tensor x3 = c.x.reshape({2, 3, 128});
+  for (Isa isa : supported_isas()) {
+    set_isa(isa);
+    const Tensor y = gemv_awq_w4a16(x3, c.q, c.s, c.z, c.bias, 64);  // default: wscales' dtype
+    EXPECT_EQ(y.dtype(), DType::F16);
+    EXPECT_EQ(y.shape(), (Shape{2, 3, 19}));
+    // y16 = round(round(acc) + bias) (spec §2.3): two f16 roundings (relative 2^-11 each, plus
+    // 2^-25 absolute in the subnormal range) away from the fp32 result acc + bias.
+    const Tensor yf = gemv_awq_w4a16(x3, c.q, c.s, c.z, c.bias, 64, DType::F32);
+    const Tensor y32 = y.to_f32(), b32 = c.bias.to_f32();
+    for (int64_t i = 0; i < y.numel(); ++i) {
+      const double a = y32.data<float>()[i], b = yf.data<float>()[i];
+      const double acc = b - b32.data<float>()[i % 19];
+      const double tol = std::ldexp(std::fabs(acc) + std::fabs(a), -11) + std::ldexp(1.0, -24) + std::ldexp(std::fabs(b), -22);
+      EXPECT_LE(std::fabs(a - b), tol) << i;
+    }
+  }
+}
+
+TEST(AwqW4A16, ValidationErrors) {
+  std::mt19937 rng(7);
+  const Case c = make_case(rng, 2, 8, 128, 64, DType::BF16, DType::BF16, true);
+  auto expect_error = [](auto&& fn, const std::string& needle) {
+    try {
+      fn();
+      ADD_FAILURE() << "no error; expected one containing '" << needle << "'";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  // K % G != 0
+  expect_error([&] { gemv_awq_w4a16(c.x, c.q, c.s, c.z, c.bias, 48); }, "divisible by group_size");
+  // qweight.shape[1]*2 != K
+  const Tensor q_short = Tensor::zeros(DType::I8, {8, 32});
+  expect_error([&] { gemv_awq_w4a16(c.x, q_short, c.s, c.z, c.bias, 64); }, "qweight.shape[1]*2");
+  // odd group size
+  expect_error([&] { gemv_awq_w4a16(c.x, c.q, c.s, c.z, c.bias, 3); }, "even");
+  // scales shape / dtype, zeros dtype mismatch, bias shape, x dtype, qweight dtype
+  expect_error([&] { gemv_awq_w4a16(c.x, c.q, Tensor::zeros(DType::BF16, {2, 9}), c.z, c.bias, 64); },
+               "weight_scale");
+  expect_error([&] { gemv_awq_w4a16(c.x, c.q, c.s.to(DType::F32), c.z, c.bias, 64); }, "weight_scale");
+  expect_error([&] { gemv_awq_w4a16(c.x, c.q, c.s, c.z.to(DType::F16), c.bias, 64); }, "weight_zeros");
+  expect_error([&] { gemv_awq_w4a16(c.x, c.q, c.s, c.z, Tensor::zeros(DType::BF16, {7}), 64); }, "bias");
+  expect_error([&] { gemv_awq_w4a16(Tensor::zeros(DType::I32, {2, 128}), c.q, c.s, c.z, c.bias, 64); }, "x");
+  expect_error([&] { gemv_awq_w4a16(c.x, Tensor::zeros(DType::U8, {8, 64}), c.s, c.z, c.bias, 64); }, "qweight");
+  expect_error([&] { gemv_awq_w4a16(c.x, c.q, c.s, c.z, c.bias, 64, DType::I8); }, "out_dtype");
+}
+
+TEST(AwqW4A16, FormatBindDequantizeAndPrepared) {
+  IsaGuard guard;
+  std::mt19937 rng(test_seed() + 4);
+  const Case c = make_case(rng, 3, 24, 256, 128, DType::F32, DType::BF16, true);
+  FormatInfo info;
+  info.name = "awq_w4a16";
+  QuantizedLayer layer;
+  layer.name = "blk.img_mod.1";
+  layer.format = &info;  // the registry entry has the same name
+  layer.config.format = "awq_w4a16";
+  layer.config.group_size = 128;
+  layer.params = {{"weight", c.q}, {"weight_scale", c.s}, {"weight_zeros", c.z}};
+  layer.bias = c.bias;
+  formats::bind_awq_w4a16(layer);
+  EXPECT_EQ(layer.N, 24);
+  EXPECT_EQ(layer.K, 256);
+  EXPECT_EQ(layer.group_size, 128);
+  // dequantize is the spec formula
+  const Tensor W = formats::dequantize_awq_w4a16(layer);
+  ASSERT_EQ(W.shape(), (Shape{24, 256}));
+  const Tensor s = c.s.to_f32(), z = c.z.to_f32();
+  for (int64_t n = 0; n < 24; ++n)
+    for (int64_t k = 0; k < 256; ++k) {
+      const uint8_t b = c.q.data<uint8_t>()[n * 128 + k / 2];
+      const int code = k % 2 ? b >> 4 : b & 15;
+      const float prod = float(code - 8) * s.data<float>()[(k / 128) * 24 + n];
+      ASSERT_EQ(W.data<float>()[n * 256 + k], prod + z.data<float>()[(k / 128) * 24 + n]);
+    }
+  // the prepared path computes the same bits as the raw one
+  const auto prep = prepare_awq_w4a16(awq_params(layer));
+  for (Isa isa : supported_isas()) {
+    set_isa(isa);
+    const Tensor a = gemv_awq_w4a16(c.x, c.q, c.s, c.z, c.bias, 128, DType::F32);
+    const Tensor b = gemv_awq_w4a16(c.x, *prep, DType::F32);
+    ASSERT_EQ(0, std::memcmp(a.raw(), b.raw(), a.nbytes()));
+  }
+  // binding errors name the layer and the key
+  QuantizedLayer bad = layer;
+  bad.params["weight_scale"] = Tensor::zeros(DType::BF16, {3, 24});
+  try {
+    formats::bind_awq_w4a16(bad);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("blk.img_mod.1"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("weight_scale"), std::string::npos) << e.what();
+  }
+  bad = layer;
+  bad.config.group_size = 96;  // 256 % 96 != 0
+  EXPECT_THROW(formats::bind_awq_w4a16(bad), Error);
+}
+
+// comfy-kitchen's eager implementation as an external oracle (fixtures README: feed fp32 x).
+TEST(AwqW4A16, KitchenGoldenFixtures) {
+  IsaGuard guard;
+  const std::string path = "/work/shared/fixtures/kitchen_eager_golden.safetensors";
+  std::shared_ptr<SafetensorsFile> f;
+  try {
+    f = SafetensorsFile::open(path);
+  } catch (const Error& e) {
+    GTEST_SKIP() << "fixtures not readable: " << e.what();
+  }
+  int found = 0;
+  for (int i = 0; i < 64; ++i) {
+    const std::string pre = "awq." + std::to_string(i) + ".";
+    bool present = false;
+    for (auto& t : f->tensors())
+      if (t.name == pre + "x") present = true;
+    if (!present) continue;
+    ++found;
+    Case c;
+    c.x = f->get(pre + "x").to_f32();
+    c.q = f->get(pre + "qweight");
+    c.s = f->get(pre + "wscales");
+    c.z = f->get(pre + "wzeros");
+    c.bias = f->get(pre + "bias");
+    c.M = c.x.size(0);
+    c.K = c.x.size(1);
+    c.N = c.q.size(0);
+    c.G = c.K / c.s.size(0);
+    const Tensor want = f->get(pre + "y");
+    const auto A = magnitudes(c);
+    for (Isa isa : supported_isas()) {
+      const Tensor y = run(c, isa);
+      // the kitchen oracle rounds like our scalar oracle up to summation order (and bias in fp32)
+      EXPECT_EQ(compare(c, y, want, isa, A, pre), 0);
+      double num = 0, den = 0;
+      for (int64_t e = 0; e < y.numel(); ++e) {
+        const double d = double(y.data<float>()[e]) - want.data<float>()[e];
+        num += d * d;
+        den += double(want.data<float>()[e]) * want.data<float>()[e];
+      }
+      if (!is_bf16_gemm_tier(isa, c.M, c.G)) EXPECT_LT(std::sqrt(num / den), 1e-5) << pre << isa_name(isa);
+    }
+  }
+  EXPECT_GE(found, 1);
+}
