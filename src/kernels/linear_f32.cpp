@@ -97,6 +97,29 @@ void run_rows(const float* x, int64_t M, int64_t K, const void* w, DType wdt, in
   (void)isa;
 }
 
+void pack_rows_f32(const float* w, int64_t ld, int64_t N, int64_t K, float* dst) {
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  for (int64_t panel = 0; panel < panels; ++panel) {
+    float* out = dst + panel * K * kPanel;
+    for (int64_t j = 0; j < kPanel; ++j) {
+      const int64_t n = panel * kPanel + j;
+      if (n >= N) {
+        for (int64_t k = 0; k < K; ++k) out[k * kPanel + j] = 0.0f;
+      } else {
+        const float* row = w + n * ld;
+        for (int64_t k = 0; k < K; ++k) out[k * kPanel + j] = row[k];
+      }
+    }
+  }
+}
+
+void gemm_packed_serial(const float* x, int64_t M, const PackedF32Weight& w, float* y) {
+#if defined(NIBBLE_HAVE_AVX512)
+  if (active_isa() >= Isa::Avx512) return linear_gemm_avx512(x, M, w, y, 0, w.panels);
+#endif
+  linear_gemm_generic(x, M, w, y, 0, w.panels);
+}
+
 }  // namespace kernels::linear
 
 Tensor linear_f32(const Tensor& x, const Tensor& weight, const Tensor& bias) {

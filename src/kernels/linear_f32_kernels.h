@@ -57,3 +57,11 @@ void run_packed(const float* x, int64_t M, const PackedF32Weight& w, const float
 void run_rows(const float* x, int64_t M, int64_t K, const void* w, DType wdt, int64_t N, const float* bias,
               float* y);
 }  // namespace nibble::kernels::linear
+
+namespace nibble::kernels::linear {
+// Serial building blocks for callers that run their own task split (attention):
+// packs rows w[n·ld + k] (n < N, k < K) into `dst` (panels·K·kPanel floats, 64-byte aligned);
+void pack_rows_f32(const float* w, int64_t ld, int64_t N, int64_t K, float* dst);
+// y (M, w.N) = x (M, w.K) · Wᵀ on the calling thread, active ISA (no bias).
+void gemm_packed_serial(const float* x, int64_t M, const PackedF32Weight& w, float* y);
+}  // namespace nibble::kernels::linear

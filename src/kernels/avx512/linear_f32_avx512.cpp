@@ -39,8 +39,9 @@ inline void micro_kernel(const float* x, int64_t ldx, const float* wp, int64_t k
 }
 
 using MicroFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, bool, __mmask16, __mmask16);
-constexpr MicroFn kMicro[9] = {nullptr,          micro_kernel<1>, micro_kernel<2>, micro_kernel<3>, micro_kernel<4>,
-                               micro_kernel<5>, micro_kernel<6>, micro_kernel<7>, micro_kernel<8>};
+constexpr int kMr = 8;  // rows per micro-tile: 16 accumulators (12 rows measured slower: spills)
+constexpr MicroFn kMicro[kMr + 1] = {nullptr,         micro_kernel<1>, micro_kernel<2>, micro_kernel<3>, micro_kernel<4>,
+                                     micro_kernel<5>, micro_kernel<6>, micro_kernel<7>, micro_kernel<8>};
 
 inline __m512 load_weight16(const void* w, DType wdt, int64_t i, __mmask16 m) {
   switch (wdt) {
@@ -80,8 +81,8 @@ void linear_gemm_avx512(const float* x, int64_t M, const PackedF32Weight& w, flo
   const int64_t K = w.K, N = w.N;
   for (int64_t k0 = 0; k0 < K; k0 += kKc) {
     const int64_t kc = k0 + kKc < K ? kKc : K - k0;
-    for (int64_t m0 = 0; m0 < M; m0 += 8) {
-      const int mr = int(M - m0 < 8 ? M - m0 : 8);
+    for (int64_t m0 = 0; m0 < M; m0 += kMr) {
+      const int mr = int(M - m0 < kMr ? M - m0 : kMr);
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t n0 = p * kPanel, cols = N - n0 < kPanel ? N - n0 : kPanel;
         const __mmask16 mask0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);

@@ -1,0 +1,284 @@
+// nn::Linear: one checkpoint layer, bound once, forward dispatched on a path fixed at load.
+#include <fmt/format.h>
+
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <set>
+
+#include "kernels/linear_f32_kernels.h"
+#include "nibble/isa.h"
+#include "nibble/nn.h"
+#include "nibble/ops.h"
+
+namespace nibble::nn {
+
+namespace {
+std::mutex g_notice_mutex;
+std::function<void(const std::string&)>& notice_handler() {
+  static std::function<void(const std::string&)> h = [](const std::string& m) {
+    std::fprintf(stderr, "nibble: note: %s\n", m.c_str());
+  };
+  return h;
+}
+// One notice per distinct key for the whole process.
+void notice_once(const std::string& key, const std::string& msg) {
+  std::lock_guard<std::mutex> lock(g_notice_mutex);
+  static std::set<std::string> seen;
+  if (!seen.insert(key).second) return;
+  if (notice_handler()) notice_handler()(msg);
+}
+
+std::string with_layer(const std::string& layer, const std::string& what) {
+  if (what.find(layer) != std::string::npos) return what;
+  return fmt::format("layer '{}': {}", layer, what);
+}
+
+std::string float_name(DType d) {
+  switch (d) {
+    case DType::F32: return "f32";
+    case DType::BF16: return "bf16";
+    case DType::F16: return "f16";
+    default: return std::string(dtype_name(d));
+  }
+}
+}  // namespace
+
+namespace {
+DenseGemmFn g_dense_gemm = nullptr;
+}
+void set_dense_gemm(DenseGemmFn fn) { g_dense_gemm = fn; }
+DenseGemmFn dense_gemm() { return g_dense_gemm; }
+
+void set_notice_handler(std::function<void(const std::string&)> handler) {
+  std::lock_guard<std::mutex> lock(g_notice_mutex);
+  notice_handler() = std::move(handler);
+}
+
+const char* linear_path_name(LinearPath p) {
+  switch (p) {
+    case LinearPath::Float: return "float";
+    case LinearPath::AwqW4A16: return "awq_w4a16 (fused)";
+    case LinearPath::SvdquantW4A4: return "svdquant_w4a4 (fused)";
+    case LinearPath::Dequantized: return "dequantize + dense fp32 (eager fallback)";
+  }
+  return "?";
+}
+
+struct Linear::Impl {
+  std::string name;
+  int64_t N = 0, K = 0;
+  LinearPath path = LinearPath::Float;
+  QuantizedLayer layer;
+  std::string format;
+  Tensor weight;    // dense paths: stored float weight (view) or dequantized fp32 (owned)
+  Tensor bias_f32;  // dense paths: fp32 bias (effective bias for the fallback), may be undefined
+  std::shared_ptr<const AwqW4A16Prepared> awq;
+  std::shared_ptr<const SvdquantW4A4Prepared> svd;
+  // Lazily packed fp32 panels of `weight` (dense paths).
+  mutable std::once_flag pack_once, f32_once;
+  mutable kernels::linear::PackedF32Weight packed;
+  mutable Tensor weight_f32;  // contiguous fp32 copy for an external dense GEMM
+
+  void ensure_packed() const {
+    std::call_once(pack_once, [&] { packed = kernels::linear::pack_weight(weight.raw(), weight.dtype(), N, K); });
+  }
+  void ensure_f32() const {
+    std::call_once(f32_once, [&] { weight_f32 = weight.dtype() == DType::F32 ? weight : weight.to(DType::F32); });
+  }
+};
+
+Linear Linear::from_float(std::string name, const Tensor& weight, const Tensor& bias) {
+  QuantizedLayer l;
+  l.name = std::move(name);
+  if (!weight.defined()) throw Error(fmt::format("layer '{}': weight is undefined", l.name));
+  l.params["weight"] = weight;
+  l.bias = bias;
+  if (weight.dim() == 2) {
+    l.N = weight.size(0);
+    l.K = weight.size(1);
+  }
+  return from_layer(l);
+}
+
+Linear Linear::from_layer(const QuantizedLayer& layer, bool force_dequantize) {
+  auto im = std::make_shared<Impl>();
+  im->name = layer.name;
+  im->layer = layer;
+  try {
+    if (!layer.format) {
+      const Tensor& w = layer.param("weight");
+      check_dtype(w, {DType::F32, DType::BF16, DType::F16}, "float weight");
+      if (w.dim() != 2) throw Error(fmt::format("float weight: expected 2-D (N, K), got shape {}", shape_str(w.shape())));
+      im->N = w.size(0);
+      im->K = w.size(1);
+      im->path = LinearPath::Float;
+      im->format = float_name(w.dtype());
+      im->weight = w;
+      if (layer.bias.defined()) {
+        check_dtype(layer.bias, {DType::F32, DType::BF16, DType::F16}, "bias");
+        check_shape(layer.bias, {im->N}, "bias");
+        im->bias_f32 = layer.bias.to_f32();
+      }
+    } else {
+      im->N = layer.N;
+      im->K = layer.K;
+      im->format = layer.format->name;
+      const bool fused = layer.format->has_fused_kernel && !layer.config.full_precision_matrix_mult && !force_dequantize;
+      if (fused && im->format == "awq_w4a16") {
+        im->path = LinearPath::AwqW4A16;
+        im->awq = prepare_awq_w4a16(awq_params(layer));
+      } else if (fused && im->format == "svdquant_w4a4") {
+        im->path = LinearPath::SvdquantW4A4;
+        im->svd = prepare_svdquant_w4a4(svdquant_params(layer));
+      } else {
+        im->path = LinearPath::Dequantized;
+        if (!force_dequantize) {
+          const std::string why = layer.config.full_precision_matrix_mult
+                                      ? "full_precision_matrix_mult is set"
+                                      : "no fused kernel for this format";
+          notice_once("fallback:" + im->format + ":" + why,
+                      fmt::format("format {} ({}): running dequantize + dense fp32 matmul (eager fallback), "
+                                  "first seen on layer '{}'",
+                                  im->format, why, layer.name));
+        }
+      }
+    }
+  } catch (const Error& e) {
+    throw Error(with_layer(layer.name, e.what()));
+  }
+  Linear out;
+  out.impl_ = im;
+  if (im->path == LinearPath::Dequantized) {
+    try {
+      im->weight = out.effective_weight();
+      im->bias_f32 = out.effective_bias();
+    } catch (const Error& e) {
+      throw Error(with_layer(layer.name, e.what()));
+    }
+  }
+  return out;
+}
+
+const std::string& Linear::name() const { return impl_->name; }
+int64_t Linear::in_features() const { return impl_->K; }
+int64_t Linear::out_features() const { return impl_->N; }
+LinearPath Linear::path() const { return impl_->path; }
+std::string Linear::format_name() const { return impl_->format; }
+const QuantizedLayer& Linear::layer() const { return impl_->layer; }
+bool Linear::act_unsigned() const { return impl_->layer.format && impl_->layer.act_unsigned; }
+
+uint64_t Linear::stored_bytes() const {
+  if (impl_->layer.format) return impl_->layer.storage_bytes();
+  uint64_t b = impl_->layer.param("weight").nbytes();
+  if (impl_->layer.bias.defined()) b += impl_->layer.bias.nbytes();
+  return b;
+}
+
+Tensor Linear::effective_weight() const {
+  const Impl& im = *impl_;
+  if (!im.layer.format) return im.weight.to(DType::F32).clone();
+  if (im.path == LinearPath::Dequantized && im.weight.defined()) return im.weight;
+  Tensor w = dequantize(im.layer);
+  if (w.dtype() != DType::F32) w = w.to(DType::F32);
+  return w;
+}
+
+Tensor Linear::effective_bias() const {
+  const Impl& im = *impl_;
+  if (!im.layer.format) return im.bias_f32;
+  if (im.path == LinearPath::Dequantized && im.weight.defined()) return im.bias_f32;
+  Tensor b = Tensor::zeros(DType::F32, {im.N});
+  float* bp = b.mutable_data<float>();
+  if (im.layer.bias.defined()) {
+    const Tensor stored = im.layer.bias.to_f32();
+    std::memcpy(bp, stored.data<float>(), size_t(im.N) * sizeof(float));
+  }
+  if (im.format == "svdquant_w4a4" && im.layer.act_unsigned) {
+    // The quantized path sees x + shift on the residual branch only; the stored bias carries
+    // −shift·Σ_k R_raw[n,k]. R_raw = W_eff − proj_up·proj_downᵀ, so add shift·rowsum(R_raw) back.
+    SvdquantW4A4Params p = svdquant_params(im.layer);
+    if (p.tile_packed || p.proj_up_tile) p = svdquant_to_natural(p);
+    const Tensor w = effective_weight();
+    const Tensor up = p.proj_up.to_f32(), down = p.proj_down.to_f32();
+    const int64_t K = im.K, N = im.N, R = p.R;
+    std::vector<double> down_colsum(size_t(R), 0.0);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t r = 0; r < R; ++r) down_colsum[size_t(r)] += down.data<float>()[k * R + r];
+    for (int64_t n = 0; n < N; ++n) {
+      double rowsum = 0;
+      for (int64_t k = 0; k < K; ++k) rowsum += w.data<float>()[n * K + k];
+      for (int64_t r = 0; r < R; ++r) rowsum -= double(up.data<float>()[n * R + r]) * down_colsum[size_t(r)];
+      bp[n] = float(double(bp[n]) + double(kSvdquantUnsignedShift) * rowsum);
+    }
+  }
+  return b;
+}
+
+Linear Linear::dequantized() const {
+  if (!impl_->layer.format) return *this;
+  return from_layer(impl_->layer, /*force_dequantize=*/true);
+}
+
+void Linear::prepare_dense() const {
+  if (impl_->path != LinearPath::Float && impl_->path != LinearPath::Dequantized) return;
+  if (g_dense_gemm)
+    impl_->ensure_f32();
+  else
+    impl_->ensure_packed();
+}
+
+void Linear::forward_rows(const float* x, int64_t M, float* y) const {
+  const Impl& im = *impl_;
+  if (M == 0) return;
+  switch (im.path) {
+    case LinearPath::Float:
+    case LinearPath::Dequantized: {
+      const float* b = im.bias_f32.defined() ? im.bias_f32.data<float>() : nullptr;
+      if (active_isa() == Isa::Scalar || M < kernels::linear::kGemmMinRows) {
+        kernels::linear::run_rows(x, M, im.K, im.weight.raw(), im.weight.dtype(), im.N, b, y);
+      } else if (g_dense_gemm) {
+        im.ensure_f32();
+        g_dense_gemm(M, im.N, im.K, x, im.weight_f32.data<float>(), y);
+        if (b)
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = 0; n < im.N; ++n) y[m * im.N + n] += b[n];
+      } else {
+        im.ensure_packed();
+        kernels::linear::run_packed(x, M, im.packed, b, y);
+      }
+      return;
+    }
+    case LinearPath::AwqW4A16:
+    case LinearPath::SvdquantW4A4: {
+      const Tensor xv = Tensor::view(DType::F32, {M, im.K}, x, nullptr);
+      Tensor out;
+      try {
+        out = im.path == LinearPath::AwqW4A16 ? gemv_awq_w4a16(xv, *im.awq, DType::F32)
+                                              : svdquant_linear(xv, *im.svd, DType::F32);
+      } catch (const Error& e) {
+        throw Error(with_layer(im.name, e.what()));
+      }
+      std::memcpy(y, out.raw(), size_t(M * im.N) * sizeof(float));
+      return;
+    }
+  }
+}
+
+Tensor Linear::forward(const Tensor& x) const {
+  const Impl& im = *impl_;
+  if (!x.defined()) throw Error(fmt::format("layer '{}': input is undefined", im.name));
+  if (x.dim() < 1 || x.size(-1) != im.K)
+    throw Error(fmt::format("layer '{}': input shape {}: expected (..., {}) (in_features)", im.name,
+                            shape_str(x.shape()), im.K));
+  check_dtype(x, {DType::F32, DType::BF16, DType::F16, DType::F64}, fmt::format("layer '{}': input", im.name));
+  const Tensor xf = x.to_f32();
+  Shape out_shape = x.shape();
+  out_shape.back() = im.N;
+  const int64_t M = im.K ? x.numel() / im.K : 0;
+  Tensor y = Tensor::empty(DType::F32, out_shape);
+  forward_rows(xf.data<float>(), M, y.mutable_data<float>());
+  return y;
+}
+
+}  // namespace nibble::nn
