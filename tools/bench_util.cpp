@@ -10,6 +10,7 @@
 #include <cstring>
 #include <memory>
 
+#include "nibble/dtype.h"
 #include "nibble/error.h"
 #include "nibble/thread_pool.h"
 
@@ -183,6 +184,76 @@ void sgemm_nt(int64_t M, int64_t N, int64_t K, const float* A, const float* B, f
   (void)M; (void)N; (void)K; (void)A; (void)B; (void)C;
   throw Error("bench: OpenBLAS was not found at build time (sgemm peer unavailable)");
 #endif
+}
+
+// ---------------------------------------------------------------- bf16 baseline GEMV
+namespace {
+
+// Rows [n0, n1) for activation rows [m0, m0+MB): one 64-byte weight load feeds MB vdpbf16ps.
+template <int MB>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void bf16_rows_avx512(
+    int64_t N, int64_t K, const uint16_t* x, const uint16_t* W, float* y, int64_t n0, int64_t n1, int64_t m0) {
+  const int64_t full = K / 32;
+  const __mmask16 tail = __mmask16((1u << ((K % 32) / 2)) - 1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* w = W + n * K;
+    __m512 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < full; ++c) {
+      const __m512i wv = _mm512_loadu_si512(w + 32 * c);
+      for (int m = 0; m < MB; ++m)
+        acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)wv, (__m512bh)_mm512_loadu_si512(x + (m0 + m) * K + 32 * c));
+    }
+    if (tail) {
+      const __m512i wv = _mm512_maskz_loadu_epi32(tail, w + 32 * full);
+      for (int m = 0; m < MB; ++m)
+        acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)wv,
+                                  (__m512bh)_mm512_maskz_loadu_epi32(tail, x + (m0 + m) * K + 32 * full));
+    }
+    for (int m = 0; m < MB; ++m) y[(m0 + m) * N + n] = _mm512_reduce_add_ps(acc[m]);
+  }
+}
+
+__attribute__((target("avx2,fma"))) void bf16_rows_avx2(int64_t N, int64_t K, const uint16_t* x, const uint16_t* W,
+                                                        float* y, int64_t n0, int64_t n1, int64_t m) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* w = W + n * K;
+    const uint16_t* xr = x + m * K;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      const __m256 wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(w + k))), 16));
+      const __m256 xv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(xr + k))), 16));
+      acc = _mm256_fmadd_ps(wv, xv, acc);
+    }
+    alignas(32) float l[8];
+    _mm256_store_ps(l, acc);
+    float s = l[0] + l[1] + l[2] + l[3] + l[4] + l[5] + l[6] + l[7];
+    for (; k < K; ++k) s += bf16_to_f32(w[k]) * bf16_to_f32(xr[k]);
+    y[m * N + n] = s;
+  }
+}
+
+}  // namespace
+
+void gemv_bf16_weights(int64_t M, int64_t N, int64_t K, const uint16_t* x, const uint16_t* W, float* y) {
+  static const bool has_bf16 = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+  const int64_t cols = 64;
+  parallel_for((N + cols - 1) / cols, [&](int64_t t) {
+    const int64_t n0 = t * cols, n1 = std::min(N, n0 + cols);
+    if (has_bf16) {
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        switch (std::min<int64_t>(4, M - m0)) {
+          case 1: bf16_rows_avx512<1>(N, K, x, W, y, n0, n1, m0); break;
+          case 2: bf16_rows_avx512<2>(N, K, x, W, y, n0, n1, m0); break;
+          case 3: bf16_rows_avx512<3>(N, K, x, W, y, n0, n1, m0); break;
+          default: bf16_rows_avx512<4>(N, K, x, W, y, n0, n1, m0); break;
+        }
+      }
+    } else {
+      for (int64_t m = 0; m < M; ++m) bf16_rows_avx2(N, K, x, W, y, n0, n1, m);
+    }
+  });
 }
 
 // ---------------------------------------------------------------- printing

@@ -65,6 +65,12 @@ bool openblas_available();
 // Sets OpenBLAS' thread count to nibble::num_threads(). Throws if OpenBLAS is unavailable.
 void sgemm_nt(int64_t M, int64_t N, int64_t K, const float* A, const float* B, float* C);
 
+// ---- the bf16-weight baseline: y (M,N) fp32 = x (M,K) bf16 · W (N,K) bf16ᵀ, fp32 accumulation.
+// The best plain bf16 GEMV we have (vdpbf16ps when the CPU has AVX-512 BF16, else AVX2 FMA on
+// widened values): what a 16-bit checkpoint costs, for the speed-up of the 4-bit formats.
+// Threaded over output columns on the library pool. K must be even.
+void gemv_bf16_weights(int64_t M, int64_t N, int64_t K, const uint16_t* x, const uint16_t* W, float* y);
+
 // ---- records and their printing
 struct Record {
   std::vector<std::pair<std::string, std::string>> text;  // key → string value (JSON string)

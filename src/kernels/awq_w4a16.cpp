@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <vector>
 
 #include "kernels/awq_w4a16_kernels.h"
@@ -32,10 +33,19 @@ struct AwqW4A16Prepared {
 namespace {
 using namespace kernels::awq;
 constexpr const char* kOp = "gemv_awq_w4a16";
-constexpr int64_t kGemvCols = 64;  // output columns per GEMV task
+constexpr int64_t kGemvCols = 256;  // output columns per GEMV task (4 staged sub-blocks)
+// Accumulator buffers start as NaN: a kernel that skips an element makes the output NaN (tests
+// reject any NaN) instead of silently returning a stale or zero value.
+const float kPoison = std::nanf("");
 
 // Largest M that takes the GEMV path (measured: docs/awq.md).
 int64_t gemv_max_m(Isa isa) {
+  // NIBBLE_AWQ_GEMV_MAX_M overrides the threshold (for measuring it; not a user setting).
+  static const int64_t env_override = [] {
+    const char* e = std::getenv("NIBBLE_AWQ_GEMV_MAX_M");
+    return e && *e ? std::atoll(e) : int64_t(-1);
+  }();
+  if (env_override >= 0 && isa != Isa::Scalar) return env_override;
   switch (isa) {
     case Isa::Avx2: return 4;
     case Isa::Avx512: case Isa::Avx512Vnni: return 4;
@@ -168,7 +178,7 @@ Tensor run(const Tensor& x_in, const AwqW4A16Params& w, std::optional<DType> out
   const int64_t gemv_tasks = (N + kGemvCols - 1) / kGemvCols;
 
   if (isa == Isa::Scalar) {
-    std::vector<float> acc(size_t(M * N));
+    std::vector<float> acc(size_t(M * N), kPoison);
     parallel_for(gemv_tasks, [&](int64_t t) {
       const int64_t n0 = t * kGemvCols, n1 = std::min(N, n0 + kGemvCols);
       awq_ref(im.p, x, acc.data(), n0, n1);
@@ -190,7 +200,7 @@ Tensor run(const Tensor& x_in, const AwqW4A16Params& w, std::optional<DType> out
     GemvArgs a;
     a.p = im.p;
     a.xsum = xsum.data();
-    std::vector<float> acc(size_t(M * N));
+    std::vector<float> acc(size_t(M * N), kPoison);
     a.acc = acc.data();
     std::vector<float> xc32;
     std::vector<uint16_t> xc16;
@@ -251,7 +261,7 @@ Tensor run(const Tensor& x_in, const AwqW4A16Params& w, std::optional<DType> out
     a.xp = xp32.data();
     kernel = isa == Isa::Avx2 ? awq_gemm_avx2 : awq_gemm_avx512;
   }
-  std::vector<float> accT(size_t(N * a.Mp));
+  std::vector<float> accT(size_t(N * a.Mp), kPoison);
   a.accT = accT.data();
   const int64_t tasks = (N + kGemmRowsPerTask - 1) / kGemmRowsPerTask;
   parallel_for(tasks, [&](int64_t t) {
@@ -263,6 +273,15 @@ Tensor run(const Tensor& x_in, const AwqW4A16Params& w, std::optional<DType> out
 }
 
 }  // namespace
+
+namespace kernels::awq {
+const char* path_name(Isa isa, int64_t M, int64_t G) {
+  if (isa == Isa::Avx512Bf16 && G % 8 != 0) isa = Isa::Avx512;
+  if (isa == Isa::Scalar) return "reference";
+  if (M <= gemv_max_m(isa)) return isa == Isa::Avx512Bf16 ? "gemv-bf16dot-exact" : "gemv-fp32";
+  return isa == Isa::Avx512Bf16 ? "gemm-bf16w" : "gemm-fp32";
+}
+}  // namespace kernels::awq
 
 Tensor gemv_awq_w4a16(const Tensor& x, const Tensor& qweight, const Tensor& wscales, const Tensor& wzeros,
                       const Tensor& bias, int64_t group_size, std::optional<DType> out_dtype) {

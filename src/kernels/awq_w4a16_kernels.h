@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "nibble/dtype.h"
+#include "nibble/isa.h"
 
 namespace nibble::kernels::awq {
 
@@ -74,5 +75,8 @@ void awq_gemm_avx512(const GemmArgs& a, int64_t n0, int64_t n1);
 void awq_gemm_avx512bf16(const GemmArgs& a, int64_t n0, int64_t n1);
 // Vector widths of the packed activations (Mp is a multiple of this).
 inline constexpr int kGemmMvAvx2 = 8, kGemmMvAvx512 = 16;
+
+// Which path the driver takes for (isa, M, G) — for benchmarks and docs.
+const char* path_name(Isa isa, int64_t M, int64_t G);
 
 }  // namespace nibble::kernels::awq

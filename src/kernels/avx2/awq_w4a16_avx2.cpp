@@ -52,6 +52,21 @@ void stage_scales(const Problem& p, int64_t nb0, int cols, const float* xsum, in
     }
 }
 
+// The scales of a column block are K/G short runs, N elements apart: K/G concurrent streams that
+// the hardware prefetcher does not track, so without this every run is a DRAM round trip.
+inline void prefetch_scales(const Problem& p, int64_t nb0) {
+  if (nb0 >= p.N) return;
+  const int64_t groups = p.K / p.G;
+  for (int64_t g = 0; g < groups; ++g) {
+    const char* s = reinterpret_cast<const char*>(p.wscales + g * p.N + nb0);
+    const char* z = reinterpret_cast<const char*>(p.wzeros + g * p.N + nb0);
+    _mm_prefetch(s, _MM_HINT_T0);
+    _mm_prefetch(s + 64, _MM_HINT_T0);
+    _mm_prefetch(z, _MM_HINT_T0);
+    _mm_prefetch(z + 64, _MM_HINT_T0);
+  }
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -84,9 +99,10 @@ void gemv_rows(const GemvArgs& a, int64_t nb0, int64_t nb1, int64_t m0, const fl
   const float* xc = static_cast<const float*>(a.xc);
   for (int64_t n = nb0; n < nb1; ++n) {
     const uint8_t* qrow = p.qweight + n * (K / 2);
-    __m256 acc[MB][2];
-    for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
+    // two accumulator sets (even/odd groups) keep the scale FMA chain off the critical path
+    __m256 acc0[MB], acc1[MB];
+    for (int m = 0; m < MB; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
+    auto group = [&](int64_t g, __m256* accx) __attribute__((always_inline)) {
       __m256 dot[MB];
       for (int m = 0; m < MB; ++m) dot[m] = _mm256_setzero_ps();
       const uint8_t* qg = qrow + g * (G / 2);
@@ -101,10 +117,16 @@ void gemv_rows(const GemvArgs& a, int64_t nb0, int64_t nb1, int64_t m0, const fl
         }
       }
       const __m256 s = _mm256_set1_ps(sblk[g * kSub + (n - nb0)]);
-      for (int m = 0; m < MB; ++m) acc[m][g & 1] = _mm256_fmadd_ps(dot[m], s, acc[m][g & 1]);
+      for (int m = 0; m < MB; ++m) accx[m] = _mm256_fmadd_ps(dot[m], s, accx[m]);
+    };
+    int64_t g = 0;
+    for (; g + 1 < groups; g += 2) {
+      group(g, acc0);
+      group(g + 1, acc1);
     }
+    if (g < groups) group(g, acc0);
     for (int m = 0; m < MB; ++m)
-      a.acc[(m0 + m) * N + n] = hsum(_mm256_add_ps(acc[m][0], acc[m][1])) + zterm[(m0 + m) * kSub + (n - nb0)];
+      a.acc[(m0 + m) * N + n] = hsum(_mm256_add_ps(acc0[m], acc1[m])) + zterm[(m0 + m) * kSub + (n - nb0)];
   }
 }
 
@@ -120,6 +142,7 @@ void awq_gemv_avx2(const GemvArgs& a, int64_t n0, int64_t n1) {
   float* zterm = zblk + groups * kSub;
   for (int64_t nb0 = n0; nb0 < n1; nb0 += kSub) {
     const int64_t nb1 = std::min(n1, nb0 + kSub);
+    prefetch_scales(p, nb0 + 2 * kSub);
     stage_scales(p, nb0, int(nb1 - nb0), a.xsum, p.M, sblk, zblk, zterm);
     for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
       switch (std::min<int64_t>(4, p.M - m0)) {

@@ -53,6 +53,21 @@ void stage_scales(const Problem& p, int64_t nb0, int cols, const float* xsum, in
     }
 }
 
+// The scales of a column block are K/G short runs, N elements apart: K/G concurrent streams that
+// the hardware prefetcher does not track, so without this every run is a DRAM round trip.
+inline void prefetch_scales(const Problem& p, int64_t nb0) {
+  if (nb0 >= p.N) return;
+  const int64_t groups = p.K / p.G;
+  for (int64_t g = 0; g < groups; ++g) {
+    const char* s = reinterpret_cast<const char*>(p.wscales + g * p.N + nb0);
+    const char* z = reinterpret_cast<const char*>(p.wzeros + g * p.N + nb0);
+    _mm_prefetch(s, _MM_HINT_T0);
+    _mm_prefetch(s + 64, _MM_HINT_T0);
+    _mm_prefetch(z, _MM_HINT_T0);
+    _mm_prefetch(z + 64, _MM_HINT_T0);
+  }
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -62,11 +77,15 @@ inline float hsum(__m256 v) {
 
 inline __m256bh as_bh(__m256i v) { return (__m256bh)v; }
 
-template <int MB, int P>
+// CPG: chunks per group known at compile time (1 for G = 64, 2 for G = 128) or 0 (runtime, with a
+// masked tail chunk). Each chunk feeds two independent vdpbf16ps chains (nibbles 0,2 and 1,3) so
+// the chain latency does not bound the loop.
+template <int MB, int P, int CPG>
 void gemv_rows(const GemvArgs& a, int64_t nb0, int64_t nb1, int64_t m0, const float* sblk, const float* zterm) {
   const Problem& p = a.p;
-  const int64_t K = p.K, G = p.G, N = p.N, groups = K / G, cpg = chunks_per_group(G, kChunkBf16);
-  const int64_t full = G / kChunkBf16;
+  const int64_t K = p.K, G = p.G, N = p.N, groups = K / G;
+  const int64_t cpg = CPG ? CPG : chunks_per_group(G, kChunkBf16);
+  const int64_t full = CPG ? CPG : G / kChunkBf16;
   const __mmask8 tail_mask = __mmask8((1u << ((G % kChunkBf16) / 8)) - 1);
   // bf16 of (i − 8), i = 0..15
   const __m256i table = _mm256_setr_epi16(
@@ -79,15 +98,16 @@ void gemv_rows(const GemvArgs& a, int64_t nb0, int64_t nb1, int64_t m0, const fl
 
   for (int64_t n = nb0; n < nb1; ++n) {
     const uint8_t* qrow = p.qweight + n * (K / 2);
-    __m256 acc[MB][2];
-    for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
-      __m256 dot[MB];
-      for (int m = 0; m < MB; ++m) dot[m] = _mm256_setzero_ps();
+    // two accumulator sets (even/odd groups) keep the scale FMA chain off the critical path
+    __m256 acc0[MB], acc1[MB];
+    for (int m = 0; m < MB; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
+    auto group = [&](int64_t g, __m256* accx) __attribute__((always_inline)) {
+      __m256 da[MB], db[MB];
+      for (int m = 0; m < MB; ++m) da[m] = db[m] = _mm256_setzero_ps();
       const uint8_t* qg = qrow + g * (G / 2);
       for (int64_t t = 0; t < cpg; ++t) {
-        const __m256i w = t < full ? _mm256_loadu_si256((const __m256i*)(qg + t * 32))
-                                   : _mm256_maskz_loadu_epi32(tail_mask, qg + t * 32);
+        const __m256i w = (CPG || t < full) ? _mm256_loadu_si256((const __m256i*)(qg + t * 32))
+                                            : _mm256_maskz_loadu_epi32(tail_mask, qg + t * 32);
         const __m256i a0 = _mm256_permutexvar_epi16(w, table);
         const __m256i a1 = _mm256_permutexvar_epi16(_mm256_srli_epi16(w, 4), table);
         const __m256i a2 = _mm256_permutexvar_epi16(_mm256_srli_epi16(w, 8), table);
@@ -96,28 +116,41 @@ void gemv_rows(const GemvArgs& a, int64_t nb0, int64_t nb1, int64_t m0, const fl
         for (int m = 0; m < MB; ++m)
           for (int q = 0; q < P; ++q) {
             const uint16_t* xr = xrow[m][q] + off;
-            dot[m] = _mm256_dpbf16_ps(dot[m], as_bh(a0), as_bh(_mm256_loadu_si256((const __m256i*)xr)));
-            dot[m] = _mm256_dpbf16_ps(dot[m], as_bh(a1), as_bh(_mm256_loadu_si256((const __m256i*)(xr + 16))));
-            dot[m] = _mm256_dpbf16_ps(dot[m], as_bh(a2), as_bh(_mm256_loadu_si256((const __m256i*)(xr + 32))));
-            dot[m] = _mm256_dpbf16_ps(dot[m], as_bh(a3), as_bh(_mm256_loadu_si256((const __m256i*)(xr + 48))));
+            da[m] = _mm256_dpbf16_ps(da[m], as_bh(a0), as_bh(_mm256_loadu_si256((const __m256i*)xr)));
+            db[m] = _mm256_dpbf16_ps(db[m], as_bh(a1), as_bh(_mm256_loadu_si256((const __m256i*)(xr + 16))));
+            da[m] = _mm256_dpbf16_ps(da[m], as_bh(a2), as_bh(_mm256_loadu_si256((const __m256i*)(xr + 32))));
+            db[m] = _mm256_dpbf16_ps(db[m], as_bh(a3), as_bh(_mm256_loadu_si256((const __m256i*)(xr + 48))));
           }
       }
       const __m256 s = _mm256_set1_ps(sblk[g * kSub + (n - nb0)]);
-      for (int m = 0; m < MB; ++m) acc[m][g & 1] = _mm256_fmadd_ps(dot[m], s, acc[m][g & 1]);
+      for (int m = 0; m < MB; ++m) accx[m] = _mm256_fmadd_ps(_mm256_add_ps(da[m], db[m]), s, accx[m]);
+    };
+    int64_t g = 0;
+    for (; g + 1 < groups; g += 2) {
+      group(g, acc0);
+      group(g + 1, acc1);
     }
+    if (g < groups) group(g, acc0);
     for (int m = 0; m < MB; ++m)
-      a.acc[(m0 + m) * N + n] = hsum(_mm256_add_ps(acc[m][0], acc[m][1])) + zterm[(m0 + m) * kSub + (n - nb0)];
+      a.acc[(m0 + m) * N + n] = hsum(_mm256_add_ps(acc0[m], acc1[m])) + zterm[(m0 + m) * kSub + (n - nb0)];
   }
+}
+
+template <int MB, int P>
+void gemv_rows_g(const GemvArgs& a, int64_t nb0, int64_t nb1, int64_t m0, const float* sblk, const float* zterm) {
+  if (a.p.G == 64) gemv_rows<MB, P, 1>(a, nb0, nb1, m0, sblk, zterm);
+  else if (a.p.G == 128) gemv_rows<MB, P, 2>(a, nb0, nb1, m0, sblk, zterm);
+  else gemv_rows<MB, P, 0>(a, nb0, nb1, m0, sblk, zterm);
 }
 
 template <int P>
 void gemv_batch(const GemvArgs& a, int64_t nb0, int64_t nb1, int64_t m0, int mb, const float* sblk,
                 const float* zterm) {
   switch (mb) {
-    case 1: gemv_rows<1, P>(a, nb0, nb1, m0, sblk, zterm); break;
-    case 2: gemv_rows<2, P>(a, nb0, nb1, m0, sblk, zterm); break;
-    case 3: gemv_rows<3, P>(a, nb0, nb1, m0, sblk, zterm); break;
-    default: gemv_rows<4, P>(a, nb0, nb1, m0, sblk, zterm); break;
+    case 1: gemv_rows_g<1, P>(a, nb0, nb1, m0, sblk, zterm); break;
+    case 2: gemv_rows_g<2, P>(a, nb0, nb1, m0, sblk, zterm); break;
+    case 3: gemv_rows_g<3, P>(a, nb0, nb1, m0, sblk, zterm); break;
+    default: gemv_rows_g<4, P>(a, nb0, nb1, m0, sblk, zterm); break;
   }
 }
 
@@ -135,6 +168,7 @@ void awq_gemv_avx512bf16(const GemvArgs& a, int64_t n0, int64_t n1) {
   const int max_rows = a.parts == 1 ? 4 : a.parts == 2 ? 2 : 1;
   for (int64_t nb0 = n0; nb0 < n1; nb0 += kSub) {
     const int64_t nb1 = std::min(n1, nb0 + kSub);
+    prefetch_scales(p, nb0 + 2 * kSub);
     stage_scales(p, nb0, int(nb1 - nb0), a.xsum, p.M, sblk, zblk, zterm);
     for (int64_t m0 = 0; m0 < p.M; m0 += max_rows) {
       const int mb = int(std::min<int64_t>(max_rows, p.M - m0));
