@@ -151,8 +151,9 @@ Linear Linear::from_layer(const QuantizedLayer& layer, bool force_dequantize) {
   out.impl_ = im;
   if (im->path == LinearPath::Dequantized) {
     try {
-      im->weight = out.effective_weight();
-      im->bias_f32 = out.effective_bias();
+      Tensor w = out.effective_weight(), b = out.effective_bias();  // both before `weight` is set
+      im->weight = w;
+      im->bias_f32 = b;
     } catch (const Error& e) {
       throw Error(with_layer(layer.name, e.what()));
     }
