@@ -1,0 +1,166 @@
+"""nibble — 4-bit quantized linear layers of diffusion transformers on the CPU.
+
+The kitchen ops (comfy-kitchen signatures, FORMATS.md §6)::
+
+    nibble.gemv_awq_w4a16(x, qweight, wscales, wzeros, bias=None, group_size=64)
+    nibble.quantize_svdquant_w4a4(x, smooth, lora_down, pad_size=256, act_unsigned=False, lora_x=None)
+    nibble.scaled_mm_svdquant_w4a4(act, wgt, ascales, wscales, lora_act_in, lora_up, bias=None,
+                                   act_unsigned=False)
+
+Arrays go in as numpy arrays (bfloat16 via ml_dtypes), torch CPU tensors or any DLPack / buffer
+protocol object, zero-copy when C-contiguous. Results are numpy arrays owning the library's
+buffers, or torch tensors (zero-copy) when the first array argument was a torch tensor. Bad input
+raises nibble.Error, a ValueError naming the argument and what was expected.
+
+Checkpoints: nibble.load(path) → Model (``.layers``: name → callable Layer), nibble.inspect(path),
+nibble.convert(...), nibble.load_file / save_file (safetensors). Runtime: nibble.isa(),
+nibble.set_isa("scalar" | "avx2" | ... | "auto"), nibble.set_num_threads(n).
+"""
+from __future__ import annotations
+
+import numpy as _np
+
+from . import _core
+from ._core import (  # noqa: F401  (re-exported)
+    Error,
+    Layer,
+    Model,
+    compiled_isas,
+    cpu_features,
+    isa,
+    num_threads,
+    set_isa,
+    set_num_threads,
+    supported_isas,
+)
+
+__version__ = _core.__version__
+
+__all__ = [
+    "Error", "Layer", "Model", "__version__",
+    "gemv_awq_w4a16", "quantize_svdquant_w4a4", "scaled_mm_svdquant_w4a4", "linear",
+    "load", "inspect", "convert", "load_file", "save_file", "read_metadata",
+    "isa", "set_isa", "supported_isas", "compiled_isas", "cpu_features",
+    "num_threads", "set_num_threads",
+]
+
+
+# ---------------------------------------------------------------- framework round trip
+def _is_torch(a) -> bool:
+    return type(a).__module__.startswith("torch") and hasattr(a, "__dlpack__")
+
+
+def _to_torch(arr):
+    """numpy result → torch tensor sharing its memory (bf16/fp8 through a same-width view)."""
+    import torch
+
+    if arr is None:
+        return None
+    name = arr.dtype.name
+    special = {"bfloat16": (_np.uint16, torch.bfloat16),
+               "float8_e4m3fn": (_np.uint8, torch.float8_e4m3fn),
+               "float8_e5m2": (_np.uint8, torch.float8_e5m2)}
+    if not arr.flags.writeable:  # torch wants writable memory; results of the ops are writable
+        arr = arr.copy()
+    if name in special:
+        raw, tdt = special[name]
+        return torch.from_numpy(arr.view(raw)).view(tdt)
+    return torch.from_numpy(arr)
+
+
+def _like(result, like):
+    if not _is_torch(like):
+        return result
+    if isinstance(result, tuple):
+        return tuple(_to_torch(r) for r in result)
+    return _to_torch(result)
+
+
+def _dtype_name(dtype):
+    """Accept str, numpy/ml_dtypes dtypes and scalar types, torch dtypes."""
+    if dtype is None or isinstance(dtype, str):
+        return dtype
+    if type(dtype).__module__.startswith("torch"):
+        return str(dtype)
+    return _np.dtype(dtype).name
+
+
+# ---------------------------------------------------------------- the kitchen ops
+def gemv_awq_w4a16(x, qweight, wscales, wzeros, bias=None, group_size=64, *, out_dtype=None):
+    """AWQ W4A16 linear (spec §2): y = x·Wᵀ + bias with W[n,k] = (q−8)·s[k/G,n] + z[k/G,n].
+
+    x (..., K) float32/bfloat16/float16; qweight (N, K/2) int8 (uint8 accepted: same bytes);
+    wscales, wzeros (K/G, N) bfloat16/float16; bias (N) optional. Returns (..., N) in wscales'
+    dtype (kitchen semantics) unless ``out_dtype`` is given. fp32 accumulation.
+    """
+    return _like(_core.gemv_awq_w4a16(x, qweight, wscales, wzeros, bias, int(group_size),
+                                      _dtype_name(out_dtype)), x)
+
+
+def quantize_svdquant_w4a4(x, smooth, lora_down, pad_size=256, act_unsigned=False, lora_x=None,
+                           *, lora_act_dtype=None):
+    """SVDQuant activation quantization (spec §3.3, the CUDA kernel's fp32 semantics).
+
+    x (M, K) float, K % 64 == 0; smooth (K); lora_down (K, R); lora_x (M, K) optional LoRA input
+    (defaults to x). Returns (q_x (M_pad, K/2) int8, ascales (K/64, M_pad) in x's dtype,
+    lora_act (M_pad, R) in x's dtype unless ``lora_act_dtype``), M_pad = ceil(M/pad)·pad.
+    """
+    return _like(_core.quantize_svdquant_w4a4(x, smooth, lora_down, int(pad_size),
+                                              bool(act_unsigned), lora_x,
+                                              _dtype_name(lora_act_dtype)), x)
+
+
+def scaled_mm_svdquant_w4a4(act, wgt, ascales, wscales, lora_act_in, lora_up, bias=None,
+                            act_unsigned=False, *, out_dtype=None):
+    """SVDQuant W4A4 GEMM + low-rank branch + bias (spec §3.4).
+
+    act (M, K/2) int8 packed codes; wgt natural (N, K/2) or tile-packed (N/128, K/64, 32, 128);
+    ascales (K/64, M); wscales (K/64, N) or tile (N/128, K/64, 128); lora_act_in (M, R);
+    lora_up (N, R) or tile (N/128, R, 128); bias (N) optional. Returns (M, N) in lora_up's dtype
+    unless ``out_dtype``. Exact int32 group sums, fp32 scale math.
+    """
+    return _like(_core.scaled_mm_svdquant_w4a4(act, wgt, ascales, wscales, lora_act_in, lora_up,
+                                               bias, bool(act_unsigned), _dtype_name(out_dtype)),
+                 act if _is_torch(act) else lora_up)
+
+
+def linear(x, weight, bias=None):
+    """Dense fp32 y = x·Wᵀ + bias (the library's float baseline). Returns float32."""
+    return _like(_core.linear_f32(x, weight, bias), x)
+
+
+# ---------------------------------------------------------------- checkpoints
+def load(path) -> Model:
+    """Map a checkpoint (.safetensors, .safetensors.index.json or a shard directory) and bind
+    every linear layer. ``model.layers[name](x)`` runs the layer: x (..., K) → (..., N), same
+    dtype as x (float32 / bfloat16 / float16)."""
+    return _core.load(str(path))
+
+
+def inspect(path) -> dict:
+    """Summary of a checkpoint: files, tensors, bytes, metadata, and per layer its format,
+    shape, group size / rank, act_unsigned, tile layout, bytes, warnings (or the bind error)."""
+    return _core.inspect(str(path))
+
+
+def convert(*args, **kwargs):
+    """Convert a float checkpoint to awq_w4a16 / svdquant_w4a4 (mirrors ``nibble convert``)."""
+    if not hasattr(_core, "convert"):
+        raise NotImplementedError("convert is not implemented in this build of nibble")
+    return _core.convert(*args, **kwargs)
+
+
+def load_file(path) -> dict:
+    """All tensors of a safetensors checkpoint as read-only numpy arrays (zero-copy, mmap)."""
+    return _core.load_file(str(path))
+
+
+def read_metadata(path) -> dict:
+    """The ``__metadata__`` strings of a checkpoint (merged with an index's metadata)."""
+    return _core.read_metadata(str(path))
+
+
+def save_file(tensors: dict, path, metadata: dict | None = None) -> None:
+    """Write arrays (numpy incl. ml_dtypes bfloat16 / float8, torch CPU tensors) to a
+    .safetensors file, atomically, in dict order."""
+    _core.save_file(dict(tensors), str(path), metadata)
