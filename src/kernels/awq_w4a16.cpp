@@ -207,7 +207,9 @@ Tensor run(const Tensor& x_in, const AwqW4A16Params& w, std::optional<DType> out
     void (*kernel)(const GemvArgs&, int64_t, int64_t) = nullptr;
     if (isa == Isa::Avx512Bf16) {
       a.parts = bf16_parts(im.xdt);
-      xc16 = chunk_activations<uint16_t>(x, M, K, G, kChunkBf16, kStreamsBf16, a.parts,
+      a.wide = bf16_wide_ok(K, G);
+      xc16 = chunk_activations<uint16_t>(x, M, K, a.wide ? kChunkBf16Wide : G,
+                                         a.wide ? kChunkBf16Wide : kChunkBf16, kStreamsBf16, a.parts,
                                          [](float v, int p) {
                                            uint16_t parts[3];
                                            split_bf16(v, p + 1, parts);

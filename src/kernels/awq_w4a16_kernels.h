@@ -44,6 +44,8 @@ struct GemvArgs {
   const void* xc = nullptr;
   int64_t xc_row_elems = 0;  // elements of one activation row (one part) in xc
   int parts = 1;             // bf16 kernel: x = Σ_parts (exact split of fp32/fp16 into bf16)
+  bool wide = false;         // bf16 kernel: 128-column zmm chunks (G ∈ {64, 128}, K % 128 == 0);
+                             // xc is then chunked as if G were 128 (see bf16_wide_ok)
   const float* xsum = nullptr;
   float* acc = nullptr;
 };
@@ -53,6 +55,9 @@ inline constexpr int kChunkAvx512 = 32, kStreamsAvx512 = 2;
 inline constexpr int kChunkBf16 = 64, kStreamsBf16 = 4;
 // Chunks per group for chunk width cw.
 inline int64_t chunks_per_group(int64_t G, int cw) { return (G + cw - 1) / cw; }
+
+inline constexpr int kChunkBf16Wide = 128;
+inline bool bf16_wide_ok(int64_t K, int64_t G) { return (G == 64 || G == 128) && K % 128 == 0; }
 
 void awq_gemv_avx2(const GemvArgs& a, int64_t n0, int64_t n1);
 void awq_gemv_avx512(const GemvArgs& a, int64_t n0, int64_t n1);

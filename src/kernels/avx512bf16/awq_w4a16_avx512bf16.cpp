@@ -143,14 +143,81 @@ void gemv_rows_g(const GemvArgs& a, int64_t nb0, int64_t nb1, int64_t m0, const 
   else gemv_rows<MB, P, 0>(a, nb0, nb1, m0, sblk, zterm);
 }
 
+// The wide variant (G ∈ {64, 128}, K % 128 == 0): 64 packed bytes = 128 columns per zmm, one or
+// two groups per vector (dword lanes 0–7 and 8–15), with a per-half scale vector when G = 64.
+// zmm vpermw reads 5 index bits, so its table repeats the 16 values twice.
+template <int MB, int P, int GPZ>
+void gemv_rows_wide(const GemvArgs& a, int64_t nb0, int64_t nb1, int64_t m0, const float* sblk, const float* zterm) {
+  const Problem& p = a.p;
+  const int64_t K = p.K, N = p.N, zchunks = K / kChunkBf16Wide;
+  const __m512i table = _mm512_set_epi16(
+      0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000, (short)0xBF80, (short)0xC000, (short)0xC040,
+      (short)0xC080, (short)0xC0A0, (short)0xC0C0, (short)0xC0E0, (short)0xC100, 0x40E0, 0x40C0, 0x40A0, 0x4080,
+      0x4040, 0x4000, 0x3F80, 0x0000, (short)0xBF80, (short)0xC000, (short)0xC040, (short)0xC080, (short)0xC0A0,
+      (short)0xC0C0, (short)0xC0E0, (short)0xC100);
+  const uint16_t* xc = static_cast<const uint16_t*>(a.xc);
+  const uint16_t* xrow[MB][P];
+  for (int m = 0; m < MB; ++m)
+    for (int q = 0; q < P; ++q) xrow[m][q] = xc + ((m0 + m) * P + q) * a.xc_row_elems;
+
+  for (int64_t n = nb0; n < nb1; ++n) {
+    const uint8_t* qrow = p.qweight + n * (K / 2);
+    const float* srow = sblk + (n - nb0);
+    __m512 acc0[MB], acc1[MB];
+    for (int m = 0; m < MB; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
+    auto chunk = [&](int64_t c, __m512* accx) __attribute__((always_inline)) {
+      const __m512i w = _mm512_loadu_si512(qrow + c * 64);
+      const __m512i a0 = _mm512_permutexvar_epi16(w, table);
+      const __m512i a1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), table);
+      const __m512i a2 = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 8), table);
+      const __m512i a3 = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 12), table);
+      __m512 s;
+      if (GPZ == 1) {
+        s = _mm512_set1_ps(srow[c * kSub]);
+      } else {
+        s = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(srow[(2 * c) * kSub])),
+                               _mm256_set1_ps(srow[(2 * c + 1) * kSub]), 1);
+      }
+      const int64_t off = c * kChunkBf16Wide;
+      for (int m = 0; m < MB; ++m) {
+        __m512 da = _mm512_setzero_ps(), db = _mm512_setzero_ps();
+        for (int q = 0; q < P; ++q) {
+          const uint16_t* xr = xrow[m][q] + off;
+          da = _mm512_dpbf16_ps(da, (__m512bh)a0, (__m512bh)_mm512_loadu_si512(xr));
+          db = _mm512_dpbf16_ps(db, (__m512bh)a1, (__m512bh)_mm512_loadu_si512(xr + 32));
+          da = _mm512_dpbf16_ps(da, (__m512bh)a2, (__m512bh)_mm512_loadu_si512(xr + 64));
+          db = _mm512_dpbf16_ps(db, (__m512bh)a3, (__m512bh)_mm512_loadu_si512(xr + 96));
+        }
+        accx[m] = _mm512_fmadd_ps(_mm512_add_ps(da, db), s, accx[m]);
+      }
+    };
+    int64_t c = 0;
+    for (; c + 1 < zchunks; c += 2) {
+      chunk(c, acc0);
+      chunk(c + 1, acc1);
+    }
+    if (c < zchunks) chunk(c, acc0);
+    for (int m = 0; m < MB; ++m)
+      a.acc[(m0 + m) * N + n] =
+          _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m])) + zterm[(m0 + m) * kSub + (n - nb0)];
+  }
+}
+
+template <int MB, int P>
+void gemv_rows_any(const GemvArgs& a, int64_t nb0, int64_t nb1, int64_t m0, const float* sblk, const float* zterm) {
+  if (a.wide && a.p.G == 128) gemv_rows_wide<MB, P, 1>(a, nb0, nb1, m0, sblk, zterm);
+  else if (a.wide) gemv_rows_wide<MB, P, 2>(a, nb0, nb1, m0, sblk, zterm);
+  else gemv_rows_g<MB, P>(a, nb0, nb1, m0, sblk, zterm);
+}
+
 template <int P>
 void gemv_batch(const GemvArgs& a, int64_t nb0, int64_t nb1, int64_t m0, int mb, const float* sblk,
                 const float* zterm) {
   switch (mb) {
-    case 1: gemv_rows_g<1, P>(a, nb0, nb1, m0, sblk, zterm); break;
-    case 2: gemv_rows_g<2, P>(a, nb0, nb1, m0, sblk, zterm); break;
-    case 3: gemv_rows_g<3, P>(a, nb0, nb1, m0, sblk, zterm); break;
-    default: gemv_rows_g<4, P>(a, nb0, nb1, m0, sblk, zterm); break;
+    case 1: gemv_rows_any<1, P>(a, nb0, nb1, m0, sblk, zterm); break;
+    case 2: gemv_rows_any<2, P>(a, nb0, nb1, m0, sblk, zterm); break;
+    case 3: gemv_rows_any<3, P>(a, nb0, nb1, m0, sblk, zterm); break;
+    default: gemv_rows_any<4, P>(a, nb0, nb1, m0, sblk, zterm); break;
   }
 }
 
