@@ -57,9 +57,12 @@ inline std::string read_bytes(const std::string& path) {
   return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
 }
 
-// Parses an in-memory image, labelled "mem.safetensors" in errors.
+// Parses a copy of an in-memory image (owned by the result), labelled "mem.safetensors" in errors.
 inline std::shared_ptr<SafetensorsFile> parse_image(const std::string& img) {
-  return SafetensorsFile::from_memory(nullptr, img.data(), img.size(), "mem.safetensors");
+  auto owned = std::make_shared<const std::string>(img);
+  const void* data = owned->data();
+  const size_t size = owned->size();
+  return SafetensorsFile::from_memory(std::move(owned), data, size, "mem.safetensors");
 }
 
 }  // namespace nibble::testing_io
