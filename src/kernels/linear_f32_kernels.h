@@ -65,3 +65,9 @@ void pack_rows_f32(const float* w, int64_t ld, int64_t N, int64_t K, float* dst)
 // y (M, w.N) = x (M, w.K) · Wᵀ on the calling thread, active ISA (no bias).
 void gemm_packed_serial(const float* x, int64_t M, const PackedF32Weight& w, float* y);
 }  // namespace nibble::kernels::linear
+
+namespace nibble::kernels::attention {
+// In place over one row of attention scores: s[j] = exp((s[j] − max_j s)·scale); returns Σ_j s[j].
+// AVX-512 (a degree-6 polynomial exp, relative error < 2e-7) or the portable loop; fixed order.
+float softmax_row_avx512(float* s, int64_t n, float scale);
+}  // namespace nibble::kernels::attention

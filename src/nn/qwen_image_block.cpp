@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "kernels/linear_f32_kernels.h"
+#include "nibble/isa.h"
 #include "nibble/thread_pool.h"
 
 namespace nibble::nn {
@@ -115,6 +116,8 @@ void joint_attention(const float* q, const float* k, const float* v, int64_t B, 
   const int64_t H = D / hd;
   constexpr int64_t kQb = 64;
   const float scale = 1.0f / std::sqrt(float(hd));
+  const bool use512 = active_isa() >= Isa::Avx512;
+  (void)use512;
   parallel_for(B * H, [&](int64_t task) {
     const int64_t b = task / H, h = task % H;
     const float* qb = q + b * S * D + h * hd;
@@ -142,6 +145,12 @@ void joint_attention(const float* q, const float* k, const float* v, int64_t B, 
       gemm_packed_serial(qblk.p, rows, kw, scores.p);
       for (int64_t r = 0; r < rows; ++r) {
         float* sr = scores.p + r * S;
+#if defined(NIBBLE_HAVE_AVX512)
+        if (use512) {
+          rowsum[size_t(r)] = kernels::attention::softmax_row_avx512(sr, S, scale);
+          continue;
+        }
+#endif
         float mx = sr[0];
         for (int64_t j = 1; j < S; ++j) mx = sr[j] > mx ? sr[j] : mx;
         float sum = 0;
