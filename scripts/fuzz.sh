@@ -5,6 +5,8 @@
 #   FUZZ_SECONDS=600 make fuzz            # longer run
 #   FUZZ_TARGETS=fuzz_safetensors make fuzz
 #   FUZZ_JOBS=2 make fuzz                  # parallel fuzzing processes per target (default 1)
+#   FUZZ_FORK=1 make fuzz                  # keep going after a crash (libFuzzer -fork mode), so one
+#                                          # known finding does not hide the next ones
 #
 # The corpus grows in build-fuzz/fuzz/corpus/<target> across runs; crashes, leaks and timeouts are
 # written to build-fuzz/fuzz/artifacts/<target>/ and make the script fail. To replay one:
@@ -43,7 +45,11 @@ for t in "${targets[@]}"; do
   mkdir -p "$corpus" "$artifacts"
   echo "fuzz: $t for ${FUZZ_SECONDS}s (log: $log)"
   jobargs=()
-  [ "$FUZZ_JOBS" -gt 1 ] && jobargs=(-jobs="$FUZZ_JOBS" -workers="$FUZZ_JOBS")
+  if [ "${FUZZ_FORK:-0}" != 0 ]; then
+    jobargs=(-fork="$FUZZ_JOBS" -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1)
+  elif [ "$FUZZ_JOBS" -gt 1 ]; then
+    jobargs=(-jobs="$FUZZ_JOBS" -workers="$FUZZ_JOBS")
+  fi
   set +e
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
     "$out/$t" "$corpus" "$out/seeds/$t" -dict="$dict" -max_len=$maxlen -timeout=10 -rss_limit_mb=2048 \
@@ -52,6 +58,9 @@ for t in "${targets[@]}"; do
   rc=$?
   set -e
   execs=$(grep -h "stat::number_of_executed_units" "$log" "$out"/fuzz-*.log 2>/dev/null | awk '{s+=$2} END {print s+0}' || true)
+  if [ "${FUZZ_FORK:-0}" != 0 ]; then  # fork mode reports "#<execs>: cov: ..." lines instead
+    execs=$(grep -Eo "^#[0-9]+:" "$log" | tail -1 | tr -d '#:' || true)
+  fi
   cov=$(grep -Eo "cov: [0-9]+" "$log" | tail -1 || true)
   found=$(find "$artifacts" -type f | wc -l || true)
   echo "fuzz: $t: exit $rc, $execs executions, ${cov:-cov: ?}, corpus $(ls "$corpus" | wc -l) files, $found artifact(s)"
