@@ -154,8 +154,9 @@ TEST(AwqW4A16, OddGroupSizesAndLargerM) {
   IsaGuard guard;
   std::mt19937 rng(test_seed() + 1);
   struct S { int64_t M, N, K, G; };
-  const S shapes[] = {{1, 9, 12, 2},  {3, 17, 36, 6},  {2, 33, 68, 34},  {5, 40, 192, 96}, {1, 13, 320, 160},
-                      {40, 50, 160, 160}, {70, 31, 96, 32}, {17, 7, 24, 8}, {12, 130, 128, 64}, {9, 13, 48, 24}};
+  const S shapes[] = {{1, 9, 12, 2},      {3, 17, 36, 6},    {2, 33, 68, 34},  {5, 40, 192, 96},
+                      {1, 13, 320, 160},  {40, 50, 160, 160}, {70, 31, 96, 32}, {17, 7, 24, 8},
+                      {12, 130, 128, 64}, {9, 13, 48, 24},    {20, 21, 256, 128}, {35, 60, 384, 64}};
   for (const S& sh : shapes)
     for (DType xdt : {DType::F32, DType::BF16}) {
       const Case c = make_case(rng, sh.M, sh.N, sh.K, sh.G, xdt, DType::BF16, true);

@@ -47,9 +47,11 @@ int64_t gemv_max_m(Isa isa) {
   }();
   if (env_override >= 0 && isa != Isa::Scalar) return env_override;
   switch (isa) {
-    case Isa::Avx2: return 4;
-    case Isa::Avx512: case Isa::Avx512Vnni: return 4;
-    case Isa::Avx512Bf16: return 8;
+    // measured crossovers (docs/awq.md): the GEMV re-decodes weights per 4 rows, the GEMM
+    // dequantizes once per task; avx2's GEMV stays ahead longer (its fp32 dequantize is dearer).
+    case Isa::Avx2: return 16;
+    case Isa::Avx512: case Isa::Avx512Vnni: return 8;
+    case Isa::Avx512Bf16: return 8;  // also the kitchen's kGemvMThreshold: bf16-rounded weights only for M > 8
     default: return 0;
   }
 }

@@ -158,7 +158,7 @@ void awq_gemv_avx2(const GemvArgs& a, int64_t n0, int64_t n1) {
 // ---------------------------------------------------------------- GEMM
 namespace {
 
-constexpr int kNr = 6;
+constexpr int kNr = 4;  // 2 × 4 accumulators + 2 activation vectors + 1 broadcast fit the 16 ymm registers
 
 void dequant_rows_f32(const Problem& p, int64_t n0, int64_t n1, float* wb, float* sz) {
   const int64_t K = p.K, G = p.G, groups = K / G;
@@ -209,6 +209,37 @@ void tile(const float* xp, int64_t Mp, int64_t m0, const float* wb, int64_t K, f
     for (int v = 0; v < MV; ++v) _mm256_storeu_ps(accT + r * Mp + m0 + 8 * v, acc[r][v]);
 }
 
+// The full 2 × 4 tile written out: GCC 12 keeps a 2-D array of accumulators in memory here.
+void tile_2x4(const float* xp, int64_t Mp, int64_t m0, const float* wb, int64_t K, float* accT) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+  const float* xr = xp + m0;
+  const float *w0 = wb, *w1 = wb + K, *w2 = wb + 2 * K, *w3 = wb + 3 * K;
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 x0 = _mm256_loadu_ps(xr + k * Mp), x1 = _mm256_loadu_ps(xr + k * Mp + 8);
+    __m256 b = _mm256_broadcast_ss(w0 + k);
+    c00 = _mm256_fmadd_ps(x0, b, c00);
+    c01 = _mm256_fmadd_ps(x1, b, c01);
+    b = _mm256_broadcast_ss(w1 + k);
+    c10 = _mm256_fmadd_ps(x0, b, c10);
+    c11 = _mm256_fmadd_ps(x1, b, c11);
+    b = _mm256_broadcast_ss(w2 + k);
+    c20 = _mm256_fmadd_ps(x0, b, c20);
+    c21 = _mm256_fmadd_ps(x1, b, c21);
+    b = _mm256_broadcast_ss(w3 + k);
+    c30 = _mm256_fmadd_ps(x0, b, c30);
+    c31 = _mm256_fmadd_ps(x1, b, c31);
+  }
+  float* o = accT + m0;
+  _mm256_storeu_ps(o, c00);
+  _mm256_storeu_ps(o + 8, c01);
+  _mm256_storeu_ps(o + Mp, c10);
+  _mm256_storeu_ps(o + Mp + 8, c11);
+  _mm256_storeu_ps(o + 2 * Mp, c20);
+  _mm256_storeu_ps(o + 2 * Mp + 8, c21);
+  _mm256_storeu_ps(o + 3 * Mp, c30);
+  _mm256_storeu_ps(o + 3 * Mp + 8, c31);
+}
+
 template <int MV>
 void tile_nr(int nr, const float* xp, int64_t Mp, int64_t m0, const float* wb, int64_t K, float* accT) {
   switch (nr) {
@@ -237,7 +268,8 @@ void awq_gemm_avx2(const GemmArgs& a, int64_t n0, int64_t n1) {
       const int nr = int(std::min<int64_t>(kNr, n1 - r0));
       const float* w = wb.data() + (r0 - n0) * p.K;
       float* out = a.accT + r0 * a.Mp;
-      if (two) tile_nr<2>(nr, xp, a.Mp, m0, w, p.K, out);
+      if (two && nr == kNr) tile_2x4(xp, a.Mp, m0, w, p.K, out);
+      else if (two) tile_nr<2>(nr, xp, a.Mp, m0, w, p.K, out);
       else tile_nr<1>(nr, xp, a.Mp, m0, w, p.K, out);
     }
   }
