@@ -31,7 +31,7 @@ void bind_asym_w4a8_int8(QuantizedLayer& layer) {
   expect_dtype(layer, "weight_s_channel", {DType::F32, DType::BF16, DType::F16});
   const Tensor& sc = layer.param("weight_s_channel");
   if (!((sc.dim() == 1 && sc.size(0) == layer.N) || (sc.dim() == 2 && sc.size(0) == layer.N && sc.size(1) == 1)))
-    throw Error(fmt::format("{}: key 'weight_s_channel': expected shape ({}) per-channel, got {}", what, layer.N,
+    throw Error(fmt::format("{}: key 'weight_s_channel': expected shape {} per-channel, got {}", what, shape_str({layer.N}),
                             shape_str(sc.shape())));
   if (layer.has_param("weight_codebook")) {
     expect_dtype(layer, "weight_codebook", {DType::F32, DType::BF16, DType::F16});

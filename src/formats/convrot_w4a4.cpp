@@ -23,7 +23,7 @@ void bind_convrot_w4a4(QuantizedLayer& layer) {
   expect_dtype(layer, "weight_scale", {DType::F32, DType::BF16, DType::F16});
   const Tensor& s = layer.param("weight_scale");
   if (!((s.dim() == 1 && s.size(0) == layer.N) || (s.dim() == 2 && s.size(0) == layer.N && s.size(1) == 1)))
-    throw Error(fmt::format("{}: key 'weight_scale': expected shape ({}) per-row, got {}", what, layer.N,
+    throw Error(fmt::format("{}: key 'weight_scale': expected shape {} per-row, got {}", what, shape_str({layer.N}),
                             shape_str(s.shape())));
   const int64_t g = layer.config.convrot_groupsize;
   if (!is_power_of_4(g))

@@ -153,7 +153,7 @@ float read_scalar_f32(const QuantizedLayer& layer, const std::string& key) {
   const Tensor& t = layer.param(key);
   check_dtype(t, {DType::F32, DType::BF16, DType::F16}, fmt::format("{}: key '{}'", layer_what(layer), key));
   if (t.numel() != 1 || t.dim() > 2)
-    throw Error(fmt::format("{}: key '{}': expected a scalar (shape () or (1)), got {}", layer_what(layer), key,
+    throw Error(fmt::format("{}: key '{}': expected a scalar (shape () or (1,)), got {}", layer_what(layer), key,
                             shape_str(t.shape())));
   return load_f32(t, 0);
 }
@@ -197,7 +197,7 @@ void check_bias(const QuantizedLayer& layer) {
                   (padded ? (layer.bias.size(0) <= layer.N && layer.bias.size(0) > layer.N - pad)
                           : layer.bias.size(0) == layer.N);
   if (!ok)
-    throw Error(fmt::format("{}: expected shape ({}){}, got {}", what, layer.N, padded ? " (up to row padding)" : "",
+    throw Error(fmt::format("{}: expected shape {}{}, got {}", what, shape_str({layer.N}), padded ? " (up to row padding)" : "",
                             shape_str(layer.bias.shape())));
 }
 
