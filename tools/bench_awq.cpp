@@ -49,11 +49,12 @@ int run_awq(const BenchOptions& o) {
   }
   const int64_t G = 64;
   const int reps = std::max(1, o.repeats);
+  const double load_before = bench::load_average();
   const double stream = bench::read_bandwidth_gbs(size_t(256) << 20, size_t(1) << 30, o.quick ? 1 : 3);
   if (!o.json)
     fmt::print("# awq_w4a16: read bandwidth {:.1f} GB/s ({} threads, AVX loads, >= 1 GiB); G={}, x/scales bf16, "
-               "weights rotated over > 2x L3\n",
-               stream, num_threads(), G);
+               "weights rotated over > 2x L3; load average {:.2f}\n",
+               stream, num_threads(), G, load_before);
   std::vector<bench::Record> recs;
   std::mt19937 rng(1234);
   // group shapes by (K, N) so the weight copies are built once
@@ -112,12 +113,13 @@ int run_awq(const BenchOptions& o) {
       const double gbs = double(int4_bytes) / t_op / 1e9;
       bench::Record rec;
       rec.s("op", "awq_w4a16").n("M", double(M)).n("K", double(K)).n("N", double(N)).n("G", double(G));
-      rec.s("isa", isa_name(active_isa())).s("path", kernels::awq::path_name(active_isa(), M, G));
+      rec.s("isa", isa_name(active_isa())).s("path", kernels::awq::path_name(active_isa(), M, G, DType::BF16));
       rec.n("threads", num_threads()).n("weight_MB", double(int4_bytes) / 1e6);
       rec.n("op_ms", t_op * 1e3).n("weight_GBps", gbs).n("stream_GBps", stream).n("pct_stream", 100.0 * gbs / stream);
       rec.n("bf16_ms", t_bf16 * 1e3).n("speedup_vs_bf16", t_bf16 / t_op);
       rec.n("sgemm_ms", t_blas * 1e3).n("speedup_vs_sgemm", t_blas / t_op);
       rec.n("gflops", 2.0 * double(M) * double(N) * double(K) / t_op / 1e9);
+      rec.n("loadavg", bench::load_average());
       recs.push_back(rec);
       if (!o.json) fmt::print(stderr, "  done M={} K={} N={}\n", M, K, N);
     }
@@ -127,7 +129,7 @@ int run_awq(const BenchOptions& o) {
   } else {
     fmt::print("{}", bench::records_to_table(recs, {"M", "K", "N", "isa", "path", "threads", "op_ms", "weight_GBps",
                                                     "pct_stream", "bf16_ms", "speedup_vs_bf16", "sgemm_ms",
-                                                    "speedup_vs_sgemm", "gflops"}));
+                                                    "speedup_vs_sgemm", "gflops", "loadavg"}));
   }
   return 0;
 }

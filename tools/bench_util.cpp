@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -159,6 +160,15 @@ RotatingCopies::RotatingCopies(const std::vector<Tensor>& originals, int n_copie
     for (auto& t : originals) set.push_back(t.defined() ? t.clone() : Tensor());
     sets_.push_back(std::move(set));
   }
+}
+
+double load_average() {
+  double v = NAN;
+  if (FILE* f = std::fopen("/proc/loadavg", "r")) {
+    if (std::fscanf(f, "%lf", &v) != 1) v = NAN;
+    std::fclose(f);
+  }
+  return v;
 }
 
 // ---------------------------------------------------------------- OpenBLAS

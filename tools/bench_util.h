@@ -59,6 +59,10 @@ class RotatingCopies {
   size_t bytes_ = 0;
 };
 
+// The 1-minute load average (/proc/loadavg; NaN if unavailable): the host is shared, so every
+// report says how busy it was.
+double load_average();
+
 // ---- the fp32 peer (OpenBLAS); available() is false when not linked
 bool openblas_available();
 // C (M,N) = A (M,K) · B(N,K)ᵀ, all fp32 row-major. Uses cblas_sgemv when M == 1.

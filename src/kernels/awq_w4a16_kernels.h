@@ -82,6 +82,6 @@ void awq_gemm_avx512bf16(const GemmArgs& a, int64_t n0, int64_t n1);
 inline constexpr int kGemmMvAvx2 = 8, kGemmMvAvx512 = 16;
 
 // Which path the driver takes for (isa, M, G) — for benchmarks and docs.
-const char* path_name(Isa isa, int64_t M, int64_t G);
+const char* path_name(Isa isa, int64_t M, int64_t G, DType x_dtype);
 
 }  // namespace nibble::kernels::awq
