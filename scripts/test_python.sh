@@ -19,8 +19,15 @@ if ! "$VENV/bin/python" -c "import numpy, ml_dtypes, pytest, safetensors, nanobi
   "$VENV/bin/python" -m pip install -q "${DEPS[@]}"
 fi
 # No build isolation: the build requirements are already in the venv (no download per run), and
-# the build directory survives between runs.
+# the build directory survives between runs. NIBBLE_ROOT=<tree> builds against another copy of
+# the C++ sources (e.g. a `git archive` of HEAD), in its own build directory.
+EXTRA=()
+BUILD_DIR="$ROOT/build-python"
+if [ -n "${NIBBLE_ROOT:-}" ]; then
+  EXTRA=(-C "cmake.define.NIBBLE_ROOT=$NIBBLE_ROOT")
+  BUILD_DIR="$ROOT/build-python-alt"
+fi
 "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation --force-reinstall \
-  -C build-dir="$ROOT/build-python" ./python
+  -C build-dir="$BUILD_DIR" "${EXTRA[@]}" ./python
 cd python/tests  # not the repo root: `import nibble` must find the installed package
 "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider .

@@ -39,7 +39,7 @@ __version__ = _core.__version__
 __all__ = [
     "Error", "Layer", "Model", "__version__",
     "gemv_awq_w4a16", "quantize_svdquant_w4a4", "scaled_mm_svdquant_w4a4", "linear",
-    "load", "inspect", "convert", "load_file", "save_file", "read_metadata",
+    "load", "inspect", "convert", "write_sample_checkpoint", "load_file", "save_file", "read_metadata",
     "isa", "set_isa", "supported_isas", "compiled_isas", "cpu_features",
     "num_threads", "set_num_threads",
 ]
@@ -132,15 +132,21 @@ def linear(x, weight, bias=None):
 # ---------------------------------------------------------------- checkpoints
 def load(path) -> Model:
     """Map a checkpoint (.safetensors, .safetensors.index.json or a shard directory) and bind
-    every linear layer. ``model.layers[name](x)`` runs the layer: x (..., K) → (..., N), same
-    dtype as x (float32 / bfloat16 / float16)."""
+    every linear layer (nibble's runtime). ``model.layers[name](x)`` or ``model[name](x)`` runs
+    the layer: x (..., K) → (..., N) in x's dtype (float32 / bfloat16 / float16) unless
+    ``out_dtype`` is given; the layer computes in fp32."""
     return _core.load(str(path))
 
 
-def inspect(path) -> dict:
-    """Summary of a checkpoint: files, tensors, bytes, metadata, and per layer its format,
-    shape, group size / rank, act_unsigned, tile layout, bytes, warnings (or the bind error)."""
-    return _core.inspect(str(path))
+def inspect(path, filter: str = "", as_text: bool = False):
+    """The report of ``nibble inspect PATH [--filter REGEX] [--json]``: a dict parsed from the
+    CLI's JSON document (or its table as a string with ``as_text=True``). Binds every layer, so an
+    invalid layer raises nibble.Error naming it."""
+    if as_text:
+        return _core.inspect_text(str(path), filter)
+    import json
+
+    return json.loads(_core.inspect_json(str(path), filter))
 
 
 def convert(*args, **kwargs):
@@ -148,6 +154,15 @@ def convert(*args, **kwargs):
     if not hasattr(_core, "convert"):
         raise NotImplementedError("convert is not implemented in this build of nibble")
     return _core.convert(*args, **kwargs)
+
+
+def write_sample_checkpoint(path, seed=20261123, hidden=256, rank=16, prefix="",
+                            configs_in_metadata=False) -> None:
+    """A small seeded kitchen-style checkpoint (the one of ``nibble sample``): one Qwen-Image-shaped
+    block scaled to ``hidden`` with awq_w4a16, svdquant_w4a4 (natural, tile, act_unsigned), float
+    layers and one layer of every other kitchen format."""
+    _core.write_sample_checkpoint(str(path), int(seed), int(hidden), int(rank), prefix,
+                                  bool(configs_in_metadata))
 
 
 def load_file(path) -> dict:

@@ -17,6 +17,11 @@
 
 namespace nb = nanobind;
 
+// Called by the stubs link_probe.py generates for library functions not defined in this build.
+namespace nibble_py {
+[[noreturn]] void missing_entry_point(const char* name) { throw NotBuilt(name); }
+}  // namespace nibble_py
+
 NB_MODULE(_core, m) {
   m.doc() = "nibble native module (use the `nibble` package, not this module directly)";
   static nb::exception<nibble::Error> error_type(m, "Error", PyExc_ValueError);
