@@ -2,6 +2,9 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <sys/resource.h>
+
+#include <csignal>
 #include <cstring>
 #include <random>
 
@@ -222,6 +225,38 @@ TEST(Safetensors, ReadOnlyDirectoryIsAClearErrorAndNoFile) {
   // A missing directory too.
   EXPECT_THAT([&] { save_safetensors(dir.file("missing/x.safetensors"), {}); },
               ::testing::ThrowsMessage<Error>(HasSubstr("No such file or directory")));
+}
+
+TEST(Safetensors, WriteErrorIsReportedAndLeavesNothing) {
+  // A full disk, simulated by a file size limit: write() fails with EFBIG instead of SIGXFSZ.
+  ScratchDir dir;
+  const std::string path = dir.file("big.safetensors");
+  rlimit old{};
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
+  auto* old_handler = std::signal(SIGXFSZ, SIG_IGN);
+  rlimit small = old;
+  small.rlim_cur = 1 << 20;
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
+  std::string message;
+  {
+    SafetensorsWriter w(path);
+    w.add("a", DType::U8, {int64_t(8) << 20});
+    std::vector<uint8_t> chunk(size_t(1) << 20, 1);
+    try {
+      for (int i = 0; i < 8; ++i) w.write("a", chunk.data(), chunk.size());
+      w.commit();
+    } catch (const Error& e) {
+      message = e.what();
+    }
+    // after a failed write the writer refuses to go on rather than produce a corrupt file
+    if (!message.empty())
+      EXPECT_THAT([&] { w.commit(); }, ::testing::ThrowsMessage<Error>(::testing::AnyOf(
+                                           HasSubstr("earlier write failed"), HasSubstr("incomplete"))));
+  }
+  ::setrlimit(RLIMIT_FSIZE, &old);
+  std::signal(SIGXFSZ, old_handler);
+  EXPECT_THAT(message, ::testing::AllOf(HasSubstr(path), HasSubstr("File too large")));
+  EXPECT_TRUE(dir.entries().empty());
 }
 
 TEST(Safetensors, ViewsOutliveTheFileObject) {

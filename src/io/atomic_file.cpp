@@ -75,6 +75,7 @@ void AtomicFile::write_all(const void* data, size_t n) {
     if (w < 0) {
       if (errno == EINTR) continue;
       const int e = errno;
+      failed_ = true;
       throw Error(fmt::format("cannot write '{}' (temporary file '{}'): {}", target_, temp_, errno_str(e)));
     }
     p += w;
@@ -89,6 +90,7 @@ void AtomicFile::flush() {
 
 void AtomicFile::write(const void* data, size_t n) {
   if (fd_ < 0) throw Error(fmt::format("cannot write '{}': file already committed or discarded", target_));
+  if (failed_) throw Error(fmt::format("cannot write '{}': an earlier write failed", target_));
   if (n == 0) return;
   if (buf_.empty()) buf_.resize(kBufferBytes);
   if (buf_used_ + n <= buf_.size()) {
@@ -108,9 +110,11 @@ void AtomicFile::write(const void* data, size_t n) {
 
 void AtomicFile::commit() {
   if (fd_ < 0) throw Error(fmt::format("cannot commit '{}': file already committed or discarded", target_));
+  if (failed_) throw Error(fmt::format("cannot commit '{}': an earlier write failed", target_));
   flush();
   if (::fsync(fd_) != 0) {
     const int e = errno;
+    failed_ = true;
     throw Error(fmt::format("cannot write '{}': fsync of '{}' failed: {}", target_, temp_, errno_str(e)));
   }
   const int fd = fd_;

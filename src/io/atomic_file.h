@@ -33,6 +33,7 @@ class AtomicFile {
   std::string target_, temp_;
   int fd_ = -1;
   bool committed_ = false;
+  bool failed_ = false;  // an I/O error happened: the temp file is suspect, refuse to go on
   uint64_t written_ = 0;
   std::vector<unsigned char> buf_;
   size_t buf_used_ = 0;
