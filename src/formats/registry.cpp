@@ -201,6 +201,24 @@ void check_bias(const QuantizedLayer& layer) {
                             shape_str(layer.bias.shape())));
 }
 
+// N, K as read off the weight before the hook runs (the hooks re-derive and check them): packed
+// 4-bit formats hold two columns per byte, the tile-packed svdquant weight is
+// (N/128, K/64, 32, 128). Other ranks are left at 0 for the hook to reject.
+void preset_extents(QuantizedLayer& layer) {
+  static const char* const kPacked[] = {"awq_w4a16", "svdquant_w4a4", "int4_tensorwise", "convrot_w4a4",
+                                        "asym_w4a8_int8", "nvfp4"};
+  bool packed = false;
+  for (const char* p : kPacked) packed |= layer.format->name == p;
+  const Tensor& w = layer.param("weight");
+  if (w.dim() == 2) {
+    layer.N = w.size(0);
+    layer.K = packed ? 2 * w.size(1) : w.size(1);
+  } else if (w.dim() == 4 && layer.format->name == "svdquant_w4a4") {
+    layer.N = w.size(0) * 128;
+    layer.K = w.size(1) * 64;
+  }
+}
+
 }  // namespace
 
 QuantizedLayer bind_layer(const LayerSource& src) {
@@ -245,6 +263,7 @@ QuantizedLayer bind_layer(const LayerSource& src) {
     }
     layer.params[p.canonical] = src.tensors.at(present[0]);
   }
+  preset_extents(layer);
   hooks_of(*f).bind(layer);
   check_bias(layer);
   return layer;
