@@ -240,3 +240,15 @@ TEST(FormatsBind, FloatLayer) {
   EXPECT_EQ(W.dtype(), DType::F32);
   for (int64_t i = 0; i < 15; ++i) EXPECT_EQ(W.data<float>()[i], 0.5f);
 }
+
+TEST(FormatsBind, DequantizeRevalidatesAModifiedLayer) {
+  Tensor w = Tensor::zeros(DType::I8, {4, 64});
+  QuantizedLayer l = bind_layer(layer(R"({"format":"convrot_w4a4","convrot_groupsize":16})",
+                                      {{"weight", w}, {"weight_scale", filled(DType::F32, {4}, 1.0f)}}));
+  EXPECT_EQ(dequantize(l).numel(), 4 * 128);
+  l.K = 4096;  // would read past the weight
+  EXPECT_THAT([&] { dequantize(l); }, ::testing::ThrowsMessage<Error>(AllOf(HasSubstr("blk.3.lin"), HasSubstr("K=4096"))));
+  l.K = 128;
+  l.params["weight_scale"] = filled(DType::F32, {3}, 1.0f);
+  EXPECT_THAT([&] { dequantize(l); }, ::testing::ThrowsMessage<Error>(HasSubstr("weight_scale")));
+}

@@ -275,7 +275,19 @@ Tensor dequantize(const QuantizedLayer& layer) {
     check_dtype(w, {DType::F32, DType::F16, DType::BF16}, formats::layer_what(layer) + ": key 'weight'");
     return w.to(DType::F32);
   }
-  return hooks_of(*layer.format).dequant(layer);
+  const FormatHooks& h = hooks_of(*layer.format);
+  if (!layer.format->has_fused_kernel) {
+    // The dequantize hooks index raw bytes by N, K and the group: re-validate a copy so that a
+    // hand-built or modified QuantizedLayer cannot make them read out of bounds.
+    QuantizedLayer check = layer;
+    check.N = check.K = check.group_size = 0;
+    h.bind(check);
+    if (check.N != layer.N || check.K != layer.K || check.group_size != layer.group_size)
+      throw Error(fmt::format("{}: N={}, K={}, group_size={} do not match its tensors (N={}, K={}, group_size={})",
+                              formats::layer_what(layer), layer.N, layer.K, layer.group_size, check.N, check.K,
+                              check.group_size));
+  }
+  return h.dequant(layer);
 }
 
 }  // namespace nibble
