@@ -255,7 +255,10 @@ Tensor run(const Tensor& x_in, const AwqW4A16Params& w, std::optional<DType> out
         uint16_t e[3], o[3];
         split_bf16(x[m * K + 2 * c], parts, e);
         split_bf16(x[m * K + 2 * c + 1], parts, o);
-        for (int p = 0; p < parts; ++p) xp16[size_t(c * a.Mp + m * parts + p)] = uint32_t(e[p]) | (uint32_t(o[p]) << 16);
+        for (int p = 0; p < parts; ++p) {
+          const int64_t row = m * parts + p, m0 = row / 32 * 32, bw = std::min<int64_t>(32, a.Mp - m0);
+          xp16[size_t(m0 * (K / 2) + c * bw + (row - m0))] = uint32_t(e[p]) | (uint32_t(o[p]) << 16);
+        }
       }
     a.xp = xp16.data();
     kernel = awq_gemm_avx512bf16;
@@ -264,7 +267,10 @@ Tensor run(const Tensor& x_in, const AwqW4A16Params& w, std::optional<DType> out
     a.Mp = (M + mv - 1) / mv * mv;
     xp32.assign(size_t(K * a.Mp), 0.0f);
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) xp32[size_t(k * a.Mp + m)] = x[m * K + k];
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t m0 = m / (2 * mv) * (2 * mv), bw = std::min<int64_t>(2 * mv, a.Mp - m0);
+        xp32[size_t(m0 * K + k * bw + (m - m0))] = x[m * K + k];
+      }
     a.xp = xp32.data();
     kernel = isa == Isa::Avx2 ? awq_gemm_avx2 : awq_gemm_avx512;
   }

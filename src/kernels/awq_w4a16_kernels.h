@@ -64,9 +64,12 @@ void awq_gemv_avx512(const GemvArgs& a, int64_t n0, int64_t n1);
 void awq_gemv_avx512bf16(const GemvArgs& a, int64_t n0, int64_t n1);  // needs G % 8 == 0
 
 // ---- GEMM family. xp: activations packed for the kernel; accT (N, Mp) row-major where Mp = rows
-// of xp (M rounded up to the vector width, times `parts` for the bf16 kernel).
-//   fp32 kernels: xp[k][Mp] fp32 (Mp multiple of the vector width)
-//   bf16 kernel:  xp[k/2][Mp] dwords, each (x[m,2c], x[m,2c+1]) bf16 of one part row
+// of xp (M rounded up to the vector width V, times `parts` for the bf16 kernel). xp is cut into
+// row blocks of 2V rows (the last may have V), each stored contiguously as [k][block width]: a
+// [k][Mp] layout would put a power-of-two stride between the k steps and make the block thrash a
+// few L2 sets at large M.
+//   fp32 kernels: blocks of fp32
+//   bf16 kernel:  blocks of dwords, each (x[m,2c], x[m,2c+1]) bf16 of one part row
 // The bf16 kernel rounds the dequantized weight to bf16 (the kitchen's MMA tier, spec §2.3).
 struct GemmArgs {
   Problem p;

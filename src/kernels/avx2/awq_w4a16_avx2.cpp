@@ -192,14 +192,14 @@ void dequant_rows_f32(const Problem& p, int64_t n0, int64_t n1, float* wb, float
 }
 
 template <int MV, int NR>
-void tile(const float* xp, int64_t Mp, int64_t m0, const float* wb, int64_t K, float* accT) {
+void tile(const float* xp, int64_t ldx, int64_t Mp, int64_t m0, const float* wb, int64_t K, float* accT) {
   __m256 acc[NR][MV];
   for (int r = 0; r < NR; ++r)
     for (int v = 0; v < MV; ++v) acc[r][v] = _mm256_setzero_ps();
-  const float* xr = xp + m0;
+  const float* xr = xp;  // this row block, packed [k][ldx]
   for (int64_t k = 0; k < K; ++k) {
     __m256 xv[MV];
-    for (int v = 0; v < MV; ++v) xv[v] = _mm256_loadu_ps(xr + k * Mp + 8 * v);
+    for (int v = 0; v < MV; ++v) xv[v] = _mm256_loadu_ps(xr + k * ldx + 8 * v);
     for (int r = 0; r < NR; ++r) {
       const __m256 b = _mm256_broadcast_ss(wb + r * K + k);
       for (int v = 0; v < MV; ++v) acc[r][v] = _mm256_fmadd_ps(xv[v], b, acc[r][v]);
@@ -210,12 +210,12 @@ void tile(const float* xp, int64_t Mp, int64_t m0, const float* wb, int64_t K, f
 }
 
 // The full 2 × 4 tile written out: GCC 12 keeps a 2-D array of accumulators in memory here.
-void tile_2x4(const float* xp, int64_t Mp, int64_t m0, const float* wb, int64_t K, float* accT) {
+void tile_2x4(const float* xp, int64_t ldx, int64_t Mp, int64_t m0, const float* wb, int64_t K, float* accT) {
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
-  const float* xr = xp + m0;
+  const float* xr = xp;  // this row block, packed [k][ldx]
   const float *w0 = wb, *w1 = wb + K, *w2 = wb + 2 * K, *w3 = wb + 3 * K;
   for (int64_t k = 0; k < K; ++k) {
-    const __m256 x0 = _mm256_loadu_ps(xr + k * Mp), x1 = _mm256_loadu_ps(xr + k * Mp + 8);
+    const __m256 x0 = _mm256_loadu_ps(xr + k * ldx), x1 = _mm256_loadu_ps(xr + k * ldx + 8);
     __m256 b = _mm256_broadcast_ss(w0 + k);
     c00 = _mm256_fmadd_ps(x0, b, c00);
     c01 = _mm256_fmadd_ps(x1, b, c01);
@@ -241,14 +241,14 @@ void tile_2x4(const float* xp, int64_t Mp, int64_t m0, const float* wb, int64_t 
 }
 
 template <int MV>
-void tile_nr(int nr, const float* xp, int64_t Mp, int64_t m0, const float* wb, int64_t K, float* accT) {
+void tile_nr(int nr, const float* xp, int64_t ldx, int64_t Mp, int64_t m0, const float* wb, int64_t K, float* accT) {
   switch (nr) {
-    case 1: tile<MV, 1>(xp, Mp, m0, wb, K, accT); break;
-    case 2: tile<MV, 2>(xp, Mp, m0, wb, K, accT); break;
-    case 3: tile<MV, 3>(xp, Mp, m0, wb, K, accT); break;
-    case 4: tile<MV, 4>(xp, Mp, m0, wb, K, accT); break;
-    case 5: tile<MV, 5>(xp, Mp, m0, wb, K, accT); break;
-    default: tile<MV, 6>(xp, Mp, m0, wb, K, accT); break;
+    case 1: tile<MV, 1>(xp, ldx, Mp, m0, wb, K, accT); break;
+    case 2: tile<MV, 2>(xp, ldx, Mp, m0, wb, K, accT); break;
+    case 3: tile<MV, 3>(xp, ldx, Mp, m0, wb, K, accT); break;
+    case 4: tile<MV, 4>(xp, ldx, Mp, m0, wb, K, accT); break;
+    case 5: tile<MV, 5>(xp, ldx, Mp, m0, wb, K, accT); break;
+    default: tile<MV, 6>(xp, ldx, Mp, m0, wb, K, accT); break;
   }
 }
 
@@ -268,9 +268,9 @@ void awq_gemm_avx2(const GemmArgs& a, int64_t n0, int64_t n1) {
       const int nr = int(std::min<int64_t>(kNr, n1 - r0));
       const float* w = wb.data() + (r0 - n0) * p.K;
       float* out = a.accT + r0 * a.Mp;
-      if (two && nr == kNr) tile_2x4(xp, a.Mp, m0, w, p.K, out);
-      else if (two) tile_nr<2>(nr, xp, a.Mp, m0, w, p.K, out);
-      else tile_nr<1>(nr, xp, a.Mp, m0, w, p.K, out);
+      if (two && nr == kNr) tile_2x4(xp + m0 * p.K, 16, a.Mp, m0, w, p.K, out);
+      else if (two) tile_nr<2>(nr, xp + m0 * p.K, two ? 16 : 8, a.Mp, m0, w, p.K, out);
+      else tile_nr<1>(nr, xp + m0 * p.K, two ? 16 : 8, a.Mp, m0, w, p.K, out);
     }
   }
 }

@@ -178,14 +178,14 @@ void dequant_rows_f32(const Problem& p, int64_t n0, int64_t n1, float* wb, float
 }
 
 template <int MV, int NR>
-void tile(const float* xp, int64_t Mp, int64_t m0, const float* wb, int64_t K, float* accT) {
+void tile(const float* xp, int64_t ldx, int64_t Mp, int64_t m0, const float* wb, int64_t K, float* accT) {
   __m512 acc[NR][MV];
   for (int r = 0; r < NR; ++r)
     for (int v = 0; v < MV; ++v) acc[r][v] = _mm512_setzero_ps();
-  const float* xr = xp + m0;
+  const float* xr = xp;  // this row block, packed [k][ldx]
   for (int64_t k = 0; k < K; ++k) {
     __m512 xv[MV];
-    for (int v = 0; v < MV; ++v) xv[v] = _mm512_loadu_ps(xr + k * Mp + 16 * v);
+    for (int v = 0; v < MV; ++v) xv[v] = _mm512_loadu_ps(xr + k * ldx + 16 * v);
     for (int r = 0; r < NR; ++r) {
       const __m512 b = _mm512_set1_ps(wb[r * K + k]);
       for (int v = 0; v < MV; ++v) acc[r][v] = _mm512_fmadd_ps(xv[v], b, acc[r][v]);
@@ -196,14 +196,14 @@ void tile(const float* xp, int64_t Mp, int64_t m0, const float* wb, int64_t K, f
 }
 
 template <int MV>
-void tile_nr(int nr, const float* xp, int64_t Mp, int64_t m0, const float* wb, int64_t K, float* accT) {
+void tile_nr(int nr, const float* xp, int64_t ldx, int64_t Mp, int64_t m0, const float* wb, int64_t K, float* accT) {
   switch (nr) {
-    case 1: tile<MV, 1>(xp, Mp, m0, wb, K, accT); break;
-    case 2: tile<MV, 2>(xp, Mp, m0, wb, K, accT); break;
-    case 3: tile<MV, 3>(xp, Mp, m0, wb, K, accT); break;
-    case 4: tile<MV, 4>(xp, Mp, m0, wb, K, accT); break;
-    case 5: tile<MV, 5>(xp, Mp, m0, wb, K, accT); break;
-    default: tile<MV, 6>(xp, Mp, m0, wb, K, accT); break;
+    case 1: tile<MV, 1>(xp, ldx, Mp, m0, wb, K, accT); break;
+    case 2: tile<MV, 2>(xp, ldx, Mp, m0, wb, K, accT); break;
+    case 3: tile<MV, 3>(xp, ldx, Mp, m0, wb, K, accT); break;
+    case 4: tile<MV, 4>(xp, ldx, Mp, m0, wb, K, accT); break;
+    case 5: tile<MV, 5>(xp, ldx, Mp, m0, wb, K, accT); break;
+    default: tile<MV, 6>(xp, ldx, Mp, m0, wb, K, accT); break;
   }
 }
 
@@ -223,8 +223,8 @@ void awq_gemm_avx512(const GemmArgs& a, int64_t n0, int64_t n1) {
       const int nr = int(std::min<int64_t>(kNr, n1 - r0));
       const float* w = wb.data() + (r0 - n0) * p.K;
       float* out = a.accT + r0 * a.Mp;
-      if (two) tile_nr<2>(nr, xp, a.Mp, m0, w, p.K, out);
-      else tile_nr<1>(nr, xp, a.Mp, m0, w, p.K, out);
+      if (two) tile_nr<2>(nr, xp + m0 * p.K, two ? 32 : 16, a.Mp, m0, w, p.K, out);
+      else tile_nr<1>(nr, xp + m0 * p.K, two ? 32 : 16, a.Mp, m0, w, p.K, out);
     }
   }
 }

@@ -289,14 +289,14 @@ void dequant_rows_bf16(const Problem& p, int64_t n0, int64_t n1, uint32_t* wb, f
 }
 
 template <int MV, int NR>
-void tile(const uint32_t* xp, int64_t Mp, int64_t m0, const uint32_t* wb, int64_t K2, float* accT) {
+void tile(const uint32_t* xp, int64_t ldx, int64_t Mp, int64_t m0, const uint32_t* wb, int64_t K2, float* accT) {
   __m512 acc[NR][MV];
   for (int r = 0; r < NR; ++r)
     for (int v = 0; v < MV; ++v) acc[r][v] = _mm512_setzero_ps();
-  const uint32_t* xr = xp + m0;
+  const uint32_t* xr = xp;  // this row block, packed [k][ldx]
   for (int64_t c = 0; c < K2; ++c) {
     __m512i xv[MV];
-    for (int v = 0; v < MV; ++v) xv[v] = _mm512_loadu_si512(xr + c * Mp + 16 * v);
+    for (int v = 0; v < MV; ++v) xv[v] = _mm512_loadu_si512(xr + c * ldx + 16 * v);
     for (int r = 0; r < NR; ++r) {
       const __m512i b = _mm512_set1_epi32(int(wb[r * K2 + c]));
       for (int v = 0; v < MV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)xv[v], (__m512bh)b);
@@ -307,14 +307,14 @@ void tile(const uint32_t* xp, int64_t Mp, int64_t m0, const uint32_t* wb, int64_
 }
 
 template <int MV>
-void tile_nr(int nr, const uint32_t* xp, int64_t Mp, int64_t m0, const uint32_t* wb, int64_t K2, float* accT) {
+void tile_nr(int nr, const uint32_t* xp, int64_t ldx, int64_t Mp, int64_t m0, const uint32_t* wb, int64_t K2, float* accT) {
   switch (nr) {
-    case 1: tile<MV, 1>(xp, Mp, m0, wb, K2, accT); break;
-    case 2: tile<MV, 2>(xp, Mp, m0, wb, K2, accT); break;
-    case 3: tile<MV, 3>(xp, Mp, m0, wb, K2, accT); break;
-    case 4: tile<MV, 4>(xp, Mp, m0, wb, K2, accT); break;
-    case 5: tile<MV, 5>(xp, Mp, m0, wb, K2, accT); break;
-    default: tile<MV, 6>(xp, Mp, m0, wb, K2, accT); break;
+    case 1: tile<MV, 1>(xp, ldx, Mp, m0, wb, K2, accT); break;
+    case 2: tile<MV, 2>(xp, ldx, Mp, m0, wb, K2, accT); break;
+    case 3: tile<MV, 3>(xp, ldx, Mp, m0, wb, K2, accT); break;
+    case 4: tile<MV, 4>(xp, ldx, Mp, m0, wb, K2, accT); break;
+    case 5: tile<MV, 5>(xp, ldx, Mp, m0, wb, K2, accT); break;
+    default: tile<MV, 6>(xp, ldx, Mp, m0, wb, K2, accT); break;
   }
 }
 
@@ -335,8 +335,8 @@ void awq_gemm_avx512bf16(const GemmArgs& a, int64_t n0, int64_t n1) {
       const int nr = int(std::min<int64_t>(kNr, n1 - r0));
       const uint32_t* w = wb.data() + (r0 - n0) * K2;
       float* out = a.accT + r0 * a.Mp;
-      if (two) tile_nr<2>(nr, xp, a.Mp, m0, w, K2, out);
-      else tile_nr<1>(nr, xp, a.Mp, m0, w, K2, out);
+      if (two) tile_nr<2>(nr, xp + m0 * K2, two ? 32 : 16, a.Mp, m0, w, K2, out);
+      else tile_nr<1>(nr, xp + m0 * K2, two ? 32 : 16, a.Mp, m0, w, K2, out);
     }
   }
 }
