@@ -93,6 +93,10 @@ int main(int argc, char** argv) {
       R"({"format": "nvfp4", "num_experts": 8})",
       R"({"format": "mxfp8"})",
       R"({})",
+      // edge values: integers past int64 / as huge floats (config.cpp must reject, not cast)
+      R"({"format": "awq_w4a16", "group_size": 18446744073709551615})",
+      R"({"format": "awq_w4a16", "group_size": 1e300})",
+      R"({"format": "awq_w4a16", "group_size": -64.0, "params": {"group_size": 64}})",
   };
   int i = 0;
   for (const char* c : configs) write_all(cdir + "/config_" + std::to_string(i++) + ".json", c);
