@@ -1,0 +1,568 @@
+// quantize.cpp — in-memory quantizers: float W → awq_w4a16 / svdquant_w4a4 params (nibble/convert.h).
+//
+// Both quantizers store their scales in a 16-bit dtype and choose the integer codes *after* rounding
+// the scales, so the stored (code, scale, zero) triples are the best representation given what the
+// runtime actually reads. Work inside one call is split over rows with parallel_for_range (per-row
+// math only, so the bytes never depend on the thread count); the converter calls these from its
+// own pool tasks, where nested parallel_for runs serially.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include <fmt/format.h>
+
+#include "nibble/convert.h"
+#include "nibble/ops.h"
+#include "nibble/thread_pool.h"
+#include "svd.h"
+#include "tile.h"
+
+namespace nibble {
+namespace {
+
+using convert_detail::LowRank;
+
+float round_to(DType d, float v) {
+  return d == DType::F16 ? f16_to_f32(f32_to_f16(v)) : bf16_to_f32(f32_to_bf16(v));
+}
+uint16_t encode16(DType d, float v) { return d == DType::F16 ? f32_to_f16(v) : f32_to_bf16(v); }
+
+Tensor store16(DType d, const float* v, Shape shape) {
+  Tensor t = Tensor::empty(d, shape);
+  uint16_t* p = t.mutable_data<uint16_t>();
+  for (int64_t i = 0; i < t.numel(); ++i) p[i] = encode16(d, v[i]);
+  return t;
+}
+
+// Smallest 16-bit value ≥ v (v ≥ 0): the stored scale must not clip the group's absmax.
+float round_up_to(DType d, float v) {
+  float r = round_to(d, v);
+  if (r >= v) return r;
+  if (d == DType::F16) {
+    uint16_t h = f32_to_f16(v);
+    return f16_to_f32(uint16_t(h + 1));
+  }
+  uint16_t h = f32_to_bf16(v);
+  return bf16_to_f32(uint16_t(h + 1));
+}
+
+void check_16bit(DType d, const char* what) {
+  if (d != DType::BF16 && d != DType::F16)
+    throw Error(fmt::format("{}: storage dtype must be BF16 or F16, got {}", what, dtype_name(d)));
+}
+
+Tensor as_f32_2d(const Tensor& W, const char* what) {
+  if (!W.defined() || W.dim() != 2 || !is_float(W.dtype()))
+    throw Error(fmt::format("{}: expected a 2-D float weight (N, K), got {}", what,
+                            W.defined() ? std::string(dtype_name(W.dtype())) + " " + shape_str(W.shape()) : "undefined"));
+  return W.to_f32();
+}
+
+std::vector<float> bias_f32(const Tensor& b, int64_t N, const char* what) {
+  std::vector<float> out;
+  if (!b.defined()) return out;
+  if (b.numel() != N || !is_float(b.dtype()))
+    throw Error(fmt::format("{}: bias must be a float tensor of {} elements, got {} {}", what, N,
+                            dtype_name(b.dtype()), shape_str(b.shape())));
+  Tensor f = b.to_f32();
+  out.assign(f.data<float>(), f.data<float>() + N);
+  return out;
+}
+
+std::vector<float> stat_vec(const Tensor& t, int64_t K, const char* what) {
+  std::vector<float> v;
+  if (!t.defined()) return v;
+  if (t.numel() != K)
+    throw Error(fmt::format("calibration statistics {}: expected {} channels, got {}", what, K, shape_str(t.shape())));
+  Tensor f = t.to_f32();
+  v.assign(f.data<float>(), f.data<float>() + K);
+  return v;
+}
+
+}  // namespace
+
+// ====================================================================== awq_w4a16
+QuantConfig awq_quant_config(const AwqQuantOptions& o) {
+  QuantConfig c;
+  c.format = "awq_w4a16";
+  c.group_size = o.group_size;
+  return c;
+}
+
+AwqW4A16Params quantize_awq_w4a16(const Tensor& Win, const Tensor& bias, const AwqQuantOptions& o) {
+  check_16bit(o.scale_dtype, "awq_w4a16 quantize");
+  Tensor W = as_f32_2d(Win, "awq_w4a16 quantize");
+  const int64_t N = W.size(0), K = W.size(1), G = o.group_size;
+  if (G <= 0 || G % 2 != 0 || K % G != 0)
+    throw Error(fmt::format("awq_w4a16 quantize: group_size {} must be even and divide K = {}", G, K));
+  const int64_t NG = K / G;
+  std::vector<float> imp;
+  if (o.calib && o.calib->mean_abs.defined()) imp = stat_vec(o.calib->mean_abs, K, "mean_abs");
+  std::vector<float> ratios = {1.0f};
+  if (!imp.empty() && o.clip_grid > 0)
+    for (int i = 1; i <= o.clip_grid; ++i) ratios.push_back(1.0f - float(i) / float(o.clip_grid) * (1.0f - o.min_clip));
+
+  Tensor qweight = Tensor::empty(DType::I8, {N, K / 2});
+  std::vector<float> scales(size_t(NG * N)), zeros(size_t(NG * N));
+  const float* w = W.data<float>();
+  uint8_t* qw = reinterpret_cast<uint8_t*>(qweight.mutable_data<int8_t>());
+  const DType sd = o.scale_dtype;
+  parallel_for_range(N, 8, [&](int64_t n0, int64_t n1) {
+    std::vector<int> codes(static_cast<size_t>(G)), best_codes(static_cast<size_t>(G));
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t g = 0; g < NG; ++g) {
+        const float* v = w + n * K + g * G;
+        float lo = v[0], hi = v[0];
+        for (int64_t j = 1; j < G; ++j) { lo = std::min(lo, v[j]); hi = std::max(hi, v[j]); }
+        double best_err = std::numeric_limits<double>::infinity();
+        float best_s = 0, best_z = 0;
+        for (float r : ratios) {
+          const float clo = lo * r, chi = hi * r;
+          const float s = round_to(sd, (chi - clo) / 15.0f);
+          float z;
+          if (s > 0) {
+            z = round_to(sd, clo + 8.0f * s);
+          } else {  // constant group: every code 8, value in the zero
+            z = round_to(sd, 0.5f * (lo + hi));
+          }
+          double err = 0;
+          for (int64_t j = 0; j < G; ++j) {
+            int q = 8;
+            if (s > 0) q = int(std::clamp(std::nearbyint((v[j] - z) / s + 8.0f), 0.0f, 15.0f));
+            codes[size_t(j)] = q;
+            const float e = (float(q - 8) * s + z) - v[j];
+            const double a = imp.empty() ? 1.0 : double(imp[size_t(g * G + j)]);
+            err += a * a * double(e) * double(e);
+          }
+          if (err < best_err) { best_err = err; best_s = s; best_z = z; best_codes.swap(codes); }
+        }
+        scales[size_t(g * N + n)] = best_s;
+        zeros[size_t(g * N + n)] = best_z;
+        uint8_t* row = qw + n * (K / 2) + g * (G / 2);
+        for (int64_t j = 0; j < G; j += 2) row[j / 2] = pack_nibbles(best_codes[size_t(j)], best_codes[size_t(j + 1)]);
+      }
+    }
+  });
+  AwqW4A16Params p;
+  p.N = N; p.K = K; p.group_size = G;
+  p.qweight = qweight;
+  p.wscales = store16(sd, scales.data(), {NG, N});
+  p.wzeros = store16(sd, zeros.data(), {NG, N});
+  auto b = bias_f32(bias, N, "awq_w4a16 quantize");
+  if (!b.empty()) p.bias = store16(sd, b.data(), {N});
+  return p;
+}
+
+Tensor effective_weight(const AwqW4A16Params& p) {
+  const int64_t N = p.N, K = p.K, G = p.group_size;
+  Tensor s = p.wscales.to_f32(), z = p.wzeros.to_f32();
+  Tensor out = Tensor::empty(DType::F32, {N, K});
+  const uint8_t* q = reinterpret_cast<const uint8_t*>(p.qweight.data<int8_t>());
+  float* o = out.mutable_data<float>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; k += 2) {
+      const uint8_t b = q[n * (K / 2) + k / 2];
+      const float sc = s.data<float>()[(k / G) * N + n], ze = z.data<float>()[(k / G) * N + n];
+      o[n * K + k] = float(unpack_lo_unsigned(b) - 8) * sc + ze;
+      o[n * K + k + 1] = float(unpack_hi_unsigned(b) - 8) * sc + ze;
+    }
+  return out;
+}
+
+std::vector<std::pair<std::string, Tensor>> layer_tensors(const AwqW4A16Params& p) {
+  std::vector<std::pair<std::string, Tensor>> t = {
+      {"weight", p.qweight}, {"weight_scale", p.wscales}, {"weight_zeros", p.wzeros}};
+  if (p.bias.defined()) t.emplace_back("bias", p.bias);
+  return t;
+}
+
+// ====================================================================== svdquant_w4a4
+QuantConfig svdquant_quant_config(const SvdquantQuantOptions& o) {
+  QuantConfig c;
+  c.format = "svdquant_w4a4";
+  if (o.act_unsigned) c.act_unsigned = true;
+  if (o.tile_layout) c.layout = "kitchen_tile_packed_w4a4";
+  c.lowrank_branch_input_basis = "raw";
+  c.proj_down_smooth_folded = true;
+  return c;
+}
+
+namespace {
+
+constexpr int64_t kGroup = 64;
+
+// Residual quantization of a (N, K) smoothed-basis matrix: per row, per 64-group, absmax/7 scale
+// rounded UP to the storage dtype (so no value clips), codes rint(r/s) in [−7, 7].
+struct QuantResidual {
+  std::vector<int8_t> codes;   // (N, K)
+  std::vector<float> scales;   // (K/64, N), already rounded to the storage dtype
+};
+QuantResidual quantize_residual(const float* R, int64_t N, int64_t K, DType sd) {
+  QuantResidual q;
+  q.codes.resize(size_t(N * K));
+  q.scales.resize(size_t(K / kGroup * N));
+  parallel_for_range(N, 8, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t g = 0; g < K / kGroup; ++g) {
+        const float* v = R + n * K + g * kGroup;
+        float amax = 0;
+        for (int64_t j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(v[j]));
+        const float s = amax > 0 ? round_up_to(sd, amax / 7.0f) : 0.0f;
+        q.scales[size_t(g * N + n)] = s;
+        int8_t* c = q.codes.data() + n * K + g * kGroup;
+        if (s == 0) { std::fill(c, c + kGroup, int8_t(0)); continue; }
+        const float inv = 1.0f / s;
+        for (int64_t j = 0; j < kGroup; ++j)
+          c[j] = int8_t(std::clamp(std::nearbyint(v[j] * inv), -7.0f, 7.0f));
+      }
+  });
+  return q;
+}
+void dequantize_residual(const QuantResidual& q, int64_t N, int64_t K, float* out) {
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) out[n * K + k] = float(q.codes[size_t(n * K + k)]) * q.scales[size_t((k / kGroup) * N + n)];
+}
+
+struct Member {
+  int64_t N = 0, row0 = 0;     // rows of the stacked matrix
+  Tensor W;                    // F32 (N, K), raw basis
+  std::vector<float> bias;
+};
+
+// One full decomposition of the stacked smoothed weight for a given smooth vector.
+struct Decomposition {
+  std::vector<float> smooth;          // (K) rounded to storage dtype
+  std::vector<float> proj_down;       // (K, R) raw basis, rounded
+  std::vector<float> proj_up;         // (Ntot, R) rounded
+  QuantResidual resid;                // per stacked row
+  int64_t R = 0;
+};
+
+Decomposition decompose(const std::vector<Member>& members, int64_t Ntot, int64_t K,
+                        const std::vector<float>& smooth, const SvdquantQuantOptions& o, int refine) {
+  const DType sd = o.dtype;
+  Decomposition d;
+  d.smooth = smooth;
+  // Stacked smoothed weight Ws = W·diag(s).
+  std::vector<float> Ws(size_t(Ntot * K));
+  for (const auto& m : members) {
+    const float* w = m.W.data<float>();
+    float* dst = Ws.data() + m.row0 * K;
+    for (int64_t n = 0; n < m.N; ++n)
+      for (int64_t k = 0; k < K; ++k) dst[n * K + k] = w[n * K + k] * smooth[size_t(k)];
+  }
+  std::vector<float> target = Ws;   // matrix whose top-R subspace we take
+  std::vector<float> tmp(size_t(Ntot * K));
+  LowRank lr;
+  for (int it = 0; it <= refine; ++it) {
+    lr = convert_detail::truncated_svd(target.data(), Ntot, K, o.rank, o.svd, o.seed + uint64_t(it),
+                                        o.oversample, o.power_iterations);
+    const int64_t R = lr.R;
+    d.R = R;
+    // Round the projections as stored; proj_down in the raw basis is V / s.
+    d.proj_down.resize(size_t(K * R));
+    d.proj_up.resize(size_t(Ntot * R));
+    std::vector<float> Vs(size_t(K * R));  // smoothed-basis V as the runtime effectively sees it
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t r = 0; r < R; ++r) {
+        const float pd = round_to(sd, lr.V[size_t(k * R + r)] / smooth[size_t(k)]);
+        d.proj_down[size_t(k * R + r)] = pd;
+        Vs[size_t(k * R + r)] = pd * smooth[size_t(k)];
+      }
+    for (size_t i = 0; i < d.proj_up.size(); ++i) d.proj_up[i] = round_to(sd, lr.U[i]);
+    // Residual R = Ws − U·Vsᵀ (with the stored, rounded projections).
+    std::copy(Ws.begin(), Ws.end(), tmp.begin());
+    if (R > 0) convert_detail::matmul_nt(d.proj_up.data(), Vs.data(), Ntot, K, R, tmp.data(), -1);
+    d.resid = quantize_residual(tmp.data(), Ntot, K, sd);
+    if (it < refine) {  // next target: Ws − Q(R)
+      dequantize_residual(d.resid, Ntot, K, tmp.data());
+      for (size_t i = 0; i < target.size(); ++i) target[i] = Ws[i] - tmp[i];
+    }
+  }
+  return d;
+}
+
+// Relative output error of the W4A4 layer forward (spec §3.4 arithmetic, fp32) on sample rows.
+double sample_output_error(const std::vector<Member>& members, int64_t K, const Decomposition& d,
+                           const Tensor& X, bool act_unsigned) {
+  const int64_t M = X.size(0);
+  const float* x = X.data<float>();
+  const float shift = act_unsigned ? kSvdquantUnsignedShift : 0.0f;
+  const float qmax = act_unsigned ? 15.0f : 7.0f;
+  // Fake-quantized main-path activations (x + shift)/s.
+  Tensor Xq = Tensor::empty(DType::F32, {M, K});
+  float* xq = Xq.mutable_data<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < K / kGroup; ++g) {
+      float y[kGroup], amax = 0;
+      for (int64_t j = 0; j < kGroup; ++j) {
+        const int64_t k = g * kGroup + j;
+        const float s = d.smooth[size_t(k)];
+        y[j] = (x[m * K + k] + shift) * (std::fabs(s) > 1e-10f ? 1.0f / s : 0.0f);
+        amax = std::max(amax, std::fabs(y[j]));
+      }
+      const float scale = std::max(amax / qmax, 1e-10f);
+      for (int64_t j = 0; j < kGroup; ++j) {
+        float q = std::nearbyint(y[j] * (1.0f / scale));
+        q = act_unsigned ? std::clamp(q, 0.0f, 15.0f) : std::clamp(q, -7.0f, 7.0f);
+        xq[m * K + g * kGroup + j] = q * scale;
+      }
+    }
+  // Low-rank activations from the raw input.
+  const int64_t R = d.R;
+  Tensor Xt = Tensor::view(DType::F32, {M, K}, x, nullptr);
+  Tensor lora;
+  if (R > 0) {
+    std::vector<float> pdT(size_t(R * K));
+    for (int64_t k = 0; k < K; ++k) for (int64_t r = 0; r < R; ++r) pdT[size_t(r * K + k)] = d.proj_down[size_t(k * R + r)];
+    lora = linear_f32(Xt, Tensor::view(DType::F32, {R, K}, pdT.data(), nullptr)).clone();
+  }
+  double num = 0, den = 0;
+  for (const auto& mb : members) {
+    const int64_t N = mb.N;
+    std::vector<float> Rq(size_t(N * K));
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t row = mb.row0 + n;
+        Rq[size_t(n * K + k)] = float(d.resid.codes[size_t(row * K + k)]) *
+                                d.resid.scales[size_t((k / kGroup) * (d.resid.scales.size() / size_t(K / kGroup)) + size_t(row))];
+      }
+    Tensor y = linear_f32(Xq, Tensor::view(DType::F32, {N, K}, Rq.data(), nullptr));
+    Tensor yref = linear_f32(Xt, mb.W);
+    const float* yp = y.data<float>();
+    const float* rp = yref.data<float>();
+    // Unsigned: the stored bias removes shift·Σ_k R_raw[n,k]; do the same here.
+    std::vector<double> corr(size_t(N), 0.0);
+    if (act_unsigned)
+      for (int64_t n = 0; n < N; ++n) {
+        double s = 0;
+        for (int64_t k = 0; k < K; ++k) s += double(Rq[size_t(n * K + k)]) / double(d.smooth[size_t(k)]);
+        corr[size_t(n)] = double(shift) * s;
+      }
+    std::vector<float> lu;
+    if (R > 0) {
+      Tensor up = Tensor::view(DType::F32, {N, R}, d.proj_up.data() + mb.row0 * R, nullptr);
+      Tensor yl = linear_f32(lora, up);
+      lu.assign(yl.data<float>(), yl.data<float>() + M * N);
+    }
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        const double v = double(yp[m * N + n]) + (R > 0 ? double(lu[size_t(m * N + n)]) : 0.0) - corr[size_t(n)];
+        const double e = v - double(rp[m * N + n]);
+        num += e * e;
+        den += double(rp[m * N + n]) * double(rp[m * N + n]);
+      }
+  }
+  return den > 0 ? num / den : num;
+}
+
+// Proxy of the output error from per-channel statistics only (no sample rows): weight error weighted
+// by E[x_k²] plus the activation-quantization noise (group step²/12) through the residual.
+double stats_output_error(const std::vector<Member>& members, int64_t Ntot, int64_t K, const Decomposition& d,
+                          const std::vector<float>& m2, const std::vector<float>& amax, bool act_unsigned) {
+  const float shift = act_unsigned ? kSvdquantUnsignedShift : 0.0f;
+  const float qmax = act_unsigned ? 15.0f : 7.0f;
+  // Reconstruct the smoothed weight error per channel: Σ_n (W_eff − W)²  in the raw basis.
+  std::vector<float> L(size_t(Ntot * K), 0.f);
+  std::vector<float> Vs(size_t(K * std::max<int64_t>(d.R, 1)));
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t r = 0; r < d.R; ++r) Vs[size_t(k * d.R + r)] = d.proj_down[size_t(k * d.R + r)];
+  if (d.R > 0) convert_detail::matmul_nt(d.proj_up.data(), Vs.data(), Ntot, K, d.R, L.data(), 0);  // raw-basis L
+  std::vector<double> werr(size_t(K), 0.0), rnorm(size_t(K), 0.0);
+  for (const auto& mb : members) {
+    const float* w = mb.W.data<float>();
+    for (int64_t n = 0; n < mb.N; ++n) {
+      const int64_t row = mb.row0 + n;
+      for (int64_t k = 0; k < K; ++k) {
+        const float rq = float(d.resid.codes[size_t(row * K + k)]) * d.resid.scales[size_t((k / kGroup) * Ntot + row)];
+        const double e = double(rq) / d.smooth[size_t(k)] + L[size_t(row * K + k)] - w[n * K + k];
+        werr[size_t(k)] += e * e;
+        rnorm[size_t(k)] += double(rq) * rq;
+      }
+    }
+  }
+  double err = 0;
+  for (int64_t g = 0; g < K / kGroup; ++g) {
+    double gmax = 0;
+    for (int64_t j = 0; j < kGroup; ++j) {
+      const int64_t k = g * kGroup + j;
+      gmax = std::max(gmax, (double(amax[size_t(k)]) + shift) / d.smooth[size_t(k)]);
+    }
+    const double step = gmax / qmax;
+    for (int64_t j = 0; j < kGroup; ++j) {
+      const int64_t k = g * kGroup + j;
+      err += double(m2[size_t(k)]) * werr[size_t(k)] + step * step / 12.0 * rnorm[size_t(k)];
+    }
+  }
+  return err;
+}
+
+std::vector<float> smooth_for_alpha(const std::vector<float>& amax, const std::vector<float>& wmax, float alpha, DType sd) {
+  const size_t K = amax.size();
+  std::vector<float> s(K);
+  for (size_t k = 0; k < K; ++k) {
+    const double a = std::max(double(amax[k]), 1e-5), w = std::max(double(wmax[k]), 1e-5);
+    double v = std::pow(a, alpha) / std::pow(w, 1.0 - alpha);
+    v = std::clamp(v, 1e-4, 1e4);
+    s[k] = round_to(sd, float(v));
+  }
+  return s;
+}
+
+SvdquantW4A4Params pack_member(const Member& mb, int64_t K, const Decomposition& d, const SvdquantQuantOptions& o,
+                               int64_t Ntot) {
+  const DType sd = o.dtype;
+  const int64_t N = mb.N, R = d.R;
+  SvdquantW4A4Params p;
+  p.N = N; p.K = K; p.R = R; p.act_unsigned = o.act_unsigned;
+  Tensor qw = Tensor::empty(DType::I8, {N, K / 2});
+  uint8_t* q = reinterpret_cast<uint8_t*>(qw.mutable_data<int8_t>());
+  std::vector<float> sc(size_t(K / kGroup * N));
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t row = mb.row0 + n;
+    const int8_t* c = d.resid.codes.data() + row * K;
+    for (int64_t k = 0; k < K; k += 2) q[n * (K / 2) + k / 2] = pack_nibbles(c[k], c[k + 1]);
+    for (int64_t g = 0; g < K / kGroup; ++g) sc[size_t(g * N + n)] = d.resid.scales[size_t(g * Ntot + row)];
+  }
+  p.qweight = qw;
+  p.wscales = store16(sd, sc.data(), {K / kGroup, N});
+  p.smooth = store16(sd, d.smooth.data(), {K});
+  p.proj_down = store16(sd, d.proj_down.data(), {K, R});
+  p.proj_up = store16(sd, d.proj_up.data() + mb.row0 * R, {N, R});
+  if (!mb.bias.empty() || o.act_unsigned) {
+    std::vector<float> b(size_t(N), 0.0f);
+    for (int64_t n = 0; n < N; ++n) {
+      double v = mb.bias.empty() ? 0.0 : double(mb.bias[size_t(n)]);
+      if (o.act_unsigned) {  // b' = b − shift·Σ_k R_raw[n,k] (spec §3.4), with the stored values
+        const int64_t row = mb.row0 + n;
+        double s = 0;
+        for (int64_t k = 0; k < K; ++k)
+          s += double(float(d.resid.codes[size_t(row * K + k)]) * d.resid.scales[size_t((k / kGroup) * Ntot + row)]) /
+               double(d.smooth[size_t(k)]);
+        v -= double(kSvdquantUnsignedShift) * s;
+      }
+      b[size_t(n)] = float(v);
+    }
+    p.bias = store16(sd, b.data(), {N});
+  }
+  if (o.tile_layout) {
+    p.qweight = convert_detail::tile_weight(p.qweight);
+    p.wscales = convert_detail::tile_wscales(p.wscales);
+    p.proj_up = convert_detail::tile_proj_up(p.proj_up);
+    p.tile_packed = p.proj_up_tile = true;
+  }
+  return p;
+}
+
+}  // namespace
+
+std::vector<SvdquantW4A4Params> quantize_svdquant_w4a4_group(const std::vector<Tensor>& Ws,
+                                                             const std::vector<Tensor>& biases,
+                                                             const SvdquantQuantOptions& o) {
+  check_16bit(o.dtype, "svdquant_w4a4 quantize");
+  if (Ws.empty()) throw Error("svdquant_w4a4 quantize: empty group");
+  if (!biases.empty() && biases.size() != Ws.size())
+    throw Error(fmt::format("svdquant_w4a4 quantize: {} weights but {} biases", Ws.size(), biases.size()));
+  if (o.rank < 0) throw Error(fmt::format("svdquant_w4a4 quantize: rank must be ≥ 0, got {}", o.rank));
+  std::vector<Member> members;
+  int64_t K = -1, Ntot = 0;
+  for (size_t i = 0; i < Ws.size(); ++i) {
+    Member m;
+    m.W = as_f32_2d(Ws[i], "svdquant_w4a4 quantize");
+    m.N = m.W.size(0);
+    if (K < 0) K = m.W.size(1);
+    if (m.W.size(1) != K)
+      throw Error(fmt::format("svdquant_w4a4 quantize: group members must share K ({} vs {})", m.W.size(1), K));
+    if (o.tile_layout && m.N % 128 != 0)
+      throw Error(fmt::format("svdquant_w4a4 quantize: tile layout needs N % 128 == 0, got N = {}", m.N));
+    m.row0 = Ntot;
+    Ntot += m.N;
+    if (!biases.empty()) m.bias = bias_f32(biases[i], m.N, "svdquant_w4a4 quantize");
+    members.push_back(std::move(m));
+  }
+  if (K % kGroup != 0) throw Error(fmt::format("svdquant_w4a4 quantize: K = {} must be a multiple of 64", K));
+
+  std::vector<float> ones(size_t(K), 1.0f);
+  Decomposition best;
+  const ActStats* cs = o.calib;
+  const bool calibrated = cs && (cs->max_abs.defined() || cs->sample.defined());
+  if (!calibrated) {
+    best = decompose(members, Ntot, K, ones, o, o.refine_iterations);
+  } else {
+    // Per-channel statistics: max|x| (from the sample when only it is given) and E[x²].
+    std::vector<float> amax = stat_vec(cs->max_abs, K, "max_abs"), m2 = stat_vec(cs->mean_sq, K, "mean_sq");
+    Tensor sample;
+    if (cs->sample.defined()) {
+      if (cs->sample.dim() != 2 || cs->sample.size(1) != K)
+        throw Error(fmt::format("calibration sample: expected (M, {}), got {}", K, shape_str(cs->sample.shape())));
+      sample = cs->sample.to_f32();
+    }
+    if (amax.empty()) {
+      amax.assign(size_t(K), 0.f);
+      for (int64_t m = 0; m < sample.size(0); ++m)
+        for (int64_t k = 0; k < K; ++k) amax[size_t(k)] = std::max(amax[size_t(k)], std::fabs(sample.data<float>()[m * K + k]));
+    }
+    if (m2.empty()) {
+      std::vector<float> ma = stat_vec(cs->mean_abs, K, "mean_abs");
+      m2.resize(size_t(K));
+      for (int64_t k = 0; k < K; ++k)
+        m2[size_t(k)] = ma.empty() ? (amax[size_t(k)] / 3.f) * (amax[size_t(k)] / 3.f) : 1.5708f * ma[size_t(k)] * ma[size_t(k)];
+    }
+    std::vector<float> wmax(size_t(K), 0.f);
+    for (const auto& mb : members)
+      for (int64_t n = 0; n < mb.N; ++n)
+        for (int64_t k = 0; k < K; ++k) wmax[size_t(k)] = std::max(wmax[size_t(k)], std::fabs(mb.W.data<float>()[n * K + k]));
+    // α search (unrefined decompositions), smooth = 1 included as a candidate.
+    double best_err = std::numeric_limits<double>::infinity();
+    std::vector<float> best_s = ones;
+    std::vector<std::vector<float>> candidates = {ones};
+    for (float a : o.alpha_grid) candidates.push_back(smooth_for_alpha(amax, wmax, a, o.dtype));
+    for (const auto& s : candidates) {
+      Decomposition d = decompose(members, Ntot, K, s, o, 0);
+      const double e = sample.defined() ? sample_output_error(members, K, d, sample, o.act_unsigned)
+                                        : stats_output_error(members, Ntot, K, d, m2, amax, o.act_unsigned);
+      if (e < best_err) { best_err = e; best_s = s; }
+    }
+    best = decompose(members, Ntot, K, best_s, o, o.refine_iterations);
+  }
+  std::vector<SvdquantW4A4Params> out;
+  for (const auto& mb : members) out.push_back(pack_member(mb, K, best, o, Ntot));
+  return out;
+}
+
+SvdquantW4A4Params quantize_svdquant_w4a4(const Tensor& W, const Tensor& bias, const SvdquantQuantOptions& o) {
+  std::vector<Tensor> b;
+  if (bias.defined()) b.push_back(bias);
+  return quantize_svdquant_w4a4_group({W}, b, o).front();
+}
+
+Tensor effective_weight(const SvdquantW4A4Params& pin) {
+  SvdquantW4A4Params p = pin;
+  if (p.qweight.dim() == 4) p.qweight = convert_detail::untile_weight(p.qweight);
+  if (p.wscales.dim() == 3) p.wscales = convert_detail::untile_wscales(p.wscales);
+  if (p.proj_up.dim() == 3) p.proj_up = convert_detail::untile_proj_up(p.proj_up);
+  const int64_t N = p.N, K = p.K, R = p.R;
+  Tensor s = p.wscales.to_f32(), sm = p.smooth.to_f32(), pd = p.proj_down.to_f32(), pu = p.proj_up.to_f32();
+  Tensor out = Tensor::empty(DType::F32, {N, K});
+  float* o = out.mutable_data<float>();
+  const uint8_t* q = reinterpret_cast<const uint8_t*>(p.qweight.data<int8_t>());
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; k += 2) {
+      const uint8_t b = q[n * (K / 2) + k / 2];
+      const float sc = s.data<float>()[(k / kGroup) * N + n];
+      o[n * K + k] = float(unpack_lo_signed(b)) * sc / sm.data<float>()[k];
+      o[n * K + k + 1] = float(unpack_hi_signed(b)) * sc / sm.data<float>()[k + 1];
+    }
+  if (R > 0) convert_detail::matmul_nt(pu.data<float>(), pd.data<float>(), N, K, R, o, +1);
+  return out;
+}
+
+std::vector<std::pair<std::string, Tensor>> layer_tensors(const SvdquantW4A4Params& p) {
+  std::vector<std::pair<std::string, Tensor>> t = {{"weight", p.qweight},        {"weight_scale", p.wscales},
+                                                   {"smooth_factor", p.smooth},  {"proj_down", p.proj_down},
+                                                   {"proj_up", p.proj_up}};
+  if (p.bias.defined()) t.emplace_back("bias", p.bias);
+  return t;
+}
+
+}  // namespace nibble
