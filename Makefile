@@ -4,7 +4,7 @@ BUILD_ASAN ?= build-asan
 JOBS       ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: all setup configure build test test-slow test-asan demo bench fuzz clean
+.PHONY: all setup configure build test test-slow test-asan demo bench fuzz clean test-kitchen
 
 all: build
 
@@ -44,3 +44,7 @@ fuzz: setup
 
 clean:
 	rm -rf $(BUILD) $(BUILD_ASAN) build-fuzz
+
+# Opt-in: nibble vs comfy-kitchen's eager backend (installs torch + comfy-kitchen from PyPI).
+test-kitchen: setup
+	@bash scripts/test_kitchen.sh
