@@ -1,6 +1,7 @@
 // nn::Linear: one checkpoint layer, bound once, forward dispatched on a path fixed at load.
 #include <fmt/format.h>
 
+#include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <mutex>
@@ -76,6 +77,8 @@ struct Linear::Impl {
   std::shared_ptr<const AwqW4A16Prepared> awq;
   std::shared_ptr<const SvdquantW4A4Prepared> svd;
   // Lazily packed fp32 panels of `weight` (dense paths).
+  std::string fallback_notice;  // eager fallback: shown once per format, at the first forward
+  mutable std::atomic<bool> noticed{false};
   mutable std::once_flag pack_once, f32_once;
   mutable kernels::linear::PackedF32Weight packed;
   mutable Tensor weight_f32;  // contiguous fp32 copy for an external dense GEMM
@@ -133,15 +136,12 @@ Linear Linear::from_layer(const QuantizedLayer& layer, bool force_dequantize) {
         im->svd = prepare_svdquant_w4a4(svdquant_params(layer));
       } else {
         im->path = LinearPath::Dequantized;
-        if (!force_dequantize) {
-          const std::string why = layer.config.full_precision_matrix_mult
-                                      ? "full_precision_matrix_mult is set"
-                                      : "no fused kernel for this format";
-          notice_once("fallback:" + im->format + ":" + why,
-                      fmt::format("format {} ({}): running dequantize + dense fp32 matmul (eager fallback), "
-                                  "first seen on layer '{}'",
-                                  im->format, why, layer.name));
-        }
+        if (!force_dequantize)
+          im->fallback_notice = fmt::format(
+              "format {} ({}): running dequantize + dense fp32 matmul (eager fallback), first on layer '{}'",
+              im->format,
+              layer.config.full_precision_matrix_mult ? "full_precision_matrix_mult is set" : "no fused kernel here",
+              layer.name);
       }
     }
   } catch (const Error& e) {
@@ -235,6 +235,9 @@ void Linear::forward_rows(const float* x, int64_t M, float* y) const {
   switch (im.path) {
     case LinearPath::Float:
     case LinearPath::Dequantized: {
+      if (!im.fallback_notice.empty() && !im.noticed.exchange(true))
+        notice_once("fallback:" + im.format + ":" + std::to_string(im.layer.config.full_precision_matrix_mult),
+                    im.fallback_notice);
       const float* b = im.bias_f32.defined() ? im.bias_f32.data<float>() : nullptr;
       if (active_isa() == Isa::Scalar || M < kernels::linear::kGemmMinRows) {
         kernels::linear::run_rows(x, M, im.K, im.weight.raw(), im.weight.dtype(), im.N, b, y);

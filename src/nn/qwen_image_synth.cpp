@@ -8,45 +8,9 @@
 #include <filesystem>
 #include <limits>
 
-#include "nibble/convert.h"
 #include "nibble/synth.h"
 
 namespace nibble::nn {
-
-namespace {
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-}  // namespace
-
-SynthBlockFiles make_synth_block_files(const std::string& dir, const SynthBlockOptions& o,
-                                       const std::function<void(const std::string&)>& log) {
-  SynthBlockFiles f;
-  f.float_path = (std::filesystem::path(dir) / "qwen_block_bf16.safetensors").string();
-  f.quant_path = (std::filesystem::path(dir) / "qwen_block_nibble.safetensors").string();
-  SynthCheckpointOptions so;
-  so.blocks = 1;
-  so.hidden = o.hidden;
-  so.mlp_hidden = o.mlp_hidden;
-  so.head_dim = o.head_dim;
-  so.top_level = false;
-  so.dtype = DType::BF16;
-  so.seed = o.seed;
-  double t0 = now_s();
-  if (log) log(fmt::format("writing a synthetic Qwen-Image block (hidden {}, bf16) ...", o.hidden));
-  f.float_file_bytes = write_synth_qwen_image_checkpoint(f.float_path, so);
-  f.synth_seconds = now_s() - t0;
-  ConvertOptions co;
-  co.preset = "qwen-image";
-  co.rank = o.rank;
-  t0 = now_s();
-  if (log) log(fmt::format("converting with the kitchen Qwen-Image-Edit rules (awq_w4a16 for *_mod.1, "
-                           "svdquant_w4a4 rank {} elsewhere, act_unsigned on net.2) ...", o.rank));
-  convert_checkpoint(f.float_path, f.quant_path, co);
-  f.convert_seconds = now_s() - t0;
-  f.quant_file_bytes = std::filesystem::file_size(f.quant_path);
-  return f;
-}
 
 QwenBlockInputs synth_block_inputs(int64_t D, int64_t hd, int64_t Si, int64_t St, uint64_t seed, bool rope) {
   QwenBlockInputs in;
