@@ -1,0 +1,86 @@
+// AVX-512 activation quantizer and low-rank projection of the SVDQuant W4A4 layer (numerics:
+// svdquant_w4a4_kernels.h — every step is the reference's fp32 operation, so results are bit-identical).
+// Quantize: one 64-wide group is four zmm; the max and the integer sum are exact in any order.
+// Low-rank: vectors over r (down padded to a multiple of 16 columns), 4 rows per pass, fma chain over k.
+
+// GCC 12 flags its own _mm512_undefined_* helpers inside the intrinsics headers (false positive).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "kernels/svdquant_w4a4_kernels.h"
+
+namespace nibble::kernels::w4a4 {
+
+void quantize_avx512(const float* x, int64_t ldx, int64_t K, const float* inv_s, bool act_unsigned, int8_t* codes,
+                     float* scales, int32_t* acorr, int64_t m0, int64_t m1) {
+  const int64_t G = K / kGroup;
+  const float qmax = act_unsigned ? 15.0f : 7.0f;
+  const __m512 lo = _mm512_set1_ps(act_unsigned ? 0.0f : -7.0f), hi = _mm512_set1_ps(act_unsigned ? 15.0f : 7.0f);
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xr = x + m * ldx;
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 y[4];
+      __m512 amax = _mm512_setzero_ps();
+      for (int j = 0; j < 4; ++j) {
+        const int64_t k = g * kGroup + 16 * j;
+        y[j] = _mm512_mul_ps(_mm512_loadu_ps(xr + k), _mm512_loadu_ps(inv_s + k));
+        amax = _mm512_max_ps(amax, _mm512_and_ps(y[j], absmask));
+      }
+      const float scale = std::max(_mm512_reduce_max_ps(amax) / qmax, 1e-10f);
+      const __m512 inv = _mm512_set1_ps(1.0f / scale);
+      __m512i sum = _mm512_setzero_si512();
+      for (int j = 0; j < 4; ++j) {
+        __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(y[j], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
+        const __m512i qi = _mm512_cvtps_epi32(q);
+        sum = _mm512_add_epi32(sum, qi);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + m * K + g * kGroup + 16 * j), _mm512_cvtepi32_epi8(qi));
+      }
+      scales[m * G + g] = scale;
+      if (acorr) acorr[m * G + g] = -8 * _mm512_reduce_add_epi32(sum);
+    }
+  }
+}
+
+namespace {
+template <int RV>
+void lora_rows4(const float* x, int64_t ldx, int64_t K, const float* down, int64_t ldd, int64_t r0, int64_t R,
+                float* lora, int64_t ldl, int64_t m, int rows) {
+  __m512 acc[4][RV];
+  for (int i = 0; i < 4; ++i)
+    for (int v = 0; v < RV; ++v) acc[i][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 d[RV];
+    for (int v = 0; v < RV; ++v) d[v] = _mm512_loadu_ps(down + k * ldd + r0 + 16 * v);
+    for (int i = 0; i < 4; ++i) {
+      if (i >= rows) break;
+      const __m512 xb = _mm512_set1_ps(x[(m + i) * ldx + k]);
+      for (int v = 0; v < RV; ++v) acc[i][v] = _mm512_fmadd_ps(xb, d[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < rows; ++i)
+    for (int v = 0; v < RV; ++v) {
+      const int64_t c = r0 + 16 * v;
+      const int64_t left = R - c;
+      if (left <= 0) break;
+      const __mmask16 mk = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      _mm512_mask_storeu_ps(lora + (m + i) * ldl + c, mk, acc[i][v]);
+    }
+}
+}  // namespace
+
+void lora_avx512(const float* x, int64_t ldx, int64_t K, const float* down, int64_t ldd, int64_t R, float* lora,
+                 int64_t ldl, int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; m += 4) {
+    const int rows = int(std::min<int64_t>(4, m1 - m));
+    int64_t r0 = 0;
+    for (; r0 + 32 < R + 16 && r0 + 16 < R; r0 += 32) lora_rows4<2>(x, ldx, K, down, ldd, r0, R, lora, ldl, m, rows);
+    for (; r0 < R; r0 += 16) lora_rows4<1>(x, ldx, K, down, ldd, r0, R, lora, ldl, m, rows);
+  }
+}
+
+}  // namespace nibble::kernels::w4a4

@@ -1,0 +1,485 @@
+// svdquant_w4a4 op drivers (spec §3.3–3.4): validation, layouts, ISA dispatch, threads, epilogue.
+//
+// Three entry points share two internal stages:
+//   Acts   = quantize stage: int8 codes (M, K), fp32 ascale [m][g] already rounded to the stored dtype,
+//            the signed-offset correction acorr [m][g], and lora (M, R) rounded to its dtype.
+//   GEMM   = integer dot products + fp32 scale epilogue + low-rank + bias, written into y.
+// quantize_svdquant_w4a4 and scaled_mm_svdquant_w4a4 run one stage each and convert from/to the kitchen
+// tensors (nibbles, transposed ascales, M padding); svdquant_linear runs both without materializing the
+// kitchen intermediates. Every variant performs the same fp32 operations in the same order
+// (svdquant_w4a4_kernels.h), so the fused layer equals the two-op composition bit for bit, and every ISA
+// equals the scalar reference.
+// Dispatch: Scalar → reference oracles; Avx2/Avx512 → AVX2 GEMM (vpmaddubsw), AVX-512 quantize when
+// available; Avx512Vnni/Bf16 → VNNI GEMM. Work is split into fixed blocks of rows and output columns, so
+// results do not depend on the thread count.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "kernels/svdquant_w4a4_kernels.h"
+#include "nibble/isa.h"
+#include "nibble/ops.h"
+#include "nibble/thread_pool.h"
+
+namespace nibble {
+
+using namespace kernels::w4a4;
+
+// Load-time form: the stored params (kept for saving and for the scalar reference) plus the weight in
+// the micro-kernel layout and fp32 side arrays.
+struct SvdquantW4A4Prepared {
+  SvdquantW4A4Params params;
+  int64_t N = 0, K = 0, R = 0, G = 0, T = 0, Rd = 0;
+  Tensor wpk;    // U8 packed weights (T·G·1024 bytes)
+  Tensor wsc;    // F32 [T][G][32]
+  Tensor up;     // F32 [T][R][32]
+  Tensor down;   // F32 (K, Rd), Rd = R rounded up to 16, zero padded
+  Tensor inv_s;  // F32 (K)
+  Tensor bias;   // F32 (N) or undefined
+};
+
+namespace {
+
+constexpr int64_t kRowsPerTask = 48;   // GEMM task rows (multiple of the VNNI MR = 6 and AVX2 MR = 3)
+constexpr int64_t kTilesPerTask = 8;   // GEMM task columns = 8 × 32
+constexpr int64_t kQuantRows = 16;     // quantize / low-rank task rows
+
+float round_to(float v, DType dt) {
+  switch (dt) {
+    case DType::BF16: return bf16_to_f32(f32_to_bf16(v));
+    case DType::F16: return f16_to_f32(f32_to_f16(v));
+    default: return v;
+  }
+}
+void store_as(void* dst, int64_t i, float v, DType dt) {
+  switch (dt) {
+    case DType::F32: static_cast<float*>(dst)[i] = v; break;
+    case DType::BF16: static_cast<uint16_t*>(dst)[i] = f32_to_bf16(v); break;
+    default: static_cast<uint16_t*>(dst)[i] = f32_to_f16(v); break;
+  }
+}
+
+void check_out_dtype(DType dt, const char* op) {
+  if (dt != DType::F32 && dt != DType::BF16 && dt != DType::F16)
+    throw Error(fmt::format("{}: output dtype must be F32, BF16 or F16, got {}", op, dtype_name(dt)));
+}
+
+bool use_fast(Isa isa) { return isa != Isa::Scalar; }
+bool use_vnni(Isa isa) { return isa == Isa::Avx512Vnni || isa == Isa::Avx512Bf16; }
+bool use_avx512(Isa isa) { return isa >= Isa::Avx512; }
+
+// ---- weight packing (layout: svdquant_w4a4_kernels.h)
+Tensor pack_weight(const uint8_t* q, int64_t N, int64_t K) {
+  const int64_t G = K / kGroup, T = (N + kTileN - 1) / kTileN;
+  Tensor out = Tensor::empty(DType::U8, {T * G * kTileBytesPerGroup});
+  uint8_t* d = out.mutable_data<uint8_t>();
+  parallel_for(T, [&](int64_t t) {
+    for (int64_t g = 0; g < G; ++g)
+      for (int p = 0; p < 8; ++p)
+        for (int h = 0; h < 2; ++h)
+          for (int j = 0; j < 16; ++j) {
+            const int64_t n = t * kTileN + h * 16 + j;
+            uint8_t* o = d + ((t * G + g) * 8 + p) * 128 + h * 64 + j * 4;
+            for (int b = 0; b < 4; ++b) {
+              if (n >= N) {
+                o[b] = 0x88;  // w = 0
+                continue;
+              }
+              const int64_t k_lo = g * kGroup + 8 * p + b, k_hi = k_lo + 4;
+              const uint8_t blo = q[n * (K / 2) + k_lo / 2], bhi = q[n * (K / 2) + k_hi / 2];
+              // offset u = w + 8 is the signed nibble with its top bit flipped
+              const uint8_t ulo = uint8_t(((k_lo % 2) ? (blo >> 4) : (blo & 0xF)) ^ 8);
+              const uint8_t uhi = uint8_t(((k_hi % 2) ? (bhi >> 4) : (bhi & 0xF)) ^ 8);
+              o[b] = uint8_t(ulo | (uhi << 4));
+            }
+          }
+  });
+  return out;
+}
+// (G, N) fp32 natural → [T][G][32]
+Tensor pack_cols(const float* s, int64_t rows, int64_t N) {
+  const int64_t T = (N + kTileN - 1) / kTileN;
+  Tensor out = Tensor::zeros(DType::F32, {T * rows * kTileN});
+  float* d = out.mutable_data<float>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < kTileN && t * kTileN + j < N; ++j) d[(t * rows + r) * kTileN + j] = s[r * N + t * kTileN + j];
+  return out;
+}
+// (N, R) → (R, N) fp32
+std::vector<float> transpose(const float* a, int64_t rows, int64_t cols) {
+  std::vector<float> out(size_t(rows * cols));
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) out[size_t(j * rows + i)] = a[i * cols + j];
+  return out;
+}
+
+Tensor natural_weight(const SvdquantW4A4Params& p) { return p.tile_packed ? tile_unpack_weight(p.qweight) : p.qweight; }
+Tensor natural_wscales_f32(const SvdquantW4A4Params& p) {
+  return (p.tile_packed ? tile_unpack_wscales(p.wscales) : p.wscales).to_f32();
+}
+Tensor natural_up_f32(const SvdquantW4A4Params& p) {
+  return (p.proj_up_tile ? tile_unpack_proj_up(p.proj_up) : p.proj_up).to_f32();
+}
+
+// ---- activations in the internal form
+struct Acts {
+  int64_t M = 0, K = 0, G = 0, R = 0;
+  std::vector<int8_t> codes;    // (M, K)
+  std::vector<float> ascale;    // (M, G), rounded to the stored dtype
+  std::vector<int32_t> acorr;   // (M, G)
+  std::vector<float> lora;      // (M, R), rounded to the lora dtype
+};
+
+// Quantize rows of x (fp32 (M, K)); `shift` adds the act_unsigned shift rounded to x_dtype first.
+// lora from lora_x (fp32 (M, K)) with down (K, ldd).
+Acts make_acts(Isa isa, const float* x, int64_t M, int64_t K, DType x_dtype, bool shift, const float* inv_s,
+               bool act_unsigned, const float* lora_x, const float* down, int64_t ldd, int64_t R, DType lora_dt) {
+  Acts a;
+  a.M = M, a.K = K, a.G = K / kGroup, a.R = R;
+  const int64_t G = a.G;
+  a.codes.resize(size_t(M * K));
+  a.ascale.resize(size_t(M * G));
+  a.acorr.resize(size_t(M * G));
+  a.lora.resize(size_t(M * R));
+  const int64_t tasks = (M + kQuantRows - 1) / kQuantRows;
+  std::vector<float> down_nat;  // the reference wants (K, R) without padding
+  if (!use_fast(isa) && R > 0 && ldd != R) {
+    down_nat.resize(size_t(K * R));
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t r = 0; r < R; ++r) down_nat[size_t(k * R + r)] = down[k * ldd + r];
+  }
+  parallel_for(tasks, [&](int64_t task) {
+    const int64_t m0 = task * kQuantRows, m1 = std::min(M, m0 + kQuantRows);
+    const float* xs = x;
+    int64_t row0 = 0;  // xs row index of m is m − row0
+    std::vector<float> shifted;
+    if (shift) {
+      shifted.resize(size_t((m1 - m0) * K));
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t k = 0; k < K; ++k)
+          shifted[size_t((m - m0) * K + k)] = round_to(x[m * K + k] + kSvdquantUnsignedShift, x_dtype);
+      xs = shifted.data();
+      row0 = m0;
+    }
+    int8_t* codes = a.codes.data() + m0 * K;
+    float* sc = a.ascale.data() + m0 * G;
+    int32_t* corr = a.acorr.data() + m0 * G;
+    const float* xb = xs + (m0 - row0) * K;
+    if (!use_fast(isa)) {
+      quantize_ref(xb, K, inv_s, act_unsigned, codes, sc, 0, m1 - m0);
+      for (int64_t i = 0; i < (m1 - m0) * K; i += kGroup) {
+        int32_t s = 0;
+        for (int64_t j = 0; j < kGroup; ++j) s += codes[i + j];
+        corr[i / kGroup] = -8 * s;
+      }
+      if (R > 0)
+        lora_ref(lora_x + m0 * K, K, down_nat.empty() ? down : down_nat.data(), R, a.lora.data() + m0 * R, 0, m1 - m0);
+    } else {
+      if (use_avx512(isa)) {
+        quantize_avx512(xb, K, K, inv_s, act_unsigned, codes, sc, corr, 0, m1 - m0);
+        if (R > 0) lora_avx512(lora_x + m0 * K, K, K, down, ldd, R, a.lora.data() + m0 * R, R, 0, m1 - m0);
+      } else {
+        quantize_avx2(xb, K, K, inv_s, act_unsigned, codes, sc, corr, 0, m1 - m0);
+        if (R > 0) lora_avx2(lora_x + m0 * K, K, K, down, ldd, R, a.lora.data() + m0 * R, R, 0, m1 - m0);
+      }
+    }
+    for (int64_t i = 0; i < (m1 - m0) * G; ++i) sc[i] = round_to(sc[i], x_dtype);
+    for (int64_t i = 0; i < (m1 - m0) * R; ++i) a.lora[size_t(m0 * R + i)] = round_to(a.lora[size_t(m0 * R + i)], lora_dt);
+  });
+  return a;
+}
+
+// Packed weights for the fast GEMM (from a prepared layer, or built per call by scaled_mm).
+struct PackedView {
+  int64_t N = 0, K = 0, R = 0;
+  const uint8_t* wpk = nullptr;
+  const float* wsc = nullptr;
+  const float* up = nullptr;
+};
+
+// y (M, N) in out_dt = acc + bias. Fast path: packed weights; scalar path: natural weights.
+void run_gemm(Isa isa, const Acts& a, const PackedView* pk, const SvdquantW4A4Params* nat, const float* bias,
+              void* y, DType out_dt) {
+  const int64_t M = a.M, K = a.K, R = a.R;
+  const int64_t N = pk ? pk->N : nat->N;
+  if (M == 0) return;
+  if (!use_fast(isa)) {
+    const Tensor qw = natural_weight(*nat);
+    const Tensor ws = natural_wscales_f32(*nat);
+    const Tensor up = natural_up_f32(*nat);
+    const int64_t cols = 256, tasks = (N + cols - 1) / cols;
+    parallel_for(tasks, [&](int64_t t) {
+      const int64_t n0 = t * cols, n1 = std::min(N, n0 + cols);
+      std::vector<float> acc(size_t(M * N), std::nanf(""));
+      gemm_ref(M, N, K, R, a.codes.data(), a.ascale.data(), qw.data<uint8_t>(), ws.data<float>(), a.lora.data(),
+               up.data<float>(), acc.data(), n0, n1);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = n0; n < n1; ++n) {
+          const float v = acc[size_t(m * N + n)];
+          store_as(y, m * N + n, bias ? v + bias[n] : v, out_dt);
+        }
+    });
+    return;
+  }
+  GemmArgs g;
+  g.N = N, g.K = K, g.R = R;
+  g.a8 = a.codes.data();
+  g.acorr = a.acorr.data();
+  g.ascale = a.ascale.data();
+  g.wpk = pk->wpk;
+  g.wsc = pk->wsc;
+  g.lora = R > 0 ? a.lora.data() : nullptr;
+  g.up = pk->up;
+  const int64_t T = (N + kTileN - 1) / kTileN;
+  const int64_t mb = (M + kRowsPerTask - 1) / kRowsPerTask, nb = (T + kTilesPerTask - 1) / kTilesPerTask;
+  const bool vnni = use_vnni(isa);
+  parallel_for(mb * nb, [&](int64_t task) {
+    const int64_t bm = task % mb, bn = task / mb;  // row blocks inner: neighbours share the weight block
+    const int64_t m0 = bm * kRowsPerTask, m1 = std::min(M, m0 + kRowsPerTask);
+    const int64_t t0 = bn * kTilesPerTask, t1 = std::min(T, t0 + kTilesPerTask);
+    const int64_t n0 = t0 * kTileN, n1 = std::min(N, t1 * kTileN);
+    GemmArgs ga = g;
+    std::vector<float> local;
+    if (out_dt == DType::F32) {
+      ga.y = static_cast<float*>(y);
+      ga.ldy = N, ga.y_row0 = 0, ga.y_col0 = 0;
+      // Poison the block first: an element the kernel skipped shows up as NaN, never as stale memory.
+      for (int64_t m = m0; m < m1; ++m) std::fill(ga.y + m * N + n0, ga.y + m * N + n1, std::nanf(""));
+    } else {
+      local.assign(size_t((m1 - m0) * (n1 - n0)), std::nanf(""));
+      ga.y = local.data();
+      ga.ldy = n1 - n0, ga.y_row0 = m0, ga.y_col0 = n0;
+    }
+    if (vnni)
+      gemm_avx512vnni(ga, m0, m1, t0, t1);
+    else
+      gemm_avx2(ga, m0, m1, t0, t1);
+    for (int64_t m = m0; m < m1; ++m) {
+      float* src = ga.y + (m - ga.y_row0) * ga.ldy - ga.y_col0;
+      if (out_dt == DType::F32) {
+        if (bias)
+          for (int64_t n = n0; n < n1; ++n) src[n] = src[n] + bias[n];
+      } else {
+        for (int64_t n = n0; n < n1; ++n) store_as(y, m * N + n, bias ? src[n] + bias[n] : src[n], out_dt);
+      }
+    }
+  });
+}
+
+std::vector<float> inv_smooth(const Tensor& smooth) {
+  const Tensor s = smooth.to_f32();
+  std::vector<float> inv(size_t(s.numel()));
+  inv_smooth_ref(s.data<float>(), s.numel(), inv.data());
+  return inv;
+}
+// down (K, R) → fp32 (K, Rd) zero padded to a multiple of 16 columns
+std::vector<float> pad_down(const Tensor& down, int64_t K, int64_t R, int64_t* Rd) {
+  *Rd = std::max<int64_t>(16, (R + 15) / 16 * 16);
+  const Tensor d = down.to_f32();
+  std::vector<float> out(size_t(K * *Rd), 0.0f);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t r = 0; r < R; ++r) out[size_t(k * *Rd + r)] = d.data<float>()[k * R + r];
+  return out;
+}
+
+constexpr const char* kQuantOp = "quantize_svdquant_w4a4";
+constexpr const char* kMmOp = "scaled_mm_svdquant_w4a4";
+constexpr const char* kLinOp = "svdquant_linear";
+
+}  // namespace
+
+// ============================================================================ quantize
+SvdquantActs quantize_svdquant_w4a4(const Tensor& x, const Tensor& smooth, const Tensor& proj_down, int64_t pad_size,
+                                    bool act_unsigned, const Tensor& lora_x, std::optional<DType> lora_act_dtype) {
+  if (!x.defined()) throw Error(fmt::format("{}: x is undefined", kQuantOp));
+  check_dtype(x, {DType::F32, DType::BF16, DType::F16}, fmt::format("{}: x", kQuantOp));
+  if (x.dim() != 2) throw Error(fmt::format("{}: x: expected 2-D (M, K), got {}", kQuantOp, shape_str(x.shape())));
+  const int64_t M = x.size(0), K = x.size(1);
+  if (K <= 0 || K % kGroup != 0)
+    throw Error(fmt::format("{}: K = {} (x.shape[1]) must be a positive multiple of 64", kQuantOp, K));
+  if (pad_size <= 0) throw Error(fmt::format("{}: pad_size must be positive, got {}", kQuantOp, pad_size));
+  if (!smooth.defined() || !proj_down.defined())
+    throw Error(fmt::format("{}: smooth and proj_down are required", kQuantOp));
+  check_dtype(smooth, {DType::F32, DType::BF16, DType::F16}, fmt::format("{}: smooth", kQuantOp));
+  check_shape(smooth, {K}, fmt::format("{}: smooth (K)", kQuantOp));
+  check_dtype(proj_down, {DType::F32, DType::BF16, DType::F16}, fmt::format("{}: proj_down", kQuantOp));
+  if (proj_down.dim() != 2 || proj_down.size(0) != K)
+    throw Error(fmt::format("{}: proj_down: expected (K, R) = ({}, R), got {}", kQuantOp, K, shape_str(proj_down.shape())));
+  const int64_t R = proj_down.size(1);
+  if (lora_x.defined()) {
+    check_dtype(lora_x, {DType::F32, DType::BF16, DType::F16}, fmt::format("{}: lora_x", kQuantOp));
+    check_shape(lora_x, {M, K}, fmt::format("{}: lora_x (same shape as x)", kQuantOp));
+  }
+  const DType xdt = x.dtype(), ldt = lora_act_dtype.value_or(xdt);
+  check_out_dtype(ldt, kQuantOp);
+  if (M > (int64_t(1) << 40) / std::max<int64_t>(1, pad_size))
+    throw Error(fmt::format("{}: M = {} too large", kQuantOp, M));
+  const int64_t M_pad = (M + pad_size - 1) / pad_size * pad_size, G = K / kGroup;
+
+  const Tensor x32 = x.to_f32();
+  const Tensor lx32 = lora_x.defined() ? lora_x.to_f32() : x32;
+  const std::vector<float> inv = inv_smooth(smooth);
+  int64_t Rd = 0;
+  const std::vector<float> down = pad_down(proj_down, K, R, &Rd);
+  const Isa isa = active_isa();
+  const Acts a = make_acts(isa, x32.data<float>(), M, K, xdt, false, inv.data(), act_unsigned, lx32.data<float>(),
+                           down.data(), Rd, R, ldt);
+
+  SvdquantActs out;
+  out.q_x = Tensor::zeros(DType::I8, {M_pad, K / 2});
+  out.ascales = Tensor::zeros(xdt, {G, M_pad});
+  out.lora_act = Tensor::zeros(ldt, {M_pad, R});
+  uint8_t* q = out.q_x.mutable_data<uint8_t>();
+  for (int64_t i = 0; i < M * K / 2; ++i) q[i] = pack_nibbles(a.codes[size_t(2 * i)], a.codes[size_t(2 * i + 1)]);
+  void* as = out.ascales.mutable_raw();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) store_as(as, g * M_pad + m, a.ascale[size_t(m * G + g)], xdt);
+  void* la = out.lora_act.mutable_raw();
+  for (int64_t i = 0; i < M * R; ++i) store_as(la, i, a.lora[size_t(i)], ldt);
+  return out;
+}
+
+// ============================================================================ scaled_mm
+Tensor scaled_mm_svdquant_w4a4(const Tensor& act, const Tensor& wgt, const Tensor& ascales, const Tensor& wscales,
+                               const Tensor& lora_act, const Tensor& proj_up, const Tensor& bias, bool act_unsigned,
+                               std::optional<DType> out_dtype) {
+  for (const auto* t : {&act, &wgt, &ascales, &wscales, &lora_act, &proj_up})
+    if (!t->defined()) throw Error(fmt::format("{}: act, wgt, ascales, wscales, lora_act and proj_up are required", kMmOp));
+  check_dtype(act, {DType::I8}, fmt::format("{}: act", kMmOp));
+  if (act.dim() != 2) throw Error(fmt::format("{}: act: expected 2-D (M, K/2), got {}", kMmOp, shape_str(act.shape())));
+  const int64_t M = act.size(0), K = 2 * act.size(1);
+  if (K <= 0 || K % kGroup != 0)
+    throw Error(fmt::format("{}: K = {} (2·act.shape[1]) must be a positive multiple of 64", kMmOp, K));
+  check_dtype(wgt, {DType::I8}, fmt::format("{}: wgt", kMmOp));
+  int64_t N = 0;
+  if (wgt.dim() == 2) N = wgt.size(0);
+  else if (wgt.dim() == 4) N = wgt.size(0) * 128;
+  else throw Error(fmt::format("{}: wgt: expected (N, K/2) or (N/128, K/64, 32, 128), got {}", kMmOp, shape_str(wgt.shape())));
+  if (lora_act.dim() != 2 || lora_act.size(0) != M)
+    throw Error(fmt::format("{}: lora_act: expected (M, R) with M = {}, got {}", kMmOp, M, shape_str(lora_act.shape())));
+  check_dtype(lora_act, {DType::F32, DType::BF16, DType::F16}, fmt::format("{}: lora_act", kMmOp));
+  check_dtype(ascales, {DType::F32, DType::BF16, DType::F16}, fmt::format("{}: ascales", kMmOp));
+  check_shape(ascales, {K / kGroup, M}, fmt::format("{}: ascales (K/64, M)", kMmOp));
+  SvdquantW4A4Params p;
+  p.qweight = wgt;
+  p.wscales = wscales;
+  p.proj_up = proj_up;
+  p.bias = bias;
+  p.N = N, p.K = K, p.R = lora_act.size(1);
+  p.act_unsigned = act_unsigned;
+  p.tile_packed = wgt.dim() == 4;
+  p.proj_up_tile = proj_up.dim() == 3;
+  // smooth / proj_down do not enter the GEMM; stand-ins let the shared validation check the rest.
+  p.smooth = Tensor::zeros(DType::F32, {K});
+  p.proj_down = Tensor::zeros(DType::F32, {K, p.R});
+  validate(p, kMmOp);
+  const DType out_dt = out_dtype.value_or(proj_up.dtype());
+  check_out_dtype(out_dt, kMmOp);
+
+  Tensor y = Tensor::empty(out_dt, {M, N});
+  if (M == 0) return y;
+  const int64_t G = K / kGroup, R = p.R;
+  Acts a;
+  a.M = M, a.K = K, a.G = G, a.R = R;
+  a.codes.resize(size_t(M * K));
+  a.ascale.resize(size_t(M * G));
+  a.acorr.resize(size_t(M * G));
+  const uint8_t* q = act.data<uint8_t>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      int32_t s = 0;
+      for (int64_t j = 0; j < kGroup; j += 2) {
+        const uint8_t b = q[m * (K / 2) + (g * kGroup + j) / 2];
+        const int lo = act_unsigned ? unpack_lo_unsigned(b) : unpack_lo_signed(b);
+        const int hi = act_unsigned ? unpack_hi_unsigned(b) : unpack_hi_signed(b);
+        a.codes[size_t(m * K + g * kGroup + j)] = int8_t(lo);
+        a.codes[size_t(m * K + g * kGroup + j + 1)] = int8_t(hi);
+        s += lo + hi;
+      }
+      a.acorr[size_t(m * G + g)] = -8 * s;
+    }
+  const Tensor as32 = ascales.to_f32();
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t m = 0; m < M; ++m) a.ascale[size_t(m * G + g)] = as32.data<float>()[g * M + m];
+  const Tensor la32 = lora_act.to_f32();
+  a.lora.assign(la32.data<float>(), la32.data<float>() + M * R);
+  Tensor b32;
+  if (bias.defined()) b32 = bias.to_f32();
+  const float* bp = bias.defined() ? b32.data<float>() : nullptr;
+
+  const Isa isa = active_isa();
+  if (!use_fast(isa)) {
+    run_gemm(isa, a, nullptr, &p, bp, y.mutable_raw(), out_dt);
+    return y;
+  }
+  const Tensor qn = natural_weight(p);
+  const Tensor wsn = natural_wscales_f32(p), upn = natural_up_f32(p);
+  const Tensor wpk = pack_weight(qn.data<uint8_t>(), N, K);
+  const Tensor wsc = pack_cols(wsn.data<float>(), G, N);
+  const std::vector<float> upT = transpose(upn.data<float>(), N, R);
+  const Tensor upp = pack_cols(upT.data(), R, N);
+  PackedView pk{N, K, R, wpk.data<uint8_t>(), wsc.data<float>(), upp.data<float>()};
+  run_gemm(isa, a, &pk, nullptr, bp, y.mutable_raw(), out_dt);
+  return y;
+}
+
+// ============================================================================ prepared layer
+std::shared_ptr<const SvdquantW4A4Prepared> prepare_svdquant_w4a4(const SvdquantW4A4Params& p) {
+  validate(p, "prepare_svdquant_w4a4");
+  auto w = std::make_shared<SvdquantW4A4Prepared>();
+  w->params = p;
+  w->N = p.N, w->K = p.K, w->R = p.R, w->G = p.K / kGroup, w->T = (p.N + kTileN - 1) / kTileN;
+  const Tensor qn = natural_weight(p);
+  w->wpk = pack_weight(qn.data<uint8_t>(), p.N, p.K);
+  const Tensor wsn = natural_wscales_f32(p);
+  w->wsc = pack_cols(wsn.data<float>(), w->G, p.N);
+  const Tensor upn = natural_up_f32(p);
+  const std::vector<float> upT = transpose(upn.data<float>(), p.N, p.R);
+  w->up = pack_cols(upT.data(), p.R, p.N);
+  int64_t Rd = 0;
+  const std::vector<float> down = pad_down(p.proj_down, p.K, p.R, &Rd);
+  w->Rd = Rd;
+  w->down = Tensor::from_bytes(DType::F32, {p.K, Rd}, down.data(), down.size() * sizeof(float));
+  const std::vector<float> inv = inv_smooth(p.smooth);
+  w->inv_s = Tensor::from_bytes(DType::F32, {p.K}, inv.data(), inv.size() * sizeof(float));
+  if (p.bias.defined()) w->bias = p.bias.to_f32().clone();
+  return w;
+}
+
+Tensor svdquant_linear(const Tensor& x, const SvdquantW4A4Prepared& w, std::optional<DType> out_dtype) {
+  if (!x.defined()) throw Error(fmt::format("{}: x is undefined", kLinOp));
+  check_dtype(x, {DType::F32, DType::BF16, DType::F16}, fmt::format("{}: x", kLinOp));
+  if (x.dim() < 1 || x.size(-1) != w.K)
+    throw Error(fmt::format("{}: x: expected shape (..., K) with K = {}, got {}", kLinOp, w.K, shape_str(x.shape())));
+  const DType out_dt = out_dtype.value_or(x.dtype());
+  check_out_dtype(out_dt, kLinOp);
+  const int64_t K = w.K, M = x.numel() / K, N = w.N;
+  Shape os = x.shape();
+  os.back() = N;
+  Tensor y = Tensor::empty(out_dt, os);
+  if (M == 0) return y;
+  const Tensor x32 = x.to_f32();
+  const Isa isa = active_isa();
+  // The layer forward (spec §3.4): main path shifted for act_unsigned, low-rank on the raw input,
+  // lora_act and ascales rounded to x's dtype (the kitchen's CUDA defaults).
+  const Acts a = make_acts(isa, x32.data<float>(), M, K, x.dtype(), w.params.act_unsigned, w.inv_s.data<float>(),
+                           w.params.act_unsigned, x32.data<float>(), w.down.data<float>(), w.Rd, w.R, x.dtype());
+  const float* bp = w.bias.defined() ? w.bias.data<float>() : nullptr;
+  if (!use_fast(isa)) {
+    run_gemm(isa, a, nullptr, &w.params, bp, y.mutable_raw(), out_dt);
+  } else {
+    PackedView pk{N, K, w.R, w.wpk.data<uint8_t>(), w.wsc.data<float>(), w.up.data<float>()};
+    run_gemm(isa, a, &pk, nullptr, bp, y.mutable_raw(), out_dt);
+  }
+  return y;
+}
+
+Tensor svdquant_linear(const Tensor& x, const SvdquantW4A4Params& p, std::optional<DType> out_dtype) {
+  return svdquant_linear(x, *prepare_svdquant_w4a4(p), out_dtype);
+}
+
+}  // namespace nibble

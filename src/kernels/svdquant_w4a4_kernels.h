@@ -1,0 +1,73 @@
+// src/kernels/svdquant_w4a4_kernels.h — internal kernels of the SVDQuant W4A4 ops (spec §3.3–3.4).
+//
+// Numerics (identical in every variant, so every ISA is bit-identical to the reference):
+//   quantize   per row m, group g of 64: y = x·inv_s (inv_s = 1/s, or 0 if |s| ≤ 1e-10), amax = max|y|,
+//              scale = max(amax/qmax, 1e-10), q = rint(y·(1/scale)) (half-even), clamped to [−7, 7] or
+//              [0, 15]; all fp32, no contraction.
+//   low-rank   lora[m, r] = fma chain over k = 0..K−1 of x[m,k]·down[k,r], starting from 0.
+//   GEMM       d = Σ_{k∈g} a·w exactly in int32; acc = fma(float(d)·ascale[m,g], wscale[g,n], acc) for
+//              g = 0..G−1 in order, then acc = fma(lora[m,r], up[n,r], acc) for r = 0..R−1, from acc = 0.
+//              The driver adds the bias (acc + bias, fp32) and rounds to the output dtype.
+// Fast variants use int8 dot products: the weight code w ∈ [−8, 7] is stored offset, u = w + 8 ∈ [0, 15]
+// (unsigned operand of vpdpbusd / vpmaddubsw), the activation code a (signed or unsigned, |a| ≤ 15) is the
+// signed operand, and Σ a·w = Σ a·u − 8·Σ a: the correction −8·Σ_{k∈g} a[m,k] (acorr) seeds the int32
+// accumulator. Every product and sum is an exact small integer.
+//
+// Packed weight layout (prepare time; shared by the AVX2 and AVX-512 VNNI kernels): columns in tiles of
+// kTileN = 32; per tile t and group g a 1024-byte block of 8 quad pairs p × 2 halves h × 64 bytes; byte
+// 4j + b of block (p, h) holds column n = 32t + 16h + j:
+//     low nibble  = u[n, 64g + 8p + b],  high nibble = u[n, 64g + 8p + 4 + b]   (b < 4)
+// so one 64-byte load gives two 16-lane × 4-k operand vectors after a mask / shift. Columns past N are
+// padded with u = 8 (w = 0), scale 0, up 0. Per-tile fp32 side arrays: wsc[t][g][32], up[t][r][32].
+#pragma once
+#include <cstdint>
+
+namespace nibble::kernels::w4a4 {
+
+inline constexpr int64_t kGroup = 64;
+inline constexpr int64_t kTileN = 32;
+inline constexpr int64_t kTileBytesPerGroup = kTileN * kGroup / 2;  // 1024
+
+// ---- reference oracles (src/kernels/reference/svdquant_w4a4_ref.cpp, -ffp-contract=off)
+// inv_s[k] per spec §3.3 step 1.
+void inv_smooth_ref(const float* smooth, int64_t K, float* inv_s);
+// Rows [m0, m1) of x (ldx = K): codes (M, K) int8, scales (M, K/64) fp32 (not yet rounded to a dtype).
+void quantize_ref(const float* x, int64_t K, const float* inv_s, bool act_unsigned, int8_t* codes, float* scales,
+                  int64_t m0, int64_t m1);
+// lora (M, R) = x (M, K) · down (K, R), rows [m0, m1).
+void lora_ref(const float* x, int64_t K, const float* down, int64_t R, float* lora, int64_t m0, int64_t m1);
+// Straight from the natural layout: codes (M, K), ascale (M, K/64) [m][g], qweight (N, K/2) signed nibbles,
+// wscale (K/64, N), lora (M, R), up (N, R); acc (M, N) columns [n0, n1) (no bias).
+void gemm_ref(int64_t M, int64_t N, int64_t K, int64_t R, const int8_t* codes, const float* ascale,
+              const uint8_t* qweight, const float* wscale, const float* lora, const float* up, float* acc, int64_t n0,
+              int64_t n1);
+
+// ---- fast variants
+struct GemmArgs {
+  int64_t N = 0, K = 0, R = 0;
+  const int8_t* a8 = nullptr;      // (M, K) activation codes
+  const int32_t* acorr = nullptr;  // (M, K/64) −8·Σ_{k∈g} a
+  const float* ascale = nullptr;   // (M, K/64)
+  const uint8_t* wpk = nullptr;    // packed weights (layout above)
+  const float* wsc = nullptr;      // [T][G][32]
+  const float* lora = nullptr;     // (M, R), null if R == 0
+  const float* up = nullptr;       // [T][R][32]
+  float* y = nullptr;              // acc for rows [m0, m1), columns of tiles [t0, t1):
+  int64_t ldy = 0;                 //   element (m, n) at y[(m − y_row0)·ldy + n − y_col0]
+  int64_t y_row0 = 0, y_col0 = 0;
+};
+void gemm_avx2(const GemmArgs& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
+void gemm_avx512vnni(const GemmArgs& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
+
+// Quantize rows [m0, m1) of x (row stride ldx) into codes (ldc = K), fp32 scales (M, K/64) and acorr.
+void quantize_avx512(const float* x, int64_t ldx, int64_t K, const float* inv_s, bool act_unsigned, int8_t* codes,
+                     float* scales, int32_t* acorr, int64_t m0, int64_t m1);
+void quantize_avx2(const float* x, int64_t ldx, int64_t K, const float* inv_s, bool act_unsigned, int8_t* codes,
+                   float* scales, int32_t* acorr, int64_t m0, int64_t m1);
+// lora (M, ldl) = x (M, K) · down (K, ldd), R columns (ldd, ldl ≥ R; ldd a multiple of the vector width).
+void lora_avx512(const float* x, int64_t ldx, int64_t K, const float* down, int64_t ldd, int64_t R, float* lora,
+                 int64_t ldl, int64_t m0, int64_t m1);
+void lora_avx2(const float* x, int64_t ldx, int64_t K, const float* down, int64_t ldd, int64_t R, float* lora,
+               int64_t ldl, int64_t m0, int64_t m1);
+
+}  // namespace nibble::kernels::w4a4
