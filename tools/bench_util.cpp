@@ -23,6 +23,10 @@ extern "C" void openblas_set_num_threads(int);
 namespace nibble::bench {
 
 double median_seconds_indexed(int repeats, const std::function<void(int)>& fn) {
+  return time_runs_indexed(repeats, fn).median;
+}
+
+Timing time_runs_indexed(int repeats, const std::function<void(int)>& fn) {
   if (repeats < 1) repeats = 1;
   fn(0);  // warm-up: pool wake-up, page faults of fresh outputs
   std::vector<double> t;
@@ -34,7 +38,7 @@ double median_seconds_indexed(int repeats, const std::function<void(int)>& fn) {
   }
   std::sort(t.begin(), t.end());
   const size_t h = t.size() / 2;
-  return t.size() % 2 ? t[h] : 0.5 * (t[h - 1] + t[h]);
+  return Timing{t.size() % 2 ? t[h] : 0.5 * (t[h - 1] + t[h]), t.front()};
 }
 
 double median_seconds(int repeats, const std::function<void()>& fn) {

@@ -33,6 +33,10 @@ inline double now_seconds() {
 double median_seconds(int repeats, const std::function<void()>& fn);
 // As above, but `fn(i)` gets the run index (to rotate among copies), warm-up included.
 double median_seconds_indexed(int repeats, const std::function<void(int)>& fn);
+// Median and best of the timed runs (the best shows the hardware when the shared host let the run
+// through unpreempted; the median is what a user sees).
+struct Timing { double median = 0, best = 0; };
+Timing time_runs_indexed(int repeats, const std::function<void(int)>& fn);
 
 // ---- memory
 // Streaming read bandwidth in GB/s (1e9 bytes/s): reads a `buffer_bytes` buffer repeatedly with the
