@@ -149,11 +149,30 @@ def inspect(path, filter: str = "", as_text: bool = False):
     return json.loads(_core.inspect_json(str(path), filter))
 
 
-def convert(*args, **kwargs):
-    """Convert a float checkpoint to awq_w4a16 / svdquant_w4a4 (mirrors ``nibble convert``)."""
-    if not hasattr(_core, "convert"):
-        raise NotImplementedError("convert is not implemented in this build of nibble")
-    return _core.convert(*args, **kwargs)
+def convert(input, output=None, *, format=None, preset="", rules=(), exclude=(), rank=32,
+            group_size=64, tile=False, svd="randomized", refine=2, calib=None,
+            allow_requantize=False, mem_budget=0, shard_size=0, threads=0, dry_run=False,
+            progress=None):
+    """Convert float linears of a checkpoint to awq_w4a16 / svdquant_w4a4 (``nibble convert``).
+
+    ``format``: quantize every eligible linear to this format (the rule ``.*=FORMAT``);
+    ``rules``: ``"REGEX=FORMAT[:opt=v,...]"`` strings (``--tensor-type``), first match wins;
+    ``preset``: ``"qwen-image"`` (the kitchen Qwen-Image-Edit map, spec §7); ``exclude``: regexes
+    of layers copied unchanged. ``rank`` / ``group_size`` / ``tile`` (tile-packed svdquant) /
+    ``svd`` ("randomized" | "exact") / ``refine`` / ``calib`` (statistics file) as in the CLI.
+    ``progress(dict)`` is called per written tensor. Returns the report (dict, as ``--json``),
+    or with ``dry_run=True`` the plan, writing nothing. The output is written atomically.
+    """
+    result = _core.convert(str(input), None if output is None else str(output), format, preset,
+                           list(rules), list(exclude), int(rank), int(group_size), bool(tile),
+                           svd, int(refine), None if calib is None else str(calib),
+                           bool(allow_requantize), int(mem_budget), int(shard_size),
+                           int(threads), bool(dry_run), progress)
+    if isinstance(result, str):
+        import json
+
+        return json.loads(result)
+    return result
 
 
 def write_sample_checkpoint(path, seed=20261123, hidden=256, rank=16, prefix="",

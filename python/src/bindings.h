@@ -6,5 +6,6 @@ namespace nibble_py {
 namespace nb = nanobind;
 void bind_ops(nb::module_& m);    // kitchen ops (bind_ops.cpp)
 void bind_io(nb::module_& m);     // safetensors load/save (bind_io.cpp)
-void bind_model(nb::module_& m);  // load(), inspect(), convert() (bind_model.cpp)
+void bind_model(nb::module_& m);  // load(), inspect() (bind_model.cpp)
+void bind_convert(nb::module_& m);  // convert() (bind_convert.cpp)
 }  // namespace nibble_py

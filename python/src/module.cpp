@@ -1,7 +1,8 @@
 // nibble._core — the native half of the nibble Python package.
 //
 // Module layout: runtime settings (ISA, threads, version) here; the kitchen ops in bind_ops.cpp;
-// safetensors I/O in bind_io.cpp; checkpoints (load / inspect / convert) in bind_model.cpp.
+// safetensors I/O in bind_io.cpp; checkpoints (load / inspect) in bind_model.cpp; the converter
+// in bind_convert.cpp.
 // Errors: nibble::Error → nibble.Error (subclass of ValueError); an entry point missing from this
 // build of libnibble → NotImplementedError.
 #include <nanobind/nanobind.h>
@@ -60,4 +61,5 @@ NB_MODULE(_core, m) {
   nibble_py::bind_ops(m);
   nibble_py::bind_io(m);
   nibble_py::bind_model(m);
+  nibble_py::bind_convert(m);
 }
