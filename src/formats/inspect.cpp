@@ -81,6 +81,7 @@ InspectReport inspect_checkpoint(const Checkpoint& ckpt, const std::string& filt
     if (l.format) {
       row.format = l.format->name;
       row.group_size = l.group_size;
+      if (row.format == "svdquant_w4a4" && row.group_size == 0) row.group_size = 64;  // fixed by the format
       row.rank = l.rank;
       row.act_unsigned = l.act_unsigned;
       row.layout = layout_of(l);
@@ -132,9 +133,12 @@ std::string inspect_text(const InspectReport& r) {
   if (n_cand) {
     s += fmt::format("float layers a kitchen format could hold: {} (would save {}; svdquant at rank {})\n", n_cand,
                      human_bytes(r.candidate_saving), kInspectCandidateRank);
+    size_t cw = 0;
+    for (const auto& row : r.float_layers)
+      if (!row.candidate.empty()) cw = std::max(cw, row.name.size());
     for (const auto& row : r.float_layers)
       if (!row.candidate.empty())
-        s += fmt::format("  {}  {} {}x{} -> {}: {} -> {} (saves {})\n", row.name, row.format, row.N, row.K,
+        s += fmt::format("  {:<{}}  {} {}x{} -> {}: {} -> {} (saves {})\n", row.name, cw, row.format, row.N, row.K,
                          row.candidate, human_bytes(row.bytes), human_bytes(row.candidate_bytes),
                          human_bytes(row.bytes - row.candidate_bytes));
   } else {
