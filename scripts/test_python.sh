@@ -26,6 +26,11 @@ BUILD_DIR="$ROOT/build-python"
 if [ -n "${NIBBLE_ROOT:-}" ]; then
   EXTRA=(-C "cmake.define.NIBBLE_ROOT=$NIBBLE_ROOT")
   BUILD_DIR="$ROOT/build-python-alt"
+elif [ -n "${MAKELEVEL:-}" ] && [ -f "$ROOT/${BUILD:-build}/libnibble.a" ]; then
+  # Under `make test` the C++ build has just produced libnibble.a from this tree: link it
+  # instead of compiling the library a second time.
+  EXTRA=(-C "cmake.define.NIBBLE_LIBRARY=$ROOT/${BUILD:-build}/libnibble.a")
+  BUILD_DIR="$ROOT/build-python-prebuilt"
 fi
 "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation --force-reinstall \
   -C build-dir="$BUILD_DIR" "${EXTRA[@]}" ./python
