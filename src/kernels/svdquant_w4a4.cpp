@@ -15,6 +15,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -46,6 +47,10 @@ namespace {
 constexpr int64_t kRowsPerTask = 48;   // GEMM task rows (multiple of the VNNI MR = 6 and AVX2 MR = 3)
 constexpr int64_t kTilesPerTask = 8;   // GEMM task columns = 8 × 32
 constexpr int64_t kQuantRows = 16;     // quantize / low-rank task rows
+
+double now_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
 
 float round_to(float v, DType dt) {
   switch (dt) {
@@ -136,15 +141,20 @@ struct Acts {
 
 // Quantize rows of x (fp32 (M, K)); `shift` adds the act_unsigned shift rounded to x_dtype first.
 // lora from lora_x (fp32 (M, K)) with down (K, ldd).
+// `parts` selects the stages (1 = quantize, 2 = low-rank, 3 = both; the benchmark times them apart).
 Acts make_acts(Isa isa, const float* x, int64_t M, int64_t K, DType x_dtype, bool shift, const float* inv_s,
-               bool act_unsigned, const float* lora_x, const float* down, int64_t ldd, int64_t R, DType lora_dt) {
+               bool act_unsigned, const float* lora_x, const float* down, int64_t ldd, int64_t R, DType lora_dt,
+               int parts = 3) {
   Acts a;
   a.M = M, a.K = K, a.G = K / kGroup, a.R = R;
   const int64_t G = a.G;
-  a.codes.resize(size_t(M * K));
-  a.ascale.resize(size_t(M * G));
-  a.acorr.resize(size_t(M * G));
-  a.lora.resize(size_t(M * R));
+  const bool do_q = parts & 1, do_l = (parts & 2) && R > 0;
+  if (do_q) {
+    a.codes.resize(size_t(M * K));
+    a.ascale.resize(size_t(M * G));
+    a.acorr.resize(size_t(M * G));
+  }
+  if (do_l) a.lora.resize(size_t(M * R));
   const int64_t tasks = (M + kQuantRows - 1) / kQuantRows;
   std::vector<float> down_nat;  // the reference wants (K, R) without padding
   if (!use_fast(isa) && R > 0 && ldd != R) {
@@ -157,7 +167,7 @@ Acts make_acts(Isa isa, const float* x, int64_t M, int64_t K, DType x_dtype, boo
     const float* xs = x;
     int64_t row0 = 0;  // xs row index of m is m − row0
     std::vector<float> shifted;
-    if (shift) {
+    if (shift && do_q) {
       shifted.resize(size_t((m1 - m0) * K));
       for (int64_t m = m0; m < m1; ++m)
         for (int64_t k = 0; k < K; ++k)
@@ -165,30 +175,35 @@ Acts make_acts(Isa isa, const float* x, int64_t M, int64_t K, DType x_dtype, boo
       xs = shifted.data();
       row0 = m0;
     }
-    int8_t* codes = a.codes.data() + m0 * K;
-    float* sc = a.ascale.data() + m0 * G;
-    int32_t* corr = a.acorr.data() + m0 * G;
-    const float* xb = xs + (m0 - row0) * K;
-    if (!use_fast(isa)) {
-      quantize_ref(xb, K, inv_s, act_unsigned, codes, sc, 0, m1 - m0);
-      for (int64_t i = 0; i < (m1 - m0) * K; i += kGroup) {
-        int32_t s = 0;
-        for (int64_t j = 0; j < kGroup; ++j) s += codes[i + j];
-        corr[i / kGroup] = -8 * s;
-      }
-      if (R > 0)
-        lora_ref(lora_x + m0 * K, K, down_nat.empty() ? down : down_nat.data(), R, a.lora.data() + m0 * R, 0, m1 - m0);
-    } else {
-      if (use_avx512(isa)) {
+    if (do_q) {
+      int8_t* codes = a.codes.data() + m0 * K;
+      float* sc = a.ascale.data() + m0 * G;
+      int32_t* corr = a.acorr.data() + m0 * G;
+      const float* xb = xs + (m0 - row0) * K;
+      if (!use_fast(isa)) {
+        quantize_ref(xb, K, inv_s, act_unsigned, codes, sc, 0, m1 - m0);
+        for (int64_t i = 0; i < (m1 - m0) * K; i += kGroup) {
+          int32_t s = 0;
+          for (int64_t j = 0; j < kGroup; ++j) s += codes[i + j];
+          corr[i / kGroup] = -8 * s;
+        }
+      } else if (use_avx512(isa)) {
         quantize_avx512(xb, K, K, inv_s, act_unsigned, codes, sc, corr, 0, m1 - m0);
-        if (R > 0) lora_avx512(lora_x + m0 * K, K, K, down, ldd, R, a.lora.data() + m0 * R, R, 0, m1 - m0);
       } else {
         quantize_avx2(xb, K, K, inv_s, act_unsigned, codes, sc, corr, 0, m1 - m0);
-        if (R > 0) lora_avx2(lora_x + m0 * K, K, K, down, ldd, R, a.lora.data() + m0 * R, R, 0, m1 - m0);
       }
+      for (int64_t i = 0; i < (m1 - m0) * G; ++i) sc[i] = round_to(sc[i], x_dtype);
     }
-    for (int64_t i = 0; i < (m1 - m0) * G; ++i) sc[i] = round_to(sc[i], x_dtype);
-    for (int64_t i = 0; i < (m1 - m0) * R; ++i) a.lora[size_t(m0 * R + i)] = round_to(a.lora[size_t(m0 * R + i)], lora_dt);
+    if (do_l) {
+      float* lo = a.lora.data() + m0 * R;
+      if (!use_fast(isa))
+        lora_ref(lora_x + m0 * K, K, down_nat.empty() ? down : down_nat.data(), R, lo, 0, m1 - m0);
+      else if (use_avx512(isa))
+        lora_avx512(lora_x + m0 * K, K, K, down, ldd, R, lo, R, 0, m1 - m0);
+      else
+        lora_avx2(lora_x + m0 * K, K, K, down, ldd, R, lo, R, 0, m1 - m0);
+      for (int64_t i = 0; i < (m1 - m0) * R; ++i) lo[i] = round_to(lo[i], lora_dt);
+    }
   });
   return a;
 }
@@ -477,6 +492,36 @@ Tensor svdquant_linear(const Tensor& x, const SvdquantW4A4Prepared& w, std::opti
   }
   return y;
 }
+
+namespace kernels::w4a4 {
+// The fused layer with each stage timed (benchmarks only; same result as svdquant_linear).
+Tensor svdquant_linear_timed(const Tensor& x, const SvdquantW4A4Prepared& w, StageTimes* t) {
+  const int64_t K = w.K, M = x.numel() / K, N = w.N;
+  Tensor y = Tensor::empty(DType::F32, {M, N});
+  const Tensor x32 = x.to_f32();
+  const Isa isa = active_isa();
+  double t0 = now_seconds();
+  Acts a = make_acts(isa, x32.data<float>(), M, K, x.dtype(), w.params.act_unsigned, w.inv_s.data<float>(),
+                     w.params.act_unsigned, x32.data<float>(), w.down.data<float>(), w.Rd, w.R, x.dtype(), 1);
+  double t1 = now_seconds();
+  Acts l = make_acts(isa, x32.data<float>(), M, K, x.dtype(), false, w.inv_s.data<float>(), w.params.act_unsigned,
+                     x32.data<float>(), w.down.data<float>(), w.Rd, w.R, x.dtype(), 2);
+  double t2 = now_seconds();
+  a.lora = std::move(l.lora);
+  const float* bp = w.bias.defined() ? w.bias.data<float>() : nullptr;
+  if (!use_fast(isa)) {
+    run_gemm(isa, a, nullptr, &w.params, bp, y.mutable_raw(), DType::F32);
+  } else {
+    PackedView pk{N, K, w.R, w.wpk.data<uint8_t>(), w.wsc.data<float>(), w.up.data<float>()};
+    run_gemm(isa, a, &pk, nullptr, bp, y.mutable_raw(), DType::F32);
+  }
+  double t3 = now_seconds();
+  t->quantize = t1 - t0;
+  t->lowrank = t2 - t1;
+  t->gemm = t3 - t2;
+  return y;
+}
+}  // namespace kernels::w4a4
 
 Tensor svdquant_linear(const Tensor& x, const SvdquantW4A4Params& p, std::optional<DType> out_dtype) {
   return svdquant_linear(x, *prepare_svdquant_w4a4(p), out_dtype);

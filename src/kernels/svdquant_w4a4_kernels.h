@@ -22,6 +22,12 @@
 #pragma once
 #include <cstdint>
 
+#include "nibble/tensor.h"
+
+namespace nibble {
+struct SvdquantW4A4Prepared;
+}
+
 namespace nibble::kernels::w4a4 {
 
 inline constexpr int64_t kGroup = 64;
@@ -69,5 +75,15 @@ void lora_avx512(const float* x, int64_t ldx, int64_t K, const float* down, int6
                  int64_t ldl, int64_t m0, int64_t m1);
 void lora_avx2(const float* x, int64_t ldx, int64_t K, const float* down, int64_t ldd, int64_t R, float* lora,
                int64_t ldl, int64_t m0, int64_t m1);
+
+// ---- benchmark hooks
+// The fused layer (fp32 out) with its stages timed apart: quantize, low-rank, GEMM (incl. epilogue).
+struct StageTimes {
+  double quantize = 0, lowrank = 0, gemm = 0;
+};
+Tensor svdquant_linear_timed(const Tensor& x, const SvdquantW4A4Prepared& w, StageTimes* t);
+// Register-only vpdpbusd loop on the calling thread: `iters` iterations of 12 independent 16-lane
+// dot products; returns the integer ops done (2 per multiply-add). Needs Isa::Avx512Vnni.
+double vnni_peak_ops(int64_t iters);
 
 }  // namespace nibble::kernels::w4a4
