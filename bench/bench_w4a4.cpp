@@ -1,0 +1,86 @@
+// Google Benchmark of the svdquant_w4a4 layer: the fused svdquant_linear, the two kitchen ops, and the
+// register-only VNNI loop (the int8 roofline) — counters report GOP/s (2·M·N·K per call).
+// The full comparison table (stages, OpenBLAS sgemm, % of peak) is `nibble bench --op w4a4`.
+#include <benchmark/benchmark.h>
+
+#include <random>
+
+#include "kernels/svdquant_w4a4_kernels.h"
+#include "nibble/formats.h"
+#include "nibble/isa.h"
+#include "nibble/ops.h"
+#include "nibble/thread_pool.h"
+
+using namespace nibble;
+
+namespace {
+
+Tensor rnd(std::mt19937& rng, DType dt, Shape s, float lo, float hi) {
+  Tensor f = Tensor::empty(DType::F32, s);
+  std::uniform_real_distribution<float> d(lo, hi);
+  for (int64_t i = 0; i < f.numel(); ++i) f.mutable_data<float>()[i] = d(rng);
+  return dt == DType::F32 ? f : f.to(dt);
+}
+
+SvdquantW4A4Params layer(int64_t N, int64_t K, int64_t R) {
+  std::mt19937 rng(7);
+  SvdquantW4A4Params p;
+  p.N = N, p.K = K, p.R = R;
+  p.qweight = Tensor::empty(DType::I8, {N, K / 2});
+  for (int64_t i = 0; i < p.qweight.numel(); ++i) p.qweight.mutable_data<uint8_t>()[i] = uint8_t(rng());
+  p.wscales = rnd(rng, DType::BF16, {K / 64, N}, 0.001f, 0.02f);
+  p.smooth = rnd(rng, DType::BF16, {K}, 0.5f, 2.0f);
+  p.proj_down = rnd(rng, DType::BF16, {K, R}, -0.05f, 0.05f);
+  p.proj_up = rnd(rng, DType::BF16, {N, R}, -0.05f, 0.05f);
+  p.bias = rnd(rng, DType::BF16, {N}, -0.1f, 0.1f);
+  return p;
+}
+
+void BM_svdquant_linear(benchmark::State& st) {
+  const int64_t M = st.range(0), K = st.range(1), N = st.range(2), R = 32;
+  const auto prep = prepare_svdquant_w4a4(layer(N, K, R));
+  std::mt19937 rng(1);
+  const Tensor x = rnd(rng, DType::F32, {M, K}, -2, 2);
+  for (auto _ : st) benchmark::DoNotOptimize(svdquant_linear(x, *prep, DType::F32));
+  st.counters["GOPs"] = benchmark::Counter(2.0 * M * N * K, benchmark::Counter::kIsIterationInvariantRate,
+                                           benchmark::Counter::kIs1000);
+  st.SetLabel(isa_name(active_isa()));
+}
+
+void BM_two_ops(benchmark::State& st) {
+  const int64_t M = st.range(0), K = st.range(1), N = st.range(2), R = 32;
+  const SvdquantW4A4Params p = layer(N, K, R);
+  std::mt19937 rng(1);
+  const Tensor x = rnd(rng, DType::BF16, {M, K}, -2, 2);
+  for (auto _ : st) {
+    const SvdquantActs a = quantize_svdquant_w4a4(x, p.smooth, p.proj_down);
+    benchmark::DoNotOptimize(
+        scaled_mm_svdquant_w4a4(a.q_x, p.qweight, a.ascales, p.wscales, a.lora_act, p.proj_up, p.bias));
+  }
+  st.counters["GOPs"] = benchmark::Counter(2.0 * M * N * K, benchmark::Counter::kIsIterationInvariantRate,
+                                           benchmark::Counter::kIs1000);
+}
+
+void BM_vnni_peak_one_thread(benchmark::State& st) {
+  if (!isa_supported(Isa::Avx512Vnni)) {
+    st.SkipWithError("no AVX-512 VNNI");
+    return;
+  }
+  double ops = 0;
+  for (auto _ : st) ops += kernels::w4a4::vnni_peak_ops(1000000);
+  st.counters["GOPs"] = benchmark::Counter(ops, benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+}
+
+}  // namespace
+
+BENCHMARK(BM_vnni_peak_one_thread)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_svdquant_linear)
+    ->Args({256, 3072, 3072})
+    ->Args({4096, 3072, 3072})
+    ->Args({256, 3072, 12288})
+    ->Args({256, 12288, 3072})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK(BM_two_ops)->Args({256, 3072, 3072})->Unit(benchmark::kMillisecond)->UseRealTime();
+
+BENCHMARK_MAIN();
