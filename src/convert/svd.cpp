@@ -8,7 +8,7 @@
 #include <Eigen/SVD>
 #include <fmt/format.h>
 
-#include "nibble/ops.h"
+#include "gemm_skinny.h"
 
 namespace nibble::convert_detail {
 namespace {
@@ -23,52 +23,30 @@ uint64_t splitmix64(uint64_t& s) {
   return z ^ (z >> 31);
 }
 
-// Orthonormal basis of the columns of A (rows × l), thin, in double; returned as float row-major.
-MatRF orthonormalize(const MatRF& A) {
-  MatD Ad = A.cast<double>();
-  Eigen::HouseholderQR<MatD> qr(Ad);
-  MatD Q = qr.householderQ() * MatD::Identity(Ad.rows(), Ad.cols());
-  return Q.cast<float>();
-}
+int64_t pad16(int64_t v) { return (v + 15) / 16 * 16; }
 
-// y (M, R) = x (M, K) · w (R, K)ᵀ through linear_f32 (fp32, ISA dispatched, deterministic split).
-MatRF gemm_nt(const float* x, int64_t M, int64_t K, const MatRF& w) {
-  Tensor xt = Tensor::view(DType::F32, {M, K}, x, nullptr);
-  Tensor wt = Tensor::view(DType::F32, {int64_t(w.rows()), K}, w.data(), nullptr);
-  Tensor y = linear_f32(xt, wt);
-  MatRF out(M, w.rows());
-  std::copy(y.data<float>(), y.data<float>() + y.numel(), out.data());
-  return out;
+// In place: the first `l` columns of A (rows × Lp, row-major) become an orthonormal basis of their
+// span (Householder QR in double); padding columns stay zero.
+void orthonormalize(MatRF& A, int64_t l) {
+  MatD Ad = A.leftCols(l).cast<double>();
+  Eigen::HouseholderQR<MatD> qr(Ad);
+  MatD Q = qr.householderQ() * MatD::Identity(Ad.rows(), l);
+  A.leftCols(l) = Q.cast<float>();
 }
 
 }  // namespace
 
 void matmul_nn(const float* W, const float* V, int64_t N, int64_t K, int64_t R, float* out) {
-  Eigen::Map<const MatRF> Vm(V, K, R);
-  MatRF Vt = Vm.transpose();
-  MatRF y = gemm_nt(W, N, K, Vt);
-  std::copy(y.data(), y.data() + N * R, out);
+  const int64_t Rp = pad16(R);
+  MatRF Vp = MatRF::Zero(K, Rp), Y(N, Rp);
+  Vp.leftCols(R) = Eigen::Map<const MatRF>(V, K, R);
+  skinny_nn(W, N, K, Vp.data(), Rp, Y.data());
+  Eigen::Map<MatRF>(out, N, R) = Y.leftCols(R);
 }
 
 void matmul_nt(const float* A, const float* B, int64_t N, int64_t K, int64_t R, float* out, int accumulate) {
-  Tensor at = Tensor::view(DType::F32, {N, R}, A, nullptr);
-  Tensor bt = Tensor::view(DType::F32, {K, R}, B, nullptr);
-  if (accumulate == 0) {
-    Tensor y = linear_f32(at, bt);
-    std::copy(y.data<float>(), y.data<float>() + N * K, out);
-    return;
-  }
-  // Row blocks keep the temporary small.
-  const int64_t rows = std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(K, 1));
-  for (int64_t n0 = 0; n0 < N; n0 += rows) {
-    const int64_t n1 = std::min(N, n0 + rows);
-    Tensor y = linear_f32(at.slice_rows(n0, n1), bt);
-    const float* yp = y.data<float>();
-    float* o = out + n0 * K;
-    const int64_t cnt = (n1 - n0) * K;
-    if (accumulate > 0) for (int64_t i = 0; i < cnt; ++i) o[i] += yp[i];
-    else for (int64_t i = 0; i < cnt; ++i) o[i] -= yp[i];
-  }
+  MatRF Bt = Eigen::Map<const MatRF>(B, K, R).transpose();
+  expand_lowrank(A, Bt.data(), N, K, R, out, accumulate != 0, accumulate < 0 ? -1.0f : 1.0f);
 }
 
 LowRank truncated_svd(const float* W, int64_t N, int64_t K, int64_t R, SvdMethod method, uint64_t seed,
@@ -92,27 +70,36 @@ LowRank truncated_svd(const float* W, int64_t N, int64_t K, int64_t R, SvdMethod
     sd = svd.singularValues().head(R);
   } else {
     const int64_t l = std::min<int64_t>(std::min(N, K), R + std::max(0, oversample));
-    // Gaussian test matrix Ω (K, l), stored transposed (l, K) for gemm_nt.
-    MatRF OmegaT(l, K);
+    const int64_t Lp = pad16(l);
+    // Gaussian test matrix Ω (K, l), zero-padded to Lp columns.
+    MatRF Omega = MatRF::Zero(K, Lp);
     uint64_t s = seed ^ 0x6a09e667f3bcc909ull;
-    for (int64_t i = 0; i < l * K; i += 2) {
-      const double u1 = (double(splitmix64(s) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
-      const double u2 = (double(splitmix64(s) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
-      const double r = std::sqrt(-2.0 * std::log(u1)), t = 6.283185307179586 * u2;
-      OmegaT.data()[i] = float(r * std::cos(t));
-      if (i + 1 < l * K) OmegaT.data()[i + 1] = float(r * std::sin(t));
-    }
-    MatRF Q = orthonormalize(gemm_nt(W, N, K, OmegaT));  // (N, l)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < l; j += 2) {
+        const double u1 = (double(splitmix64(s) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+        const double u2 = (double(splitmix64(s) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+        const double r = std::sqrt(-2.0 * std::log(u1)), t = 6.283185307179586 * u2;
+        Omega(k, j) = float(r * std::cos(t));
+        if (j + 1 < l) Omega(k, j + 1) = float(r * std::sin(t));
+      }
+    MatRF Q = MatRF::Zero(N, Lp), Z = MatRF::Zero(K, Lp);
+    skinny_nn(W, N, K, Omega.data(), Lp, Q.data());       // Y = W Ω
+    orthonormalize(Q, l);
     for (int it = 0; it < power_iterations; ++it) {
-      MatRF Z = orthonormalize(Wm.transpose() * Q);      // (K, l)
-      MatRF Zt = Z.transpose();
-      Q = orthonormalize(gemm_nt(W, N, K, Zt));          // (N, l)
+      skinny_tn(W, N, K, Q.data(), Lp, Z.data());         // Z = Wᵀ Q
+      orthonormalize(Z, l);
+      skinny_nn(W, N, K, Z.data(), Lp, Q.data());         // Y = W Z
+      orthonormalize(Q, l);
     }
-    // B = Qᵀ W (l, K); its SVD B = Ub Σ Vbᵀ gives W ≈ (Q Ub) Σ Vbᵀ.
-    MatRF Bt = Wm.transpose() * Q;                        // (K, l) = Bᵀ
-    MatD Btd = Bt.cast<double>();
-    Eigen::JacobiSVD<MatD> svd(Btd, Eigen::ComputeThinU);
-    Vd = svd.matrixU().leftCols(R);                       // right singular vectors of W
+    // Bᵀ = Wᵀ Q (K, l); B = Qᵀ W = Ub Σ Vbᵀ, so W ≈ (Q Ub) Σ Vbᵀ and Vb = left vectors of Bᵀ.
+    skinny_tn(W, N, K, Q.data(), Lp, Z.data());
+    // Left vectors of the tall Bᵀ via QR: Bᵀ = Qz Rz, Rz = Ur Σ Vrᵀ (small SVD) → Bᵀ's U = Qz Ur.
+    MatD Btd = Z.leftCols(l).cast<double>();
+    Eigen::HouseholderQR<MatD> qr(Btd);
+    MatD Qz = qr.householderQ() * MatD::Identity(K, l);
+    MatD Rz = qr.matrixQR().topRows(l).triangularView<Eigen::Upper>();
+    Eigen::JacobiSVD<MatD> svd(Rz, Eigen::ComputeFullU);
+    Vd = Qz * svd.matrixU().leftCols(R);
     sd = svd.singularValues().head(R);
   }
   // Fix the sign of each vector (largest |component| positive) so results are canonical.
