@@ -17,11 +17,9 @@ namespace nibble::kernels::w4a4 {
 
 namespace {
 
-inline int32_t load_dword(const int8_t* p) {
-  int32_t v;
-  __builtin_memcpy(&v, p, 4);
-  return v;
-}
+// A 4-byte activation load the compiler may fold into vpdpbusd's {1to16} broadcast operand.
+typedef int32_t __attribute__((may_alias, aligned(1))) unaligned_i32;
+inline __m512i bcast_dword(const int8_t* p) { return _mm512_set1_epi32(*reinterpret_cast<const unaligned_i32*>(p)); }
 
 template <int MR>
 void micro(const GemmArgs& a, int64_t m, int64_t t) {
@@ -46,14 +44,14 @@ void micro(const GemmArgs& a, int64_t m, int64_t t) {
       const __m512i raw1 = _mm512_loadu_si512(wg + p * 128 + 64);
       const __m512i lo0 = _mm512_and_si512(raw0, nib), lo1 = _mm512_and_si512(raw1, nib);
       for (int i = 0; i < MR; ++i) {
-        const __m512i av = _mm512_set1_epi32(load_dword(arow[i] + kg + 8 * p));
+        const __m512i av = bcast_dword(arow[i] + kg + 8 * p);
         d[i][0] = _mm512_dpbusd_epi32(d[i][0], lo0, av);
         d[i][1] = _mm512_dpbusd_epi32(d[i][1], lo1, av);
       }
       const __m512i hi0 = _mm512_and_si512(_mm512_srli_epi16(raw0, 4), nib);
       const __m512i hi1 = _mm512_and_si512(_mm512_srli_epi16(raw1, 4), nib);
       for (int i = 0; i < MR; ++i) {
-        const __m512i av = _mm512_set1_epi32(load_dword(arow[i] + kg + 8 * p + 4));
+        const __m512i av = bcast_dword(arow[i] + kg + 8 * p + 4);
         d[i][0] = _mm512_dpbusd_epi32(d[i][0], hi0, av);
         d[i][1] = _mm512_dpbusd_epi32(d[i][1], hi1, av);
       }
