@@ -309,21 +309,23 @@ FullPlan make_plan(const Checkpoint& ck, const ConvertOptions& o) {
     job.opts = ft.second;
     job.members = {name};
     if (ft.first == "svdquant_w4a4") {
+      // Whichever member of a q/k/v triple comes first forms the group, members in q, k, v order.
       static const std::vector<std::vector<std::string>> triples = {
           {"attn.to_q", "attn.to_k", "attn.to_v"}, {"attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"}};
-      for (const auto& tri : triples) {
-        if (!ends_with(name, tri[0])) continue;
-        const std::string base = name.substr(0, name.size() - tri[0].size());
-        std::vector<std::string> m = {name, base + tri[1], base + tri[2]};
-        bool ok = true;
-        for (const auto& x : m) {
-          auto it = target.find(x);
-          if (it == target.end() || it->second.first != "svdquant_w4a4" || it->second.second != ft.second ||
-              by_name[x]->K != by_name[name]->K || job_of.count(x))
-            ok = false;
+      for (const auto& tri : triples)
+        for (const auto& t : tri) {
+          if (!ends_with(name, t)) continue;
+          const std::string base = name.substr(0, name.size() - t.size());
+          std::vector<std::string> m = {base + tri[0], base + tri[1], base + tri[2]};
+          bool ok = true;
+          for (const auto& x : m) {
+            auto it = target.find(x);
+            if (it == target.end() || it->second.first != "svdquant_w4a4" || it->second.second != ft.second ||
+                by_name[x]->K != by_name[name]->K || job_of.count(x))
+              ok = false;
+          }
+          if (ok) job.members = m;
         }
-        if (ok) job.members = m;
-      }
     }
     int64_t ntot = 0;
     const int64_t K = by_name[name]->K;

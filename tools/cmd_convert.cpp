@@ -1,0 +1,120 @@
+// `nibble convert IN -o OUT [--preset qwen-image] [--tensor-type REGEX=FORMAT[:opt=v,...]]...
+//  [--exclude REGEX] [--rank 32] [--group-size 64] [--layout natural|tile] [--calib STATS]
+//  [--svd randomized|exact] [--refine N] [--allow-requantize] [--dry-run] [--json REPORT] [--mem MiB]`
+// and `nibble calib-synth` is not provided; see docs/convert.md for the --calib file layout.
+// One line per tensor (llama-quantize style), a progress bar with MB/s and ETA on a TTY, a summary.
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+
+#include <fmt/format.h>
+
+#include "command.h"
+#include "nibble/convert.h"
+#include "nibble/thread_pool.h"
+
+namespace nibble::cli {
+namespace {
+
+double mib(uint64_t b) { return double(b) / (1024.0 * 1024.0); }
+
+void print_plan(const ConvertPlan& p) {
+  fmt::print("{:>5}  {:<60} {:<14} {:>14}  {:>10} → {:>9}\n", "#", "layer", "format", "shape", "MiB", "MiB");
+  int i = 0;
+  for (const auto& l : p.layers)
+    fmt::print("{:>5}  {:<60} {:<14} {:>14}  {:>10.2f} → {:>9.2f}{}\n", ++i, l.name, l.format,
+               fmt::format("{}x{}", l.N, l.K), mib(l.bytes_before), mib(l.bytes_after),
+               l.group.empty() ? "" : fmt::format("  (group of {})", l.group.size()));
+  fmt::print("{} layers quantized, {} tensors copied unchanged; tensors {:.1f} MiB → {:.1f} MiB; output file {} bytes ({:.1f} MiB)\n",
+             p.layers.size(), p.passthrough_tensors, mib(p.bytes_in), mib(p.bytes_out), p.file_size, mib(p.file_size));
+}
+
+const CommandRegistration kConvert{
+    "convert", "quantize float linears to kitchen-native awq_w4a16 / svdquant_w4a4 (CPU, streaming)", 20,
+    [](CLI::App& app) -> RunFn {
+      struct Args {
+        std::string in, out, json, layout = "natural", svd = "randomized";
+        std::vector<std::string> rules;
+        bool dry_run = false;
+        double mem_mib = 2048;
+        ConvertOptions o;
+      };
+      auto a = std::make_shared<Args>();
+      app.fallthrough();
+      app.add_option("in", a->in, "input: a .safetensors file, a *.safetensors.index.json or a directory of shards")->required();
+      app.add_option("-o,--output", a->out, "output .safetensors file");
+      app.add_option("--preset", a->o.preset, "layer → format map: qwen-image (the kitchen Qwen-Image-Edit map)");
+      app.add_option("--tensor-type", a->rules,
+                     "REGEX=FORMAT[:opt=v,...] rule (first match wins, before the preset); FORMAT awq_w4a16|svdquant_w4a4|keep; "
+                     "opts group_size, rank, act_unsigned, layout, svd, refine");
+      app.add_option("--exclude", a->o.exclude, "REGEX: matching layers are copied unchanged");
+      app.add_option("--rank", a->o.rank, "svdquant low-rank R")->capture_default_str();
+      app.add_option("--group-size", a->o.group_size, "awq group size along K")->capture_default_str();
+      app.add_option("--layout", a->layout, "svdquant storage: natural|tile")->capture_default_str();
+      app.add_option("--calib", a->o.calib_path, "activation statistics (safetensors, docs/convert.md)");
+      app.add_option("--svd", a->svd, "randomized|exact")->capture_default_str();
+      app.add_option("--refine", a->o.refine_iterations, "svdquant refinement iterations L ← SVD_R(W − Q(W − L))")->capture_default_str();
+      app.add_flag("--allow-requantize", a->o.allow_requantize, "allow matching already-quantized layers");
+      app.add_flag("--dry-run", a->dry_run, "print the plan and the output size; write nothing");
+      app.add_option("--json", a->json, "write a JSON report (per-layer errors, totals)");
+      app.add_option("--mem", a->mem_mib, "working-memory budget for in-flight layers, MiB")->capture_default_str();
+      return [a]() {
+        ConvertOptions o = a->o;
+        for (const auto& r : a->rules) o.rules.push_back(parse_convert_rule(r));
+        if (a->layout != "natural" && a->layout != "tile") throw Error(fmt::format("--layout {}: expected natural or tile", a->layout));
+        o.tile_layout = a->layout == "tile";
+        if (a->svd != "randomized" && a->svd != "exact") throw Error(fmt::format("--svd {}: expected randomized or exact", a->svd));
+        o.svd = a->svd == "exact" ? SvdMethod::Exact : SvdMethod::Randomized;
+        if (a->mem_mib <= 0) throw Error("--mem must be positive");
+        o.mem_budget = uint64_t(a->mem_mib * 1024 * 1024);
+        if (o.preset.empty() && o.rules.empty())
+          throw Error("convert: nothing to do — give --preset qwen-image and/or --tensor-type REGEX=FORMAT rules");
+        const bool quiet = globals().quiet;
+        if (a->dry_run) {
+          ConvertPlan p = plan_conversion(a->in, o);
+          print_plan(p);
+          if (!a->json.empty()) {
+            ConvertReport r;
+            r.plan = p;
+            std::ofstream(a->json) << convert_report_json(r) << "\n";
+          }
+          return 0;
+        }
+        if (a->out.empty()) throw Error("convert: -o OUT is required (or use --dry-run)");
+        const bool tty = isatty(fileno(stderr)) && !globals().no_progress && !quiet;
+        auto progress = [&](const ConvertProgress& p) {
+          if (tty) fmt::print(stderr, "\r\033[K");
+          if (!quiet) {
+            std::string err = p.rel_error >= 0 ? fmt::format("  err {:.4f}", p.rel_error) : "";
+            if (p.format != "comfy_quant" || globals().verbose)
+              fmt::print("[{:>5}/{:>5}] {:<64} {:>20} {:<14} {:>9.2f} MiB → {:>8.2f} MiB{}\n", p.index, p.total, p.name,
+                         shape_str(p.shape), p.format.empty() ? "copy" : p.format,
+                         mib(p.bytes_before ? p.bytes_before : p.bytes_after), mib(p.bytes_after), err);
+          }
+          if (tty) {
+            const double frac = p.bytes_total ? double(p.bytes_done) / double(p.bytes_total) : 1.0;
+            const double rate = p.elapsed_seconds > 0 ? mib(p.bytes_done) / p.elapsed_seconds : 0;
+            const double eta = rate > 0 ? (mib(p.bytes_total) - mib(p.bytes_done)) / rate : 0;
+            const int w = 30, fill = int(frac * w);
+            fmt::print(stderr, "[{}{}] {:5.1f}%  {:.1f} MB/s  ETA {:.0f}s", std::string(size_t(fill), '#'),
+                       std::string(size_t(w - fill), '.'), 100 * frac, rate * 1.048576, eta);
+          }
+          std::fflush(stdout);
+        };
+        ConvertReport r = convert_checkpoint(a->in, a->out, o, progress);
+        if (tty) fmt::print(stderr, "\r\033[K");
+        double max_err = 0;
+        for (const auto& l : r.layers) max_err = std::max(max_err, l.weight_rel_error);
+        if (!quiet)
+          fmt::print("converted {} layers ({} tensors copied) in {:.1f} s: {:.1f} MiB → {:.1f} MiB ({:.1f} MB/s input), "
+                     "max weight rel. error {:.4f}, peak RSS {:.0f} MiB, {} threads → {}\n",
+                     r.plan.layers.size(), r.plan.passthrough_tensors, r.seconds, mib(r.plan.bytes_in), mib(r.plan.file_size),
+                     double(r.plan.bytes_in) / 1e6 / std::max(r.seconds, 1e-9), max_err, mib(r.peak_rss), num_threads(), a->out);
+        if (!a->json.empty()) std::ofstream(a->json) << convert_report_json(r) << "\n";
+        return 0;
+      };
+    }};
+
+}  // namespace
+}  // namespace nibble::cli
