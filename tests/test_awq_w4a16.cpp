@@ -208,6 +208,21 @@ TEST(AwqW4A16, OutputDtypeShapeAndBias) {
   }
 }
 
+TEST(AwqW4A16, OneDimensionalAndEmptyInputs) {
+  IsaGuard guard;
+  std::mt19937 rng(test_seed() + 5);
+  const Case c = make_case(rng, 1, 10, 64, 32, DType::BF16, DType::BF16, false);
+  for (Isa isa : supported_isas()) {
+    set_isa(isa);
+    const Tensor y1 = gemv_awq_w4a16(c.x.reshape({64}), c.q, c.s, c.z, Tensor(), 32, DType::F32);
+    EXPECT_EQ(y1.shape(), (Shape{10}));
+    const Tensor y2 = gemv_awq_w4a16(c.x, c.q, c.s, c.z, Tensor(), 32, DType::F32);
+    EXPECT_EQ(0, std::memcmp(y1.raw(), y2.raw(), y1.nbytes()));
+    const Tensor y0 = gemv_awq_w4a16(Tensor::zeros(DType::BF16, {0, 64}), c.q, c.s, c.z, Tensor(), 32);
+    EXPECT_EQ(y0.shape(), (Shape{0, 10}));
+  }
+}
+
 TEST(AwqW4A16, ValidationErrors) {
   std::mt19937 rng(7);
   const Case c = make_case(rng, 2, 8, 128, 64, DType::BF16, DType::BF16, true);
