@@ -46,5 +46,5 @@ clean:
 	rm -rf $(BUILD) $(BUILD_ASAN) build-fuzz
 
 # Opt-in: nibble vs comfy-kitchen's eager backend (installs torch + comfy-kitchen from PyPI).
-test-kitchen: setup
+test-kitchen: build
 	@bash scripts/test_kitchen.sh

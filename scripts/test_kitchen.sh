@@ -30,6 +30,14 @@ if [ -n "${NIBBLE_ROOT:-}" ]; then  # build against another copy of the C++ sour
   EXTRA=(-C "cmake.define.NIBBLE_ROOT=$NIBBLE_ROOT")
   BUILD_DIR="$ROOT/build-python-kitchen-alt"
 fi
+LIB=${NIBBLE_LIBRARY:-}
+if [ -z "$LIB" ] && [ -n "${MAKELEVEL:-}" ] && [ -f "$ROOT/${BUILD:-build}/libnibble.a" ]; then
+  LIB="$ROOT/${BUILD:-build}/libnibble.a"   # `make test-kitchen` built it (target depends on build)
+fi
+if [ -n "$LIB" ]; then  # link an already built libnibble.a of the same tree
+  EXTRA+=(-C "cmake.define.NIBBLE_LIBRARY=$LIB")
+  BUILD_DIR="$BUILD_DIR-prebuilt"
+fi
 "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation --force-reinstall \
   -C build-dir="$BUILD_DIR" "${EXTRA[@]}" ./python
 "$VENV/bin/python" -c "import torch, comfy_kitchen; print('test_kitchen: torch', torch.__version__, '| comfy-kitchen', getattr(comfy_kitchen, '__version__', '?'))"

@@ -7,6 +7,7 @@
 // asks otherwise (torch.nn.Linear semantics; float32 keeps the exact fp32 result).
 #include <nanobind/stl/map.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
