@@ -1,7 +1,7 @@
 // `nibble convert IN -o OUT [--preset qwen-image] [--tensor-type REGEX=FORMAT[:opt=v,...]]...
 //  [--exclude REGEX] [--rank 32] [--group-size 64] [--layout natural|tile] [--calib STATS]
 //  [--svd randomized|exact] [--refine N] [--allow-requantize] [--dry-run] [--json REPORT] [--mem MiB]`
-// and `nibble calib-synth` is not provided; see docs/convert.md for the --calib file layout.
+// and `nibble synth` (the synthetic bf16 Qwen-Image checkpoint used to test and time it).
 // One line per tensor (llama-quantize style), a progress bar with MB/s and ETA on a TTY, a summary.
 #include <unistd.h>
 
@@ -12,6 +12,7 @@
 
 #include "command.h"
 #include "nibble/convert.h"
+#include "nibble/synth.h"
 #include "nibble/thread_pool.h"
 
 namespace nibble::cli {
@@ -112,6 +113,31 @@ const CommandRegistration kConvert{
                      r.plan.layers.size(), r.plan.passthrough_tensors, r.seconds, mib(r.plan.bytes_in), mib(r.plan.file_size),
                      double(r.plan.bytes_in) / 1e6 / std::max(r.seconds, 1e-9), max_err, mib(r.peak_rss), num_threads(), a->out);
         if (!a->json.empty()) std::ofstream(a->json) << convert_report_json(r) << "\n";
+        return 0;
+      };
+    }};
+
+// `nibble synth OUT [--blocks B] [--hidden D] [--mlp-hidden F] [--joint-dim J] [--no-top-level]`:
+// a seeded synthetic bf16 Qwen-Image checkpoint (nibble/synth.h) — the converter's test input.
+const CommandRegistration kSynth{
+    "synth", "write a seeded synthetic bf16 Qwen-Image checkpoint (converter / demo input)", 91,
+    [](CLI::App& app) -> RunFn {
+      auto path = std::make_shared<std::string>();
+      auto o = std::make_shared<SynthCheckpointOptions>();
+      auto no_top = std::make_shared<bool>(false);
+      app.add_option("out", *path, "output .safetensors path")->required();
+      app.add_option("--blocks", o->blocks, "transformer blocks")->capture_default_str();
+      app.add_option("--hidden", o->hidden, "hidden size D")->capture_default_str();
+      app.add_option("--mlp-hidden", o->mlp_hidden, "MLP width (0 = 4·D)")->capture_default_str();
+      app.add_option("--joint-dim", o->joint_dim, "txt_in input width (0 = D; real model 3584)")->capture_default_str();
+      app.add_option("--head-dim", o->head_dim, "attention head width")->capture_default_str();
+      app.add_option("--seed", o->seed, "random seed")->capture_default_str();
+      app.add_option("--prefix", o->prefix, "prefix of every name, e.g. model.diffusion_model.");
+      app.add_flag("--no-top-level", *no_top, "only the transformer blocks");
+      return [path, o, no_top]() {
+        o->top_level = !*no_top;
+        const uint64_t bytes = write_synth_qwen_image_checkpoint(*path, *o);
+        if (!globals().quiet) fmt::print("wrote {} ({:.1f} MiB)\n", *path, mib(bytes));
         return 0;
       };
     }};
