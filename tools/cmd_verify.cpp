@@ -1,0 +1,142 @@
+// `nibble verify QUANT [--against FLOAT_CKPT] [--json] [--rows M] [--seed S] [--filter REGEX]`
+// Per quantized layer: relative Frobenius error of the effective weight against the float layer of
+// FLOAT_CKPT (when given), and output SNR on seeded random inputs — against the float layer when
+// given, else against the layer's own dequantized baseline (which checks the kernels). Inputs are
+// N(0, 1); act_unsigned layers get GELU(tanh) of that (what they see in the model).
+#include <fmt/format.h>
+
+#include <cmath>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <regex>
+
+#include "command.h"
+#include "nibble/nn.h"
+
+namespace nibble::cli {
+namespace {
+
+double snr_db(const Tensor& got, const Tensor& ref) {
+  double sig = 0, err = 0;
+  for (int64_t i = 0; i < ref.numel(); ++i) {
+    const double r = ref.data<float>()[i], d = double(got.data<float>()[i]) - r;
+    sig += r * r, err += d * d;
+  }
+  if (err == 0) return std::numeric_limits<double>::infinity();
+  return 10 * std::log10(sig / err);
+}
+
+double rel_fro(const Tensor& a, const Tensor& ref) {
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < ref.numel(); ++i) {
+    const double r = ref.data<float>()[i], d = double(a.data<float>()[i]) - r;
+    num += d * d, den += r * r;
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+Tensor seeded_input(int64_t M, int64_t K, uint64_t seed, bool post_gelu) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  Tensor x = Tensor::empty(DType::F32, {M, K});
+  float* p = x.mutable_data<float>();
+  for (int64_t i = 0; i < M * K; ++i) {
+    float v = nd(rng);
+    if (post_gelu) v = 0.5f * v * (1.0f + std::tanh(0.7978845608f * (v + 0.044715f * v * v * v)));
+    p[i] = v;
+  }
+  return x;
+}
+
+const CommandRegistration reg("verify", "check a quantized checkpoint: weight error and output SNR per layer", 40,
+                              [](CLI::App& app) -> RunFn {
+  struct Opts {
+    std::string quant, against, filter;
+    bool json = false;
+    int64_t rows = 32;
+    uint64_t seed = 1;
+  };
+  auto o = std::make_shared<Opts>();
+  app.add_option("QUANT", o->quant, "quantized checkpoint")->required();
+  app.add_option("--against", o->against, "float checkpoint with the same layer names");
+  app.add_flag("--json", o->json, "print a JSON array (one record per layer) plus a summary record");
+  app.add_option("--rows", o->rows, "rows of the random input per layer")->check(CLI::PositiveNumber);
+  app.add_option("--seed", o->seed, "seed of the random inputs");
+  app.add_option("--filter", o->filter, "only layers whose name matches this regex (search)");
+  return [o]() -> int {
+    nn::set_notice_handler(nullptr);
+    const nn::Model q = nn::load_checkpoint(o->quant);
+    std::optional<nn::Model> ref;
+    if (!o->against.empty()) ref = nn::load_checkpoint(o->against);
+    const std::regex re(o->filter.empty() ? std::string(".*") : o->filter);
+    nlohmann::json out = nlohmann::json::array();
+    int count = 0, missing = 0, exact = 0;  // exact: output identical to the reference (SNR = inf)
+    double snr_min = std::numeric_limits<double>::infinity(), snr_sum = 0, err_max = 0;
+    std::string worst;
+    if (!o->json)
+      fmt::print("{:<52} {:<14} {:>6} {:>6} {:>10} {:>9}\n", "layer", "format", "N", "K",
+                 ref ? "w_rel_err" : "-", ref ? "SNR(float)" : "SNR(deq)");
+    uint64_t seed = o->seed;
+    for (const auto& name : q.names()) {
+      const nn::Linear& l = q.linear(name);
+      if (!l.layer().format || !std::regex_search(name, re)) continue;
+      ++count;
+      const Tensor x = seeded_input(o->rows, l.in_features(), seed++, l.act_unsigned());
+      const Tensor y = l.forward(x);
+      nlohmann::json rec = {{"layer", name}, {"format", l.format_name()}, {"N", l.out_features()},
+                            {"K", l.in_features()}, {"act_unsigned", l.act_unsigned()}};
+      double snr = 0, err = -1;
+      if (ref) {
+        if (!ref->contains(name)) {
+          ++missing;
+          rec["error"] = "missing in the float checkpoint";
+          if (!o->json) fmt::print("{:<52} {:<14} missing in {}\n", name, l.format_name(), o->against);
+          out.push_back(rec);
+          continue;
+        }
+        const nn::Linear& f = ref->linear(name);
+        if (f.out_features() != l.out_features() || f.in_features() != l.in_features())
+          throw Error(fmt::format("layer '{}': float layer is ({}, {}), quantized is ({}, {})", name,
+                                  f.out_features(), f.in_features(), l.out_features(), l.in_features()));
+        err = rel_fro(l.effective_weight(), f.effective_weight());
+        snr = snr_db(y, f.forward(x));
+        rec["weight_rel_err"] = err;
+        rec["reference"] = "float";
+      } else {
+        snr = snr_db(y, l.dequantized().forward(x));
+        rec["reference"] = "dequantized";
+      }
+      rec["snr_db"] = std::isinf(snr) ? nlohmann::json(nullptr) : nlohmann::json(snr);
+      out.push_back(rec);
+      if (snr < snr_min) snr_min = snr, worst = name;
+      if (std::isinf(snr))
+        ++exact;
+      else
+        snr_sum += snr;
+      err_max = std::max(err_max, err);
+      if (!o->json)
+        fmt::print("{:<52} {:<14} {:>6} {:>6} {:>10} {:>9.2f}\n", name, l.format_name(), l.out_features(),
+                   l.in_features(), err >= 0 ? fmt::format("{:.5f}", err) : "-", snr);
+    }
+    const int measured = count - missing;
+    const double mean = measured - exact > 0 ? snr_sum / (measured - exact) : std::numeric_limits<double>::infinity();
+    if (o->json) {
+      out.push_back({{"summary", true}, {"layers", count}, {"missing", missing}, {"exact", exact},
+                     {"snr_min_db", measured ? nlohmann::json(snr_min) : nlohmann::json(nullptr)},
+                     {"snr_mean_db", std::isinf(mean) ? nlohmann::json(nullptr) : nlohmann::json(mean)},
+                     {"worst_layer", worst},
+                     {"weight_rel_err_max", ref ? nlohmann::json(err_max) : nlohmann::json(nullptr)}});
+      fmt::print("{}\n", out.dump(1));
+    } else {
+      fmt::print("summary: {} quantized layers{}{}, output SNR vs {} mean {:.2f} dB, min {:.2f} dB ({}){}\n", count,
+                 missing ? fmt::format(" ({} missing in the float checkpoint)", missing) : "",
+                 exact ? fmt::format(", {} exact (SNR inf, not in the mean)", exact) : "",
+                 ref ? "float" : "dequantized baseline", mean, measured ? snr_min : 0.0, worst,
+                 ref ? fmt::format(", max weight rel. error {:.5f}", err_max) : "");
+    }
+    return missing ? 2 : 0;
+  };
+});
+}  // namespace
+}  // namespace nibble::cli
