@@ -78,6 +78,7 @@ BENCHMARK(BM_svdquant_linear)
     ->Args({256, 3072, 3072})
     ->Args({4096, 3072, 3072})
     ->Args({256, 3072, 12288})
+    ->Args({4096, 3072, 12288})
     ->Args({256, 12288, 3072})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();

@@ -44,7 +44,8 @@ struct SvdquantW4A4Prepared {
 
 namespace {
 
-constexpr int64_t kRowsPerTask = 48;   // GEMM task rows (multiple of the VNNI MR = 6 and AVX2 MR = 3)
+constexpr int64_t kRowsPerTask = 96;   // GEMM task rows (multiple of the VNNI MR = 6 and AVX2 MR = 3); with
+                                       // 8 × 32 columns the task block (acts + weights) fits the 1 MiB L2
 constexpr int64_t kTilesPerTask = 8;   // GEMM task columns = 8 × 32
 constexpr int64_t kQuantRows = 16;     // quantize / low-rank task rows
 
@@ -253,7 +254,7 @@ void run_gemm(Isa isa, const Acts& a, const PackedView* pk, const SvdquantW4A4Pa
   const int64_t mb = (M + kRowsPerTask - 1) / kRowsPerTask, nb = (T + kTilesPerTask - 1) / kTilesPerTask;
   const bool vnni = use_vnni(isa);
   parallel_for(mb * nb, [&](int64_t task) {
-    const int64_t bm = task % mb, bn = task / mb;  // row blocks inner: neighbours share the weight block
+    const int64_t bm = task / nb, bn = task % nb;  // column blocks inner: neighbours share the activation block
     const int64_t m0 = bm * kRowsPerTask, m1 = std::min(M, m0 + kRowsPerTask);
     const int64_t t0 = bn * kTilesPerTask, t1 = std::min(T, t0 + kTilesPerTask);
     const int64_t n0 = t0 * kTileN, n1 = std::min(N, t1 * kTileN);
