@@ -12,7 +12,9 @@
 //    from the memory map. The writer is atomic: on any error nothing appears at OUT.
 // The bytes depend only on input and options: jobs are pure functions, the batch split does not
 // change any job's result.
+#include <sys/mman.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -65,6 +67,16 @@ uint64_t peak_rss_bytes() {
   struct rusage ru{};
   if (getrusage(RUSAGE_SELF, &ru) != 0) return 0;
   return uint64_t(ru.ru_maxrss) * 1024;
+}
+
+// Drops the input pages of a tensor we are done with from this process's resident set (clean
+// file-backed pages of the read-only mapping; a later access would just fault them in again).
+// Without this, RSS grows to the whole input file however small the working set is.
+void release_pages(const Tensor& t) {
+  if (!t.defined() || t.writable() || t.nbytes() == 0) return;
+  static const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+  const uintptr_t b = (uintptr_t(t.raw()) + page - 1) / page * page, e = (uintptr_t(t.raw()) + t.nbytes()) / page * page;
+  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);
 }
 
 // ---- planned output tensors
@@ -570,6 +582,8 @@ JobResult run_job(const Checkpoint& ck, const Job& job, const ConvertOptions& o,
       res.layers.push_back({job.members[i], job.format, ps[i].N, ps[i].K, 0, 0, rel_error(Ws[i], effective_weight(ps[i])), 0});
     }
   }
+  for (const auto& w : Ws) release_pages(w);
+  for (const auto& b : Bs) release_pages(b);
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   for (auto& l : res.layers) l.seconds = s / double(res.layers.size());
   return res;
@@ -619,6 +633,7 @@ ConvertReport convert_checkpoint(const std::string& in, const std::string& out, 
     if (ot.job < 0 && ot.json.empty()) {
       Tensor t = ck.get(ot.source);
       writer.write_tensor(ot.name, t);
+      release_pages(t);
       pr.bytes_before = pr.bytes_after = t.nbytes();
     } else if (!ot.json.empty()) {
       writer.write(ot.name, ot.json.data(), ot.json.size());

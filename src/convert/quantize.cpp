@@ -27,6 +27,14 @@ float round_to(DType d, float v) {
 }
 uint16_t encode16(DType d, float v) { return d == DType::F16 ? f32_to_f16(v) : f32_to_bf16(v); }
 
+// Round half to even for |v| ≤ 2^22 (codes are clamped to ±16 before): adding and subtracting
+// 1.5·2^23 leaves the integer part under the default rounding mode. std::nearbyint is a libm call
+// in the baseline x86-64 build, and this loop runs over every weight three times.
+inline float round_even(float v) {
+  volatile float magic = 12582912.0f;  // volatile: keep the compiler from folding (v + m) − m
+  return (v + magic) - magic;
+}
+
 Tensor store16(DType d, const float* v, Shape shape) {
   Tensor t = Tensor::empty(d, shape);
   uint16_t* p = t.mutable_data<uint16_t>();
@@ -128,7 +136,8 @@ AwqW4A16Params quantize_awq_w4a16(const Tensor& Win, const Tensor& bias, const A
           double err = 0;
           for (int64_t j = 0; j < G; ++j) {
             int q = 8;
-            if (s > 0) q = int(std::clamp(std::nearbyint((v[j] - z) / s + 8.0f), 0.0f, 15.0f));
+            if (s > 0) q = int(round_even(std::clamp((v[j] - z) / s + 8.0f, -1.0f, 16.0f)));
+            q = std::clamp(q, 0, 15);
             codes[size_t(j)] = q;
             const float e = (float(q - 8) * s + z) - v[j];
             const double a = imp.empty() ? 1.0 : double(imp[size_t(g * G + j)]);
@@ -213,7 +222,7 @@ QuantResidual quantize_residual(const float* R, int64_t N, int64_t K, DType sd) 
         if (s == 0) { std::fill(c, c + kGroup, int8_t(0)); continue; }
         const float inv = 1.0f / s;
         for (int64_t j = 0; j < kGroup; ++j)
-          c[j] = int8_t(std::clamp(std::nearbyint(v[j] * inv), -7.0f, 7.0f));
+          c[j] = int8_t(std::clamp(round_even(std::clamp(v[j] * inv, -8.0f, 8.0f)), -7.0f, 7.0f));
       }
   });
   return q;
