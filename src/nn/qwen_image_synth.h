@@ -28,6 +28,15 @@ struct SynthBlockFiles {
 SynthBlockFiles make_synth_block_files(const std::string& dir, const SynthBlockOptions& options,
                                        const std::function<void(const std::string&)>& log = {});
 
+// Quantization quality of one synthetic layer (N, K) on M synthetic activation rows (outlier
+// channels in weights and activations): output SNR vs the float layer of naive per-group int4
+// W4A4 (no smoothing, rank 0), SVDQuant rank R (low-rank only), and SVDQuant rank R with smoothing
+// calibrated on the activations (convert.h quantizers; forward through nn::Linear's fused path).
+struct QualityVsNaive {
+  double naive_snr_db = 0, svdquant_snr_db = 0, svdquant_smooth_snr_db = 0;
+};
+QualityVsNaive svdquant_quality_vs_naive(int64_t N, int64_t K, int64_t M, int64_t rank, uint64_t seed);
+
 // Seeded inputs: img (S_img, D), txt (S_txt, D) with outlier channels (synth_activations), temb (1, D),
 // RoPE cos/sin for the joint positions (txt first; θ = 10000, pairs).
 QwenBlockInputs synth_block_inputs(int64_t hidden, int64_t head_dim, int64_t img_tokens, int64_t txt_tokens,

@@ -46,4 +46,32 @@ SynthBlockFiles make_synth_block_files(const std::string& dir, const SynthBlockO
   return f;
 }
 
+QualityVsNaive svdquant_quality_vs_naive(int64_t N, int64_t K, int64_t M, int64_t rank, uint64_t seed) {
+  const Tensor W = synth_weight(N, K, seed), b = synth_bias(N, seed + 1);
+  const Tensor x = synth_activations(M, K, seed + 2);
+  const Tensor y_ref = Linear::from_float("float", W, b).forward(x);
+  auto snr_of = [&](const SvdquantQuantOptions& o) {
+    const SvdquantW4A4Params p = quantize_svdquant_w4a4(W, b, o);
+    LayerSource src;
+    src.name = "quality_probe";
+    src.config = svdquant_quant_config(o);
+    for (auto& [k, t] : layer_tensors(p)) src.tensors[k] = t;
+    const Linear l = Linear::from_layer(bind_layer(src));
+    return compare_outputs(l.forward(x), y_ref).snr_db;
+  };
+  QualityVsNaive q;
+  SvdquantQuantOptions naive;
+  naive.rank = 0;
+  q.naive_snr_db = snr_of(naive);
+  SvdquantQuantOptions lr;
+  lr.rank = rank;
+  q.svdquant_snr_db = snr_of(lr);
+  ActStats stats;
+  stats.sample = x;
+  SvdquantQuantOptions sm = lr;
+  sm.calib = &stats;
+  q.svdquant_smooth_snr_db = snr_of(sm);
+  return q;
+}
+
 }  // namespace nibble::nn

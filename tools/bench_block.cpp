@@ -1,0 +1,118 @@
+// `nibble bench --op block`: one Qwen-Image block (1024 image + 256 text tokens, hidden 3072) with
+// nibble kernels vs the same block with fp32 weights on the best float kernel here (OpenBLAS sgemm
+// or linear_f32, whichever is faster on the block's main GEMM shape in this run). Weights come from
+// the synthetic checkpoint + converter of `nibble demo`. Reports speedup_vs_fp32 and
+// weight_bytes_ratio (fp32 bytes / nibble bytes of the 14 linears).
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <random>
+
+#include "bench_registry.h"
+#include "bench_util.h"
+#include "nibble/isa.h"
+#include "nibble/ops.h"
+#include "nibble/thread_pool.h"
+#include "nn/qwen_image_synth.h"
+
+namespace nibble::cli {
+namespace {
+namespace fs = std::filesystem;
+
+int run_block(const BenchOptions& opt) {
+  const int64_t D = opt.quick ? 1024 : 3072, Si = opt.quick ? 256 : 1024, St = opt.quick ? 64 : 256;
+  const int reps = std::max(1, opt.repeats);
+  const std::string dir =
+      (fs::temp_directory_path() / fmt::format("nibble_bench_block_{}_{}", ::getpid(), std::random_device{}())).string();
+  fs::create_directories(dir);
+  struct Cleanup {
+    std::string d;
+    ~Cleanup() {
+      std::error_code ec;
+      fs::remove_all(d, ec);
+    }
+  } cleanup{dir};
+  auto log = [&](const std::string& s) {
+    if (!opt.json) fmt::print("# {}\n", s);
+  };
+  nn::SynthBlockOptions so;
+  so.hidden = D;
+  const nn::SynthBlockFiles files = nn::make_synth_block_files(dir, so, log);
+  nn::set_notice_handler(nullptr);
+  const nn::Model fmodel = nn::load_checkpoint(files.float_path);
+  const nn::Model qmodel = nn::load_checkpoint(files.quant_path);
+  const auto nib = nn::QwenImageBlock::from_model(qmodel, "transformer_blocks.0");
+  const auto flt = nn::QwenImageBlock::from_model(fmodel, "transformer_blocks.0");
+  const auto in = nn::synth_block_inputs(D, 128, Si, St, 99);
+
+  // Pick the float kernel: one (Si + St) × D × D GEMM with each.
+  std::string kernel = "linear_f32";
+  double t_lin = 0, t_blas = 0;
+  {
+    Tensor x = Tensor::zeros(DType::F32, {Si + St, D}), w = Tensor::zeros(DType::F32, {D, D});
+    for (int64_t i = 0; i < x.numel(); ++i) x.mutable_data<float>()[i] = float(i % 17) * 0.01f;
+    for (int64_t i = 0; i < w.numel(); ++i) w.mutable_data<float>()[i] = float(i % 13) * 0.01f;
+    const nn::Linear l = nn::Linear::from_float("probe", w);
+    l.prepare_dense();
+    Tensor y = Tensor::empty(DType::F32, {Si + St, D});
+    t_lin = bench::median_seconds(3, [&] { l.forward_rows(x.data<float>(), Si + St, y.mutable_data<float>()); });
+    if (bench::openblas_available()) {
+      t_blas = bench::median_seconds(3, [&] {
+        bench::sgemm_nt(Si + St, D, D, x.data<float>(), w.data<float>(), y.mutable_data<float>());
+      });
+      if (t_blas < t_lin) kernel = "openblas_sgemm";
+    }
+  }
+  log(fmt::format("float kernel probe ({}x{}x{}): linear_f32 {:.1f} ms, openblas {}; using {}", Si + St, D, D,
+                  t_lin * 1e3, t_blas > 0 ? fmt::format("{:.1f} ms", t_blas * 1e3) : "n/a", kernel));
+  if (kernel == "openblas_sgemm") nn::set_dense_gemm(&bench::sgemm_nt);
+  flt.prepare_dense();
+
+  nn::QwenBlockOutputs y_nib, y_flt;
+  nn::QwenBlockTimings tn, tf;
+  const double t_nib = bench::median_seconds(reps, [&] { y_nib = nib.forward(in, &tn); });
+  const double t_flt = bench::median_seconds(reps, [&] { y_flt = flt.forward(in, &tf); });
+  nn::set_dense_gemm(nullptr);
+  const auto deq = nib.dequantized();
+  deq.prepare_dense();
+  const auto y_deq = deq.forward(in);
+  const nn::Fidelity f_deq = nn::compare_outputs(y_nib.img, y_deq.img);
+  const nn::Fidelity f_flt = nn::compare_outputs(y_nib.img, y_flt.img);
+  const nn::Fidelity u_deq = nn::compare_updates(y_nib.img, y_deq.img, in.img);
+
+  uint64_t params = 0;
+  for (const auto& n : nn::QwenImageBlock::linear_names())
+    params += uint64_t(flt.linear(n).out_features() * flt.linear(n).in_features() + flt.linear(n).out_features());
+  const uint64_t fp32_bytes = params * 4, bf16_bytes = flt.stored_bytes(), nib_bytes = nib.stored_bytes();
+  const double runs = double(reps + 1);
+  bench::Record r;
+  r.s("op", "block").s("isa", isa_name(active_isa())).s("fp32_kernel", kernel);
+  r.n("threads", num_threads()).n("hidden", double(D)).n("img_tokens", double(Si)).n("txt_tokens", double(St));
+  r.n("nibble_ms", t_nib * 1e3).n("fp32_ms", t_flt * 1e3).n("speedup_vs_fp32", t_flt / t_nib);
+  r.n("nibble_attention_ms", tn.attention / runs * 1e3).n("fp32_attention_ms", tf.attention / runs * 1e3);
+  r.n("weight_bytes_nibble", double(nib_bytes)).n("weight_bytes_fp32", double(fp32_bytes));
+  r.n("weight_bytes_bf16", double(bf16_bytes)).n("weight_bytes_ratio", double(fp32_bytes) / double(nib_bytes));
+  r.n("weight_bytes_ratio_vs_bf16", double(bf16_bytes) / double(nib_bytes));
+  r.n("psnr_vs_dequantized_db", f_deq.psnr_db).n("update_psnr_vs_dequantized_db", u_deq.psnr_db);
+  r.n("snr_vs_float_db", f_flt.snr_db);
+  if (opt.json) {
+    fmt::print("{}\n", bench::records_to_json({r}));
+  } else {
+    fmt::print("{}", bench::records_to_table({r}, {"op", "img_tokens", "txt_tokens", "nibble_ms", "fp32_ms",
+                                                   "fp32_kernel", "speedup_vs_fp32", "weight_bytes_ratio",
+                                                   "weight_bytes_ratio_vs_bf16", "psnr_vs_dequantized_db",
+                                                   "snr_vs_float_db"}));
+    fmt::print("# per phase (s, summed over {} runs) nibble: mod {:.3f} norms {:.3f} qkv {:.3f} attn {:.3f} out {:.3f} mlp {:.3f}\n",
+               reps + 1, tn.modulation, tn.norms, tn.qkv, tn.attention, tn.out_proj, tn.mlp);
+    fmt::print("# per phase (s, summed over {} runs) fp32:   mod {:.3f} norms {:.3f} qkv {:.3f} attn {:.3f} out {:.3f} mlp {:.3f}\n",
+               reps + 1, tf.modulation, tf.norms, tf.qkv, tf.attention, tf.out_proj, tf.mlp);
+    fmt::print("# weight_bytes_ratio = fp32 bytes / nibble bytes of the 14 linears (incl. bias); shared host: ratios only\n");
+  }
+  return 0;
+}
+
+const BenchRegistration reg("block", "one Qwen-Image block: nibble vs the fp32 block (speedup, weight bytes, PSNR)",
+                            run_block);
+}  // namespace
+}  // namespace nibble::cli
