@@ -1,7 +1,7 @@
 // convert.cpp — the streaming checkpoint converter (nibble/convert.h).
 //
-// 1. Plan: every `P.weight` that is a 2-D float tensor (or a quantized layer, with
-//    --allow-requantize) is matched against exclude regexes, then rules (first match wins), then the
+// 1. Plan: every `P.weight` that is a 2-D float tensor (or, with --allow-requantize, a quantized
+//    layer, requantized from its dequantized weight) is matched against exclude regexes, then rules (first match wins), then the
 //    preset. q/k/v (and add_q/k/v) triples that all go to svdquant form one job (shared smooth and
 //    proj_down, spec §3.8). Output tensors (names, dtypes, shapes) follow from the plan alone, so
 //    the whole header is known before any math runs.
@@ -29,6 +29,7 @@
 #include "nibble/convert.h"
 #include "nibble/safetensors.h"
 #include "nibble/thread_pool.h"
+#include "tile.h"
 
 namespace nibble {
 namespace {
@@ -238,6 +239,13 @@ std::vector<LayerInfo> find_layers(const Checkpoint& ck) {
       if (ck.contains(key)) li.keys.push_back(key);
     }
     if (ck.contains(l.name + ".comfy_quant")) li.keys.push_back(l.name + ".comfy_quant");
+    try {  // shapes for --allow-requantize; an unbindable layer is only an error if a rule picks it
+      QuantizedLayer ql = bind_layer(l);
+      li.N = ql.N;
+      li.K = ql.K;
+      li.has_bias = ql.bias.defined();
+    } catch (const Error&) {
+    }
     layers[l.name] = li;
   }
   std::vector<LayerInfo> out;
@@ -292,8 +300,8 @@ FullPlan make_plan(const Checkpoint& ck, const ConvertOptions& o) {
       if (l.quantized && !o.allow_requantize)
         throw Error(fmt::format("layer {} is already quantized ({}); refusing to requantize it to {} "
                                 "(pass --allow-requantize, or --exclude it)", l.name, l.qformat, rules[i].format));
-      if (l.quantized)
-        throw Error(fmt::format("layer {}: --allow-requantize is not supported yet for {} input", l.name, l.qformat));
+      if (l.quantized && l.N == 0)
+        throw Error(fmt::format("layer {}: cannot requantize: the {} layer does not validate", l.name, l.qformat));
       target[l.name] = {rules[i].format, rules[i].opts};
       break;
     }
@@ -381,7 +389,7 @@ FullPlan make_plan(const Checkpoint& ck, const ConvertOptions& o) {
     lp.format = job.format;
     lp.N = l.N;
     lp.K = l.K;
-    lp.source_dtype = std::string(dtype_name(l.dtype));
+    lp.source_dtype = l.quantized ? l.qformat : std::string(dtype_name(l.dtype));
     lp.opts = job.opts;
     if (job.members.size() > 1) lp.group = job.members;
     for (const auto& k : l.keys) lp.bytes_before += ck.info(k).nbytes();
@@ -529,14 +537,46 @@ double rel_error(const Tensor& W, const Tensor& Weff) {
   return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
 }
 
+// --allow-requantize: the float weight of a quantized layer is its dequantized W_eff; for an
+// act_unsigned svdquant layer the stored bias b' = b − shift·Σ_k R_raw[n,k] is turned back into b
+// (R_raw = W_eff − proj_up·proj_downᵀ), so the new quantization applies its own correction once.
+void load_quantized(const LayerSource& src, Tensor* W, Tensor* B) {
+  QuantizedLayer ql = bind_layer(src);
+  *W = dequantize(ql);
+  *B = ql.bias.defined() ? ql.bias.to_f32().clone() : Tensor();
+  if (ql.format && ql.format->name == "svdquant_w4a4" && ql.act_unsigned) {
+    SvdquantW4A4Params p = svdquant_params(ql);
+    Tensor pu = (p.proj_up.dim() == 3 ? convert_detail::untile_proj_up(p.proj_up) : p.proj_up).to_f32();
+    Tensor pd = p.proj_down.to_f32();
+    const int64_t N = ql.N, K = ql.K, R = p.R;
+    std::vector<double> pd_colsum(size_t(R), 0.0);
+    for (int64_t k = 0; k < K; ++k) for (int64_t r = 0; r < R; ++r) pd_colsum[size_t(r)] += pd.data<float>()[k * R + r];
+    if (!B->defined()) *B = Tensor::zeros(DType::F32, {N});
+    for (int64_t n = 0; n < N; ++n) {
+      double rowsum = 0;
+      for (int64_t k = 0; k < K; ++k) rowsum += W->data<float>()[n * K + k];
+      for (int64_t r = 0; r < R; ++r) rowsum -= double(pu.data<float>()[n * R + r]) * pd_colsum[size_t(r)];
+      B->mutable_data<float>()[n] += float(double(kSvdquantUnsignedShift) * rowsum);
+    }
+  }
+}
+
 JobResult run_job(const Checkpoint& ck, const Job& job, const ConvertOptions& o,
-                  const std::map<std::string, ActStats>& calib) {
+                  const std::map<std::string, ActStats>& calib, const std::map<std::string, LayerSource>& quantized) {
   const auto t0 = std::chrono::steady_clock::now();
   JobResult res;
   const Resolved r = resolve(job.opts, o, job.members.front());
   std::vector<Tensor> Ws, Bs;
   bool all_bias = true;
   for (const auto& m : job.members) {
+    if (auto q = quantized.find(m); q != quantized.end()) {
+      Tensor W, B;
+      load_quantized(q->second, &W, &B);
+      Ws.push_back(W);
+      Bs.push_back(B);
+      if (!B.defined()) all_bias = false;
+      continue;
+    }
     Ws.push_back(ck.get(m + ".weight"));
     if (ck.contains(m + ".bias") && ck.info(m + ".bias").shape == Shape{Ws.back().size(0)}) Bs.push_back(ck.get(m + ".bias"));
     else { Bs.push_back(Tensor()); all_bias = false; }
@@ -609,6 +649,13 @@ ConvertReport convert_checkpoint(const std::string& in, const std::string& out, 
   SafetensorsWriter writer(out, fp.metadata);
   for (const auto& ot : fp.outputs) writer.add(ot.name, ot.dtype, ot.shape);
 
+  std::map<std::string, LayerSource> quantized;  // sources of layers being requantized
+  if (o.allow_requantize) {
+    std::set<std::string> planned;
+    for (const auto& lp : fp.summary.layers) planned.insert(lp.name);
+    for (auto& l : collect_layers(ck, true))
+      if (planned.count(l.name)) quantized[l.name] = std::move(l);
+  }
   std::map<int64_t, JobResult> done;
   std::map<int64_t, int> remaining;  // job → tensors still to write
   for (const auto& ot : fp.outputs) if (ot.job >= 0) remaining[ot.job]++;
@@ -654,9 +701,9 @@ ConvertReport convert_checkpoint(const std::string& in, const std::string& out, 
         }
         std::vector<JobResult> results(batch.size());
         if (batch.size() == 1) {
-          results[0] = run_job(ck, fp.jobs[size_t(batch[0])], o, calib);
+          results[0] = run_job(ck, fp.jobs[size_t(batch[0])], o, calib, quantized);
         } else {
-          parallel_for(int64_t(batch.size()), [&](int64_t i) { results[size_t(i)] = run_job(ck, fp.jobs[size_t(batch[size_t(i)])], o, calib); });
+          parallel_for(int64_t(batch.size()), [&](int64_t i) { results[size_t(i)] = run_job(ck, fp.jobs[size_t(batch[size_t(i)])], o, calib, quantized); });
         }
         for (size_t i = 0; i < batch.size(); ++i) {
           for (auto& lr : results[i].layers) {
