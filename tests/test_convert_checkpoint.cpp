@@ -237,6 +237,27 @@ TEST(ConvertCheckpoint, FailuresLeaveNoFile) {
     EXPECT_THROW(convert_checkpoint(in, d / "ro/out.safetensors", preset()), Error);
     EXPECT_TRUE(fs::is_empty(d / "ro"));
   }
+  // A target whose parent is a regular file (fails for root too).
+  std::ofstream(d / "not_a_dir") << "x";
+  EXPECT_THROW(convert_checkpoint(in, d / "not_a_dir/out.safetensors", preset()), Error);
+  // A failure in the middle of the stream (statistics of the wrong width for a late layer): some
+  // tensors were already written to the temporary file, yet nothing appears at the target.
+  CalibAccumulator acc;
+  acc.add("transformer_blocks.0.txt_mlp.net.2", synth_activations(4, 64, 1));  // K should be 512
+  acc.save(d / "bad_calib.safetensors");
+  ConvertOptions mid = preset();
+  mid.calib_path = d / "bad_calib.safetensors";
+  const std::string out3 = d / "out3.safetensors";
+  try {
+    convert_checkpoint(in, out3, mid);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("512"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("txt_mlp.net.2"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(fs::exists(out3));
+  for (const auto& entry : fs::directory_iterator(d.p))  // no temporary left behind either
+    EXPECT_EQ(entry.path().filename().string().find("out3"), std::string::npos) << entry.path();
   EXPECT_EQ(before, file_bytes(in));
 }
 

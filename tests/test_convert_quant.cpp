@@ -179,6 +179,27 @@ TEST(ConvertSvdquant, WeightOnlyInvariants) {
   EXPECT_LE(e, rel_fro(effective_weight(quantize_svdquant_w4a4(W, b, no_ref)), W) * 1.01);
 }
 
+TEST(ConvertQuant, ReportedErrorsMatchEffectiveWeights) {
+  // The quantizers report ‖W_eff − W‖/‖W‖ from their internals (no extra dequantization); it must
+  // agree with the dequantized weight up to fp32 rounding of the products (≪ 1e-3 relative).
+  const int64_t N = 128, K = 256;
+  Tensor W = synth_weight(N, K, 77);
+  double e_awq = -1;
+  AwqQuantOptions ao;
+  ao.weight_rel_error = &e_awq;
+  auto pa = quantize_awq_w4a16(W, Tensor(), ao);
+  EXPECT_NEAR(e_awq, rel_fro(effective_weight(pa), W), 1e-3 * e_awq);
+  std::vector<Tensor> Ws = {W, synth_weight(N, K, 78)};
+  std::vector<double> errs;
+  SvdquantQuantOptions so;
+  so.rank = 8;
+  so.act_unsigned = true;
+  so.weight_rel_errors = &errs;
+  auto ps = quantize_svdquant_w4a4_group(Ws, {}, so);
+  ASSERT_EQ(errs.size(), 2u);
+  for (int i = 0; i < 2; ++i) EXPECT_NEAR(errs[i], rel_fro(effective_weight(ps[i]), Ws[i]), 1e-3 * errs[i]) << i;
+}
+
 TEST(ConvertSvdquant, DeterministicAcrossThreadCounts) {
   Tensor W = synth_weight(128, 256, 4);
   set_num_threads(1);

@@ -44,6 +44,7 @@ struct AwqQuantOptions {
   const ActStats* calib = nullptr;      // with mean_abs: per-group clipping search
   int clip_grid = 20;                   // ratios 1, 1−1/grid·(1−min_clip), … min_clip
   float min_clip = 0.5f;
+  double* weight_rel_error = nullptr;   // out (optional): ‖W_eff − W‖_F / ‖W‖_F
 };
 // W (N, K) any float dtype, bias (N) optional. K % group_size == 0, group_size even.
 // Codes q ∈ [0,15], W ≈ (q − 8)·s + z with s, z the stored (rounded) values.
@@ -64,6 +65,7 @@ struct SvdquantQuantOptions {
   std::vector<float> alpha_grid = {0.3f, 0.4f, 0.5f, 0.6f, 0.7f};
   uint64_t seed = 0x5eed;               // randomized SVD test matrix
   int oversample = 8, power_iterations = 2;
+  std::vector<double>* weight_rel_errors = nullptr;  // out (optional): ‖W_eff − W‖_F/‖W‖_F per member
 };
 
 // W (N, K) any float dtype, bias (N) optional; K % 64 == 0.

@@ -528,14 +528,6 @@ struct JobResult {
   std::vector<LayerResult> layers;
 };
 
-double rel_error(const Tensor& W, const Tensor& Weff) {
-  Tensor w = W.to_f32();
-  double num = 0, den = 0;
-  const float* a = w.data<float>();
-  const float* b = Weff.data<float>();
-  for (int64_t i = 0; i < w.numel(); ++i) { const double d = double(b[i]) - a[i]; num += d * d; den += double(a[i]) * a[i]; }
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
 
 // --allow-requantize: the float weight of a quantized layer is its dequantized W_eff; for an
 // act_unsigned svdquant layer the stored bias b' = b − shift·Σ_k R_raw[n,k] is turned back into b
@@ -561,8 +553,8 @@ void load_quantized(const LayerSource& src, Tensor* W, Tensor* B) {
   }
 }
 
-JobResult run_job(const Checkpoint& ck, const Job& job, const ConvertOptions& o,
-                  const std::map<std::string, ActStats>& calib, const std::map<std::string, LayerSource>& quantized) {
+JobResult run_job_impl(const Checkpoint& ck, const Job& job, const ConvertOptions& o,
+                       const std::map<std::string, ActStats>& calib, const std::map<std::string, LayerSource>& quantized) {
   const auto t0 = std::chrono::steady_clock::now();
   JobResult res;
   const Resolved r = resolve(job.opts, o, job.members.front());
@@ -587,11 +579,13 @@ JobResult run_job(const Checkpoint& ck, const Job& job, const ConvertOptions& o,
     ao.group_size = r.group_size;
     ao.scale_dtype = kStoreDtype;
     ao.calib = stats;
+    double err = 0;
+    ao.weight_rel_error = &err;
     AwqW4A16Params p = quantize_awq_w4a16(Ws[0], Bs[0], ao);
     std::map<std::string, Tensor> t;
     for (auto& [k, v] : layer_tensors(p)) t[k] = v;
     res.tensors.push_back(t);
-    LayerResult lr{job.members[0], job.format, p.N, p.K, 0, 0, rel_error(Ws[0], effective_weight(p)), 0};
+    LayerResult lr{job.members[0], job.format, p.N, p.K, 0, 0, err, 0};
     res.layers.push_back(lr);
   } else {
     SvdquantQuantOptions so;
@@ -602,6 +596,8 @@ JobResult run_job(const Checkpoint& ck, const Job& job, const ConvertOptions& o,
     so.refine_iterations = r.refine;
     so.dtype = kStoreDtype;
     so.calib = stats;
+    std::vector<double> errs;
+    so.weight_rel_errors = &errs;
     std::vector<Tensor> biases;
     // Members without a bias get none (unless act_unsigned, which always writes the corrected one).
     for (auto& b : Bs) biases.push_back(b.defined() ? b : Tensor());
@@ -619,7 +615,7 @@ JobResult run_job(const Checkpoint& ck, const Job& job, const ConvertOptions& o,
       std::map<std::string, Tensor> t;
       for (auto& [k, v] : layer_tensors(ps[i])) t[k] = v;
       res.tensors.push_back(t);
-      res.layers.push_back({job.members[i], job.format, ps[i].N, ps[i].K, 0, 0, rel_error(Ws[i], effective_weight(ps[i])), 0});
+      res.layers.push_back({job.members[i], job.format, ps[i].N, ps[i].K, 0, 0, errs[i], 0});
     }
   }
   for (const auto& w : Ws) release_pages(w);
@@ -627,6 +623,18 @@ JobResult run_job(const Checkpoint& ck, const Job& job, const ConvertOptions& o,
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   for (auto& l : res.layers) l.seconds = s / double(res.layers.size());
   return res;
+}
+
+// Errors name the layer (and the input file) they happened in.
+JobResult run_job(const Checkpoint& ck, const Job& job, const ConvertOptions& o,
+                  const std::map<std::string, ActStats>& calib, const std::map<std::string, LayerSource>& quantized) {
+  try {
+    return run_job_impl(ck, job, o, calib, quantized);
+  } catch (const Error& e) {
+    std::string names;
+    for (const auto& m : job.members) names += (names.empty() ? "" : ", ") + m;
+    throw Error(fmt::format("{}: converting {} to {}: {}", ck.path(), names, job.format, e.what()));
+  }
 }
 
 }  // namespace

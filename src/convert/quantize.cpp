@@ -115,6 +115,7 @@ AwqW4A16Params quantize_awq_w4a16(const Tensor& Win, const Tensor& bias, const A
   const float* w = W.data<float>();
   uint8_t* qw = reinterpret_cast<uint8_t*>(qweight.mutable_data<int8_t>());
   const DType sd = o.scale_dtype;
+  std::vector<double> row_err(static_cast<size_t>(N), 0.0), row_norm(static_cast<size_t>(N), 0.0);
   parallel_for_range(N, 8, [&](int64_t n0, int64_t n1) {
     std::vector<int> codes(static_cast<size_t>(G)), best_codes(static_cast<size_t>(G));
     for (int64_t n = n0; n < n1; ++n) {
@@ -145,6 +146,11 @@ AwqW4A16Params quantize_awq_w4a16(const Tensor& Win, const Tensor& bias, const A
           }
           if (err < best_err) { best_err = err; best_s = s; best_z = z; best_codes.swap(codes); }
         }
+        for (int64_t j = 0; j < G; ++j) {
+          const double e = double(float(best_codes[size_t(j)] - 8) * best_s + best_z) - v[j];
+          row_err[size_t(n)] += e * e;
+          row_norm[size_t(n)] += double(v[j]) * v[j];
+        }
         scales[size_t(g * N + n)] = best_s;
         zeros[size_t(g * N + n)] = best_z;
         uint8_t* row = qw + n * (K / 2) + g * (G / 2);
@@ -152,6 +158,11 @@ AwqW4A16Params quantize_awq_w4a16(const Tensor& Win, const Tensor& bias, const A
       }
     }
   });
+  if (o.weight_rel_error) {
+    double e = 0, w2 = 0;
+    for (int64_t n = 0; n < N; ++n) { e += row_err[size_t(n)]; w2 += row_norm[size_t(n)]; }
+    *o.weight_rel_error = w2 > 0 ? std::sqrt(e / w2) : std::sqrt(e);
+  }
   AwqW4A16Params p;
   p.N = N; p.K = K; p.group_size = G;
   p.qweight = qweight;
@@ -245,6 +256,7 @@ struct Decomposition {
   std::vector<float> proj_up;         // (Ntot, R) rounded
   QuantResidual resid;                // per stacked row
   int64_t R = 0;
+  std::vector<double> row_err;        // Σ_k ((Q(r) − r)/s_k)² per stacked row = ‖W_eff − W‖² rows
 };
 
 Decomposition decompose(const std::vector<Member>& members, int64_t Ntot, int64_t K,
@@ -283,6 +295,20 @@ Decomposition decompose(const std::vector<Member>& members, int64_t Ntot, int64_
     std::copy(Ws.begin(), Ws.end(), tmp.begin());
     if (R > 0) convert_detail::matmul_nt(d.proj_up.data(), Vs.data(), Ntot, K, R, tmp.data(), -1);
     d.resid = quantize_residual(tmp.data(), Ntot, K, sd);
+    if (it == refine) {  // W_eff − W = (Q(R) − R)·diag(1/s) exactly, R taken w.r.t. the stored projections
+      d.row_err.assign(size_t(Ntot), 0.0);
+      parallel_for_range(Ntot, 64, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n) {
+          double acc = 0;
+          for (int64_t k = 0; k < K; ++k) {
+            const double e = (double(d.resid.codes[size_t(n * K + k)]) * d.resid.scales[size_t((k / kGroup) * Ntot + n)] -
+                              tmp[size_t(n * K + k)]) / smooth[size_t(k)];
+            acc += e * e;
+          }
+          d.row_err[size_t(n)] = acc;
+        }
+      });
+    }
     if (it < refine) {  // next target: Ws − Q(R)
       dequantize_residual(d.resid, Ntot, K, tmp.data());
       for (size_t i = 0; i < target.size(); ++i) target[i] = Ws[i] - tmp[i];
@@ -536,6 +562,16 @@ std::vector<SvdquantW4A4Params> quantize_svdquant_w4a4_group(const std::vector<T
   }
   std::vector<SvdquantW4A4Params> out;
   for (const auto& mb : members) out.push_back(pack_member(mb, K, best, o, Ntot));
+  if (o.weight_rel_errors) {
+    o.weight_rel_errors->clear();
+    for (const auto& mb : members) {
+      double e = 0, w2 = 0;
+      const float* w = mb.W.data<float>();
+      for (int64_t n = 0; n < mb.N; ++n) e += best.row_err[size_t(mb.row0 + n)];
+      for (int64_t i = 0; i < mb.N * K; ++i) w2 += double(w[i]) * w[i];
+      o.weight_rel_errors->push_back(w2 > 0 ? std::sqrt(e / w2) : std::sqrt(e));
+    }
+  }
   return out;
 }
 
