@@ -5,6 +5,7 @@
 #include <cmath>
 #include <random>
 
+#include "kernels/linear_f32_kernels.h"
 #include "nibble/isa.h"
 #include "nibble/ops.h"
 #include "nibble/thread_pool.h"
@@ -100,4 +101,27 @@ TEST(LinearF32, RejectsBadInputs) {
   EXPECT_THROW(linear_f32(x, Tensor::zeros(DType::I8, {4, 8})), Error);
   EXPECT_THROW(linear_f32(x, Tensor::zeros(DType::F32, {4, 8}), Tensor::zeros(DType::F32, {5})), Error);
   EXPECT_THROW(linear_f32(x, Tensor::zeros(DType::F32, {8})), Error);
+}
+
+// The internal drivers write every output element: outputs poisoned with NaN before each call.
+TEST(LinearF32, DriversOverwriteNaNPoisonedOutputs) {
+  using namespace nibble::kernels::linear;
+  IsaGuard guard;
+  std::mt19937 rng(21);
+  for (Isa isa : supported_isas()) {
+    set_isa(isa);
+    for (auto [M, N, K] : {std::tuple{1, 33, 17}, std::tuple{9, 65, 300}, std::tuple{20, 32, 64}, std::tuple{7, 129, 5}}) {
+      const Tensor x = random_tensor(DType::F32, {M, K}, rng), w = random_tensor(DType::BF16, {N, K}, rng);
+      const Tensor b = random_tensor(DType::F32, {N}, rng);
+      std::vector<float> y(size_t(M * N), std::nanf(""));
+      run_rows(x.data<float>(), M, K, w.raw(), w.dtype(), N, b.data<float>(), y.data());
+      Tensor yt = Tensor::from_bytes(DType::F32, {M, N}, y.data(), y.size() * 4);
+      check_against_fp64(x, w, b, yt);
+      const PackedF32Weight p = pack_weight(w.raw(), w.dtype(), N, K);
+      std::fill(y.begin(), y.end(), std::nanf(""));
+      run_packed(x.data<float>(), M, p, b.data<float>(), y.data());
+      yt = Tensor::from_bytes(DType::F32, {M, N}, y.data(), y.size() * 4);
+      check_against_fp64(x, w, b, yt);
+    }
+  }
 }

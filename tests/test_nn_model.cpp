@@ -217,3 +217,19 @@ TEST(NnModel, SampleCheckpointEveryLayerRuns) {
     }
   }
 }
+
+TEST(NnModel, ShardedDirectoryAndIndex) {
+  TempDir dir;
+  std::mt19937 rng(14);
+  std::vector<std::pair<std::string, Tensor>> a, b;
+  add_awq(a, "blocks.0.img_mod.1", 384, 256, 64, rng);
+  b.emplace_back("blocks.0.attn.to_q.weight", randn({256, 256}, rng, 0.05f, DType::BF16));
+  fs::create_directories(dir.p / "shards");
+  save_safetensors((dir.p / "shards" / "part-00001.safetensors").string(), a);
+  save_safetensors((dir.p / "shards" / "part-00002.safetensors").string(), b);
+  const Model m = load_checkpoint((dir.p / "shards").string());
+  EXPECT_TRUE(m.mixed());
+  EXPECT_EQ(m.size(), 2u);
+  EXPECT_EQ(m.linear("blocks.0.img_mod.1").path(), LinearPath::AwqW4A16);
+  EXPECT_EQ(m.linear("blocks.0.attn.to_q").path(), LinearPath::Float);
+}
