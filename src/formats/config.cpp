@@ -66,10 +66,16 @@ struct FieldReader {
     std::string where;
     const json* v = find(key, allow_params, &where);
     if (!v) return std::nullopt;
-    if (v->is_number_integer()) return v->get<int64_t>();
+    // An unsigned JSON integer above INT64_MAX must not wrap to a negative value.
+    if (v->is_number_unsigned()) {
+      if (v->get<uint64_t>() <= uint64_t(INT64_MAX)) return int64_t(v->get<uint64_t>());
+    } else if (v->is_number_integer()) {
+      return v->get<int64_t>();
+    }
     if (v->is_number_float()) {
       const double d = v->get<double>();
-      if (d == double(int64_t(d)) && d >= -9.0e15 && d <= 9.0e15) return int64_t(d);
+      // Range first: converting an out-of-range double to int64 is undefined behaviour.
+      if (d >= -9.0e15 && d <= 9.0e15 && d == double(int64_t(d))) return int64_t(d);
     }
     type_error(where, "an integer", *v);
   }
