@@ -301,6 +301,28 @@ TEST(ConvertCheckpoint, AllowRequantize) {
   }
 }
 
+TEST(ConvertCheckpoint, MetadataConfigsOfPassthroughLayersKept) {
+  // Input whose configs live in __metadata__["_quantization_metadata"] (spec §4.1): a float layer is
+  // converted, a quantized one passes through and must keep its config entry.
+  TmpDir d;
+  Tensor W = synth_weight(128, 128, 1);
+  AwqW4A16Params p = quantize_awq_w4a16(W, Tensor(), AwqQuantOptions{});
+  std::vector<std::pair<std::string, Tensor>> t = {{"a.weight", W.to(DType::BF16)},
+                                                   {"q.weight", p.qweight},
+                                                   {"q.weight_scale", p.wscales},
+                                                   {"q.weight_zeros", p.wzeros}};
+  save_safetensors(d / "in.safetensors", t,
+                   {{"_quantization_metadata", R"({"format_version":"1.0","layers":{"q":{"format":"awq_w4a16","group_size":64}}})"}});
+  ConvertOptions o;
+  o.rules = {parse_convert_rule("^a$=svdquant_w4a4:rank=8")};
+  convert_checkpoint(d / "in.safetensors", d / "out.safetensors", o);
+  Checkpoint ck = Checkpoint::open(d / "out.safetensors");
+  auto layers = collect_layers(ck, true);
+  ASSERT_EQ(layers.size(), 2u);
+  for (const auto& l : layers) EXPECT_NO_THROW(bind_layer(l)) << l.name;
+  EXPECT_NE(ck.metadata().at("_quantization_metadata").find("\"q\""), std::string::npos);
+}
+
 TEST(ConvertCheckpoint, CalibratedConversion) {
   TmpDir d;
   const std::string in = make_input(d);

@@ -274,7 +274,6 @@ FullPlan make_plan(const Checkpoint& ck, const ConvertOptions& o) {
   if (o.shard_size != 0) throw Error("convert: sharded output is not implemented (write one file)");
   FullPlan fp;
   fp.metadata = ck.metadata();
-  fp.metadata.erase("_quantization_metadata");  // configs are written as P.comfy_quant tensors
   std::vector<ConvertRule> rules = o.rules;
   for (auto& r : preset_rules(o.preset)) rules.push_back(r);
   std::vector<std::regex> rule_re, excl_re;
@@ -414,6 +413,20 @@ FullPlan make_plan(const Checkpoint& ck, const ConvertOptions& o) {
     fp.outputs.push_back(cq);
     S.bytes_out += lp.bytes_after;
     S.layers.push_back(lp);
+  }
+  // Header-metadata configs (spec §4.1) of layers we re-wrote would contradict their new
+  // P.comfy_quant tensors: drop those entries, keep the ones of layers passed through.
+  if (auto it = fp.metadata.find("_quantization_metadata"); it != fp.metadata.end()) {
+    try {
+      auto j = nlohmann::ordered_json::parse(it->second);
+      if (j.is_object() && j.contains("layers") && j["layers"].is_object()) {
+        for (const auto& lp : S.layers) j["layers"].erase(lp.name);
+        if (j["layers"].empty()) fp.metadata.erase(it);
+        else it->second = j.dump();
+      }
+    } catch (const nlohmann::json::exception& e) {
+      throw Error(fmt::format("{}: __metadata__[\"_quantization_metadata\"] is not valid JSON: {}", ck.path(), e.what()));
+    }
   }
   S.tensors_total = fp.outputs.size();
   {
