@@ -143,19 +143,24 @@ struct Acts {
 // Quantize rows of x (fp32 (M, K)); `shift` adds the act_unsigned shift rounded to x_dtype first.
 // lora from lora_x (fp32 (M, K)) with down (K, ldd).
 // `parts` selects the stages (1 = quantize, 2 = low-rank, 3 = both; the benchmark times them apart).
-Acts make_acts(Isa isa, const float* x, int64_t M, int64_t K, DType x_dtype, bool shift, const float* inv_s,
+// Buffers only grow: a reused Acts (the fused layer keeps one per calling thread, like the kitchen's
+// workspace reuse) costs no allocation or page faults for a shape it has seen.
+template <class T>
+void grow(std::vector<T>& v, int64_t n) {
+  if (int64_t(v.size()) < n) v.resize(size_t(n));
+}
+void fill_acts(Acts& a, Isa isa, const float* x, int64_t M, int64_t K, DType x_dtype, bool shift, const float* inv_s,
                bool act_unsigned, const float* lora_x, const float* down, int64_t ldd, int64_t R, DType lora_dt,
                int parts = 3) {
-  Acts a;
   a.M = M, a.K = K, a.G = K / kGroup, a.R = R;
   const int64_t G = a.G;
   const bool do_q = parts & 1, do_l = (parts & 2) && R > 0;
   if (do_q) {
-    a.codes.resize(size_t(M * K));
-    a.ascale.resize(size_t(M * G));
-    a.acorr.resize(size_t(M * G));
+    grow(a.codes, M * K);
+    grow(a.ascale, M * G);
+    grow(a.acorr, M * G);
   }
-  if (do_l) a.lora.resize(size_t(M * R));
+  if (do_l) grow(a.lora, M * R);
   const int64_t tasks = (M + kQuantRows - 1) / kQuantRows;
   std::vector<float> down_nat;  // the reference wants (K, R) without padding
   if (!use_fast(isa) && R > 0 && ldd != R) {
@@ -206,6 +211,13 @@ Acts make_acts(Isa isa, const float* x, int64_t M, int64_t K, DType x_dtype, boo
       for (int64_t i = 0; i < (m1 - m0) * R; ++i) lo[i] = round_to(lo[i], lora_dt);
     }
   });
+}
+
+Acts make_acts(Isa isa, const float* x, int64_t M, int64_t K, DType x_dtype, bool shift, const float* inv_s,
+               bool act_unsigned, const float* lora_x, const float* down, int64_t ldd, int64_t R, DType lora_dt,
+               int parts = 3) {
+  Acts a;
+  fill_acts(a, isa, x, M, K, x_dtype, shift, inv_s, act_unsigned, lora_x, down, ldd, R, lora_dt, parts);
   return a;
 }
 
@@ -482,8 +494,10 @@ Tensor svdquant_linear(const Tensor& x, const SvdquantW4A4Prepared& w, std::opti
   const Isa isa = active_isa();
   // The layer forward (spec §3.4): main path shifted for act_unsigned, low-rank on the raw input,
   // lora_act and ascales rounded to x's dtype (the kitchen's CUDA defaults).
-  const Acts a = make_acts(isa, x32.data<float>(), M, K, x.dtype(), w.params.act_unsigned, w.inv_s.data<float>(),
-                           w.params.act_unsigned, x32.data<float>(), w.down.data<float>(), w.Rd, w.R, x.dtype());
+  thread_local Acts workspace;
+  Acts& a = workspace;
+  fill_acts(a, isa, x32.data<float>(), M, K, x.dtype(), w.params.act_unsigned, w.inv_s.data<float>(),
+            w.params.act_unsigned, x32.data<float>(), w.down.data<float>(), w.Rd, w.R, x.dtype());
   const float* bp = w.bias.defined() ? w.bias.data<float>() : nullptr;
   if (!use_fast(isa)) {
     run_gemm(isa, a, nullptr, &w.params, bp, y.mutable_raw(), out_dt);
@@ -502,13 +516,14 @@ Tensor svdquant_linear_timed(const Tensor& x, const SvdquantW4A4Prepared& w, Sta
   const Tensor x32 = x.to_f32();
   const Isa isa = active_isa();
   double t0 = now_seconds();
-  Acts a = make_acts(isa, x32.data<float>(), M, K, x.dtype(), w.params.act_unsigned, w.inv_s.data<float>(),
-                     w.params.act_unsigned, x32.data<float>(), w.down.data<float>(), w.Rd, w.R, x.dtype(), 1);
+  thread_local Acts workspace;
+  Acts& a = workspace;
+  fill_acts(a, isa, x32.data<float>(), M, K, x.dtype(), w.params.act_unsigned, w.inv_s.data<float>(),
+            w.params.act_unsigned, x32.data<float>(), w.down.data<float>(), w.Rd, w.R, x.dtype(), 1);
   double t1 = now_seconds();
-  Acts l = make_acts(isa, x32.data<float>(), M, K, x.dtype(), false, w.inv_s.data<float>(), w.params.act_unsigned,
-                     x32.data<float>(), w.down.data<float>(), w.Rd, w.R, x.dtype(), 2);
+  fill_acts(a, isa, x32.data<float>(), M, K, x.dtype(), false, w.inv_s.data<float>(), w.params.act_unsigned,
+            x32.data<float>(), w.down.data<float>(), w.Rd, w.R, x.dtype(), 2);
   double t2 = now_seconds();
-  a.lora = std::move(l.lora);
   const float* bp = w.bias.defined() ? w.bias.data<float>() : nullptr;
   if (!use_fast(isa)) {
     run_gemm(isa, a, nullptr, &w.params, bp, y.mutable_raw(), DType::F32);
