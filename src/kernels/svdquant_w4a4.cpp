@@ -172,13 +172,18 @@ void fill_acts(Acts& a, Isa isa, const float* x, int64_t M, int64_t K, DType x_d
     const int64_t m0 = task * kQuantRows, m1 = std::min(M, m0 + kQuantRows);
     const float* xs = x;
     int64_t row0 = 0;  // xs row index of m is m − row0
-    std::vector<float> shifted;
+    thread_local std::vector<float> shifted;  // per pool thread, grow-only
     if (shift && do_q) {
-      shifted.resize(size_t((m1 - m0) * K));
-      for (int64_t m = m0; m < m1; ++m)
-        for (int64_t k = 0; k < K; ++k)
-          shifted[size_t((m - m0) * K + k)] = round_to(x[m * K + k] + kSvdquantUnsignedShift, x_dtype);
-      xs = shifted.data();
+      grow(shifted, (m1 - m0) * K);
+      float* sh = shifted.data();
+      const float* src = x + m0 * K;
+      const int64_t n = (m1 - m0) * K;
+      // x + shift rounded to x's dtype (a bf16/f16 tensor op in the kitchen, spec §3.4)
+      if (x_dtype == DType::F32)
+        for (int64_t i = 0; i < n; ++i) sh[i] = src[i] + kSvdquantUnsignedShift;
+      else
+        for (int64_t i = 0; i < n; ++i) sh[i] = round_to(src[i] + kSvdquantUnsignedShift, x_dtype);
+      xs = sh;
       row0 = m0;
     }
     if (do_q) {
