@@ -64,3 +64,19 @@ TEST(ThreadPool, ExceptionPropagates) {
   parallel_for(1, [&](int64_t) { ++n; });
   EXPECT_EQ(n, 1);
 }
+
+TEST(ThreadPool, ManyBackToBackRegionsNeverLoseATask) {
+  // Exercises the generation protocol: workers arriving late must not join a region whose state
+  // is being rewritten, and the caller must not wait for workers that have no task.
+  set_num_threads(2);
+  std::atomic<int64_t> sum{0};
+  for (int rep = 0; rep < 20000; ++rep)
+    parallel_for(1 + rep % 5, [&](int64_t i) { sum.fetch_add(i + 1); });
+  int64_t expect = 0;
+  for (int rep = 0; rep < 20000; ++rep) {
+    const int n = 1 + rep % 5;
+    expect += int64_t(n) * (n + 1) / 2;
+  }
+  EXPECT_EQ(sum.load(), expect);
+  set_num_threads(0);
+}

@@ -42,8 +42,8 @@ class Pool {
     stop_workers();
     n_threads_ = n < 1 ? 1 : n;
     stop_.store(false);
-    // Workers start from the current generation, read here: a worker that starts late must not
-    // mistake the first parallel region for one it has already done.
+    // Workers start from the current (even) generation, read here: a worker that starts late
+    // must not mistake the first parallel region for one it has already done.
     const uint64_t g0 = generation_.load();
     for (int i = 1; i < n_threads_; ++i) workers_.emplace_back([this, g0] { worker_loop(g0); });
   }
@@ -60,22 +60,28 @@ class Pool {
       return;
     }
     std::lock_guard<std::mutex> lk(run_mu_);  // one parallel region at a time
+    // Generation protocol: odd = the region's state is being rewritten, even = published.
+    // A worker joins a region only if the generation is still the even value it saw after
+    // announcing itself in `active_`; the caller rewrites the state only once no worker is active.
+    // So the caller waits for the *tasks*, never for sleeping workers to check in (on a loaded
+    // host a descheduled worker could otherwise cost milliseconds per call).
+    generation_.fetch_add(1);  // odd: setup
+    while (active_.load() != 0) NIBBLE_PAUSE();
     fn_ = &fn;
     n_tasks_ = n_tasks;
-    next_.store(0, std::memory_order_relaxed);
+    next_.store(0);
+    done_.store(0);
     error_ = nullptr;
-    pending_.store(n_threads_ - 1, std::memory_order_relaxed);
-    generation_.fetch_add(1, std::memory_order_release);
+    generation_.fetch_add(1);  // even: published
     generation_.notify_all();
     work();
-    // wait for workers to leave this generation
-    while (pending_.load(std::memory_order_acquire) != 0) NIBBLE_PAUSE();
-    fn_ = nullptr;
+    while (done_.load(std::memory_order_acquire) != n_tasks) NIBBLE_PAUSE();
     if (error_) std::rethrow_exception(error_);
   }
 
  private:
   void work() {
+    const bool prev = t_in_task;
     t_in_task = true;
     for (;;) {
       const int64_t i = next_.fetch_add(1, std::memory_order_relaxed);
@@ -86,33 +92,38 @@ class Pool {
         std::lock_guard<std::mutex> lk(err_mu_);
         if (!error_) error_ = std::current_exception();
       }
+      done_.fetch_add(1, std::memory_order_release);
     }
-    t_in_task = false;
+    t_in_task = prev;
   }
 
   void worker_loop(uint64_t seen) {
     for (;;) {
       // Spin briefly (back-to-back kernel calls), then sleep on the generation counter.
-      uint64_t g = seen;
-      for (int spin = 0; spin < 200000; ++spin) {
-        g = generation_.load(std::memory_order_acquire);
-        if (g != seen || stop_.load(std::memory_order_relaxed)) break;
+      uint64_t g = generation_.load();
+      for (int spin = 0; spin < 200000 && (g == seen || (g & 1)) && !stop_.load(std::memory_order_relaxed); ++spin) {
         NIBBLE_PAUSE();
+        g = generation_.load();
       }
-      while (g == seen && !stop_.load(std::memory_order_relaxed)) {
-        generation_.wait(seen, std::memory_order_acquire);
-        g = generation_.load(std::memory_order_acquire);
+      if (stop_.load()) return;
+      if (g == seen || (g & 1)) {
+        generation_.wait(g);
+        continue;
       }
-      if (stop_.load(std::memory_order_relaxed)) return;
-      seen = g;
+      active_.fetch_add(1);
+      if (generation_.load() != g) {  // the caller began rewriting the state: retry
+        active_.fetch_sub(1);
+        continue;
+      }
       work();
-      pending_.fetch_sub(1, std::memory_order_acq_rel);
+      active_.fetch_sub(1);
+      seen = g;
     }
   }
 
   void stop_workers() {
     stop_.store(true);
-    generation_.fetch_add(1);
+    generation_.fetch_add(2);
     generation_.notify_all();
     for (auto& t : workers_) t.join();
     workers_.clear();
@@ -124,7 +135,8 @@ class Pool {
   std::atomic<uint64_t> generation_{0};
   std::atomic<bool> stop_{false};
   std::atomic<int64_t> next_{0};
-  std::atomic<int> pending_{0};
+  std::atomic<int64_t> done_{0};
+  std::atomic<int> active_{0};
   int64_t n_tasks_ = 0;
   FunctionRef<void(int64_t)>* fn_ = nullptr;
   std::exception_ptr error_;
