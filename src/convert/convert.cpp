@@ -29,7 +29,6 @@
 #include "nibble/convert.h"
 #include "nibble/safetensors.h"
 #include "nibble/thread_pool.h"
-#include "tile.h"
 
 namespace nibble {
 namespace {
@@ -551,7 +550,7 @@ void load_quantized(const LayerSource& src, Tensor* W, Tensor* B) {
   *B = ql.bias.defined() ? ql.bias.to_f32().clone() : Tensor();
   if (ql.format && ql.format->name == "svdquant_w4a4" && ql.act_unsigned) {
     SvdquantW4A4Params p = svdquant_params(ql);
-    Tensor pu = (p.proj_up.dim() == 3 ? convert_detail::untile_proj_up(p.proj_up) : p.proj_up).to_f32();
+    Tensor pu = (p.proj_up.dim() == 3 ? tile_unpack_proj_up(p.proj_up) : p.proj_up).to_f32();
     Tensor pd = p.proj_down.to_f32();
     const int64_t N = ql.N, K = ql.K, R = p.R;
     std::vector<double> pd_colsum(size_t(R), 0.0);

@@ -15,7 +15,6 @@
 #include "nibble/ops.h"
 #include "nibble/thread_pool.h"
 #include "svd.h"
-#include "tile.h"
 
 namespace nibble {
 namespace {
@@ -481,9 +480,9 @@ SvdquantW4A4Params pack_member(const Member& mb, int64_t K, const Decomposition&
     p.bias = store16(sd, b.data(), {N});
   }
   if (o.tile_layout) {
-    p.qweight = convert_detail::tile_weight(p.qweight);
-    p.wscales = convert_detail::tile_wscales(p.wscales);
-    p.proj_up = convert_detail::tile_proj_up(p.proj_up);
+    p.qweight = tile_pack_weight(p.qweight);
+    p.wscales = tile_pack_wscales(p.wscales);
+    p.proj_up = tile_pack_proj_up(p.proj_up);
     p.tile_packed = p.proj_up_tile = true;
   }
   return p;
@@ -583,9 +582,9 @@ SvdquantW4A4Params quantize_svdquant_w4a4(const Tensor& W, const Tensor& bias, c
 
 Tensor effective_weight(const SvdquantW4A4Params& pin) {
   SvdquantW4A4Params p = pin;
-  if (p.qweight.dim() == 4) p.qweight = convert_detail::untile_weight(p.qweight);
-  if (p.wscales.dim() == 3) p.wscales = convert_detail::untile_wscales(p.wscales);
-  if (p.proj_up.dim() == 3) p.proj_up = convert_detail::untile_proj_up(p.proj_up);
+  if (p.qweight.dim() == 4) p.qweight = tile_unpack_weight(p.qweight);
+  if (p.wscales.dim() == 3) p.wscales = tile_unpack_wscales(p.wscales);
+  if (p.proj_up.dim() == 3) p.proj_up = tile_unpack_proj_up(p.proj_up);
   const int64_t N = p.N, K = p.K, R = p.R;
   Tensor s = p.wscales.to_f32(), sm = p.smooth.to_f32(), pd = p.proj_down.to_f32(), pu = p.proj_up.to_f32();
   Tensor out = Tensor::empty(DType::F32, {N, K});
