@@ -349,3 +349,27 @@ TEST(ConvertCheckpoint, CalibratedConversion) {
   EXPECT_EQ(j["layers"].size(), 14u);
   EXPECT_TRUE(j["layers"][0].contains("weight_rel_error"));
 }
+
+TEST(ConvertCheckpoint, ShardedOutputHoldsTheSameTensorsAsOneFile) {
+  TmpDir d;
+  const std::string in = make_input(d);
+  const std::string one = d / "one.safetensors";
+  convert_checkpoint(in, one, preset());
+  ConvertOptions o = preset();
+  o.shard_size = 256 * 1024;  // small: several shards
+  const std::string sharded = d / "sharded.safetensors";
+  convert_checkpoint(in, sharded, o);
+  EXPECT_FALSE(fs::exists(sharded));  // shards + index instead of one file
+  const std::string index = d / "sharded.safetensors.index.json";
+  ASSERT_TRUE(fs::exists(index));
+  int shards = 0;
+  for (const auto& e : fs::directory_iterator(d.p))
+    if (e.path().filename().string().rfind("sharded-", 0) == 0) {
+      ++shards;
+      EXPECT_LE(fs::file_size(e.path()), 2u * 256 * 1024 + 64 * 1024) << e.path();  // one tensor may exceed the limit alone
+    }
+  EXPECT_GT(shards, 1);
+  Checkpoint a = Checkpoint::open(one), b = Checkpoint::open(index);
+  ASSERT_EQ(a.names(), b.names());
+  for (const auto& n : a.names()) EXPECT_TRUE(same_bytes(a.get(n), b.get(n))) << n;
+}

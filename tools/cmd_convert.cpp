@@ -38,7 +38,7 @@ const CommandRegistration kConvert{
         std::string in, out, json, layout = "natural", svd = "randomized";
         std::vector<std::string> rules;
         bool dry_run = false;
-        double mem_mib = 2048;
+        double mem_mib = 2048, shard_mib = 0;
         ConvertOptions o;
       };
       auto a = std::make_shared<Args>();
@@ -60,6 +60,9 @@ const CommandRegistration kConvert{
       app.add_flag("--dry-run", a->dry_run, "print the plan and the output size; write nothing");
       app.add_option("--json", a->json, "write a JSON report (per-layer errors, totals)");
       app.add_option("--mem", a->mem_mib, "working-memory budget for in-flight layers, MiB")->capture_default_str();
+      app.add_option("--shard-size", a->shard_mib,
+                     "split the output into shards of at most this many MiB (OUT-0000i-of-0000n.safetensors + "
+                     "OUT.safetensors.index.json); 0 = one file")->capture_default_str();
       return [a]() {
         ConvertOptions o = a->o;
         for (const auto& r : a->rules) o.rules.push_back(parse_convert_rule(r));
@@ -69,6 +72,8 @@ const CommandRegistration kConvert{
         o.svd = a->svd == "exact" ? SvdMethod::Exact : SvdMethod::Randomized;
         if (a->mem_mib <= 0) throw Error("--mem must be positive");
         o.mem_budget = uint64_t(a->mem_mib * 1024 * 1024);
+        if (a->shard_mib < 0) throw Error("--shard-size must be >= 0");
+        o.shard_size = uint64_t(a->shard_mib * 1024 * 1024);
         if (o.preset.empty() && o.rules.empty())
           throw Error("convert: nothing to do — give --preset qwen-image and/or --tensor-type REGEX=FORMAT rules");
         const bool quiet = globals().quiet;

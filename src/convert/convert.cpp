@@ -18,6 +18,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <memory>
 #include <cmath>
 #include <fstream>
 #include <regex>
@@ -270,7 +273,6 @@ std::vector<std::pair<std::string, std::pair<DType, Shape>>> planned_tensors(con
 }
 
 FullPlan make_plan(const Checkpoint& ck, const ConvertOptions& o) {
-  if (o.shard_size != 0) throw Error("convert: sharded output is not implemented (write one file)");
   FullPlan fp;
   fp.metadata = ck.metadata();
   std::vector<ConvertRule> rules = o.rules;
@@ -651,6 +653,73 @@ JobResult run_job(const Checkpoint& ck, const Job& job, const ConvertOptions& o,
 
 }  // namespace
 
+// ---- sharded output
+// One file at OUT, or (shard_size > 0 and the output larger than it) shards of at most shard_size
+// bytes each (a single larger tensor gets a shard of its own), named like Hugging Face's:
+// OUT "model.safetensors" → "model-00001-of-00003.safetensors", ... and the index
+// "model.safetensors.index.json". Every shard is written atomically; the index comes last, and a
+// failure removes the shards already committed, so nothing half-written is left behind.
+class ConvertOutput {
+ public:
+  ConvertOutput(const std::string& out, const FullPlan& fp, uint64_t shard_size) : out_(out) {
+    std::vector<std::vector<size_t>> groups(1);
+    uint64_t cur = 0, total = 0;
+    for (size_t i = 0; i < fp.outputs.size(); ++i) {
+      const auto& ot = fp.outputs[i];
+      const uint64_t b = dtype_nbytes(ot.dtype, uint64_t(shape_numel(ot.shape)));
+      total += b;
+      if (shard_size > 0 && !groups.back().empty() && cur + b > shard_size) groups.emplace_back(), cur = 0;
+      groups.back().push_back(i);
+      cur += b;
+    }
+    total_ = total;
+    if (groups.size() == 1) {
+      paths_.push_back(out);
+    } else {
+      std::string base = out;
+      if (base.size() > 12 && base.compare(base.size() - 12, 12, ".safetensors") == 0) base.resize(base.size() - 12);
+      for (size_t k = 0; k < groups.size(); ++k)
+        paths_.push_back(fmt::format("{}-{:05d}-of-{:05d}.safetensors", base, k + 1, groups.size()));
+      index_path_ = base + ".safetensors.index.json";
+    }
+    for (size_t k = 0; k < groups.size(); ++k) {
+      writers_.push_back(std::make_unique<SafetensorsWriter>(paths_[k], fp.metadata));
+      for (size_t i : groups[k]) {
+        const auto& ot = fp.outputs[i];
+        writers_.back()->add(ot.name, ot.dtype, ot.shape);
+        shard_of_[ot.name] = k;
+        weight_map_[ot.name] = std::filesystem::path(paths_[k]).filename().string();
+      }
+    }
+    metadata_ = fp.metadata;
+  }
+  ~ConvertOutput() {
+    if (!done_)
+      for (size_t k = 0; k < committed_; ++k) std::remove(paths_[k].c_str());
+  }
+  SafetensorsWriter& writer(const std::string& name) { return *writers_[shard_of_.at(name)]; }
+  void commit() {
+    for (; committed_ < writers_.size(); ++committed_) writers_[committed_]->commit();
+    if (!index_path_.empty()) {
+      auto meta = metadata_;
+      meta["total_size"] = std::to_string(total_);
+      write_safetensors_index(index_path_, weight_map_, meta);
+    }
+    done_ = true;
+  }
+  const std::vector<std::string>& paths() const { return paths_; }
+
+ private:
+  std::string out_, index_path_;
+  std::vector<std::string> paths_;
+  std::vector<std::unique_ptr<SafetensorsWriter>> writers_;
+  std::map<std::string, size_t> shard_of_;
+  std::map<std::string, std::string> weight_map_, metadata_;
+  uint64_t total_ = 0;
+  size_t committed_ = 0;
+  bool done_ = false;
+};
+
 ConvertReport convert_checkpoint(const std::string& in, const std::string& out, const ConvertOptions& o,
                                  const std::function<void(const ConvertProgress&)>& progress) {
   const auto t0 = std::chrono::steady_clock::now();
@@ -666,8 +735,7 @@ ConvertReport convert_checkpoint(const std::string& in, const std::string& out, 
 
   ConvertReport report;
   report.plan = fp.summary;
-  SafetensorsWriter writer(out, fp.metadata);
-  for (const auto& ot : fp.outputs) writer.add(ot.name, ot.dtype, ot.shape);
+  ConvertOutput output(out, fp, o.shard_size);
 
   std::map<std::string, LayerSource> quantized;  // sources of layers being requantized
   if (o.allow_requantize) {
@@ -699,11 +767,11 @@ ConvertReport convert_checkpoint(const std::string& in, const std::string& out, 
     pr.shape = ot.shape;
     if (ot.job < 0 && ot.json.empty()) {
       Tensor t = ck.get(ot.source);
-      writer.write_tensor(ot.name, t);
+      output.writer(ot.name).write_tensor(ot.name, t);
       release_pages(t);
       pr.bytes_before = pr.bytes_after = t.nbytes();
     } else if (!ot.json.empty()) {
-      writer.write(ot.name, ot.json.data(), ot.json.size());
+      output.writer(ot.name).write(ot.name, ot.json.data(), ot.json.size());
       pr.format = "comfy_quant";
       pr.bytes_after = ot.json.size();
     } else {
@@ -740,7 +808,7 @@ ConvertReport convert_checkpoint(const std::string& in, const std::string& out, 
       if (t.dtype() != ot.dtype || t.shape() != ot.shape)
         throw Error(fmt::format("convert: internal plan mismatch for {}: planned {} {}, got {} {}", ot.name,
                                 dtype_name(ot.dtype), shape_str(ot.shape), dtype_name(t.dtype()), shape_str(t.shape())));
-      writer.write_tensor(ot.name, t);
+      output.writer(ot.name).write_tensor(ot.name, t);
       pr.format = fp.jobs[size_t(ot.job)].format;
       pr.bytes_after = t.nbytes();
       const std::string layer = jr.layers[size_t(ot.member)].name;
@@ -756,7 +824,7 @@ ConvertReport convert_checkpoint(const std::string& in, const std::string& out, 
     pr.elapsed_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (progress) progress(pr);
   }
-  writer.commit();
+  output.commit();
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   report.peak_rss = std::max(report.peak_rss, peak_rss_bytes());
   std::sort(report.layers.begin(), report.layers.end(), [](const LayerResult& a, const LayerResult& b) { return a.name < b.name; });
