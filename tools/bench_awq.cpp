@@ -20,27 +20,12 @@
 namespace nibble::cli {
 namespace {
 
-struct Shape3 { int64_t M, K, N; };
-
-std::vector<Shape3> parse_shapes(const std::string& s) {
-  std::vector<Shape3> r;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ';')) {
-    if (item.empty()) continue;
-    Shape3 sh{};
-    if (std::sscanf(item.c_str(), "%ld,%ld,%ld", &sh.M, &sh.K, &sh.N) != 3 || sh.M < 1 || sh.K < 64 ||
-        sh.K % 64 != 0 || sh.N < 1)
-      throw Error(fmt::format("bench awq: --shapes item '{}': expected M,K,N with K a multiple of 64", item));
-    r.push_back(sh);
-  }
-  return r;
-}
+using bench::Shape3;
 
 int run_awq(const BenchOptions& o) {
   std::vector<Shape3> shapes;
   if (!o.shapes.empty()) {
-    shapes = parse_shapes(o.shapes);
+    shapes = bench::parse_shapes(o.shapes, "bench awq");
   } else if (o.quick) {
     shapes = {{1, 3072, 3072}, {8, 3072, 3072}, {64, 3072, 3072}};
   } else {

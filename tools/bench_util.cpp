@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <sstream>
 
 #include "nibble/dtype.h"
 #include "nibble/error.h"
@@ -344,6 +345,21 @@ std::string records_to_table(const std::vector<Record>& records, const std::vect
     }
   }
   return out;
+}
+
+std::vector<Shape3> parse_shapes(const std::string& s, const std::string& what) {
+  std::vector<Shape3> r;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ';')) {
+    if (item.empty()) continue;
+    Shape3 sh{};
+    if (std::sscanf(item.c_str(), "%ld,%ld,%ld", &sh.M, &sh.K, &sh.N) != 3 || sh.M < 1 || sh.K < 64 ||
+        sh.K % 64 != 0 || sh.N < 1)
+      throw Error(fmt::format("{}: --shapes item '{}': expected M,K,N with K a multiple of 64", what, item));
+    r.push_back(sh);
+  }
+  return r;
 }
 
 }  // namespace nibble::bench

@@ -93,4 +93,9 @@ std::string records_to_json(const std::vector<Record>& records);
 std::string records_to_table(const std::vector<Record>& records, const std::vector<std::string>& columns,
                              int precision = 2);
 
+// A benchmark shape list, "M,K,N;M,K,N;..." (--shapes); K must be a multiple of 64.
+// `what` names the command in errors.
+struct Shape3 { int64_t M, K, N; };
+std::vector<Shape3> parse_shapes(const std::string& s, const std::string& what);
+
 }  // namespace nibble::bench

@@ -22,22 +22,7 @@
 namespace nibble::cli {
 namespace {
 
-struct Shape3 { int64_t M, K, N; };
-
-std::vector<Shape3> parse_shapes(const std::string& s) {
-  std::vector<Shape3> r;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ';')) {
-    if (item.empty()) continue;
-    Shape3 sh{};
-    if (std::sscanf(item.c_str(), "%ld,%ld,%ld", &sh.M, &sh.K, &sh.N) != 3 || sh.M < 1 || sh.K < 64 ||
-        sh.K % 64 != 0 || sh.N < 1)
-      throw Error(fmt::format("bench w4a4: --shapes item '{}': expected M,K,N with K a multiple of 64", item));
-    r.push_back(sh);
-  }
-  return r;
-}
+using bench::Shape3;
 
 // int8 peak of the pool in GOP/s: many equal register-only tasks so that every thread stays busy.
 double vnni_peak_gops(int trials) {
@@ -66,7 +51,7 @@ Tensor random_tensor(std::mt19937& rng, DType dt, Shape shape, float lo, float h
 int run_w4a4(const BenchOptions& o) {
   std::vector<Shape3> shapes;
   if (!o.shapes.empty()) {
-    shapes = parse_shapes(o.shapes);
+    shapes = bench::parse_shapes(o.shapes, "bench w4a4");
   } else if (o.quick) {
     shapes = {{256, 3072, 3072}};
   } else {
