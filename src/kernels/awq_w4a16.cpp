@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "kernels/awq_w4a16_kernels.h"
@@ -27,7 +28,8 @@
 namespace nibble {
 
 struct AwqW4A16Prepared {
-  AwqW4A16Params params;  // validated; kept as stored (the GEMV streams this layout directly)
+  AwqW4A16Params params;  // validated, as stored (saving, the GEMM tier, ISAs without the tiled GEMV)
+  Tensor tiled;           // repacked GEMV stream (kernels/awq_w4a16_kernels.h), when avx512bf16 is here
 };
 
 namespace {
@@ -155,7 +157,51 @@ void epilogue(const Impl& im, const float* acc, int64_t acc_stride_m, int64_t ac
   }
 }
 
-Tensor run(const Tensor& x_in, const AwqW4A16Params& w, std::optional<DType> out_dtype) {
+// Group sums of x (fp32, in order) for the folded zero term.
+std::vector<float> group_sums(const float* x, int64_t M, int64_t K, int64_t G) {
+  const int64_t groups = K / G;
+  std::vector<float> xsum(size_t(M * groups));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = 0.0f;
+      for (int64_t k = 0; k < G; ++k) s += x[m * K + g * G + k];
+      xsum[size_t(m * groups + g)] = s;
+    }
+  return xsum;
+}
+
+// GEMV over the prepared tiled stream (avx512bf16): activations as exact bf16 part pairs.
+void run_tiled(const Impl& im, const float* x, const Tensor& tiled, void* yp) {
+  const int64_t M = im.p.M, N = im.p.N, K = im.p.K, G = im.p.G;
+  TiledArgs a;
+  a.p = im.p;
+  a.tiled = tiled.data<uint8_t>();
+  a.parts = bf16_parts(im.xdt);
+  std::vector<uint32_t> xpairs(size_t(M * a.parts * (K / 2)));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k8 = 0; k8 < K; k8 += 8)
+      for (int r = 0; r < 4; ++r) {
+        uint16_t lo[3], hi[3];
+        split_bf16(x[m * K + k8 + r], a.parts, lo);
+        split_bf16(x[m * K + k8 + 4 + r], a.parts, hi);
+        for (int q = 0; q < a.parts; ++q)
+          xpairs[size_t((m * a.parts + q) * (K / 2) + k8 / 2 + r)] = uint32_t(lo[q]) | (uint32_t(hi[q]) << 16);
+      }
+  const std::vector<float> xsum = group_sums(x, M, K, G);
+  std::vector<float> acc(size_t(M * N), kPoison);
+  a.xpairs = xpairs.data();
+  a.xsum = xsum.data();
+  a.acc = acc.data();
+  constexpr int64_t tiles_per_task = kGemvCols / kTileCols;
+  const int64_t tiles = (N + kTileCols - 1) / kTileCols;
+  parallel_for((tiles + tiles_per_task - 1) / tiles_per_task, [&](int64_t task) {
+    const int64_t t0 = task * tiles_per_task, t1 = std::min(tiles, t0 + tiles_per_task);
+    awq_gemv_tiled_avx512bf16(a, t0, t1);
+    epilogue(im, acc.data(), N, 1, yp, t0 * kTileCols, std::min(N, t1 * kTileCols), 1);
+  });
+}
+
+Tensor run(const Tensor& x_in, const AwqW4A16Params& w, std::optional<DType> out_dtype, const Tensor& tiled = {}) {
   check_inputs(x_in, w);
   Impl im;
   const int64_t K = x_in.size(-1), N = w.qweight.size(0), G = w.group_size;
@@ -189,19 +235,16 @@ Tensor run(const Tensor& x_in, const AwqW4A16Params& w, std::optional<DType> out
     return y;
   }
 
+  if (M <= gemv_max_m(isa) && isa == Isa::Avx512Bf16 && tiled.defined()) {
+    run_tiled(im, x, tiled, yp);
+    return y;
+  }
+
   if (M <= gemv_max_m(isa)) {
     // fp32 x would need 3 exact bf16 parts (3× the vdpbf16ps work); the fp32-FMA GEMV is faster
     // there (measured: 0.073 vs 0.082 ms at M=1, N=512, K=3072) and equally exact.
     if (isa == Isa::Avx512Bf16 && im.xdt == DType::F32) isa = Isa::Avx512;
-    // group sums of the original x (fp32, in order) for the folded zero term
-    const int64_t groups = K / G;
-    std::vector<float> xsum(size_t(M * groups));
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t g = 0; g < groups; ++g) {
-        float s = 0.0f;
-        for (int64_t k = 0; k < G; ++k) s += x[m * K + g * G + k];
-        xsum[size_t(m * groups + g)] = s;
-      }
+    const std::vector<float> xsum = group_sums(x, M, K, G);
     GemvArgs a;
     a.p = im.p;
     a.xsum = xsum.data();
@@ -288,6 +331,30 @@ Tensor run(const Tensor& x_in, const AwqW4A16Params& w, std::optional<DType> out
 }  // namespace
 
 namespace kernels::awq {
+void repack_tiled(const Problem& p, uint8_t* out) {
+  const int64_t N = p.N, K = p.K, G = p.G, groups = K / G, L = G / 8;
+  const int64_t tiles = (N + kTileCols - 1) / kTileCols, group_bytes = tiled_lines_per_group(G) * 64;
+  // one task per tile: the repack of a large layer (load time) uses the pool too
+  parallel_for(tiles, [&](int64_t t) {
+    uint8_t* tile = out + t * tiled_tile_bytes(K, G);
+    for (int64_t g = 0; g < groups; ++g) {
+      uint8_t* blk = tile + g * group_bytes;
+      for (int r = 0; r < kTileCols; ++r) {
+        const int64_t n = t * kTileCols + r;
+        for (int64_t j = 0; j < L; ++j) {
+          uint8_t* d = blk + j * 64 + 4 * r;
+          if (n < N) std::memcpy(d, p.qweight + n * (K / 2) + g * (G / 2) + 4 * j, 4);
+          else std::memset(d, 0x88, 4);  // code 8: weight (8 − 8)·0 + 0 = 0
+        }
+        const uint16_t sv = n < N ? p.wscales[g * N + n] : uint16_t(0);
+        const uint16_t zv = n < N ? p.wzeros[g * N + n] : uint16_t(0);
+        std::memcpy(blk + L * 64 + 2 * r, &sv, 2);
+        std::memcpy(blk + L * 64 + 32 + 2 * r, &zv, 2);
+      }
+    }
+  });
+}
+
 const char* path_name(Isa isa, int64_t M, int64_t G, DType xdt) {
   if (isa == Isa::Avx512Bf16 && G % 8 != 0) isa = Isa::Avx512;
   if (isa == Isa::Avx512Bf16 && xdt == DType::F32 && M <= gemv_max_m(isa)) isa = Isa::Avx512;
@@ -316,11 +383,19 @@ std::shared_ptr<const AwqW4A16Prepared> prepare_awq_w4a16(const AwqW4A16Params& 
   validate(p, "prepare_awq_w4a16");
   auto r = std::make_shared<AwqW4A16Prepared>();
   r->params = p;
+  const int64_t N = p.qweight.size(0), K = 2 * p.qweight.size(1), G = p.group_size;
+  // The tiled stream only serves the avx512bf16 GEMV; other ISAs stream the stored layout.
+  if (isa_supported(Isa::Avx512Bf16) && tiled_ok(G) && N > 0 && K > 0) {
+    r->tiled = Tensor::empty(DType::U8, {tiled_bytes(N, K, G)});
+    const Problem prob{0, N, K, G, p.qweight.data<uint8_t>(), p.wscales.data<uint16_t>(), p.wzeros.data<uint16_t>(),
+                       p.wscales.dtype()};
+    repack_tiled(prob, r->tiled.mutable_data<uint8_t>());
+  }
   return r;
 }
 
 Tensor gemv_awq_w4a16(const Tensor& x, const AwqW4A16Prepared& w, std::optional<DType> out_dtype) {
-  return run(x, w.params, out_dtype);
+  return run(x, w.params, out_dtype, w.tiled);
 }
 
 }  // namespace nibble

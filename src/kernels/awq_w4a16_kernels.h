@@ -63,6 +63,38 @@ void awq_gemv_avx2(const GemvArgs& a, int64_t n0, int64_t n1);
 void awq_gemv_avx512(const GemvArgs& a, int64_t n0, int64_t n1);
 void awq_gemv_avx512bf16(const GemvArgs& a, int64_t n0, int64_t n1);  // needs G % 8 == 0
 
+// ---- Tiled GEMV (avx512bf16, prepared weights). prepare_awq_w4a16 repacks the stored layout into
+// one contiguous stream per 16 output columns ("tile"), so a GEMV reads a single sequential stream
+// per thread and vectorizes over columns (no horizontal sums, scales loaded as vectors):
+//   tile t (columns 16t..16t+15), group g: G/8 weight lines then one scale line, 64 bytes each:
+//     weight line j: dword r = the 4 stored bytes qweight[16t+r, g·G/2 + 4j .. +3]
+//                    (columns g·G + 8j .. +7; nibble i of the dword is column g·G + 8j + i)
+//     scale line:    s[g, 16t+r] for r = 0..15 (16-bit, stored dtype), then z[g, 16t+r]
+//   Rows past N are padded with code 8 and zero scale/zero (they contribute exactly 0).
+// A dword's low word holds columns +0..+3, its high word +4..+7, so "word >> 4r" puts the pair of
+// columns (+r, +4+r) in the low nibbles of the two words: the activation pairs are stored to match,
+// xpairs[row][g·G/2 + 4j + r] = (x[g·G+8j+r], x[g·G+8j+4+r]) as two bf16 parts of one part row.
+inline constexpr int kTileCols = 16;
+inline int64_t tiled_lines_per_group(int64_t G) { return G / 8 + 1; }
+inline int64_t tiled_tile_bytes(int64_t K, int64_t G) { return (K / G) * tiled_lines_per_group(G) * 64; }
+inline int64_t tiled_bytes(int64_t N, int64_t K, int64_t G) {
+  return (N + kTileCols - 1) / kTileCols * tiled_tile_bytes(K, G);
+}
+inline bool tiled_ok(int64_t G) { return G % 8 == 0; }
+// Portable repack (load time): out must hold tiled_bytes(N, K, G) bytes.
+void repack_tiled(const Problem& p, uint8_t* out);
+
+struct TiledArgs {
+  Problem p;                         // p.qweight unused; dims, G and sdtype
+  const uint8_t* tiled = nullptr;    // the repacked stream
+  const uint32_t* xpairs = nullptr;  // (M·parts, K/2) dwords, layout above
+  int parts = 1;                     // exact bf16 parts of x (1/2/3 for bf16/f16/f32)
+  const float* xsum = nullptr;       // (M, K/G) fp32 group sums of x
+  float* acc = nullptr;              // (M, N)
+};
+// Tiles [t0, t1).
+void awq_gemv_tiled_avx512bf16(const TiledArgs& a, int64_t t0, int64_t t1);
+
 // ---- GEMM family. xp: activations packed for the kernel; accT (N, Mp) row-major where Mp = rows
 // of xp (M rounded up to the vector width V, times `parts` for the bf16 kernel). xp is cut into
 // row blocks of 2V rows (the last may have V), each stored contiguously as [k][block width]: a

@@ -1,0 +1,126 @@
+// AWQ W4A16 GEMV over prepared (tiled) weights, AVX-512 + BF16 (layout: awq_w4a16_kernels.h).
+//
+// Lanes are output columns: one 64-byte line holds 8 columns of k for 16 output columns. It is
+// decoded with one vpermw per nibble position into exact bf16 (q − 8) pairs, and each pair meets a
+// broadcast activation pair in vdpbf16ps. Products are exact (bf16 × exact bf16 parts of x), sums
+// are fp32: the arithmetic class of the spec's fp32 GEMV. Per group: acc += s·D + z·Σx, with s and z
+// loaded as 16-lane vectors from the scale line that follows the group's weight lines.
+//
+// Why this layout: the stored layout streams K/G strided scale runs per column block and needs a
+// horizontal sum per output, so a core spends its time waiting on memory between short bursts;
+// here each thread reads one sequential stream and the decode keeps pace with it.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include "kernels/awq_w4a16_kernels.h"
+
+namespace nibble::kernels::awq {
+
+namespace {
+
+template <DType SD>
+inline __m512 load16_halves(const uint8_t* src) {
+  const __m256i h = _mm256_load_si256(reinterpret_cast<const __m256i*>(src));
+  if constexpr (SD == DType::BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  else return _mm512_cvtph_ps(h);
+}
+
+// MB activation rows (each `P` exact bf16 parts) against tiles [t0, t1). Independent dot-product
+// chains (MB rows × 4 nibble positions, doubled by C for a single row) keep vdpbf16ps latency off
+// the critical path. Measured and rejected (docs/awq.md): software prefetch at 128 B–8 KB ahead
+// (equal or slower: the hardware prefetchers follow one sequential stream), and two tiles per step
+// sharing each broadcast (5 % faster from cache, 8 % slower from DRAM: two streams per thread).
+template <int MB, int P, DType SD>
+void tiles_rows(const TiledArgs& a, int64_t t0, int64_t t1, int64_t m0) {
+  const Problem& p = a.p;
+  const int64_t K = p.K, G = p.G, N = p.N, groups = K / G, L = G / 8;
+  const int64_t tile_bytes = tiled_tile_bytes(K, G), group_bytes = tiled_lines_per_group(G) * 64;
+  constexpr int C = MB == 1 ? 2 : 1;
+  // bf16 of (i − 8) for the low 4 index bits; vpermw reads 5 bits, so the table repeats
+  const __m512i table = _mm512_set_epi16(
+      0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000, (short)0xBF80, (short)0xC000, (short)0xC040,
+      (short)0xC080, (short)0xC0A0, (short)0xC0C0, (short)0xC0E0, (short)0xC100, 0x40E0, 0x40C0, 0x40A0, 0x4080,
+      0x4040, 0x4000, 0x3F80, 0x0000, (short)0xBF80, (short)0xC000, (short)0xC040, (short)0xC080, (short)0xC0A0,
+      (short)0xC0C0, (short)0xC0E0, (short)0xC100);
+  const uint32_t* xr[MB][P];
+  const float* xs[MB];
+  for (int m = 0; m < MB; ++m) {
+    for (int q = 0; q < P; ++q) xr[m][q] = a.xpairs + ((m0 + m) * P + q) * (K / 2);
+    xs[m] = a.xsum + (m0 + m) * groups;
+  }
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* tile = a.tiled + t * tile_bytes;
+    __m512 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* blk = tile + g * group_bytes;
+      __m512 d[C][MB][4];
+      for (int c = 0; c < C; ++c)
+        for (int m = 0; m < MB; ++m)
+          for (int r = 0; r < 4; ++r) d[c][m][r] = _mm512_setzero_ps();
+      for (int64_t j0 = 0; j0 < L; j0 += C) {
+        for (int c = 0; c < C; ++c) {
+          const int64_t j = j0 + c;
+          if (C > 1 && j >= L) break;
+          const __m512i w = _mm512_load_si512(blk + j * 64);
+          __m512i dec[4];
+          dec[0] = _mm512_permutexvar_epi16(w, table);
+          dec[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), table);
+          dec[2] = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 8), table);
+          dec[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 12), table);
+          const int64_t xo = g * (G / 2) + 4 * j;
+          for (int m = 0; m < MB; ++m)
+            for (int q = 0; q < P; ++q)
+              for (int r = 0; r < 4; ++r)
+                d[c][m][r] = _mm512_dpbf16_ps(d[c][m][r], (__m512bh)dec[r],
+                                              (__m512bh)_mm512_set1_epi32(int(xr[m][q][xo + r])));
+        }
+      }
+      const uint8_t* sl = blk + L * 64;
+      const __m512 s = load16_halves<SD>(sl), z = load16_halves<SD>(sl + 32);
+      for (int m = 0; m < MB; ++m) {
+        __m512 dm = _mm512_add_ps(_mm512_add_ps(d[0][m][0], d[0][m][1]), _mm512_add_ps(d[0][m][2], d[0][m][3]));
+        if (C > 1)
+          dm = _mm512_add_ps(dm, _mm512_add_ps(_mm512_add_ps(d[C - 1][m][0], d[C - 1][m][1]),
+                                               _mm512_add_ps(d[C - 1][m][2], d[C - 1][m][3])));
+        acc[m] = _mm512_fmadd_ps(dm, s, acc[m]);
+        acc[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(xs[m][g]), acc[m]);
+      }
+    }
+    const int64_t n0 = t * kTileCols;
+    const int64_t cols = N - n0 < kTileCols ? N - n0 : kTileCols;
+    const __mmask16 keep = cols == kTileCols ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+    for (int m = 0; m < MB; ++m) _mm512_mask_storeu_ps(a.acc + (m0 + m) * N + n0, keep, acc[m]);
+  }
+}
+
+template <int MB, int P>
+void tiles_dt(const TiledArgs& a, int64_t t0, int64_t t1, int64_t m0) {
+  if (a.p.sdtype == DType::BF16) tiles_rows<MB, P, DType::BF16>(a, t0, t1, m0);
+  else tiles_rows<MB, P, DType::F16>(a, t0, t1, m0);
+}
+
+template <int P>
+void tiles_batch(const TiledArgs& a, int64_t t0, int64_t t1, int64_t m0, int mb) {
+  switch (mb) {
+    case 1: tiles_dt<1, P>(a, t0, t1, m0); break;
+    case 2: tiles_dt<2, P>(a, t0, t1, m0); break;
+    case 3: tiles_dt<3, P>(a, t0, t1, m0); break;
+    default: tiles_dt<4, P>(a, t0, t1, m0); break;
+  }
+}
+
+}  // namespace
+
+void awq_gemv_tiled_avx512bf16(const TiledArgs& a, int64_t t0, int64_t t1) {
+  // rows per pass: the decoded line feeds MB·P·4 chains, which must stay in registers
+  const int max_rows = a.parts == 1 ? 4 : a.parts == 2 ? 2 : 1;
+  for (int64_t m0 = 0; m0 < a.p.M; m0 += max_rows) {
+    const int mb = int(a.p.M - m0 < max_rows ? a.p.M - m0 : max_rows);
+    if (a.parts == 1) tiles_batch<1>(a, t0, t1, m0, mb);
+    else if (a.parts == 2) tiles_batch<2>(a, t0, t1, m0, mb);
+    else tiles_batch<3>(a, t0, t1, m0, mb);
+  }
+}
+
+}  // namespace nibble::kernels::awq
