@@ -35,11 +35,13 @@ int run_awq(const BenchOptions& o) {
   const int64_t G = 64;
   const int reps = std::max(1, o.repeats);
   const double load_before = bench::load_average();
-  const double stream = bench::read_bandwidth_gbs(size_t(256) << 20, size_t(1) << 30, o.quick ? 1 : 3);
+  // Bandwidth: a 256 MiB read sweep (AVX loads, same threads) interleaved with every repetition, so
+  // pct_stream compares the op with the machine at the same moment (>= 1 GiB read per shape).
+  bench::ReadProbe probe(size_t(256) << 20);
   if (!o.json)
-    fmt::print("# awq_w4a16: read bandwidth {:.1f} GB/s ({} threads, AVX loads, >= 1 GiB); G={}, x/scales bf16, "
-               "weights rotated over > 2x L3; load average {:.2f}\n",
-               stream, num_threads(), G, load_before);
+    fmt::print("# awq_w4a16: {} threads; G={}, x/scales bf16; weights rotated over > 2x L3; each repetition runs "
+               "read-probe, op, op-stored, bf16, sgemm in turn (medians); load average {:.2f}\n",
+               num_threads(), G, load_before);
   std::vector<bench::Record> recs;
   std::mt19937 rng(1234);
   // group shapes by (K, N) so the weight copies are built once
@@ -89,23 +91,30 @@ int run_awq(const BenchOptions& o) {
       const Tensor xb = x32.to(DType::BF16);
       const Tensor xf = xb.to_f32();
       Tensor yb = Tensor::empty(DType::F32, {M, N}), yf = Tensor::empty(DType::F32, {M, N});
-      const int r = M >= 64 ? std::max(3, reps / 2) : reps * 4;  // more samples for the short cases
+      // more samples for the short cases; >= 4 probe sweeps (1 GiB) per shape
+      const int r = M >= 64 ? std::max(5, reps / 2) : reps * 4;
 
-      const bench::Timing T_op = bench::time_runs_indexed(r, [&](int it) {
-        (void)gemv_awq_w4a16(xb, *w4p[size_t(it) % w4p.size()]);
-      });
-      const bench::Timing T_stored = bench::time_runs_indexed(r, [&](int it) {
-        const auto& c = w4.at(it);
-        (void)gemv_awq_w4a16(xb, c[0], c[1], c[2], Tensor(), G);
-      });
-      const bench::Timing T_bf16 = bench::time_runs_indexed(r, [&](int it) {
-        bench::gemv_bf16_weights(M, N, K, xb.data<uint16_t>(), wbf.at(it)[0].data<uint16_t>(), yb.mutable_data<float>());
-      });
-      bench::Timing T_blas{NAN, NAN};
+      // one interleaved round per repetition: probe sweep, op (prepared), op (stored layout), bf16, sgemm
+      int c_op = 0, c_st = 0, c_bf = 0, c_bl = 0;
+      std::vector<std::function<void(int)>> fns = {
+          [&](int) { probe.sweep(); },
+          [&](int) { (void)gemv_awq_w4a16(xb, *w4p[size_t(c_op++) % w4p.size()]); },
+          [&](int) {
+            const auto& c = w4.at(c_st++);
+            (void)gemv_awq_w4a16(xb, c[0], c[1], c[2], Tensor(), G);
+          },
+          [&](int) {
+            bench::gemv_bf16_weights(M, N, K, xb.data<uint16_t>(), wbf.at(c_bf++)[0].data<uint16_t>(),
+                                     yb.mutable_data<float>());
+          }};
       if (blas)
-        T_blas = bench::time_runs_indexed(r, [&](int it) {
-          bench::sgemm_nt(M, N, K, xf.data<float>(), wf32->at(it)[0].data<float>(), yf.mutable_data<float>());
+        fns.push_back([&](int) {
+          bench::sgemm_nt(M, N, K, xf.data<float>(), wf32->at(c_bl++)[0].data<float>(), yf.mutable_data<float>());
         });
+      const std::vector<bench::Timing> T = bench::time_interleaved(r, fns);
+      const bench::Timing T_probe = T[0], T_op = T[1], T_stored = T[2], T_bf16 = T[3];
+      const bench::Timing T_blas = blas ? T[4] : bench::Timing{NAN, NAN};
+      const double stream = double(probe.bytes()) / T_probe.median / 1e9;
       const double t_op = T_op.median, t_bf16 = T_bf16.median, t_blas = T_blas.median;
       const double gbs = double(int4_bytes) / t_op / 1e9;
       bench::Record rec;
@@ -113,12 +122,14 @@ int run_awq(const BenchOptions& o) {
       rec.s("isa", isa_name(active_isa())).s("path", kernels::awq::path_name(active_isa(), M, G, DType::BF16));
       rec.n("threads", num_threads()).n("weight_MB", double(int4_bytes) / 1e6);
       rec.n("op_ms", t_op * 1e3).n("weight_GBps", gbs).n("stream_GBps", stream).n("pct_stream", 100.0 * gbs / stream);
+      rec.n("bf16_GBps", double(Wb.nbytes()) / t_bf16 / 1e9);
       rec.n("stored_ms", T_stored.median * 1e3).n("pct_stream_stored", 100.0 * double(int4_bytes) / T_stored.median / 1e9 / stream);
       rec.n("bf16_ms", t_bf16 * 1e3).n("speedup_vs_bf16", t_bf16 / t_op);
       rec.n("sgemm_ms", t_blas * 1e3).n("speedup_vs_sgemm", t_blas / t_op);
       rec.n("gflops", 2.0 * double(M) * double(N) * double(K) / t_op / 1e9);
       // best-of-runs figures: the machine without the shared host's preemptions
-      rec.n("op_best_ms", T_op.best * 1e3).n("pct_stream_best", 100.0 * double(int4_bytes) / T_op.best / 1e9 / stream);
+      rec.n("op_best_ms", T_op.best * 1e3)
+          .n("pct_stream_best", 100.0 * double(int4_bytes) / T_op.best / (double(probe.bytes()) / T_probe.best));
       rec.n("speedup_vs_bf16_best", T_bf16.best / T_op.best).n("speedup_vs_sgemm_best", T_blas.best / T_op.best);
       rec.n("loadavg", bench::load_average());
       recs.push_back(rec);
@@ -130,7 +141,7 @@ int run_awq(const BenchOptions& o) {
   } else {
     fmt::print("{}", bench::records_to_table(recs, {"M", "K", "N", "isa", "path", "threads", "op_ms", "weight_GBps",
                                                     "pct_stream", "stored_ms", "pct_stream_stored", "bf16_ms", "speedup_vs_bf16", "sgemm_ms",
-                                                    "speedup_vs_sgemm", "op_best_ms", "pct_stream_best",
+                                                    "speedup_vs_sgemm", "stream_GBps", "bf16_GBps", "op_best_ms", "pct_stream_best",
                                                     "speedup_vs_bf16_best", "speedup_vs_sgemm_best", "loadavg"}));
   }
   return 0;

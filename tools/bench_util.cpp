@@ -1,4 +1,6 @@
 // Shared benchmark helpers (see bench_util.h for the why).
+// GCC 12 warns inside its own AVX-512 headers (_mm512_undefined_* used by the reduce intrinsics).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include "bench_util.h"
 
 #include <fmt/format.h>
@@ -40,6 +42,28 @@ Timing time_runs_indexed(int repeats, const std::function<void(int)>& fn) {
   std::sort(t.begin(), t.end());
   const size_t h = t.size() / 2;
   return Timing{t.size() % 2 ? t[h] : 0.5 * (t[h - 1] + t[h]), t.front()};
+}
+
+std::vector<Timing> time_interleaved(int repeats, const std::vector<std::function<void(int)>>& fns) {
+  if (repeats < 1) repeats = 1;
+  for (auto& f : fns) f(0);
+  std::vector<std::vector<double>> t(fns.size());
+  // The starting case rotates with the repetition: whatever follows a large sweep (or runs first
+  // after the caller's own work) measurably runs a few % slower, and rotation spreads that evenly.
+  for (int i = 0; i < repeats; ++i)
+    for (size_t j = 0; j < fns.size(); ++j) {
+      const size_t f = (j + size_t(i)) % fns.size();
+      const double t0 = now_seconds();
+      fns[f](i + 1);
+      t[f].push_back(now_seconds() - t0);
+    }
+  std::vector<Timing> out;
+  for (auto& v : t) {
+    std::sort(v.begin(), v.end());
+    const size_t h = v.size() / 2;
+    out.push_back(Timing{v.size() % 2 ? v[h] : 0.5 * (v[h - 1] + v[h]), v.front()});
+  }
+  return out;
 }
 
 double median_seconds(int repeats, const std::function<void()>& fn) {
@@ -135,6 +159,19 @@ double read_bandwidth_gbs(size_t buffer_bytes, size_t min_total_bytes, int trial
   for (uint64_t v : sinks) x ^= v;
   g_sink = x;
   return best;
+}
+
+ReadProbe::ReadProbe(size_t bytes) : bytes_(std::max<size_t>(bytes & ~size_t((1 << 20) - 1), size_t(1) << 20)) {
+  p_ = static_cast<uint8_t*>(std::aligned_alloc(64, bytes_));
+  if (!p_) throw Error(fmt::format("bench: cannot allocate {} bytes", bytes_));
+  for (size_t i = 0; i < bytes_; ++i) p_[i] = uint8_t(i * 131u + 7u);  // real pages, not the zero page
+  sinks_.assign(bytes_ >> 20, 0);
+}
+ReadProbe::~ReadProbe() { std::free(p_); }
+void ReadProbe::sweep() {
+  const size_t chunk = size_t(1) << 20;
+  parallel_for(int64_t(bytes_ / chunk), [&](int64_t c) { sinks_[size_t(c)] ^= read_sum(p_ + size_t(c) * chunk, chunk); });
+  g_sink = sinks_[0];
 }
 
 size_t l3_bytes() {

@@ -37,6 +37,11 @@ double median_seconds_indexed(int repeats, const std::function<void(int)>& fn);
 // through unpreempted; the median is what a user sees).
 struct Timing { double median = 0, best = 0; };
 Timing time_runs_indexed(int repeats, const std::function<void(int)>& fn);
+// Interleaved timing: each repetition runs every fn once (fn(i) gets the run index; the order rotates
+// by one case per repetition), after one untimed warm-up round. On a shared host whose bandwidth drifts over seconds, the cases of one
+// repetition see the same machine, so ratios of their medians are far steadier than ratios of
+// back-to-back blocks of runs.
+std::vector<Timing> time_interleaved(int repeats, const std::vector<std::function<void(int)>>& fns);
 
 // ---- memory
 // Streaming read bandwidth in GB/s (1e9 bytes/s): reads a `buffer_bytes` buffer repeatedly with the
@@ -44,6 +49,21 @@ Timing time_runs_indexed(int repeats, const std::function<void(int)>& fn);
 // the best of `trials` passes (a pass is one full sweep over the buffer by all threads).
 double read_bandwidth_gbs(size_t buffer_bytes = size_t(256) << 20, size_t min_total_bytes = size_t(1) << 30,
                           int trials = 3);
+// One sweep of a dedicated buffer (> 2x L3) per call, same loads and threads as read_bandwidth_gbs:
+// a probe sample to interleave with the timed cases (bytes() / median sweep time = bandwidth).
+class ReadProbe {
+ public:
+  explicit ReadProbe(size_t bytes = size_t(256) << 20);
+  ~ReadProbe();
+  void sweep();
+  size_t bytes() const { return bytes_; }
+ private:
+  ReadProbe(const ReadProbe&) = delete;
+  ReadProbe& operator=(const ReadProbe&) = delete;
+  size_t bytes_;
+  uint8_t* p_ = nullptr;
+  std::vector<uint64_t> sinks_;
+};
 // Default last-level cache size in bytes (the host: 32 MB L3); env NIBBLE_BENCH_L3 overrides.
 size_t l3_bytes();
 // How many copies of `bytes_per_copy` bytes exceed 2x the L3 (>= 2).

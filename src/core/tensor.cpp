@@ -129,6 +129,23 @@ Tensor Tensor::to(DType dtype) const {
   if (dtype == dtype_) return clone();
   Tensor out = empty(dtype, shape_);
   void* o = const_cast<void*>(out.data_);
+  // Tight loops for the conversions every op does on its activations (the generic per-element
+  // switch below costs ~1.6 ns per element, a visible share of a 1 ms GEMV's setup).
+  if (dtype == DType::F32 && (dtype_ == DType::BF16 || dtype_ == DType::F16)) {
+    const uint16_t* in = static_cast<const uint16_t*>(data_);
+    float* of = static_cast<float*>(o);
+    if (dtype_ == DType::BF16)
+      for (int64_t i = 0; i < numel_; ++i) of[i] = bf16_to_f32(in[i]);
+    else
+      for (int64_t i = 0; i < numel_; ++i) of[i] = f16_to_f32(in[i]);
+    return out;
+  }
+  if (dtype_ == DType::F32 && dtype == DType::BF16) {
+    const float* in = static_cast<const float*>(data_);
+    uint16_t* ob = static_cast<uint16_t*>(o);
+    for (int64_t i = 0; i < numel_; ++i) ob[i] = f32_to_bf16(in[i]);
+    return out;
+  }
   for (int64_t i = 0; i < numel_; ++i) {
     if (dtype_ == DType::F64 && dtype == DType::F32) {  // avoid double rounding through f32
       static_cast<float*>(o)[i] = float(static_cast<const double*>(data_)[i]);

@@ -178,21 +178,32 @@ void run_tiled(const Impl& im, const float* x, const Tensor& tiled, void* yp) {
   a.tiled = tiled.data<uint8_t>();
   a.parts = bf16_parts(im.xdt);
   std::vector<uint32_t> xpairs(size_t(M * a.parts * (K / 2)));
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k8 = 0; k8 < K; k8 += 8)
-      for (int r = 0; r < 4; ++r) {
-        uint16_t lo[3], hi[3];
-        split_bf16(x[m * K + k8 + r], a.parts, lo);
-        split_bf16(x[m * K + k8 + 4 + r], a.parts, hi);
-        for (int q = 0; q < a.parts; ++q)
-          xpairs[size_t((m * a.parts + q) * (K / 2) + k8 / 2 + r)] = uint32_t(lo[q]) | (uint32_t(hi[q]) << 16);
-      }
+  if (a.parts == 1) {  // bf16 x: the pairs are its own bits (x here is its exact fp32 widening)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k8 = 0; k8 < K; k8 += 8)
+        for (int r = 0; r < 4; ++r) {
+          uint32_t lo, hi;
+          std::memcpy(&lo, &x[m * K + k8 + r], 4);
+          std::memcpy(&hi, &x[m * K + k8 + 4 + r], 4);
+          xpairs[size_t(m * (K / 2) + k8 / 2 + r)] = (lo >> 16) | (hi & 0xFFFF0000u);
+        }
+  } else {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k8 = 0; k8 < K; k8 += 8)
+        for (int r = 0; r < 4; ++r) {
+          uint16_t lo[3], hi[3];
+          split_bf16(x[m * K + k8 + r], a.parts, lo);
+          split_bf16(x[m * K + k8 + 4 + r], a.parts, hi);
+          for (int q = 0; q < a.parts; ++q)
+            xpairs[size_t((m * a.parts + q) * (K / 2) + k8 / 2 + r)] = uint32_t(lo[q]) | (uint32_t(hi[q]) << 16);
+        }
+  }
   const std::vector<float> xsum = group_sums(x, M, K, G);
   std::vector<float> acc(size_t(M * N), kPoison);
   a.xpairs = xpairs.data();
   a.xsum = xsum.data();
   a.acc = acc.data();
-  constexpr int64_t tiles_per_task = kGemvCols / kTileCols;
+  constexpr int64_t tiles_per_task = 32;  // 884 KB of stream per task at K=3072 (measured: 16–64 equal within 2 %)
   const int64_t tiles = (N + kTileCols - 1) / kTileCols;
   parallel_for((tiles + tiles_per_task - 1) / tiles_per_task, [&](int64_t task) {
     const int64_t t0 = task * tiles_per_task, t1 = std::min(tiles, t0 + tiles_per_task);
