@@ -391,9 +391,10 @@ std::vector<Shape3> parse_shapes(const std::string& s, const std::string& what) 
   while (std::getline(ss, item, ';')) {
     if (item.empty()) continue;
     Shape3 sh{};
-    if (std::sscanf(item.c_str(), "%ld,%ld,%ld", &sh.M, &sh.K, &sh.N) != 3 || sh.M < 1 || sh.K < 64 ||
+    int used = 0;
+    if (std::sscanf(item.c_str(), "%ld,%ld,%ld%n", &sh.M, &sh.K, &sh.N, &used) != 3 || size_t(used) != item.size() || sh.M < 1 || sh.K < 64 ||
         sh.K % 64 != 0 || sh.N < 1)
-      throw Error(fmt::format("{}: --shapes item '{}': expected M,K,N with K a multiple of 64", what, item));
+      throw Error(fmt::format("{}: --shapes item '{}': expected M,K,N with K a multiple of 64 (items separated by ';')", what, item));
     r.push_back(sh);
   }
   return r;

@@ -29,7 +29,7 @@ namespace nibble {
 
 struct AwqW4A16Prepared {
   AwqW4A16Params params;  // validated, as stored (saving, the GEMM tier, ISAs without the tiled GEMV)
-  Tensor tiled;           // repacked GEMV stream (kernels/awq_w4a16_kernels.h), when avx512bf16 is here
+  Tensor tiled;           // repacked GEMV stream (kernels/awq_w4a16_kernels.h), when AVX-512 is here
 };
 
 namespace {
@@ -170,9 +170,29 @@ std::vector<float> group_sums(const float* x, int64_t M, int64_t K, int64_t G) {
   return xsum;
 }
 
-// GEMV over the prepared tiled stream (avx512bf16): activations as exact bf16 part pairs.
-void run_tiled(const Impl& im, const float* x, const Tensor& tiled, void* yp) {
+// GEMV over the prepared tiled stream. avx512bf16 with bf16/f16 x: vdpbf16ps on exact bf16 parts
+// of x; fp32 x (three parts would triple the dot products) or AVX-512 without BF16: fp32 FMA.
+void run_tiled(const Impl& im, Isa isa, const float* x, const Tensor& tiled, void* yp) {
   const int64_t M = im.p.M, N = im.p.N, K = im.p.K, G = im.p.G;
+  constexpr int64_t tiles_per_task = 32;  // 884 KB of stream per task at K=3072 (measured: 16–64 equal within 2 %)
+  const int64_t tiles = (N + kTileCols - 1) / kTileCols;
+  const int64_t tasks = (tiles + tiles_per_task - 1) / tiles_per_task;
+  if (isa != Isa::Avx512Bf16 || im.xdt == DType::F32) {
+    const std::vector<float> xsum = group_sums(x, M, K, G);
+    std::vector<float> acc(size_t(M * N), kPoison);
+    TiledF32Args a;
+    a.p = im.p;
+    a.tiled = tiled.data<uint8_t>();
+    a.x = x;
+    a.xsum = xsum.data();
+    a.acc = acc.data();
+    parallel_for(tasks, [&](int64_t task) {
+      const int64_t t0 = task * tiles_per_task, t1 = std::min(tiles, t0 + tiles_per_task);
+      awq_gemv_tiled_avx512(a, t0, t1);
+      epilogue(im, acc.data(), N, 1, yp, t0 * kTileCols, std::min(N, t1 * kTileCols), 1);
+    });
+    return;
+  }
   TiledArgs a;
   a.p = im.p;
   a.tiled = tiled.data<uint8_t>();
@@ -203,9 +223,7 @@ void run_tiled(const Impl& im, const float* x, const Tensor& tiled, void* yp) {
   a.xpairs = xpairs.data();
   a.xsum = xsum.data();
   a.acc = acc.data();
-  constexpr int64_t tiles_per_task = 32;  // 884 KB of stream per task at K=3072 (measured: 16–64 equal within 2 %)
-  const int64_t tiles = (N + kTileCols - 1) / kTileCols;
-  parallel_for((tiles + tiles_per_task - 1) / tiles_per_task, [&](int64_t task) {
+  parallel_for(tasks, [&](int64_t task) {
     const int64_t t0 = task * tiles_per_task, t1 = std::min(tiles, t0 + tiles_per_task);
     awq_gemv_tiled_avx512bf16(a, t0, t1);
     epilogue(im, acc.data(), N, 1, yp, t0 * kTileCols, std::min(N, t1 * kTileCols), 1);
@@ -246,8 +264,8 @@ Tensor run(const Tensor& x_in, const AwqW4A16Params& w, std::optional<DType> out
     return y;
   }
 
-  if (M <= gemv_max_m(isa) && isa == Isa::Avx512Bf16 && tiled.defined()) {
-    run_tiled(im, x, tiled, yp);
+  if (M <= gemv_max_m(isa) && isa >= Isa::Avx512 && tiled.defined()) {
+    run_tiled(im, isa, x, tiled, yp);
     return y;
   }
 
@@ -395,8 +413,8 @@ std::shared_ptr<const AwqW4A16Prepared> prepare_awq_w4a16(const AwqW4A16Params& 
   auto r = std::make_shared<AwqW4A16Prepared>();
   r->params = p;
   const int64_t N = p.qweight.size(0), K = 2 * p.qweight.size(1), G = p.group_size;
-  // The tiled stream only serves the avx512bf16 GEMV; other ISAs stream the stored layout.
-  if (isa_supported(Isa::Avx512Bf16) && tiled_ok(G) && N > 0 && K > 0) {
+  // The tiled stream serves the AVX-512 GEMVs; AVX2 and the oracle stream the stored layout.
+  if (isa_supported(Isa::Avx512) && tiled_ok(G) && N > 0 && K > 0) {
     r->tiled = Tensor::empty(DType::U8, {tiled_bytes(N, K, G)});
     const Problem prob{0, N, K, G, p.qweight.data<uint8_t>(), p.wscales.data<uint16_t>(), p.wzeros.data<uint16_t>(),
                        p.wscales.dtype()};
@@ -423,6 +441,8 @@ void awq_gemm_avx2(const GemmArgs&, int64_t, int64_t) { not_built("awq_gemm_avx2
 [[noreturn]] static void not_built512(const char* k) { throw Error(fmt::format("internal error: {} was not built", k)); }
 void awq_gemv_avx512(const GemvArgs&, int64_t, int64_t) { not_built512("awq_gemv_avx512"); }
 void awq_gemm_avx512(const GemmArgs&, int64_t, int64_t) { not_built512("awq_gemm_avx512"); }
+void awq_gemv_tiled_avx512(const TiledF32Args&, int64_t, int64_t) { not_built512("awq_gemv_tiled_avx512"); }
+void awq_gemv_tiled_avx512bf16(const TiledArgs&, int64_t, int64_t) { not_built512("awq_gemv_tiled_avx512bf16"); }
 void awq_gemv_avx512bf16(const GemvArgs&, int64_t, int64_t) { not_built512("awq_gemv_avx512bf16"); }
 void awq_gemm_avx512bf16(const GemmArgs&, int64_t, int64_t) { not_built512("awq_gemm_avx512bf16"); }
 #endif

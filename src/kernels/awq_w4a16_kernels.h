@@ -94,6 +94,15 @@ struct TiledArgs {
 };
 // Tiles [t0, t1).
 void awq_gemv_tiled_avx512bf16(const TiledArgs& a, int64_t t0, int64_t t1);
+// The fp32-FMA variant (AVX-512F): x as fp32 rows, natural order.
+struct TiledF32Args {
+  Problem p;
+  const uint8_t* tiled = nullptr;
+  const float* x = nullptr;     // (M, K)
+  const float* xsum = nullptr;  // (M, K/G)
+  float* acc = nullptr;         // (M, N)
+};
+void awq_gemv_tiled_avx512(const TiledF32Args& a, int64_t t0, int64_t t1);
 
 // ---- GEMM family. xp: activations packed for the kernel; accT (N, Mp) row-major where Mp = rows
 // of xp (M rounded up to the vector width V, times `parts` for the bf16 kernel). xp is cut into
