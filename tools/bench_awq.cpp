@@ -119,7 +119,7 @@ int run_awq(const BenchOptions& o) {
       const double gbs = double(int4_bytes) / t_op / 1e9;
       bench::Record rec;
       rec.s("op", "awq_w4a16").n("M", double(M)).n("K", double(K)).n("N", double(N)).n("G", double(G));
-      rec.s("isa", isa_name(active_isa())).s("path", kernels::awq::path_name(active_isa(), M, G, DType::BF16));
+      rec.s("isa", isa_name(active_isa())).s("path", kernels::awq::path_name(active_isa(), M, G, DType::BF16, DType::BF16, true));
       rec.n("threads", num_threads()).n("weight_MB", double(int4_bytes) / 1e6);
       rec.n("op_ms", t_op * 1e3).n("weight_GBps", gbs).n("stream_GBps", stream).n("pct_stream", 100.0 * gbs / stream);
       rec.n("bf16_GBps", double(Wb.nbytes()) / t_bf16 / 1e9);

@@ -311,7 +311,10 @@ Tensor run(const Tensor& x_in, const AwqW4A16Params& w, std::optional<DType> out
     return y;
   }
 
-  // GEMM path
+  // GEMM path. The bf16 tier rounds the dequantized weight to bf16, as the kitchen's MMA tier rounds
+  // it to the model dtype; for fp16 models that would be coarser than the kitchen, so they take the
+  // fp32 GEMM (exact dequantized weights).
+  if (isa == Isa::Avx512Bf16 && im.p.sdtype == DType::F16) isa = Isa::Avx512;
   GemmArgs a;
   a.p = im.p;
   std::vector<float> xp32;
@@ -384,12 +387,16 @@ void repack_tiled(const Problem& p, uint8_t* out) {
   });
 }
 
-const char* path_name(Isa isa, int64_t M, int64_t G, DType xdt) {
+const char* path_name(Isa isa, int64_t M, int64_t G, DType xdt, DType sdt, bool prepared) {
   if (isa == Isa::Avx512Bf16 && G % 8 != 0) isa = Isa::Avx512;
-  if (isa == Isa::Avx512Bf16 && xdt == DType::F32 && M <= gemv_max_m(isa)) isa = Isa::Avx512;
   if (isa == Isa::Scalar) return "reference";
-  if (M <= gemv_max_m(isa)) return isa == Isa::Avx512Bf16 ? "gemv-bf16dot" : "gemv-fp32";
-  return isa == Isa::Avx512Bf16 ? "gemm-bf16w" : "gemm-fp32";
+  if (M <= gemv_max_m(isa)) {
+    if (prepared && isa >= Isa::Avx512 && tiled_ok(G))
+      return isa == Isa::Avx512Bf16 && xdt != DType::F32 ? "gemv-tiled-bf16dot" : "gemv-tiled-fp32";
+    if (isa == Isa::Avx512Bf16 && xdt == DType::F32) isa = Isa::Avx512;
+    return isa == Isa::Avx512Bf16 ? "gemv-bf16dot" : "gemv-fp32";
+  }
+  return isa == Isa::Avx512Bf16 && sdt != DType::F16 ? "gemm-bf16w" : "gemm-fp32";
 }
 }  // namespace kernels::awq
 

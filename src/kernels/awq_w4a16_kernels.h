@@ -125,7 +125,7 @@ void awq_gemm_avx512bf16(const GemmArgs& a, int64_t n0, int64_t n1);
 // Vector widths of the packed activations (Mp is a multiple of this).
 inline constexpr int kGemmMvAvx2 = 8, kGemmMvAvx512 = 16;
 
-// Which path the driver takes for (isa, M, G) — for benchmarks and docs.
-const char* path_name(Isa isa, int64_t M, int64_t G, DType x_dtype);
+// Which path the driver takes — for benchmarks and docs. `prepared`: weights from prepare_awq_w4a16.
+const char* path_name(Isa isa, int64_t M, int64_t G, DType x_dtype, DType scale_dtype, bool prepared);
 
 }  // namespace nibble::kernels::awq
