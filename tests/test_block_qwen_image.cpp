@@ -336,15 +336,15 @@ QwenImageBlock synth_quantized_block(int64_t D, bool awq_only, uint64_t seed) {
                       std::vector<std::string>{"attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"}}) {
     std::vector<Tensor> Ws, bs;
     for (auto& n : triple) Ws.push_back(wb[n].first), bs.push_back(wb[n].second);
-    const auto ps = quantize_svdquant_w4a4_group(Ws, bs, o);
+    const auto ps = quantize_weight_svdquant_w4a4_group(Ws, bs, o);
     for (size_t i = 0; i < 3; ++i) lin[triple[i]] = bind_params(triple[i], layer_tensors(ps[i]), svdquant_quant_config(o));
   }
   for (const char* n : {"attn.to_out.0", "attn.to_add_out", "img_mlp.net.0.proj", "txt_mlp.net.0.proj"})
-    lin[n] = bind_params(n, layer_tensors(quantize_svdquant_w4a4(wb[n].first, wb[n].second, o)), svdquant_quant_config(o));
+    lin[n] = bind_params(n, layer_tensors(quantize_weight_svdquant_w4a4(wb[n].first, wb[n].second, o)), svdquant_quant_config(o));
   SvdquantQuantOptions ou = o;
   ou.act_unsigned = true;
   for (const char* n : {"img_mlp.net.2", "txt_mlp.net.2"})
-    lin[n] = bind_params(n, layer_tensors(quantize_svdquant_w4a4(wb[n].first, wb[n].second, ou)), svdquant_quant_config(ou));
+    lin[n] = bind_params(n, layer_tensors(quantize_weight_svdquant_w4a4(wb[n].first, wb[n].second, ou)), svdquant_quant_config(ou));
   return QwenImageBlock::from_linears(lin, {}, 128);
 }
 

@@ -148,7 +148,7 @@ TEST(ConvertSvdquant, WeightOnlyInvariants) {
   Tensor W = synth_weight(N, K, 21), b = synth_bias(N, 2);
   SvdquantQuantOptions o;
   o.rank = 16;
-  SvdquantW4A4Params p = quantize_svdquant_w4a4(W, b, o);
+  SvdquantW4A4Params p = quantize_weight_svdquant_w4a4(W, b, o);
   ASSERT_EQ(p.qweight.shape(), (Shape{N, K / 2}));
   ASSERT_EQ(p.wscales.shape(), (Shape{K / 64, N}));
   ASSERT_EQ(p.proj_down.shape(), (Shape{K, 16}));
@@ -171,12 +171,12 @@ TEST(ConvertSvdquant, WeightOnlyInvariants) {
   SvdquantQuantOptions rtn = o;
   rtn.rank = 0;
   rtn.refine_iterations = 0;
-  const double e_rtn = rel_fro(effective_weight(quantize_svdquant_w4a4(W, b, rtn)), W);
+  const double e_rtn = rel_fro(effective_weight(quantize_weight_svdquant_w4a4(W, b, rtn)), W);
   EXPECT_LT(e, 0.6 * e_rtn) << "svdquant " << e << " vs rtn " << e_rtn;
   // Refinement does not hurt.
   SvdquantQuantOptions no_ref = o;
   no_ref.refine_iterations = 0;
-  EXPECT_LE(e, rel_fro(effective_weight(quantize_svdquant_w4a4(W, b, no_ref)), W) * 1.01);
+  EXPECT_LE(e, rel_fro(effective_weight(quantize_weight_svdquant_w4a4(W, b, no_ref)), W) * 1.01);
 }
 
 TEST(ConvertQuant, ReportedErrorsMatchEffectiveWeights) {
@@ -195,7 +195,7 @@ TEST(ConvertQuant, ReportedErrorsMatchEffectiveWeights) {
   so.rank = 8;
   so.act_unsigned = true;
   so.weight_rel_errors = &errs;
-  auto ps = quantize_svdquant_w4a4_group(Ws, {}, so);
+  auto ps = quantize_weight_svdquant_w4a4_group(Ws, {}, so);
   ASSERT_EQ(errs.size(), 2u);
   for (int i = 0; i < 2; ++i) EXPECT_NEAR(errs[i], rel_fro(effective_weight(ps[i]), Ws[i]), 1e-3 * errs[i]) << i;
 }
@@ -203,9 +203,9 @@ TEST(ConvertQuant, ReportedErrorsMatchEffectiveWeights) {
 TEST(ConvertSvdquant, DeterministicAcrossThreadCounts) {
   Tensor W = synth_weight(128, 256, 4);
   set_num_threads(1);
-  auto a = quantize_svdquant_w4a4(W, Tensor(), SvdquantQuantOptions{});
+  auto a = quantize_weight_svdquant_w4a4(W, Tensor(), SvdquantQuantOptions{});
   set_num_threads(2);
-  auto b = quantize_svdquant_w4a4(W, Tensor(), SvdquantQuantOptions{});
+  auto b = quantize_weight_svdquant_w4a4(W, Tensor(), SvdquantQuantOptions{});
   set_num_threads(0);
   EXPECT_TRUE(same_bytes(a.qweight, b.qweight));
   EXPECT_TRUE(same_bytes(a.wscales, b.wscales));
@@ -224,7 +224,7 @@ TEST(ConvertSvdquant, GroupSharesSmoothAndProjDown) {
   SvdquantQuantOptions o;
   o.rank = 8;
   o.calib = &st["q"];
-  auto ps = quantize_svdquant_w4a4_group(Ws, bs, o);
+  auto ps = quantize_weight_svdquant_w4a4_group(Ws, bs, o);
   ASSERT_EQ(ps.size(), 3u);
   for (int i = 1; i < 3; ++i) {
     EXPECT_TRUE(same_bytes(ps[i].smooth, ps[0].smooth));
@@ -237,9 +237,9 @@ TEST(ConvertSvdquant, TileLayoutSameEffectiveWeight) {
   Tensor W = synth_weight(256, 128, 8);
   SvdquantQuantOptions o;
   o.rank = 8;
-  auto nat = quantize_svdquant_w4a4(W, {}, o);
+  auto nat = quantize_weight_svdquant_w4a4(W, {}, o);
   o.tile_layout = true;
-  auto tile = quantize_svdquant_w4a4(W, {}, o);
+  auto tile = quantize_weight_svdquant_w4a4(W, {}, o);
   EXPECT_EQ(tile.qweight.shape(), (Shape{2, 2, 32, 128}));
   EXPECT_EQ(tile.wscales.shape(), (Shape{2, 2, 128}));
   EXPECT_EQ(tile.proj_up.shape(), (Shape{2, 8, 128}));
@@ -263,7 +263,7 @@ TEST(ConvertSvdquant, ActUnsignedBiasCorrection) {
   SvdquantQuantOptions o;
   o.rank = 8;
   o.act_unsigned = true;
-  auto p = quantize_svdquant_w4a4(W, b, o);
+  auto p = quantize_weight_svdquant_w4a4(W, b, o);
   Tensor Weff = effective_weight(p);
   Tensor sm = p.smooth.to_f32(), ws = p.wscales.to_f32(), bias = p.bias.to_f32();
   const uint8_t* q = reinterpret_cast<const uint8_t*>(p.qweight.data<int8_t>());
@@ -302,7 +302,7 @@ TEST(ConvertSvdquant, QualityOrderingOnOutliers) {
   auto st = acc.finish(32);
   SvdquantQuantOptions cal = wonly;
   cal.calib = &st["l"];
-  auto pa = quantize_svdquant_w4a4(W, b, rtn), pb = quantize_svdquant_w4a4(W, b, wonly), pc = quantize_svdquant_w4a4(W, b, cal);
+  auto pa = quantize_weight_svdquant_w4a4(W, b, rtn), pb = quantize_weight_svdquant_w4a4(W, b, wonly), pc = quantize_weight_svdquant_w4a4(W, b, cal);
   const double wa = rel_fro(effective_weight(pa), W), wb = rel_fro(effective_weight(pb), W), wc = rel_fro(effective_weight(pc), W);
   const double oa = rel_fro(w4a4_forward(Xtest, pa), yref), ob = rel_fro(w4a4_forward(Xtest, pb), yref),
                oc = rel_fro(w4a4_forward(Xtest, pc), yref);

@@ -42,7 +42,7 @@ TEST(NnQuantized, ActUnsignedHeuristicOnlyWhenKeyAbsent) {
   const Tensor W = synth_weight(128, 256, 1);
   SvdquantQuantOptions o;
   o.rank = 16;
-  const SvdquantW4A4Params p = quantize_svdquant_w4a4(W, synth_bias(128, 2), o);
+  const SvdquantW4A4Params p = quantize_weight_svdquant_w4a4(W, synth_bias(128, 2), o);
   const std::string base = "{\"format\":\"svdquant_w4a4\"";
   const Linear absent = Linear::from_layer(bind_svdquant("transformer_blocks.0.img_mlp.net.2", p, base + "}"));
   const Linear absent_txt = Linear::from_layer(bind_svdquant("transformer_blocks.7.txt_mlp.net.2", p, base + "}"));
@@ -70,7 +70,7 @@ TEST(NnQuantized, ActUnsignedLayersGetTheShift) {
   SvdquantQuantOptions o;
   o.rank = 32;
   o.act_unsigned = true;
-  const SvdquantW4A4Params p = quantize_svdquant_w4a4(W, synth_bias(N, 4), o);
+  const SvdquantW4A4Params p = quantize_weight_svdquant_w4a4(W, synth_bias(N, 4), o);
   const Linear l = Linear::from_layer(
       bind_svdquant("blk.img_mlp.net.2", p, "{\"format\":\"svdquant_w4a4\",\"act_unsigned\":true}"));
   ASSERT_TRUE(l.act_unsigned());
@@ -101,7 +101,7 @@ TEST(NnQuantized, SvdquantBeatsNaiveInt4) {
   const Linear f = Linear::from_float("fc", W, b);
   const Tensor y_ref = f.forward(x);
   auto snr_of = [&](SvdquantQuantOptions o) {
-    const SvdquantW4A4Params p = quantize_svdquant_w4a4(W, b, o);
+    const SvdquantW4A4Params p = quantize_weight_svdquant_w4a4(W, b, o);
     const Linear l = Linear::from_layer(bind_svdquant("fc", p, svdquant_quant_config(o).to_json()));
     return compare_outputs(l.forward(x), y_ref).snr_db;
   };
@@ -124,7 +124,7 @@ TEST(NnQuantized, SvdquantLayerMatchesDequantizedBaseline) {
   const int64_t N = 384, K = 256;
   SvdquantQuantOptions o;
   o.rank = 32;
-  const SvdquantW4A4Params p = quantize_svdquant_w4a4(synth_weight(N, K, 21), synth_bias(N, 22), o);
+  const SvdquantW4A4Params p = quantize_weight_svdquant_w4a4(synth_weight(N, K, 21), synth_bias(N, 22), o);
   const Linear l = Linear::from_layer(bind_svdquant("attn.to_q", p, "{\"format\":\"svdquant_w4a4\"}"));
   const Tensor x = synth_activations(40, K, 23);
   const Fidelity fd = compare_outputs(l.forward(x), l.dequantized().forward(x));

@@ -68,15 +68,16 @@ struct SvdquantQuantOptions {
   std::vector<double>* weight_rel_errors = nullptr;  // out (optional): ‖W_eff − W‖_F/‖W‖_F per member
 };
 
-// W (N, K) any float dtype, bias (N) optional; K % 64 == 0.
-SvdquantW4A4Params quantize_svdquant_w4a4(const Tensor& W, const Tensor& bias,
-                                          const SvdquantQuantOptions& options = {});
+// W (N, K) any float dtype, bias (N) optional; K % 64 == 0. (The activation quantizer of the
+// runtime is nibble::quantize_svdquant_w4a4 in ops.h.)
+SvdquantW4A4Params quantize_weight_svdquant_w4a4(const Tensor& W, const Tensor& bias,
+                                                 const SvdquantQuantOptions& options = {});
 // q/k/v sharing (spec §3.8): one smooth_factor and one proj_down for all members. The low-rank
 // basis is the top-R right singular subspace of the stacked [W_0; W_1; …] (smoothed), each member's
 // proj_up its projection on that basis; residuals are quantized per member. Members must share K.
-std::vector<SvdquantW4A4Params> quantize_svdquant_w4a4_group(const std::vector<Tensor>& Ws,
-                                                             const std::vector<Tensor>& biases,
-                                                             const SvdquantQuantOptions& options = {});
+std::vector<SvdquantW4A4Params> quantize_weight_svdquant_w4a4_group(const std::vector<Tensor>& Ws,
+                                                                    const std::vector<Tensor>& biases,
+                                                                    const SvdquantQuantOptions& options = {});
 QuantConfig svdquant_quant_config(const SvdquantQuantOptions& options = {});
 
 // Effective fp32 weight (N, K) of typed params, computed here independently of the registry

@@ -617,12 +617,12 @@ JobResult run_job_impl(const Checkpoint& ck, const Job& job, const ConvertOption
     for (auto& b : Bs) biases.push_back(b.defined() ? b : Tensor());
     std::vector<SvdquantW4A4Params> ps;
     if (all_bias) {
-      ps = quantize_svdquant_w4a4_group(Ws, biases, so);
+      ps = quantize_weight_svdquant_w4a4_group(Ws, biases, so);
     } else {
       // Some member lacks a bias: quantize with zero biases, then drop the ones that were absent.
       std::vector<Tensor> zb;
       for (size_t i = 0; i < Ws.size(); ++i) zb.push_back(biases[i].defined() ? biases[i] : Tensor::zeros(DType::F32, {Ws[i].size(0)}));
-      ps = quantize_svdquant_w4a4_group(Ws, zb, so);
+      ps = quantize_weight_svdquant_w4a4_group(Ws, zb, so);
       for (size_t i = 0; i < ps.size(); ++i) if (!biases[i].defined() && !so.act_unsigned) ps[i].bias = Tensor();
     }
     for (size_t i = 0; i < ps.size(); ++i) {

@@ -490,9 +490,9 @@ SvdquantW4A4Params pack_member(const Member& mb, int64_t K, const Decomposition&
 
 }  // namespace
 
-std::vector<SvdquantW4A4Params> quantize_svdquant_w4a4_group(const std::vector<Tensor>& Ws,
-                                                             const std::vector<Tensor>& biases,
-                                                             const SvdquantQuantOptions& o) {
+std::vector<SvdquantW4A4Params> quantize_weight_svdquant_w4a4_group(const std::vector<Tensor>& Ws,
+                                                                    const std::vector<Tensor>& biases,
+                                                                    const SvdquantQuantOptions& o) {
   check_16bit(o.dtype, "svdquant_w4a4 quantize");
   if (Ws.empty()) throw Error("svdquant_w4a4 quantize: empty group");
   if (!biases.empty() && biases.size() != Ws.size())
@@ -574,10 +574,10 @@ std::vector<SvdquantW4A4Params> quantize_svdquant_w4a4_group(const std::vector<T
   return out;
 }
 
-SvdquantW4A4Params quantize_svdquant_w4a4(const Tensor& W, const Tensor& bias, const SvdquantQuantOptions& o) {
+SvdquantW4A4Params quantize_weight_svdquant_w4a4(const Tensor& W, const Tensor& bias, const SvdquantQuantOptions& o) {
   std::vector<Tensor> b;
   if (bias.defined()) b.push_back(bias);
-  return quantize_svdquant_w4a4_group({W}, b, o).front();
+  return quantize_weight_svdquant_w4a4_group({W}, b, o).front();
 }
 
 Tensor effective_weight(const SvdquantW4A4Params& pin) {

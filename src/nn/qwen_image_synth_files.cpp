@@ -51,7 +51,7 @@ QualityVsNaive svdquant_quality_vs_naive(int64_t N, int64_t K, int64_t M, int64_
   const Tensor x = synth_activations(M, K, seed + 2);
   const Tensor y_ref = Linear::from_float("float", W, b).forward(x);
   auto snr_of = [&](const SvdquantQuantOptions& o) {
-    const SvdquantW4A4Params p = quantize_svdquant_w4a4(W, b, o);
+    const SvdquantW4A4Params p = quantize_weight_svdquant_w4a4(W, b, o);
     LayerSource src;
     src.name = "quality_probe";
     src.config = svdquant_quant_config(o);
