@@ -92,7 +92,7 @@ int run_awq(const BenchOptions& o) {
       const Tensor xf = xb.to_f32();
       Tensor yb = Tensor::empty(DType::F32, {M, N}), yf = Tensor::empty(DType::F32, {M, N});
       // more samples for the short cases; >= 4 probe sweeps (1 GiB) per shape
-      const int r = M >= 64 ? std::max(5, reps / 2) : reps * 4;
+      const int r = M >= 64 ? std::max(5, reps) : reps * 4;
 
       // one interleaved round per repetition: probe sweep, op (prepared), op (stored layout), bf16, sgemm
       int c_op = 0, c_st = 0, c_bf = 0, c_bl = 0;
