@@ -32,9 +32,11 @@ inline __m512 load16_halves(const uint8_t* src) {
   else return _mm512_cvtph_ps(h);
 }
 
-// MB activation rows (each `P` exact bf16 parts) against tiles [t0, t1). Independent dot-product
-// chains (MB rows × 4 nibble positions, doubled by C for a single row) keep vdpbf16ps latency off
-// the critical path. Measured and rejected (docs/awq.md): software prefetch at 128 B–8 KB ahead
+// MB activation rows (each `P` exact bf16 parts) against tiles [t0, t1). One dot-product chain per
+// row and nibble position: a group's G/8 lines are deep enough to hide the vdpbf16ps latency (8
+// chains for one row were 2 % slower: their sums cost more than the latency they hid). The loop is
+// issue bound: Zen 4 runs about two 512-bit ops per cycle, and a line takes 11 (3 shifts, 4 vpermw,
+// 4 vdpbf16ps) plus the group's scale work, ≈ 7.4 cycles per 128 weights from L1. Measured and rejected (docs/awq.md): software prefetch at 128 B–8 KB ahead
 // (equal or slower: the hardware prefetchers follow one sequential stream), and two tiles per step
 // sharing each broadcast (5 % faster from cache, 8 % slower from DRAM: two streams per thread).
 template <int MB, int P, DType SD>
@@ -42,7 +44,6 @@ void tiles_rows(const TiledArgs& a, int64_t t0, int64_t t1, int64_t m0) {
   const Problem& p = a.p;
   const int64_t K = p.K, G = p.G, N = p.N, groups = K / G, L = G / 8;
   const int64_t tile_bytes = tiled_tile_bytes(K, G), group_bytes = tiled_lines_per_group(G) * 64;
-  constexpr int C = MB == 1 ? 2 : 1;
   // bf16 of (i − 8) for the low 4 index bits; vpermw reads 5 bits, so the table repeats
   const __m512i table = _mm512_set_epi16(
       0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000, (short)0xBF80, (short)0xC000, (short)0xC040,
@@ -61,34 +62,25 @@ void tiles_rows(const TiledArgs& a, int64_t t0, int64_t t1, int64_t m0) {
     for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       const uint8_t* blk = tile + g * group_bytes;
-      __m512 d[C][MB][4];
-      for (int c = 0; c < C; ++c)
+      __m512 d[MB][4];
+      for (int m = 0; m < MB; ++m)
+        for (int r = 0; r < 4; ++r) d[m][r] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < L; ++j) {
+        const __m512i w = _mm512_load_si512(blk + j * 64);
+        __m512i dec[4];
+        dec[0] = _mm512_permutexvar_epi16(w, table);
+        dec[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), table);
+        dec[2] = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 8), table);
+        dec[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 12), table);
+        const int64_t xo = g * (G / 2) + 4 * j;
         for (int m = 0; m < MB; ++m)
-          for (int r = 0; r < 4; ++r) d[c][m][r] = _mm512_setzero_ps();
-      for (int64_t j0 = 0; j0 < L; j0 += C) {
-        for (int c = 0; c < C; ++c) {
-          const int64_t j = j0 + c;
-          if (C > 1 && j >= L) break;
-          const __m512i w = _mm512_load_si512(blk + j * 64);
-          __m512i dec[4];
-          dec[0] = _mm512_permutexvar_epi16(w, table);
-          dec[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), table);
-          dec[2] = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 8), table);
-          dec[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 12), table);
-          const int64_t xo = g * (G / 2) + 4 * j;
-          for (int m = 0; m < MB; ++m)
-            for (int q = 0; q < P; ++q)
-              for (int r = 0; r < 4; ++r)
-                d[c][m][r] = dp_bcast(d[c][m][r], dec[r], xr[m][q] + xo + r);
-        }
+          for (int q = 0; q < P; ++q)
+            for (int r = 0; r < 4; ++r) d[m][r] = dp_bcast(d[m][r], dec[r], xr[m][q] + xo + r);
       }
       const uint8_t* sl = blk + L * 64;
       const __m512 s = load16_halves<SD>(sl), z = load16_halves<SD>(sl + 32);
       for (int m = 0; m < MB; ++m) {
-        __m512 dm = _mm512_add_ps(_mm512_add_ps(d[0][m][0], d[0][m][1]), _mm512_add_ps(d[0][m][2], d[0][m][3]));
-        if (C > 1)
-          dm = _mm512_add_ps(dm, _mm512_add_ps(_mm512_add_ps(d[C - 1][m][0], d[C - 1][m][1]),
-                                               _mm512_add_ps(d[C - 1][m][2], d[C - 1][m][3])));
+        const __m512 dm = _mm512_add_ps(_mm512_add_ps(d[m][0], d[m][1]), _mm512_add_ps(d[m][2], d[m][3]));
         acc[m] = _mm512_fmadd_ps(dm, s, acc[m]);
         acc[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(xs[m][g]), acc[m]);
       }
