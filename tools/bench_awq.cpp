@@ -113,7 +113,7 @@ int run_awq(const BenchOptions& o) {
         });
       const std::vector<bench::Timing> T = bench::time_interleaved(r, fns);
       const bench::Timing T_probe = T[0], T_op = T[1], T_stored = T[2], T_bf16 = T[3];
-      const bench::Timing T_blas = blas ? T[4] : bench::Timing{NAN, NAN};
+      const bench::Timing T_blas = blas ? T[4] : bench::Timing{NAN, NAN, {}};
       const double stream = double(probe.bytes()) / T_probe.median / 1e9;
       const double t_op = T_op.median, t_bf16 = T_bf16.median, t_blas = T_blas.median;
       const double gbs = double(int4_bytes) / t_op / 1e9;
@@ -123,6 +123,10 @@ int run_awq(const BenchOptions& o) {
       rec.n("threads", num_threads()).n("weight_MB", double(int4_bytes) / 1e6);
       rec.n("op_ms", t_op * 1e3).n("weight_GBps", gbs).n("stream_GBps", stream).n("pct_stream", 100.0 * gbs / stream);
       rec.n("bf16_GBps", double(Wb.nbytes()) / t_bf16 / 1e9);
+      // paired: median over repetitions of the ratio within one repetition (runs moments apart)
+      rec.n("pct_stream_paired", 100.0 * double(int4_bytes) / double(probe.bytes()) * bench::paired_ratio(T_probe, T_op));
+      rec.n("speedup_vs_bf16_paired", bench::paired_ratio(T_bf16, T_op));
+      rec.n("speedup_vs_sgemm_paired", blas ? bench::paired_ratio(T_blas, T_op) : NAN);
       rec.n("stored_ms", T_stored.median * 1e3).n("pct_stream_stored", 100.0 * double(int4_bytes) / T_stored.median / 1e9 / stream);
       rec.n("bf16_ms", t_bf16 * 1e3).n("speedup_vs_bf16", t_bf16 / t_op);
       rec.n("sgemm_ms", t_blas * 1e3).n("speedup_vs_sgemm", t_blas / t_op);
@@ -141,7 +145,8 @@ int run_awq(const BenchOptions& o) {
   } else {
     fmt::print("{}", bench::records_to_table(recs, {"M", "K", "N", "isa", "path", "threads", "op_ms", "weight_GBps",
                                                     "pct_stream", "stored_ms", "pct_stream_stored", "bf16_ms", "speedup_vs_bf16", "sgemm_ms",
-                                                    "speedup_vs_sgemm", "stream_GBps", "bf16_GBps", "op_best_ms", "pct_stream_best",
+                                                    "speedup_vs_sgemm", "stream_GBps", "bf16_GBps", "pct_stream_paired", "speedup_vs_bf16_paired",
+                                                    "speedup_vs_sgemm_paired", "op_best_ms", "pct_stream_best",
                                                     "speedup_vs_bf16_best", "speedup_vs_sgemm_best", "loadavg"}));
   }
   return 0;

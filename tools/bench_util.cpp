@@ -41,7 +41,7 @@ Timing time_runs_indexed(int repeats, const std::function<void(int)>& fn) {
   }
   std::sort(t.begin(), t.end());
   const size_t h = t.size() / 2;
-  return Timing{t.size() % 2 ? t[h] : 0.5 * (t[h - 1] + t[h]), t.front()};
+  return Timing{t.size() % 2 ? t[h] : 0.5 * (t[h - 1] + t[h]), t.front(), {}};
 }
 
 std::vector<Timing> time_interleaved(int repeats, const std::vector<std::function<void(int)>>& fns) {
@@ -59,11 +59,21 @@ std::vector<Timing> time_interleaved(int repeats, const std::vector<std::functio
     }
   std::vector<Timing> out;
   for (auto& v : t) {
-    std::sort(v.begin(), v.end());
-    const size_t h = v.size() / 2;
-    out.push_back(Timing{v.size() % 2 ? v[h] : 0.5 * (v[h - 1] + v[h]), v.front()});
+    std::vector<double> sorted = v;
+    std::sort(sorted.begin(), sorted.end());
+    const size_t h = sorted.size() / 2;
+    out.push_back(Timing{sorted.size() % 2 ? sorted[h] : 0.5 * (sorted[h - 1] + sorted[h]), sorted.front(), v});
   }
   return out;
+}
+
+double paired_ratio(const Timing& a, const Timing& b) {
+  const size_t n = std::min(a.runs.size(), b.runs.size());
+  if (n == 0) return NAN;
+  std::vector<double> r(n);
+  for (size_t i = 0; i < n; ++i) r[i] = a.runs[i] / b.runs[i];
+  std::sort(r.begin(), r.end());
+  return n % 2 ? r[n / 2] : 0.5 * (r[n / 2 - 1] + r[n / 2]);
 }
 
 double median_seconds(int repeats, const std::function<void()>& fn) {

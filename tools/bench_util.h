@@ -35,7 +35,13 @@ double median_seconds(int repeats, const std::function<void()>& fn);
 double median_seconds_indexed(int repeats, const std::function<void(int)>& fn);
 // Median and best of the timed runs (the best shows the hardware when the shared host let the run
 // through unpreempted; the median is what a user sees).
-struct Timing { double median = 0, best = 0; };
+struct Timing {
+  double median = 0, best = 0;
+  std::vector<double> runs;  // time_interleaved: every timed run, in repetition order
+};
+// Median over repetitions of a[i] / b[i] (two cases of one time_interleaved call): the ratio of
+// runs taken moments apart, the steadiest comparison on a host whose bandwidth drifts.
+double paired_ratio(const Timing& a, const Timing& b);
 Timing time_runs_indexed(int repeats, const std::function<void(int)>& fn);
 // Interleaved timing: each repetition runs every fn once (fn(i) gets the run index; the order rotates
 // by one case per repetition), after one untimed warm-up round. On a shared host whose bandwidth drifts over seconds, the cases of one
