@@ -22,6 +22,10 @@ inline __m512 load16_halves(const uint8_t* src) {
   else return _mm512_cvtph_ps(h);
 }
 
+// Software prefetch 8 lines ahead: 4–5 % faster when the host's bandwidth is high (measured in
+// interleaved runs at 50 GB/s; as for the bf16 kernel, farther ahead was slower).
+constexpr int64_t kPrefetchAhead = 512;
+
 // MB activation rows against tiles [t0, t1). Chains: 8 per row (one per nibble position) for a
 // single row, 4 per row otherwise, so the FMA latency never bounds the loop.
 template <int MB, DType SD>
@@ -47,6 +51,7 @@ void tiles_rows_f32(const TiledF32Args& a, int64_t t0, int64_t t1, int64_t m0) {
       for (int m = 0; m < MB; ++m)
         for (int c = 0; c < CH; ++c) d[m][c] = _mm512_setzero_ps();
       for (int64_t j = 0; j < L; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(blk + j * 64 + kPrefetchAhead), _MM_HINT_T0);
         const __m512i w = _mm512_load_si512(blk + j * 64);
         const float* xk = nullptr;
         for (int i = 0; i < 8; ++i) {
