@@ -32,18 +32,14 @@ inline __m512 load16_halves(const uint8_t* src) {
   else return _mm512_cvtph_ps(h);
 }
 
-// Software prefetch distance on the stream. Measured in interleaved runs: no effect while the host's
-// bandwidth is ~30 GB/s, 3–10 % faster at 45–55 GB/s (8 lines ahead, into L1; 1 KB into L2 equal),
-// 2 KB and more ahead slower (up to 50 % at 4 KB: prefetches beyond the hardware streams' reach).
-constexpr int64_t kPrefetchAhead = 512;
-
 // MB activation rows (each `P` exact bf16 parts) against tiles [t0, t1). One dot-product chain per
 // row and nibble position: a group's G/8 lines are deep enough to hide the vdpbf16ps latency (8
 // chains for one row were 2 % slower: their sums cost more than the latency they hid). The loop is
 // issue bound: Zen 4 runs about two 512-bit ops per cycle, and a line takes 11 (3 shifts, 4 vpermw,
 // 4 vdpbf16ps) plus the group's scale work, ≈ 7.4 cycles per 128 weights from L1. Measured and
 // rejected (docs/awq.md): two tiles per step sharing each broadcast (5 % faster from cache, 8 %
-// slower from DRAM: two streams per thread).
+// slower from DRAM: two streams per thread); software prefetch 512 B ahead (+3–10 % in one set of
+// interleaved runs, −1–5 % in another: no reliable win), 2 KB+ ahead (slower, 50 % at 4 KB).
 template <int MB, int P, DType SD>
 void tiles_rows(const TiledArgs& a, int64_t t0, int64_t t1, int64_t m0) {
   const Problem& p = a.p;
@@ -71,7 +67,6 @@ void tiles_rows(const TiledArgs& a, int64_t t0, int64_t t1, int64_t m0) {
       for (int m = 0; m < MB; ++m)
         for (int r = 0; r < 4; ++r) d[m][r] = _mm512_setzero_ps();
       for (int64_t j = 0; j < L; ++j) {
-        _mm_prefetch(reinterpret_cast<const char*>(blk + j * 64 + kPrefetchAhead), _MM_HINT_T0);
         const __m512i w = _mm512_load_si512(blk + j * 64);
         __m512i dec[4];
         dec[0] = _mm512_permutexvar_epi16(w, table);
