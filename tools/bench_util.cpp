@@ -13,6 +13,7 @@
 #include <cstring>
 #include <memory>
 #include <sstream>
+#include <thread>
 
 #include "nibble/dtype.h"
 #include "nibble/error.h"
@@ -44,18 +45,44 @@ Timing time_runs_indexed(int repeats, const std::function<void(int)>& fn) {
   return Timing{t.size() % 2 ? t[h] : 0.5 * (t[h - 1] + t[h]), t.front(), {}};
 }
 
+void settle_pools(bool wake) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  if (!wake) return;
+  // a short busy region on every worker: they leave their sleep and spin for the next call
+  parallel_for(int64_t(num_threads()) * 2, [](int64_t) {
+    const double t0 = now_seconds();
+    while (now_seconds() - t0 < 2e-4) {
+    }
+  });
+}
+
 std::vector<Timing> time_interleaved(int repeats, const std::vector<std::function<void(int)>>& fns) {
+  std::vector<InterleavedCase> cases;
+  for (auto& f : fns) cases.push_back({f, false});
+  return time_interleaved(repeats, cases);
+}
+
+std::vector<Timing> time_interleaved(int repeats, const std::vector<InterleavedCase>& cases) {
   if (repeats < 1) repeats = 1;
-  for (auto& f : fns) f(0);
+  std::vector<std::function<void(int)>> fns;
+  for (auto& c : cases)
+    fns.push_back([&c](int i) { c.run(i); });
+  auto run_case = [&](size_t f, int i) -> double {
+    if (cases[f].foreign_pool) settle_pools(false);
+    const double t0 = now_seconds();
+    fns[f](i);
+    const double dt = now_seconds() - t0;
+    if (cases[f].foreign_pool) settle_pools(true);
+    return dt;
+  };
+  for (size_t f = 0; f < fns.size(); ++f) (void)run_case(f, 0);
   std::vector<std::vector<double>> t(fns.size());
   // The starting case rotates with the repetition: whatever follows a large sweep (or runs first
   // after the caller's own work) measurably runs a few % slower, and rotation spreads that evenly.
   for (int i = 0; i < repeats; ++i)
     for (size_t j = 0; j < fns.size(); ++j) {
       const size_t f = (j + size_t(i)) % fns.size();
-      const double t0 = now_seconds();
-      fns[f](i + 1);
-      t[f].push_back(now_seconds() - t0);
+      t[f].push_back(run_case(f, i + 1));
     }
   std::vector<Timing> out;
   for (auto& v : t) {

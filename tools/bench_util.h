@@ -48,6 +48,18 @@ Timing time_runs_indexed(int repeats, const std::function<void(int)>& fn);
 // repetition see the same machine, so ratios of their medians are far steadier than ratios of
 // back-to-back blocks of runs.
 std::vector<Timing> time_interleaved(int repeats, const std::vector<std::function<void(int)>>& fns);
+// A case that runs on another library's threads (OpenBLAS). Two thread pools that spin after
+// their calls steal cores from each other, so around such a case the timing waits, untimed, until
+// nibble's workers are asleep (before) and the other pool's are (after), then wakes nibble's pool
+// again, so neither side is measured while the other spins.
+struct InterleavedCase {
+  std::function<void(int)> run;
+  bool foreign_pool = false;
+};
+std::vector<Timing> time_interleaved(int repeats, const std::vector<InterleavedCase>& cases);
+// Sleeps past both pools' spin windows (nibble ~3.5 ms; OpenBLAS ~3 ms with the CLI's
+// OPENBLAS_THREAD_TIMEOUT=23) and, with wake = true, gets nibble's workers spinning again.
+void settle_pools(bool wake);
 
 // ---- memory
 // Streaming read bandwidth in GB/s (1e9 bytes/s): reads a `buffer_bytes` buffer repeatedly with the

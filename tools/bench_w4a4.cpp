@@ -104,9 +104,14 @@ int run_w4a4(const BenchOptions& o) {
       (void)kernels::w4a4::svdquant_linear_timed(x, *prep, &st);
       tq.push_back(st.quantize), tl.push_back(st.lowrank), tg.push_back(st.gemm);
       if (blas) {
+        // OpenBLAS runs on its own threads: both pools settled around it (bench_util.h), else the
+        // spinning workers of one steal a core from the other (the VNNI peak right after sgemm
+        // used to read up to 2x low).
+        bench::settle_pools(false);
         t0 = bench::now_seconds();
         bench::sgemm_nt(M, N, K, x.data<float>(), W.data<float>(), yb.mutable_data<float>());
         ts.push_back(bench::now_seconds() - t0);
+        bench::settle_pools(true);
         r_speed.push_back(ts.back() / tf.back());
       }
       pk.push_back(vnni_peak_gops(1));
