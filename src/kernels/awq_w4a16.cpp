@@ -170,6 +170,29 @@ std::vector<float> group_sums(const float* x, int64_t M, int64_t K, int64_t G) {
   return xsum;
 }
 
+// Activation pairs of the bf16 tiled kernel (layout: awq_w4a16_kernels.h), `parts` exact bf16
+// parts per row.
+std::vector<uint32_t> tiled_x_pairs(const float* x, int64_t M, int64_t K, int parts) {
+  std::vector<uint32_t> xpairs(size_t(M * parts * (K / 2)));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k8 = 0; k8 < K; k8 += 8)
+      for (int r = 0; r < 4; ++r) {
+        if (parts == 1) {  // bf16 x: the pairs are its own bits (x here is its exact fp32 widening)
+          uint32_t lo, hi;
+          std::memcpy(&lo, &x[m * K + k8 + r], 4);
+          std::memcpy(&hi, &x[m * K + k8 + 4 + r], 4);
+          xpairs[size_t(m * (K / 2) + k8 / 2 + r)] = (lo >> 16) | (hi & 0xFFFF0000u);
+          continue;
+        }
+        uint16_t lo[3], hi[3];
+        split_bf16(x[m * K + k8 + r], parts, lo);
+        split_bf16(x[m * K + k8 + 4 + r], parts, hi);
+        for (int q = 0; q < parts; ++q)
+          xpairs[size_t((m * parts + q) * (K / 2) + k8 / 2 + r)] = uint32_t(lo[q]) | (uint32_t(hi[q]) << 16);
+      }
+  return xpairs;
+}
+
 // GEMV over the prepared tiled stream. avx512bf16 with bf16/f16 x: vdpbf16ps on exact bf16 parts
 // of x; fp32 x (three parts would triple the dot products) or AVX-512 without BF16: fp32 FMA.
 void run_tiled(const Impl& im, Isa isa, const float* x, const Tensor& tiled, void* yp) {
@@ -177,55 +200,23 @@ void run_tiled(const Impl& im, Isa isa, const float* x, const Tensor& tiled, voi
   constexpr int64_t tiles_per_task = 32;  // 884 KB of stream per task at K=3072 (measured: 16–64 equal within 2 %)
   const int64_t tiles = (N + kTileCols - 1) / kTileCols;
   const int64_t tasks = (tiles + tiles_per_task - 1) / tiles_per_task;
-  if (isa != Isa::Avx512Bf16 || im.xdt == DType::F32) {
-    const std::vector<float> xsum = group_sums(x, M, K, G);
-    std::vector<float> acc(size_t(M * N), kPoison);
-    TiledF32Args a;
-    a.p = im.p;
-    a.tiled = tiled.data<uint8_t>();
-    a.x = x;
-    a.xsum = xsum.data();
-    a.acc = acc.data();
-    parallel_for(tasks, [&](int64_t task) {
-      const int64_t t0 = task * tiles_per_task, t1 = std::min(tiles, t0 + tiles_per_task);
-      awq_gemv_tiled_avx512(a, t0, t1);
-      epilogue(im, acc.data(), N, 1, yp, t0 * kTileCols, std::min(N, t1 * kTileCols), 1);
-    });
-    return;
-  }
-  TiledArgs a;
-  a.p = im.p;
-  a.tiled = tiled.data<uint8_t>();
-  a.parts = bf16_parts(im.xdt);
-  std::vector<uint32_t> xpairs(size_t(M * a.parts * (K / 2)));
-  if (a.parts == 1) {  // bf16 x: the pairs are its own bits (x here is its exact fp32 widening)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k8 = 0; k8 < K; k8 += 8)
-        for (int r = 0; r < 4; ++r) {
-          uint32_t lo, hi;
-          std::memcpy(&lo, &x[m * K + k8 + r], 4);
-          std::memcpy(&hi, &x[m * K + k8 + 4 + r], 4);
-          xpairs[size_t(m * (K / 2) + k8 / 2 + r)] = (lo >> 16) | (hi & 0xFFFF0000u);
-        }
-  } else {
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k8 = 0; k8 < K; k8 += 8)
-        for (int r = 0; r < 4; ++r) {
-          uint16_t lo[3], hi[3];
-          split_bf16(x[m * K + k8 + r], a.parts, lo);
-          split_bf16(x[m * K + k8 + 4 + r], a.parts, hi);
-          for (int q = 0; q < a.parts; ++q)
-            xpairs[size_t((m * a.parts + q) * (K / 2) + k8 / 2 + r)] = uint32_t(lo[q]) | (uint32_t(hi[q]) << 16);
-        }
-  }
+  const bool fp32_kernel = isa != Isa::Avx512Bf16 || im.xdt == DType::F32;
   const std::vector<float> xsum = group_sums(x, M, K, G);
   std::vector<float> acc(size_t(M * N), kPoison);
-  a.xpairs = xpairs.data();
-  a.xsum = xsum.data();
-  a.acc = acc.data();
+  std::vector<uint32_t> xpairs;
+  TiledF32Args af;
+  TiledArgs ab;
+  if (fp32_kernel) {
+    af.p = im.p, af.tiled = tiled.data<uint8_t>(), af.x = x, af.xsum = xsum.data(), af.acc = acc.data();
+  } else {
+    ab.p = im.p, ab.tiled = tiled.data<uint8_t>(), ab.parts = bf16_parts(im.xdt);
+    xpairs = tiled_x_pairs(x, M, K, ab.parts);
+    ab.xpairs = xpairs.data(), ab.xsum = xsum.data(), ab.acc = acc.data();
+  }
   parallel_for(tasks, [&](int64_t task) {
     const int64_t t0 = task * tiles_per_task, t1 = std::min(tiles, t0 + tiles_per_task);
-    awq_gemv_tiled_avx512bf16(a, t0, t1);
+    if (fp32_kernel) awq_gemv_tiled_avx512(af, t0, t1);
+    else awq_gemv_tiled_avx512bf16(ab, t0, t1);
     epilogue(im, acc.data(), N, 1, yp, t0 * kTileCols, std::min(N, t1 * kTileCols), 1);
   });
 }
