@@ -29,7 +29,7 @@ namespace nibble {
 
 struct AwqW4A16Prepared {
   AwqW4A16Params params;  // validated, as stored (saving, the GEMM tier, ISAs without the tiled GEMV)
-  Tensor tiled;           // repacked GEMV stream (kernels/awq_w4a16_kernels.h), when AVX-512 is here
+  Tensor tiled;           // repacked GEMV stream (kernels/awq_w4a16_kernels.h), when AVX2+ is here
 };
 
 namespace {
@@ -194,7 +194,8 @@ std::vector<uint32_t> tiled_x_pairs(const float* x, int64_t M, int64_t K, int pa
 }
 
 // GEMV over the prepared tiled stream. avx512bf16 with bf16/f16 x: vdpbf16ps on exact bf16 parts
-// of x; fp32 x (three parts would triple the dot products) or AVX-512 without BF16: fp32 FMA.
+// of x; fp32 x (three parts would triple the dot products) or AVX-512 without BF16: fp32 FMA;
+// AVX2: the same fp32 FMA on 8 lanes.
 void run_tiled(const Impl& im, Isa isa, const float* x, const Tensor& tiled, void* yp) {
   const int64_t M = im.p.M, N = im.p.N, K = im.p.K, G = im.p.G;
   constexpr int64_t tiles_per_task = 32;  // 884 KB of stream per task at K=3072 (measured: 16–64 equal within 2 %)
@@ -215,7 +216,8 @@ void run_tiled(const Impl& im, Isa isa, const float* x, const Tensor& tiled, voi
   }
   parallel_for(tasks, [&](int64_t task) {
     const int64_t t0 = task * tiles_per_task, t1 = std::min(tiles, t0 + tiles_per_task);
-    if (fp32_kernel) awq_gemv_tiled_avx512(af, t0, t1);
+    if (isa == Isa::Avx2) awq_gemv_tiled_avx2(af, t0, t1);
+    else if (fp32_kernel) awq_gemv_tiled_avx512(af, t0, t1);
     else awq_gemv_tiled_avx512bf16(ab, t0, t1);
     epilogue(im, acc.data(), N, 1, yp, t0 * kTileCols, std::min(N, t1 * kTileCols), 1);
   });
@@ -255,7 +257,7 @@ Tensor run(const Tensor& x_in, const AwqW4A16Params& w, std::optional<DType> out
     return y;
   }
 
-  if (M <= gemv_max_m(isa) && isa >= Isa::Avx512 && tiled.defined()) {
+  if (M <= gemv_max_m(isa) && isa >= Isa::Avx2 && tiled.defined()) {
     run_tiled(im, isa, x, tiled, yp);
     return y;
   }
@@ -382,7 +384,7 @@ const char* path_name(Isa isa, int64_t M, int64_t G, DType xdt, DType sdt, bool 
   if (isa == Isa::Avx512Bf16 && G % 8 != 0) isa = Isa::Avx512;
   if (isa == Isa::Scalar) return "reference";
   if (M <= gemv_max_m(isa)) {
-    if (prepared && isa >= Isa::Avx512 && tiled_ok(G))
+    if (prepared && isa >= Isa::Avx2 && tiled_ok(G))
       return isa == Isa::Avx512Bf16 && xdt != DType::F32 ? "gemv-tiled-bf16dot" : "gemv-tiled-fp32";
     if (isa == Isa::Avx512Bf16 && xdt == DType::F32) isa = Isa::Avx512;
     return isa == Isa::Avx512Bf16 ? "gemv-bf16dot" : "gemv-fp32";
@@ -411,8 +413,8 @@ std::shared_ptr<const AwqW4A16Prepared> prepare_awq_w4a16(const AwqW4A16Params& 
   auto r = std::make_shared<AwqW4A16Prepared>();
   r->params = p;
   const int64_t N = p.qweight.size(0), K = 2 * p.qweight.size(1), G = p.group_size;
-  // The tiled stream serves the AVX-512 GEMVs; AVX2 and the oracle stream the stored layout.
-  if (isa_supported(Isa::Avx512) && tiled_ok(G) && N > 0 && K > 0) {
+  // The tiled stream serves the AVX2/AVX-512 GEMVs; the oracle reads the stored layout.
+  if (isa_supported(Isa::Avx2) && tiled_ok(G) && N > 0 && K > 0) {
     r->tiled = Tensor::empty(DType::U8, {tiled_bytes(N, K, G)});
     const Problem prob{0, N, K, G, p.qweight.data<uint8_t>(), p.wscales.data<uint16_t>(), p.wzeros.data<uint16_t>(),
                        p.wscales.dtype()};
@@ -434,6 +436,7 @@ namespace nibble::kernels::awq {
 [[noreturn]] static void not_built(const char* k) { throw Error(fmt::format("internal error: {} was not built", k)); }
 void awq_gemv_avx2(const GemvArgs&, int64_t, int64_t) { not_built("awq_gemv_avx2"); }
 void awq_gemm_avx2(const GemmArgs&, int64_t, int64_t) { not_built("awq_gemm_avx2"); }
+void awq_gemv_tiled_avx2(const TiledF32Args&, int64_t, int64_t) { not_built("awq_gemv_tiled_avx2"); }
 #endif
 #ifndef NIBBLE_HAVE_AVX512
 [[noreturn]] static void not_built512(const char* k) { throw Error(fmt::format("internal error: {} was not built", k)); }

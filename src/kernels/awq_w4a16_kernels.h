@@ -103,6 +103,7 @@ struct TiledF32Args {
   float* acc = nullptr;         // (M, N)
 };
 void awq_gemv_tiled_avx512(const TiledF32Args& a, int64_t t0, int64_t t1);
+void awq_gemv_tiled_avx2(const TiledF32Args& a, int64_t t0, int64_t t1);  // same, 8 lanes
 
 // ---- GEMM family. xp: activations packed for the kernel; accT (N, Mp) row-major where Mp = rows
 // of xp (M rounded up to the vector width V, times `parts` for the bf16 kernel). xp is cut into
