@@ -64,24 +64,22 @@ std::vector<Timing> time_interleaved(int repeats, const std::vector<std::functio
 
 std::vector<Timing> time_interleaved(int repeats, const std::vector<InterleavedCase>& cases) {
   if (repeats < 1) repeats = 1;
-  std::vector<std::function<void(int)>> fns;
-  for (auto& c : cases)
-    fns.push_back([&c](int i) { c.run(i); });
   auto run_case = [&](size_t f, int i) -> double {
     if (cases[f].foreign_pool) settle_pools(false);
     const double t0 = now_seconds();
-    fns[f](i);
+    cases[f].run(i);
     const double dt = now_seconds() - t0;
     if (cases[f].foreign_pool) settle_pools(true);
     return dt;
   };
-  for (size_t f = 0; f < fns.size(); ++f) (void)run_case(f, 0);
-  std::vector<std::vector<double>> t(fns.size());
+  const size_t n = cases.size();
+  for (size_t f = 0; f < n; ++f) (void)run_case(f, 0);  // warm-up round
+  std::vector<std::vector<double>> t(n);
   // The starting case rotates with the repetition: whatever follows a large sweep (or runs first
   // after the caller's own work) measurably runs a few % slower, and rotation spreads that evenly.
   for (int i = 0; i < repeats; ++i)
-    for (size_t j = 0; j < fns.size(); ++j) {
-      const size_t f = (j + size_t(i)) % fns.size();
+    for (size_t j = 0; j < n; ++j) {
+      const size_t f = (j + size_t(i)) % n;
       t[f].push_back(run_case(f, i + 1));
     }
   std::vector<Timing> out;
