@@ -3,6 +3,9 @@
 //
 // Paths (see docs/awq.md for the measurements behind the thresholds):
 //   Isa::Scalar            reference oracle, any M.
+//   prepared weights, M ≤ tiled_gemv_max_m(isa)
+//                          tiled GEMV: one sequential stream per thread (the prepared repack),
+//                          lanes over output columns; exact products, fp32 sums.
 //   M ≤ gemv_max_m(isa)    GEMV: weights streamed once from the stored layout, fp32-exact products
 //                          (avx512bf16 splits x exactly into 1/2/3 bf16 parts for bf16/f16/f32 x,
 //                          so vdpbf16ps products are exact and only fp32 sums are rounded).
@@ -54,6 +57,20 @@ int64_t gemv_max_m(Isa isa) {
     case Isa::Avx2: return 16;
     case Isa::Avx512: case Isa::Avx512Vnni: return 8;
     case Isa::Avx512Bf16: return 8;  // also the kitchen's kGemvMThreshold: bf16-rounded weights only for M > 8
+    default: return 0;
+  }
+}
+
+// Largest M that takes the tiled GEMV on prepared weights (measured, K=3072, N=18432, 2 threads:
+// on AVX-512 it is ahead of the GEMM up to M = 24 — 5.8 vs 7.7 ms at M = 16 — level from 32 to
+// 64 (the GEMM jumps at M = 33: 16.7 ms, its row blocks are 32 wide), and exact where the bf16 GEMM
+// tier rounds weights; on AVX2 level with the GEMM at 16).
+int64_t tiled_gemv_max_m(Isa isa) {
+  const char* e = std::getenv("NIBBLE_AWQ_GEMV_MAX_M");  // the same measuring knob
+  if (e && *e && isa != Isa::Scalar) return gemv_max_m(isa);
+  switch (isa) {
+    case Isa::Avx2: return 16;
+    case Isa::Avx512: case Isa::Avx512Vnni: case Isa::Avx512Bf16: return 48;
     default: return 0;
   }
 }
@@ -257,7 +274,7 @@ Tensor run(const Tensor& x_in, const AwqW4A16Params& w, std::optional<DType> out
     return y;
   }
 
-  if (M <= gemv_max_m(isa) && isa >= Isa::Avx2 && tiled.defined()) {
+  if (M <= tiled_gemv_max_m(isa) && isa >= Isa::Avx2 && tiled.defined()) {
     run_tiled(im, isa, x, tiled, yp);
     return y;
   }
@@ -383,9 +400,9 @@ void repack_tiled(const Problem& p, uint8_t* out) {
 const char* path_name(Isa isa, int64_t M, int64_t G, DType xdt, DType sdt, bool prepared) {
   if (isa == Isa::Avx512Bf16 && G % 8 != 0) isa = Isa::Avx512;
   if (isa == Isa::Scalar) return "reference";
+  if (prepared && isa >= Isa::Avx2 && tiled_ok(G) && M <= tiled_gemv_max_m(isa))
+    return isa == Isa::Avx512Bf16 && xdt != DType::F32 ? "gemv-tiled-bf16dot" : "gemv-tiled-fp32";
   if (M <= gemv_max_m(isa)) {
-    if (prepared && isa >= Isa::Avx2 && tiled_ok(G))
-      return isa == Isa::Avx512Bf16 && xdt != DType::F32 ? "gemv-tiled-bf16dot" : "gemv-tiled-fp32";
     if (isa == Isa::Avx512Bf16 && xdt == DType::F32) isa = Isa::Avx512;
     return isa == Isa::Avx512Bf16 ? "gemv-bf16dot" : "gemv-fp32";
   }
