@@ -66,8 +66,11 @@ int64_t gemv_max_m(Isa isa) {
 // 64 (the GEMM jumps at M = 33: 16.7 ms, its row blocks are 32 wide), and exact where the bf16 GEMM
 // tier rounds weights; on AVX2 level with the GEMM at 16).
 int64_t tiled_gemv_max_m(Isa isa) {
-  const char* e = std::getenv("NIBBLE_AWQ_GEMV_MAX_M");  // the same measuring knob
-  if (e && *e && isa != Isa::Scalar) return gemv_max_m(isa);
+  static const bool env_override = [] {  // the same measuring knob as gemv_max_m
+    const char* e = std::getenv("NIBBLE_AWQ_GEMV_MAX_M");
+    return e && *e;
+  }();
+  if (env_override && isa != Isa::Scalar) return gemv_max_m(isa);
   switch (isa) {
     case Isa::Avx2: return 16;
     case Isa::Avx512: case Isa::Avx512Vnni: case Isa::Avx512Bf16: return 48;
