@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include "bench_util.h"
+#include "kernels/awq_w4a16_kernels.h"
 #include "command.h"
 #include "nibble/isa.h"
 #include "nibble/nn.h"
@@ -38,6 +39,13 @@ const CommandRegistration reg("linear", "run one layer of a checkpoint on an inp
       fmt::print("layer      {}\n", l.name());
       fmt::print("format     {}{}\n", l.format_name(), l.act_unsigned() ? " (act_unsigned)" : "");
       fmt::print("path       {}\n", nn::linear_path_name(l.path()));
+      if (l.path() == nn::LinearPath::AwqW4A16 && l.in_features() > 0) {
+        // the runtime feeds fp32 activations to the prepared weights
+        const QuantizedLayer& q = l.layer();
+        const DType sdt = q.params.count("weight_scale") ? q.params.at("weight_scale").dtype() : DType::BF16;
+        fmt::print("kernel     {}\n", kernels::awq::path_name(active_isa(), x.numel() / l.in_features(), q.group_size,
+                                                              DType::F32, sdt, true));
+      }
       fmt::print("weight     ({}, {}), {} stored bytes\n", l.out_features(), l.in_features(), l.stored_bytes());
       fmt::print("input      {} {}\n", dtype_name(x.dtype()), shape_str(x.shape()));
       fmt::print("output     F32 {}\n", shape_str(y.shape()));
