@@ -63,6 +63,7 @@ int run_w4a4(const BenchOptions& o) {
   const double load_before = bench::load_average();
   const double peak = vnni_peak_gops(3);
   const double stream = bench::read_bandwidth_gbs(size_t(256) << 20, size_t(1) << 30, o.quick ? 1 : 3);
+  bench::ReadProbe probe(size_t(256) << 20);  // one sweep per repetition (pct_read_bw)
   if (!o.json)
     fmt::print("# svdquant_w4a4: int8 VNNI peak {:.0f} GOP/s, read bandwidth {:.1f} GB/s ({} threads, isa {}); R={}, "
                "fp32 x, bf16 params; load average {:.2f}\n",
@@ -94,7 +95,7 @@ int run_w4a4(const BenchOptions& o) {
     Tensor W, yb;
     if (blas) W = dequantize(layer), yb = Tensor::empty(DType::F32, {M, N});
     const double gop = 2.0 * double(M) * double(N) * double(K) / 1e9;
-    std::vector<double> tf, tq, tl, tg, ts, pk, r_speed, r_gemm_pct, r_fused_pct, r_read;
+    std::vector<double> tf, tq, tl, tg, ts, pk, bw, r_speed, r_gemm_pct, r_fused_pct, r_read;
     (void)svdquant_linear(x, *prep, DType::F32);  // warm-up
     for (int i = 0; i < r; ++i) {
       double t0 = bench::now_seconds();
@@ -117,7 +118,12 @@ int run_w4a4(const BenchOptions& o) {
       pk.push_back(vnni_peak_gops(1));
       r_gemm_pct.push_back(100.0 * gop / tg.back() / pk.back());
       r_fused_pct.push_back(100.0 * gop / tf.back() / pk.back());
-      r_read.push_back(100.0 * double(M) * double(K) * 4.0 / tq.back() / 1e9 / stream);
+      // the read bandwidth of this repetition (a 256 MiB sweep): the host's bandwidth drifts by
+      // 25-55 GB/s over minutes, so the quantize share is taken against the same moment
+      t0 = bench::now_seconds();
+      probe.sweep();
+      bw.push_back(double(probe.bytes()) / (bench::now_seconds() - t0) / 1e9);
+      r_read.push_back(100.0 * double(M) * double(K) * 4.0 / tq.back() / 1e9 / bw.back());
     }
     auto median = [](std::vector<double> v) {
       if (v.empty()) return double(NAN);
@@ -140,7 +146,7 @@ int run_w4a4(const BenchOptions& o) {
     // best-of-runs figures: the machine with fewer of the shared host's preemptions
     rec.n("pct_vnni_peak_best", 100.0 * gop / best(tg) / *std::max_element(pk.begin(), pk.end()));
     rec.n("speedup_vs_sgemm_best", best(ts) / best(tf));
-    rec.n("vnni_peak_GOPs", median(pk)).n("read_GBps", stream).n("loadavg", bench::load_average());
+    rec.n("vnni_peak_GOPs", median(pk)).n("read_GBps", median(bw)).n("loadavg", bench::load_average());
     recs.push_back(rec);
     if (!o.json) fmt::print(stderr, "  done M={} K={} N={}\n", M, K, N);
   }
