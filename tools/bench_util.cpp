@@ -172,30 +172,21 @@ volatile uint64_t g_sink;
 }  // namespace
 
 double read_bandwidth_gbs(size_t buffer_bytes, size_t min_total_bytes, int trials) {
-  buffer_bytes = std::max<size_t>(buffer_bytes & ~size_t(4095), size_t(1) << 20);
-  AlignedBuf buf(buffer_bytes);
-  // Chunks of 1 MiB: enough tasks for load balance, large enough to stream.
-  const size_t chunk = size_t(1) << 20;
-  const int64_t n_chunks = int64_t(buffer_bytes / chunk);
-  const int sweeps_per_pass = int(std::max<size_t>(1, (min_total_bytes / std::max(1, trials) + buffer_bytes - 1) / buffer_bytes));
-  std::vector<uint64_t> sinks(size_t(n_chunks), 0);
-  auto sweep = [&] {
-    parallel_for(n_chunks, [&](int64_t c) { sinks[size_t(c)] ^= read_sum(buf.p + size_t(c) * chunk, chunk); });
-  };
-  sweep();  // warm-up (pool, TLB)
+  ReadProbe probe(buffer_bytes);
+  const size_t bytes = probe.bytes();
+  const int sweeps_per_pass = int(std::max<size_t>(1, (min_total_bytes / std::max(1, trials) + bytes - 1) / bytes));
+  probe.sweep();  // warm-up (pool, TLB)
   double best = 0;
   for (int t = 0; t < std::max(1, trials); ++t) {
     const double t0 = now_seconds();
-    for (int s = 0; s < sweeps_per_pass; ++s) sweep();
+    for (int s = 0; s < sweeps_per_pass; ++s) probe.sweep();
     const double dt = now_seconds() - t0;
-    best = std::max(best, double(buffer_bytes) * sweeps_per_pass / dt / 1e9);
+    best = std::max(best, double(bytes) * sweeps_per_pass / dt / 1e9);
   }
-  uint64_t x = 0;
-  for (uint64_t v : sinks) x ^= v;
-  g_sink = x;
   return best;
 }
 
+// Whole 1 MiB chunks: enough tasks for load balance, each long enough to stream.
 ReadProbe::ReadProbe(size_t bytes) : bytes_(std::max<size_t>(bytes & ~size_t((1 << 20) - 1), size_t(1) << 20)) {
   p_ = static_cast<uint8_t*>(std::aligned_alloc(64, bytes_));
   if (!p_) throw Error(fmt::format("bench: cannot allocate {} bytes", bytes_));
