@@ -1,0 +1,90 @@
+// nibble/qwen_image.h — the whole Qwen-Image(-Edit) transformer and its flow-matching sampler.
+//
+// CONTRACT between the model (src/nn/qwen_image_model.cpp) and the sampler / CLI / latent I/O
+// (src/nn/sampler.cpp, src/io/latent.cpp, tools/cmd_forward.cpp, tools/cmd_run.cpp). The
+// declarations below are the agreed interface; implementations may add members but must not change
+// these signatures without updating every caller.
+//
+// Semantics follow ComfyUI's QwenImageTransformer2DModel (comfy/ldm/qwen_image/model.py):
+//   latent (B, C=16, T, H, W) or (B, 16, H, W)  → patchify 2×2 (padding H, W to even) → img_in
+//   context (B, L, joint_dim=3584) → txt_norm (RMSNorm) → txt_in
+//   timestep (B): the value ComfyUI passes to the diffusion model (for Qwen-Image: sigma, in [0, 1];
+//   the model scales it by 1000 inside its sinusoidal embedding)
+//   → N dual-stream blocks (nn::QwenImageBlock, one implementation) → norm_out + proj_out → unpatchify
+//   output: the model's prediction (flow velocity), same shape as `latent`, fp32.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "nibble/nn.h"
+#include "nibble/tensor.h"
+
+namespace nibble::nn {
+
+struct QwenImageConfig {
+  int64_t in_channels = 64;    // img_in input width (latent channels · patch²)
+  int64_t out_channels = 16;   // latent channels of the prediction
+  int64_t patch = 2;
+  int64_t hidden = 3072;       // heads · head_dim
+  int64_t heads = 24;
+  int64_t head_dim = 128;
+  int64_t mlp_hidden = 12288;
+  int64_t joint_dim = 3584;    // context width
+  int64_t blocks = 60;
+  std::vector<int64_t> axes_dim{16, 56, 56};  // RoPE axes (sum = head_dim)
+  double theta = 10000.0;
+  bool addition_t_embedding = false;  // checkpoint carries time_text_embed.addition_t_embedding
+  bool index_timestep_zero = false;   // checkpoint carries __index_timestep_zero__
+};
+
+struct QwenImageInputs {
+  Tensor latent;                    // (B, 16, T, H, W) or (B, 16, H, W), any float dtype
+  Tensor context;                   // (B, L, joint_dim)
+  Tensor attention_mask;            // optional (B, L): nonzero = keep
+  Tensor timestep;                  // (B) or scalar, fp32
+  std::vector<Tensor> ref_latents;  // edit models: each (B, 16, [T,] H', W')
+};
+
+struct QwenImageTimings {  // seconds accumulated by forward()
+  double linear = 0, attention = 0, other = 0, total = 0;
+};
+
+struct QwenImageLoadOptions {
+  bool dequantized_baseline = false;  // every quantized linear replaced by its dequantized float layer
+  int64_t head_dim = 128;
+};
+
+class QwenImageTransformer {
+ public:
+  // Opens a file / index / shard dir (prefix "model.diffusion_model." or none); the configuration
+  // is read from the checkpoint itself. Errors name the file and what is missing or mis-shaped.
+  static QwenImageTransformer load(const std::string& path, const QwenImageLoadOptions& opt = {});
+  static QwenImageTransformer from_model(const Model& model, const QwenImageLoadOptions& opt = {});
+
+  // One raw model call: the prediction, same shape as in.latent, fp32.
+  Tensor forward(const QwenImageInputs& in, QwenImageTimings* timings = nullptr) const;
+
+  const QwenImageConfig& config() const;
+  uint64_t stored_bytes() const;  // bytes of the weights as stored in the checkpoint
+
+ private:
+  struct Impl;
+  std::shared_ptr<const Impl> impl_;
+};
+
+// ---- flow-matching sampling (ComfyUI's Qwen-Image model sampling: discrete flow, shift)
+struct SamplerOptions {
+  int steps = 20;
+  double cfg = 1.0;      // classifier-free guidance scale (used when a negative is given)
+  double shift = 3.1;    // ComfyUI's ModelSamplingAuraFlow default for Qwen-Image workflows
+  double denoise = 1.0;
+};
+// The model as the sampler sees it: prediction for latent x at sigma, for one conditioning.
+using DenoiseFn = std::function<Tensor(const Tensor& x, double sigma, bool negative)>;
+// Called after every step with (step index from 0, steps, seconds of that step).
+using StepCallback = std::function<void(int, int, double)>;
+
+}  // namespace nibble::nn
