@@ -4,7 +4,7 @@ BUILD_ASAN ?= build-asan
 JOBS       ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: all setup configure build test test-slow test-asan demo bench fuzz clean test-kitchen
+.PHONY: all setup configure build test test-slow test-asan demo bench fuzz clean test-kitchen quality-convert
 
 all: build
 
@@ -48,3 +48,8 @@ clean:
 # Opt-in: nibble vs comfy-kitchen's eager backend (installs torch + comfy-kitchen from PyPI).
 test-kitchen: build
 	@bash scripts/test_kitchen.sh
+
+# Opt-in: converter quality on real weights with real activations (legacy vs current searches;
+# downloads the rxnfp wheel and, without QUALITY_VENV, torch from PyPI). Not part of `make test`.
+quality-convert: build
+	@bash scripts/quality_convert.sh
