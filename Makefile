@@ -4,7 +4,7 @@ BUILD_ASAN ?= build-asan
 JOBS       ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: all setup configure build test test-slow test-asan demo bench fuzz clean test-kitchen quality-convert
+.PHONY: all setup configure build test test-slow test-asan demo bench fuzz clean test-kitchen quality-convert golden-comfyui
 
 all: build
 
@@ -53,3 +53,8 @@ test-kitchen: build
 # downloads the rxnfp wheel and, without QUALITY_VENV, torch from PyPI). Not part of `make test`.
 quality-convert: build
 	@bash scripts/quality_convert.sh
+
+# Opt-in: regenerate tests/data/qwen_image_golden*.safetensors with ComfyUI's own Qwen-Image model
+# (torch from PyPI in .venv-golden; TORCH_SITE=<site-packages> reuses an installed torch).
+golden-comfyui:
+	@COMFYUI_DIR=$(COMFYUI_DIR) bash scripts/golden_comfyui.sh
