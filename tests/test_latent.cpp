@@ -116,7 +116,14 @@ TEST(Conditioning, RoundTripAndShapes) {
   EXPECT_EQ(r.context.dtype(), DType::F32);
   ASSERT_TRUE(r.attention_mask.defined());
   EXPECT_EQ(r.attention_mask.shape(), (Shape{1, 5}));
-  for (int i = 0; i < 5; ++i) EXPECT_EQ(r.attention_mask.data<float>()[i], i < 3 ? 1.0f : 0.0f);
+  ASSERT_EQ(r.attention_mask.dtype(), DType::I64);  // integer masks keep their dtype (nonzero = keep)
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(r.attention_mask.data<int64_t>()[i], i < 3 ? 1 : 0);
+  // A float mask is additive (ComfyUI): read as fp32, values kept.
+  save_safetensors(d / "f.safetensors", {{"context", seq({1, 5, 64})}, {"attention_mask", seq({5}, DType::BF16)}});
+  const Conditioning fm = load_conditioning(d / "f.safetensors", 64);
+  ASSERT_EQ(fm.attention_mask.dtype(), DType::F32);
+  EXPECT_EQ(fm.attention_mask.shape(), (Shape{1, 5}));
+  EXPECT_EQ(fm.attention_mask.data<float>()[1], -0.75f);
   ASSERT_EQ(r.reference_latents.size(), 2u);
   EXPECT_EQ(r.reference_latents[1].shape(), (Shape{1, 16, 2, 2}));
   // 2-D context is (L, D) of one batch.

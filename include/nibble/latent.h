@@ -13,7 +13,8 @@
 // Conditioning (nibble's own file, written by python/nibble/conditioning.py from a ComfyUI
 // CONDITIONING): a safetensors file with
 //   "context"                  (B, L, joint_dim) or (L, joint_dim) float (Qwen-Image: joint_dim 3584)
-//   "attention_mask"           optional (B, L) or (L), any numeric dtype, nonzero = keep
+//   "attention_mask"           optional (B, L) or (L): integer/bool, nonzero = keep; or float, added
+//                              to the attention scores (ComfyUI's two kinds of masks)
 //   "reference_latents.<i>"    optional, i = 0, 1, ...: edit models' reference latents (raw space,
 //                              like a .latent's samples; ComfyUI's TextEncodeQwenImageEdit output)
 // Every reader error names the file and what was expected. Writers are atomic (temp + rename).
@@ -37,7 +38,7 @@ Tensor latent_process_out(const Tensor& latent);
 
 struct Conditioning {
   Tensor context;                          // fp32 (B, L, joint_dim)
-  Tensor attention_mask;                   // fp32 (B, L) of 0/1, or undefined
+  Tensor attention_mask;                   // (B, L): integer/bool as stored, float as fp32; or undefined
   std::vector<Tensor> reference_latents;   // fp32, raw latent space
 };
 // joint_dim > 0: the expected context width.

@@ -112,22 +112,13 @@ Conditioning load_conditioning(const std::string& path, int64_t joint_dim) {
     if (m.dim() != 2 || m.size(0) != B || m.size(1) != L)
       throw Error(fmt::format("{}: tensor 'attention_mask': expected ({}, {}) to match 'context' {}, got {}", path, B, L,
                               shape_str(ctx.shape()), shape_str(f->get("attention_mask").shape())));
-    Tensor out = Tensor::empty(DType::F32, {B, L});
-    float* q = out.mutable_data<float>();
-    const auto* raw = static_cast<const uint8_t*>(m.raw());
-    const size_t es = dtype_size(m.dtype());
-    if (es == 0 || m.dtype() == DType::C64)
-      throw Error(fmt::format("{}: tensor 'attention_mask': unsupported dtype {}", path, dtype_name(m.dtype())));
-    if (is_float(m.dtype())) {
-      const Tensor mf = m.to_f32();
-      for (int64_t i = 0; i < B * L; ++i) q[i] = mf.data<float>()[i] != 0.0f ? 1.0f : 0.0f;
-    } else {  // integers / bool: nonzero bytes
-      for (int64_t i = 0; i < B * L; ++i) {
-        bool nz = false;
-        for (size_t k = 0; k < es; ++k) nz |= raw[size_t(i) * es + k] != 0;
-        q[i] = nz ? 1.0f : 0.0f;
-      }
-    }
+    const DType mt = m.dtype();
+    const bool integral = mt == DType::BOOL || mt == DType::I64 || mt == DType::I32 || mt == DType::I16 ||
+                          mt == DType::I8 || mt == DType::U64 || mt == DType::U32 || mt == DType::U16 || mt == DType::U8;
+    if (!integral && mt != DType::F32 && mt != DType::F16 && mt != DType::BF16 && mt != DType::F64)
+      throw Error(fmt::format("{}: tensor 'attention_mask': expected an integer/bool (nonzero = keep) or float (added to "
+                              "the attention scores) tensor, got {}", path, dtype_name(mt)));
+    Tensor out = integral ? m.clone() : m.to(DType::F32).clone();
     c.attention_mask = out;
   }
   std::map<int64_t, Tensor> refs;
