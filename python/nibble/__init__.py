@@ -36,12 +36,15 @@ from ._core import (  # noqa: F401  (re-exported)
 
 __version__ = _core.__version__
 
+from .conditioning import load_conditioning, load_latent, save_conditioning, save_latent  # noqa: E402,F401
+
 __all__ = [
     "Error", "Layer", "Model", "__version__",
     "gemv_awq_w4a16", "quantize_svdquant_w4a4", "scaled_mm_svdquant_w4a4", "linear",
     "load", "inspect", "convert", "write_sample_checkpoint", "load_file", "save_file", "read_metadata",
     "isa", "set_isa", "supported_isas", "compiled_isas", "cpu_features",
     "num_threads", "set_num_threads",
+    "save_conditioning", "load_conditioning", "save_latent", "load_latent",
 ]
 
 
