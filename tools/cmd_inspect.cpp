@@ -4,7 +4,7 @@
 #include <fmt/format.h>
 
 #include "command.h"
-#include "formats/inspect.h"
+#include "nibble/inspect.h"
 #include "nibble/safetensors.h"
 
 namespace nibble::cli {

@@ -2,7 +2,7 @@
 // of a checkpoint on the tensor `x` of IN (any leading shape), write `y` (fp32).
 #include <fmt/format.h>
 
-#include "bench_util.h"
+#include "devtools/bench_util.h"
 #include "kernels/awq_w4a16_kernels.h"
 #include "command.h"
 #include "nibble/isa.h"

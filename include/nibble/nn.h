@@ -15,6 +15,11 @@
 // detection (spec §4.1): any `.comfy_quant` key (or `_quantization_metadata`) makes the model
 // "mixed"; layers without a config stay float. A `model.diffusion_model.` prefix is stripped (names
 // are looked up with or without it). Every error names the layer.
+//
+// Thread safety: A loaded Model and its Linears are immutable after load, except for one-time lazy
+// packing guarded by std::call_once, so forward() may be called concurrently on the same or
+// different layers. set_dense_gemm() and set_notice_handler() change process-wide settings: set
+// them before running layers (set_dense_gemm() is not synchronized with running forwards).
 #pragma once
 #include <cstdint>
 #include <functional>

@@ -12,6 +12,10 @@
 //   the model scales it by 1000 inside its sinusoidal embedding)
 //   → N dual-stream blocks (nn::QwenImageBlock, one implementation) → norm_out + proj_out → unpatchify
 //   output: the model's prediction (flow velocity), same shape as `latent`, fp32.
+//
+// Thread safety: A loaded QwenImageTransformer is immutable after load (its layers are
+// nn::Linear), so forward() may run concurrently from several threads; the parallel regions of
+// concurrent calls take turns on the library pool.
 #pragma once
 #include <cstdint>
 #include <functional>

@@ -14,7 +14,7 @@
 
 #include "bindings.h"
 #include "convert_arrays.h"
-#include "formats/inspect.h"
+#include "nibble/inspect.h"
 #include "nibble/nn.h"
 #include "nibble/safetensors.h"
 #include "nibble/sample.h"

@@ -7,10 +7,11 @@
 #include <mutex>
 #include <set>
 
-#include "kernels/linear_f32_kernels.h"
+#include "kernels/linear_f32.h"
 #include "nibble/isa.h"
 #include "nibble/nn.h"
 #include "nibble/ops.h"
+#include "nibble/safetensors.h"
 
 namespace nibble::nn {
 
@@ -33,6 +34,14 @@ void notice_once(const std::string& key, const std::string& msg) {
 std::string with_layer(const std::string& layer, const std::string& what) {
   if (what.find(layer) != std::string::npos) return what;
   return fmt::format("layer '{}': {}", layer, what);
+}
+
+// After a load-time repack (AWQ tiled stream, SVDQuant packed weights) the stored tensors are not
+// read by the fused path any more: drop their pages of the mapped checkpoint. They stay valid views
+// and fault in again from the file if saving, dequantizing or a path without a repack reads them.
+void release_stored(const QuantizedLayer& layer) {
+  for (const auto& [key, t] : layer.params) release_mapped_pages(t);
+  release_mapped_pages(layer.bias);
 }
 
 std::string float_name(DType d) {
@@ -128,12 +137,14 @@ Linear Linear::from_layer(const QuantizedLayer& layer, bool force_dequantize) {
       im->K = layer.K;
       im->format = layer.format->name;
       const bool fused = layer.format->has_fused_kernel && !layer.config.full_precision_matrix_mult && !force_dequantize;
-      if (fused && im->format == "awq_w4a16") {
+      if (fused && layer.format->fused == FusedKernel::AwqW4A16) {
         im->path = LinearPath::AwqW4A16;
         im->awq = prepare_awq_w4a16(awq_params(layer));
-      } else if (fused && im->format == "svdquant_w4a4") {
+        release_stored(layer);
+      } else if (fused && layer.format->fused == FusedKernel::SvdquantW4A4) {
         im->path = LinearPath::SvdquantW4A4;
         im->svd = prepare_svdquant_w4a4(svdquant_params(layer));
+        release_stored(layer);
       } else {
         im->path = LinearPath::Dequantized;
         if (!force_dequantize)
@@ -195,7 +206,7 @@ Tensor Linear::effective_bias() const {
     const Tensor stored = im.layer.bias.to_f32();
     std::memcpy(bp, stored.data<float>(), size_t(im.N) * sizeof(float));
   }
-  if (im.format == "svdquant_w4a4" && im.layer.act_unsigned) {
+  if (im.layer.format->has_act_unsigned && im.layer.act_unsigned) {
     // The quantized path sees x + shift on the residual branch only; the stored bias carries
     // −shift·Σ_k R_raw[n,k]. R_raw = W_eff − proj_up·proj_downᵀ, so add shift·rowsum(R_raw) back.
     SvdquantW4A4Params p = svdquant_params(im.layer);

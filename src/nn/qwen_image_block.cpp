@@ -8,7 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "kernels/linear_f32_kernels.h"
+#include "kernels/linear_f32.h"
 #include "nibble/isa.h"
 #include "nibble/thread_pool.h"
 

@@ -1,4 +1,4 @@
-// src/nn/qwen_image_synth.h — what `nibble demo` and `nibble bench --op block` share: a synthetic
+// src/devtools/include/devtools/qwen_image_synth.h — what `nibble demo` and `nibble bench --op block` share: a synthetic
 // Qwen-Image block checkpoint (synth.h), quantized with the kitchen Qwen-Image-Edit rules by the
 // converter (convert.h preset "qwen-image": awq_w4a16 for *_mod.1, svdquant_w4a4 elsewhere,
 // act_unsigned on net.2), block inputs, and the fidelity measures.

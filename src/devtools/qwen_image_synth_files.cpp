@@ -7,7 +7,7 @@
 
 #include "nibble/convert.h"
 #include "nibble/synth.h"
-#include "nn/qwen_image_synth.h"
+#include "devtools/qwen_image_synth.h"
 
 namespace nibble::nn {
 

@@ -1,0 +1,241 @@
+// convert_output.cpp — stage 4 of the converter: streaming the planned tensors to OUT.
+//
+// Output tensors are written in plan order. When the next tensor belongs to a job not yet run, a
+// batch of upcoming jobs whose estimated working sets fit the memory budget runs on the pool (one
+// job per task, math single-threaded inside a task; a lone job uses the pool inside). Job results
+// are dropped as soon as their tensors are written. Passthrough tensors are copied from the memory
+// map. The writer is atomic: on any error nothing appears at OUT. The bytes depend only on input
+// and options: jobs are pure functions, the batch split does not change any job's result.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <regex>
+#include <set>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "convert_internal.h"
+#include "nibble/safetensors.h"
+#include "nibble/thread_pool.h"
+
+namespace nibble {
+using namespace convert_detail;
+
+// ---- sharded output
+// One file at OUT, or (shard_size > 0 and the output larger than it) shards of at most shard_size
+// bytes each (a single larger tensor gets a shard of its own), named like Hugging Face's:
+// OUT "model.safetensors" → "model-00001-of-00003.safetensors", ... and the index
+// "model.safetensors.index.json". Every shard is written atomically; the index comes last, and a
+// failure removes the shards already committed, so nothing half-written is left behind.
+class ConvertOutput {
+ public:
+  ConvertOutput(const std::string& out, const FullPlan& fp, uint64_t shard_size) : out_(out) {
+    std::vector<std::vector<size_t>> groups(1);
+    uint64_t cur = 0, total = 0;
+    for (size_t i = 0; i < fp.outputs.size(); ++i) {
+      const auto& ot = fp.outputs[i];
+      const uint64_t b = dtype_nbytes(ot.dtype, uint64_t(shape_numel(ot.shape)));
+      total += b;
+      if (shard_size > 0 && !groups.back().empty() && cur + b > shard_size) groups.emplace_back(), cur = 0;
+      groups.back().push_back(i);
+      cur += b;
+    }
+    total_ = total;
+    if (groups.size() == 1) {
+      paths_.push_back(out);
+    } else {
+      std::string base = out;
+      if (base.size() > 12 && base.compare(base.size() - 12, 12, ".safetensors") == 0) base.resize(base.size() - 12);
+      for (size_t k = 0; k < groups.size(); ++k)
+        paths_.push_back(fmt::format("{}-{:05d}-of-{:05d}.safetensors", base, k + 1, groups.size()));
+      index_path_ = base + ".safetensors.index.json";
+    }
+    for (size_t k = 0; k < groups.size(); ++k) {
+      writers_.push_back(std::make_unique<SafetensorsWriter>(paths_[k], fp.metadata));
+      for (size_t i : groups[k]) {
+        const auto& ot = fp.outputs[i];
+        writers_.back()->add(ot.name, ot.dtype, ot.shape);
+        shard_of_[ot.name] = k;
+        weight_map_[ot.name] = std::filesystem::path(paths_[k]).filename().string();
+      }
+    }
+    metadata_ = fp.metadata;
+  }
+  ~ConvertOutput() {
+    if (!done_)
+      for (size_t k = 0; k < committed_; ++k) std::remove(paths_[k].c_str());
+  }
+  SafetensorsWriter& writer(const std::string& name) { return *writers_[shard_of_.at(name)]; }
+  void commit() {
+    for (; committed_ < writers_.size(); ++committed_) writers_[committed_]->commit();
+    if (!index_path_.empty()) {
+      auto meta = metadata_;
+      meta["total_size"] = std::to_string(total_);
+      write_safetensors_index(index_path_, weight_map_, meta);
+    }
+    done_ = true;
+  }
+  const std::vector<std::string>& paths() const { return paths_; }
+
+ private:
+  std::string out_, index_path_;
+  std::vector<std::string> paths_;
+  std::vector<std::unique_ptr<SafetensorsWriter>> writers_;
+  std::map<std::string, size_t> shard_of_;
+  std::map<std::string, std::string> weight_map_, metadata_;
+  uint64_t total_ = 0;
+  size_t committed_ = 0;
+  bool done_ = false;
+};
+
+ConvertReport convert_checkpoint(const std::string& in, const std::string& out, const ConvertOptions& o,
+                                 const std::function<void(const ConvertProgress&)>& progress) {
+  const auto t0 = std::chrono::steady_clock::now();
+  if (o.threads > 0) set_num_threads(o.threads);
+  Checkpoint ck = Checkpoint::open(in);
+  FullPlan fp = make_plan(ck, o);
+  std::map<std::string, ActStats> calib;
+  if (!o.calib_path.empty()) calib = load_calib_stats(o.calib_path);
+  // Never write over an input file.
+  for (const auto& sh : ck.shards())
+    if (std::filesystem::exists(out) && std::filesystem::equivalent(sh->path(), out))
+      throw Error(fmt::format("convert: output {} is an input file", out));
+
+  ConvertReport report;
+  report.plan = fp.summary;
+  ConvertOutput output(out, fp, o.shard_size);
+
+  std::map<std::string, LayerSource> quantized;  // sources of layers being requantized
+  if (o.allow_requantize) {
+    std::set<std::string> planned;
+    for (const auto& lp : fp.summary.layers) planned.insert(lp.name);
+    for (auto& l : collect_layers(ck, true))
+      if (planned.count(l.name)) quantized[l.name] = std::move(l);
+  }
+  std::map<int64_t, JobResult> done;
+  std::map<int64_t, int> remaining;  // job → tensors still to write
+  for (const auto& ot : fp.outputs) if (ot.job >= 0) remaining[ot.job]++;
+  std::vector<int64_t> job_order;    // jobs in order of first output
+  for (const auto& ot : fp.outputs)
+    if (ot.job >= 0 && (job_order.empty() || std::find(job_order.begin(), job_order.end(), ot.job) == job_order.end()))
+      job_order.push_back(ot.job);
+  size_t next_job = 0;
+  std::map<std::string, uint64_t> layer_before;
+  for (const auto& lp : fp.summary.layers) layer_before[lp.name] = lp.bytes_before;
+  std::map<std::string, const LayerPlan*> lplan;
+  for (const auto& lp : fp.summary.layers) lplan[lp.name] = &lp;
+  uint64_t bytes_done = 0;
+  int64_t index = 0;
+  for (const auto& ot : fp.outputs) {
+    ++index;
+    ConvertProgress pr;
+    pr.index = index;
+    pr.total = int64_t(fp.outputs.size());
+    pr.name = ot.name;
+    pr.shape = ot.shape;
+    if (ot.job < 0 && ot.json.empty()) {
+      Tensor t = ck.get(ot.source);
+      output.writer(ot.name).write_tensor(ot.name, t);
+      release_pages(t);
+      pr.bytes_before = pr.bytes_after = t.nbytes();
+    } else if (!ot.json.empty()) {
+      output.writer(ot.name).write(ot.name, ot.json.data(), ot.json.size());
+      pr.format = "comfy_quant";
+      pr.bytes_after = ot.json.size();
+    } else {
+      if (!done.count(ot.job)) {
+        // Run a batch: upcoming jobs while their working sets fit the budget (at least one).
+        std::vector<int64_t> batch;
+        uint64_t mem = 0;
+        while (next_job < job_order.size()) {
+          const int64_t j = job_order[next_job];
+          const uint64_t m = fp.jobs[size_t(j)].mem_estimate;
+          if (!batch.empty() && (mem + m > o.mem_budget || int64_t(batch.size()) >= num_threads())) break;
+          batch.push_back(j);
+          mem += m;
+          ++next_job;
+        }
+        std::vector<JobResult> results(batch.size());
+        if (batch.size() == 1) {
+          results[0] = run_job(ck, fp.jobs[size_t(batch[0])], o, calib, quantized);
+        } else {
+          parallel_for(int64_t(batch.size()), [&](int64_t i) { results[size_t(i)] = run_job(ck, fp.jobs[size_t(batch[size_t(i)])], o, calib, quantized); });
+        }
+        for (size_t i = 0; i < batch.size(); ++i) {
+          for (auto& lr : results[i].layers) {
+            lr.bytes_before = layer_before[lr.name];
+            lr.bytes_after = lplan[lr.name]->bytes_after;
+            report.layers.push_back(lr);
+          }
+          done[batch[i]] = std::move(results[i]);
+        }
+        report.peak_rss = std::max(report.peak_rss, peak_rss_bytes());
+      }
+      JobResult& jr = done[ot.job];
+      const Tensor& t = jr.tensors[size_t(ot.member)].at(ot.key);
+      if (t.dtype() != ot.dtype || t.shape() != ot.shape)
+        throw Error(fmt::format("convert: internal plan mismatch for {}: planned {} {}, got {} {}", ot.name,
+                                dtype_name(ot.dtype), shape_str(ot.shape), dtype_name(t.dtype()), shape_str(t.shape())));
+      output.writer(ot.name).write_tensor(ot.name, t);
+      pr.format = fp.jobs[size_t(ot.job)].format;
+      pr.bytes_after = t.nbytes();
+      const std::string layer = jr.layers[size_t(ot.member)].name;
+      if (ot.key == "weight") {
+        pr.bytes_before = layer_before[layer];
+        pr.rel_error = jr.layers[size_t(ot.member)].weight_rel_error;
+      }
+      if (--remaining[ot.job] == 0) done.erase(ot.job);
+    }
+    bytes_done += pr.bytes_after;
+    pr.bytes_done = bytes_done;
+    pr.bytes_total = fp.summary.bytes_out;
+    pr.elapsed_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (progress) progress(pr);
+  }
+  output.commit();
+  report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  report.peak_rss = std::max(report.peak_rss, peak_rss_bytes());
+  std::sort(report.layers.begin(), report.layers.end(), [](const LayerResult& a, const LayerResult& b) { return a.name < b.name; });
+  return report;
+}
+
+std::string convert_report_json(const ConvertReport& r) {
+  nlohmann::ordered_json j;
+  j["seconds"] = r.seconds;
+  j["peak_rss_bytes"] = r.peak_rss;
+  j["tensors_total"] = r.plan.tensors_total;
+  j["passthrough_tensors"] = r.plan.passthrough_tensors;
+  j["bytes_in"] = r.plan.bytes_in;
+  j["bytes_out"] = r.plan.bytes_out;
+  j["file_size"] = r.plan.file_size;
+  auto& L = j["layers"] = nlohmann::ordered_json::array();
+  std::map<std::string, const LayerResult*> res;
+  for (const auto& l : r.layers) res[l.name] = &l;
+  double max_err = 0;
+  for (const auto& lp : r.plan.layers) {
+    nlohmann::ordered_json e;
+    e["name"] = lp.name;
+    e["format"] = lp.format;
+    e["shape"] = {lp.N, lp.K};
+    e["source_dtype"] = lp.source_dtype;
+    e["bytes_before"] = lp.bytes_before;
+    e["bytes_after"] = lp.bytes_after;
+    if (!lp.group.empty()) e["group"] = lp.group;
+    if (auto it = res.find(lp.name); it != res.end()) {
+      e["weight_rel_error"] = it->second->weight_rel_error;
+      e["seconds"] = it->second->seconds;
+      max_err = std::max(max_err, it->second->weight_rel_error);
+    }
+    L.push_back(e);
+  }
+  j["max_weight_rel_error"] = max_err;
+  return j.dump(2);
+}
+
+}  // namespace nibble
