@@ -182,7 +182,12 @@ class _Backend:
 
     @staticmethod
     def gemv_awq_w4a16(x, qweight, wscales, wzeros, bias=None, group_size=64):
-        return nibble.gemv_awq_w4a16(x, qweight, wscales, wzeros, bias, group_size)
+        prepared = None
+        if _cacheable(qweight, wscales, wzeros):
+            prepared = _cache.get(qweight, (wscales, wzeros), lambda: _core.prepare_gemv_awq_w4a16(
+                qweight, wscales, wzeros, int(group_size)))
+        return nibble._like(_core.gemv_awq_w4a16(x, qweight, wscales, wzeros, bias, int(group_size),
+                                                 None, prepared), x)
 
     @staticmethod
     def quantize_svdquant_w4a4(x, smooth, lora_down, pad_size=256, act_unsigned=False,
@@ -194,8 +199,14 @@ class _Backend:
     @staticmethod
     def scaled_mm_svdquant_w4a4(act, wgt, ascales, wscales, lora_act_in, lora_up, bias=None,
                                 act_unsigned=False):
-        return nibble.scaled_mm_svdquant_w4a4(act, wgt, ascales, wscales, lora_act_in, lora_up,
-                                              bias, act_unsigned)
+        prepared = None
+        if _cacheable(wgt, wscales, lora_up):
+            prepared = _cache.get(wgt, (wscales, lora_up), lambda: _core.prepare_scaled_mm_svdquant_w4a4(
+                wgt, wscales, lora_up))
+        # padding rows are only skipped with prepared weights (their finiteness is checked once)
+        return nibble._like(_core.scaled_mm_svdquant_w4a4(act, wgt, ascales, wscales, lora_act_in,
+                                                          lora_up, bias, bool(act_unsigned), None,
+                                                          prepared, prepared is not None), act)
 
 
 # ---------------------------------------------------------------- the kitchen's registry API
