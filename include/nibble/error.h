@@ -7,6 +7,9 @@
 // the subclass nibble::IoError, which also carries the path and the errno value (0 when the cause
 // is not an OS error, e.g. truncation). Python maps IoError to nibble.FileError (an OSError) and
 // every other Error to nibble.InputError (a ValueError).
+//
+// Thread safety: nibble::Error and IoError are ordinary exception values with no shared state:
+// safe from any thread.
 #pragma once
 #include <stdexcept>
 #include <string>
