@@ -28,7 +28,10 @@ bool built(Isa isa) {
 bool cpu_has(Isa isa) {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  // Every feature the AVX2 files are compiled with (-mavx2 -mfma -mf16c -mbmi2, CMakeLists.txt): a
+  // CPU without one of them would fault on the first instruction the compiler picked from it.
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   const bool vnni = avx512 && __builtin_cpu_supports("avx512vnni");
@@ -118,7 +121,7 @@ std::string cpu_features_string() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
 #define NIBBLE_FEAT(f) if (__builtin_cpu_supports(f)) r += (r.empty() ? "" : " ") + std::string(f);
-  NIBBLE_FEAT("avx2") NIBBLE_FEAT("fma") NIBBLE_FEAT("avx512f") NIBBLE_FEAT("avx512bw")
+  NIBBLE_FEAT("avx2") NIBBLE_FEAT("fma") NIBBLE_FEAT("f16c") NIBBLE_FEAT("bmi2") NIBBLE_FEAT("avx512f") NIBBLE_FEAT("avx512bw")
   NIBBLE_FEAT("avx512vl") NIBBLE_FEAT("avx512dq") NIBBLE_FEAT("avx512vnni") NIBBLE_FEAT("avx512bf16")
 #undef NIBBLE_FEAT
 #endif
