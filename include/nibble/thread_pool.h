@@ -9,9 +9,12 @@
 // longer than the gaps between one caller's ops only steals a core from other work in the process
 // (torch inside ComfyUI). Spin time: set_spin_ms(), else env NIBBLE_SPIN_MS, else kDefaultSpinMs.
 // Thread count: set_num_threads(), else env NIBBLE_NUM_THREADS, else the hardware concurrency.
-// Thread safety: every function here may be called from any thread. Parallel regions of different
-// calling threads run one after another; set_num_threads waits for the running region (it throws
-// nibble::Error when called from inside a task).
+//
+// Thread safety: parallel_for() may be called from any number of threads: the pool runs one
+// parallel region at a time (other callers wait their turn), and a parallel_for() from inside a
+// task runs inline on that thread. set_num_threads() and set_spin_ms() may be called from any
+// thread at any time: set_num_threads() waits for the running region before it replaces the
+// workers (from inside a task it throws nibble::Error). tests/test_threads.cpp, make test-tsan.
 #pragma once
 #include <cstdint>
 #include <type_traits>
