@@ -239,7 +239,7 @@ QuantizedLayer apply_lora(const QuantizedLayer& L, const std::vector<LoraDelta>&
   st.layers = 1;
   QuantizedLayer out = L;
   if (ds.empty()) return out;
-  if (L.format && L.format->name == "svdquant_w4a4") {
+  if (L.format && L.format->fused == FusedKernel::SvdquantW4A4) {
     SvdquantW4A4Params p = svdquant_params(L);
     const DType dt = p.proj_down.dtype();
     if (dt != DType::BF16 && dt != DType::F16)
@@ -270,7 +270,7 @@ QuantizedLayer apply_lora(const QuantizedLayer& L, const std::vector<LoraDelta>&
     st.max_rank_before = R0;
     st.max_rank_after = R1;
     validate(svdquant_params(out), L.name);
-  } else if (L.format && L.format->name == "awq_w4a16") {
+  } else if (L.format && L.format->fused == FusedKernel::AwqW4A16) {
     AwqW4A16Params p = awq_params(L);
     Tensor W = effective_weight(p);
     std::vector<float> dw = delta_weight(L, ds);
