@@ -4,6 +4,11 @@
 // Every op validates its inputs and throws nibble::Error with the spec's messages. All ops dispatch
 // on active_isa(); Isa::Scalar runs the reference oracles of src/kernels/reference/. Work is split
 // over output columns on the library thread pool, so results do not depend on the thread count.
+//
+// Thread safety: Every op may be called from several threads at once; each call allocates its own
+// outputs (and per-thread workspaces), and their parallel regions take turns on the one library
+// pool. Prepared weights (AwqW4A16Prepared, SvdquantW4A4Prepared) are immutable after prepare_*()
+// and may be shared by concurrent calls.
 #pragma once
 #include <memory>
 #include <optional>

@@ -15,7 +15,6 @@
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -48,10 +47,6 @@ constexpr int64_t kRowsPerTask = 96;   // GEMM task rows (multiple of the VNNI M
                                        // 8 × 32 columns the task block (acts + weights) fits the 1 MiB L2
 constexpr int64_t kTilesPerTask = 8;   // GEMM task columns = 8 × 32
 constexpr int64_t kQuantRows = 16;     // quantize / low-rank task rows
-
-double now_seconds() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 float round_to(float v, DType dt) {
   switch (dt) {
@@ -602,21 +597,22 @@ Tensor svdquant_linear(const Tensor& x, const SvdquantW4A4Prepared& w, std::opti
 }
 
 namespace kernels::w4a4 {
-// The fused layer with each stage timed (benchmarks only; same result as svdquant_linear).
-Tensor svdquant_linear_timed(const Tensor& x, const SvdquantW4A4Prepared& w, StageTimes* t) {
+// The fused layer stage by stage (profiling; same result as svdquant_linear).
+Tensor svdquant_linear_staged(const Tensor& x, const SvdquantW4A4Prepared& w,
+                              const std::function<void(int)>& boundary) {
   const int64_t K = w.K, M = x.numel() / K, N = w.N;
   Tensor y = Tensor::empty(DType::F32, {M, N});
   const Tensor x32 = x.to_f32();
   const Isa isa = active_isa();
-  double t0 = now_seconds();
+  boundary(0);
   thread_local Acts workspace;
   Acts& a = workspace;
   fill_acts(a, isa, x32.data<float>(), M, K, x.dtype(), w.params.act_unsigned, w.inv_s.data<float>(),
             w.params.act_unsigned, x32.data<float>(), w.down.data<float>(), w.Rd, w.R, x.dtype(), 1);
-  double t1 = now_seconds();
+  boundary(1);
   fill_acts(a, isa, x32.data<float>(), M, K, x.dtype(), false, w.inv_s.data<float>(), w.params.act_unsigned,
             x32.data<float>(), w.down.data<float>(), w.Rd, w.R, x.dtype(), 2);
-  double t2 = now_seconds();
+  boundary(2);
   const float* bp = w.bias.defined() ? w.bias.data<float>() : nullptr;
   if (!use_fast(isa)) {
     run_gemm(isa, a, nullptr, &w.params, bp, y.mutable_raw(), DType::F32);
@@ -624,10 +620,7 @@ Tensor svdquant_linear_timed(const Tensor& x, const SvdquantW4A4Prepared& w, Sta
     PackedView pk{N, K, w.R, w.wpk.data<uint8_t>(), w.wsc.data<float>(), w.up.data<float>()};
     run_gemm(isa, a, &pk, nullptr, bp, y.mutable_raw(), DType::F32);
   }
-  double t3 = now_seconds();
-  t->quantize = t1 - t0;
-  t->lowrank = t2 - t1;
-  t->gemm = t3 - t2;
+  boundary(3);
   return y;
 }
 }  // namespace kernels::w4a4
