@@ -356,12 +356,16 @@ SvdquantActs quantize_svdquant_w4a4(const Tensor& x, const Tensor& smooth, const
   out.ascales = Tensor::zeros(xdt, {G, M_pad});
   out.lora_act = Tensor::zeros(ldt, {M_pad, R});
   uint8_t* q = out.q_x.mutable_data<uint8_t>();
-  for (int64_t i = 0; i < M * K / 2; ++i) q[i] = pack_nibbles(a.codes[size_t(2 * i)], a.codes[size_t(2 * i + 1)]);
   void* as = out.ascales.mutable_raw();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < G; ++g) store_as(as, g * M_pad + m, a.ascale[size_t(m * G + g)], xdt);
   void* la = out.lora_act.mutable_raw();
-  for (int64_t i = 0; i < M * R; ++i) store_as(la, i, a.lora[size_t(i)], ldt);
+  parallel_for((M + kQuantRows - 1) / kQuantRows, [&](int64_t task) {
+    const int64_t m0 = task * kQuantRows, m1 = std::min(M, m0 + kQuantRows);
+    const int8_t* c = a.codes.data();
+    for (int64_t i = m0 * K / 2; i < m1 * K / 2; ++i) q[i] = pack_nibbles(c[2 * i], c[2 * i + 1]);
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t g = 0; g < G; ++g) store_as(as, g * M_pad + m, a.ascale[size_t(m * G + g)], xdt);
+    for (int64_t i = m0 * R; i < m1 * R; ++i) store_as(la, i, a.lora[size_t(i)], ldt);
+  });
   return out;
 }
 
@@ -399,9 +403,13 @@ Tensor scaled_mm_impl(const Tensor& act, const Tensor& wgt, const Tensor& ascale
   p.act_unsigned = act_unsigned;
   p.tile_packed = wgt.dim() == 4;
   p.proj_up_tile = proj_up.dim() == 3;
-  // smooth / proj_down do not enter the GEMM; stand-ins let the shared validation check the rest.
-  p.smooth = Tensor::zeros(DType::F32, {K});
-  p.proj_down = Tensor::zeros(DType::F32, {K, p.R});
+  // smooth / proj_down do not enter the GEMM; stand-ins let the shared validation check the rest
+  // (kept per thread: a (K, R) allocation per call is measurable next to a small-M GEMM).
+  thread_local Tensor smooth_standin, down_standin;
+  if (!smooth_standin.defined() || smooth_standin.size(0) != K) smooth_standin = Tensor::zeros(DType::F32, {K});
+  if (!down_standin.defined() || down_standin.shape() != Shape{K, p.R}) down_standin = Tensor::zeros(DType::F32, {K, p.R});
+  p.smooth = smooth_standin;
+  p.proj_down = down_standin;
   validate(p, kMmOp);
   const DType out_dt = out_dtype.value_or(proj_up.dtype());
   check_out_dtype(out_dt, kMmOp);
@@ -416,8 +424,12 @@ Tensor scaled_mm_impl(const Tensor& act, const Tensor& wgt, const Tensor& ascale
   if (bias.defined()) b32 = bias.to_f32();
   const float* bp = bias.defined() ? b32.data<float>() : nullptr;
   const int64_t Mc = rows < 0 ? M : std::min(rows, M);  // rows computed by the GEMM
-  for (int64_t m = Mc; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) store_as(y.mutable_raw(), m * N + n, bp ? 0.0f + bp[n] : 0.0f, out_dt);
+  if (Mc < M) {  // one row of 0 + bias in the output dtype, copied to the other skipped rows
+    for (int64_t n = 0; n < N; ++n) store_as(y.mutable_raw(), Mc * N + n, bp ? 0.0f + bp[n] : 0.0f, out_dt);
+    auto* base = static_cast<uint8_t*>(y.mutable_raw());
+    const size_t row_bytes = size_t(N) * dtype_size(out_dt);
+    for (int64_t m = Mc + 1; m < M; ++m) std::memcpy(base + m * row_bytes, base + Mc * row_bytes, row_bytes);
+  }
   if (Mc == 0) return y;
   Acts a;
   a.M = Mc, a.K = K, a.G = G, a.R = R;
@@ -425,22 +437,29 @@ Tensor scaled_mm_impl(const Tensor& act, const Tensor& wgt, const Tensor& ascale
   a.ascale.resize(size_t(Mc * G));
   a.acorr.resize(size_t(Mc * G));
   const uint8_t* q = act.data<uint8_t>();
-  for (int64_t m = 0; m < Mc; ++m)
-    for (int64_t g = 0; g < G; ++g) {
-      int32_t s = 0;
-      for (int64_t j = 0; j < kGroup; j += 2) {
-        const uint8_t b = q[m * (K / 2) + (g * kGroup + j) / 2];
-        const int lo = act_unsigned ? unpack_lo_unsigned(b) : unpack_lo_signed(b);
-        const int hi = act_unsigned ? unpack_hi_unsigned(b) : unpack_hi_signed(b);
-        a.codes[size_t(m * K + g * kGroup + j)] = int8_t(lo);
-        a.codes[size_t(m * K + g * kGroup + j + 1)] = int8_t(hi);
-        s += lo + hi;
-      }
-      a.acorr[size_t(m * G + g)] = -8 * s;
-    }
+  // byte → its two codes (low nibble first), decoded once per call through a table
+  int8_t lut[256][2];
+  for (int b = 0; b < 256; ++b) {
+    lut[b][0] = int8_t(act_unsigned ? unpack_lo_unsigned(uint8_t(b)) : unpack_lo_signed(uint8_t(b)));
+    lut[b][1] = int8_t(act_unsigned ? unpack_hi_unsigned(uint8_t(b)) : unpack_hi_signed(uint8_t(b)));
+  }
   const Tensor as32 = ascales.to_f32();
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t m = 0; m < Mc; ++m) a.ascale[size_t(m * G + g)] = as32.data<float>()[g * M + m];
+  parallel_for((Mc + kQuantRows - 1) / kQuantRows, [&](int64_t task) {
+    const int64_t m0 = task * kQuantRows, m1 = std::min(Mc, m0 + kQuantRows);
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t g = 0; g < G; ++g) {
+        int32_t s = 0;
+        const uint8_t* qb = q + m * (K / 2) + g * (kGroup / 2);
+        int8_t* c = a.codes.data() + m * K + g * kGroup;
+        for (int64_t j = 0; j < kGroup / 2; ++j) {
+          c[2 * j] = lut[qb[j]][0];
+          c[2 * j + 1] = lut[qb[j]][1];
+          s += c[2 * j] + c[2 * j + 1];
+        }
+        a.acorr[size_t(m * G + g)] = -8 * s;
+        a.ascale[size_t(m * G + g)] = as32.data<float>()[g * M + m];
+      }
+  });
   const Tensor la32 = lora_act.to_f32();
   a.lora.assign(la32.data<float>(), la32.data<float>() + Mc * R);
 
