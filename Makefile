@@ -4,7 +4,7 @@ BUILD_ASAN ?= build-asan
 JOBS       ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: all setup configure build test test-slow test-asan demo bench fuzz clean test-kitchen
+.PHONY: all setup configure build test test-slow test-asan demo bench fuzz clean test-kitchen golden-comfyui
 
 all: build
 
@@ -48,3 +48,8 @@ clean:
 # Opt-in: nibble vs comfy-kitchen's eager backend (installs torch + comfy-kitchen from PyPI).
 test-kitchen: build
 	@bash scripts/test_kitchen.sh
+
+# Opt-in: regenerate tests/data/qwen_image_golden*.safetensors with ComfyUI's own Qwen-Image model
+# (torch from PyPI in .venv-golden; TORCH_SITE=<site-packages> reuses an installed torch).
+golden-comfyui:
+	@COMFYUI_DIR=$(COMFYUI_DIR) bash scripts/golden_comfyui.sh

@@ -47,7 +47,9 @@ struct QwenImageConfig {
 struct QwenImageInputs {
   Tensor latent;                    // (B, 16, T, H, W) or (B, 16, H, W), any float dtype
   Tensor context;                   // (B, L, joint_dim)
-  Tensor attention_mask;            // optional (B, L): nonzero = keep
+  // optional (B, L) or (L): integer/bool: nonzero = keep, 0 = masked (ComfyUI: (m − 1)·FLT_MAX);
+  // floating point: added to the attention scores of those text keys as is (ComfyUI's float masks).
+  Tensor attention_mask;
   Tensor timestep;                  // (B) or scalar, fp32
   std::vector<Tensor> ref_latents;  // edit models: each (B, 16, [T,] H', W')
 };
@@ -58,7 +60,16 @@ struct QwenImageTimings {  // seconds accumulated by forward()
 
 struct QwenImageLoadOptions {
   bool dequantized_baseline = false;  // every quantized linear replaced by its dequantized float layer
-  int64_t head_dim = 128;
+  int64_t head_dim = 128;  // used when the checkpoint has no attn.norm_q.weight to read it from
+  // RoPE axes (sum = head_dim). Empty: (16, 56, 56) for head_dim 128, else scaled the same way
+  // (head_dim/8, 7·head_dim/16, 7·head_dim/16), which needs head_dim % 32 == 0.
+  std::vector<int64_t> axes_dim;
+  // Float (bf16/f16/f32) linears: packed fp32 panels at the first forward (fast, 2x a bf16 model's
+  // bytes) or streamed from the mmap in blocks of rows (Linear::streamed(): a model larger than RAM
+  // runs, slowly). -1 = stream when the packed panels would exceed half the physical memory.
+  int stream_float_weights = -1;
+  // Joint attention: "auto" (bf16 vdpbf16ps flash kernel on AVX-512 BF16, else fp32), "fp32", "bf16".
+  std::string attention = "auto";
 };
 
 class QwenImageTransformer {
@@ -73,6 +84,7 @@ class QwenImageTransformer {
 
   const QwenImageConfig& config() const;
   uint64_t stored_bytes() const;  // bytes of the weights as stored in the checkpoint
+  std::string attention_path() const;  // "fp32 (panel GEMM)" or "bf16 vdpbf16ps flash"
 
  private:
   struct Impl;
