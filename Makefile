@@ -4,7 +4,7 @@ BUILD_ASAN ?= build-asan
 JOBS       ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: all setup configure build test test-slow test-asan demo bench fuzz clean test-kitchen quality-convert
+.PHONY: all setup configure build test test-slow test-asan demo bench fuzz clean test-kitchen quality-convert golden-comfyui fixtures-import
 
 all: build
 
@@ -53,3 +53,22 @@ test-kitchen: build
 # downloads the rxnfp wheel and, without QUALITY_VENV, torch from PyPI). Not part of `make test`.
 quality-convert: build
 	@bash scripts/quality_convert.sh
+
+# Opt-in: regenerate tests/data/qwen_image_golden*.safetensors with ComfyUI's own Qwen-Image model
+# (torch from PyPI in .venv-golden; TORCH_SITE=<site-packages> reuses an installed torch).
+golden-comfyui:
+	@COMFYUI_DIR=$(COMFYUI_DIR) bash scripts/golden_comfyui.sh
+
+# Opt-in: regenerate tests/data/import_* with the real packers (AutoAWQ from PyPI, nunchaku's
+# NunchakuWeightPacker from NUNCHAKU_DIR). TORCH_PYTHON: a python with torch, numpy, safetensors
+# (default: a venv made here with pip). docs/import.md.
+NUNCHAKU_DIR ?=
+TORCH_PYTHON ?=
+FIXTURES_VENV ?= $(BUILD)/venv-fixtures
+fixtures-import:
+	@test -n "$(NUNCHAKU_DIR)" || { echo "set NUNCHAKU_DIR=/path/to/nunchaku (a checkout of github.com/nunchaku-tech/nunchaku)"; exit 1; }
+	@py="$(TORCH_PYTHON)"; if [ -z "$$py" ]; then \
+	  [ -x $(FIXTURES_VENV)/bin/python ] || python3 -m venv $(FIXTURES_VENV); \
+	  $(FIXTURES_VENV)/bin/pip install -q torch numpy safetensors; py=$(FIXTURES_VENV)/bin/python; fi; \
+	  $$py -m pip install -q --no-deps --target $(BUILD)/pydeps-awq autoawq==0.2.9 && \
+	  $$py scripts/fixtures_import.py --nunchaku-dir "$(NUNCHAKU_DIR)" --autoawq-dir $(BUILD)/pydeps-awq --out tests/data

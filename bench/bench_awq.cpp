@@ -1,15 +1,19 @@
 // Google Benchmark of the awq_w4a16 op (spec §2) on the Qwen-Image modulation shapes, next to its
 // yardsticks: the same product on bf16 weights, OpenBLAS on fp32 weights, and the read bandwidth.
-// Weights rotate over copies larger than 2× L3 (bench_util), so each call streams from DRAM.
-// BM_awq_w4a16_prepared is the runtime's path (weights prepared at load), BM_awq_w4a16 the op on
-// the stored layout. Counters: bytes_per_second = weight bytes read per second (int4 + scales + zeros for the op).
+// Weights rotate over copies larger than 2× L3 (devtools/bench_memory.h), so each call streams from DRAM.
+// The caller paths (as in `nibble bench --op awq`): BM_awq_linear_fp32 is nn::Linear (fp32 x, weights
+// prepared at load, fp32 out), BM_awq_w4a16 the kitchen op on the stored layout (bf16 x),
+// BM_awq_w4a16_prepared the op on prepared weights with bf16 x (a prepared-weight cache hit). Counters: bytes_per_second = weight bytes read per second (int4 + scales + zeros for the op).
 // `nibble bench --op awq` prints the same comparison as ratios from one run (the preferred report).
 #include <benchmark/benchmark.h>
 
 #include <random>
 
-#include "bench_util.cpp"  // bench binaries do not link the CLI; the helpers are one small TU
+#include <map>
+
+#include "devtools/bench_util.h"
 #include "nibble/isa.h"
+#include "nibble/nn.h"
 #include "nibble/ops.h"
 #include "nibble/thread_pool.h"
 
@@ -23,6 +27,7 @@ struct Weights {
   int64_t K, N;
   std::unique_ptr<bench::RotatingCopies> w4, wbf, wf32;
   std::vector<std::shared_ptr<const AwqW4A16Prepared>> prepared;  // one per w4 copy
+  std::vector<nn::Linear> linears;                                 // one per w4 copy (prepared at load)
   uint64_t int4_bytes = 0;
 };
 
@@ -48,6 +53,13 @@ Weights& weights(int64_t K, int64_t N) {
     p.qweight = w.w4->at(c)[0], p.wscales = w.w4->at(c)[1], p.wzeros = w.w4->at(c)[2];
     p.N = N, p.K = K, p.group_size = kG;
     w.prepared.push_back(prepare_awq_w4a16(p));
+    w.linears.push_back(nn::Linear::from_layer([&] {
+      LayerSource src;
+      src.name = "bench.awq";
+      src.config = QuantConfig::parse(R"({"format":"awq_w4a16","group_size":64})", src.name);
+      src.tensors = {{"weight", p.qweight}, {"weight_scale", p.wscales}, {"weight_zeros", p.wzeros}};
+      return bind_layer(src);
+    }()));
   }
   Tensor Wf = Tensor::empty(DType::F32, {N, K});
   const Tensor sf = s.to_f32(), zf = z.to_f32();
@@ -81,6 +93,20 @@ void BM_awq_w4a16_prepared(benchmark::State& st) {
   size_t i = 0;
   for (auto _ : st) {
     Tensor y = gemv_awq_w4a16(x, *w.prepared[i++ % w.prepared.size()]);
+    benchmark::DoNotOptimize(y.raw());
+  }
+  st.SetBytesProcessed(int64_t(st.iterations()) * int64_t(w.int4_bytes));
+  st.SetLabel(std::string(isa_name(active_isa())) + " threads=" + std::to_string(num_threads()));
+}
+
+// nn::Linear::forward: fp32 x, prepared at load, fp32 out (the C++ runtime and nibble.load).
+void BM_awq_linear_fp32(benchmark::State& st) {
+  const int64_t M = st.range(0), K = st.range(1), N = st.range(2);
+  Weights& w = weights(K, N);
+  const Tensor x = activations(M, K).to_f32();
+  size_t i = 0;
+  for (auto _ : st) {
+    Tensor y = w.linears[i++ % w.linears.size()].forward(x);
     benchmark::DoNotOptimize(y.raw());
   }
   st.SetBytesProcessed(int64_t(st.iterations()) * int64_t(w.int4_bytes));
@@ -145,6 +171,7 @@ void shapes(benchmark::internal::Benchmark* b) {
 }  // namespace
 
 BENCHMARK(BM_read_bandwidth)->Iterations(3)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_awq_linear_fp32)->Apply(shapes);
 BENCHMARK(BM_awq_w4a16_prepared)->Apply(shapes);
 BENCHMARK(BM_awq_w4a16)->Apply(shapes);
 BENCHMARK(BM_bf16_weights)->Apply(shapes);

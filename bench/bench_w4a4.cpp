@@ -5,7 +5,7 @@
 
 #include <random>
 
-#include "kernels/svdquant_w4a4_kernels.h"
+#include "devtools/bench_peers.h"
 #include "nibble/formats.h"
 #include "nibble/isa.h"
 #include "nibble/ops.h"
@@ -67,7 +67,7 @@ void BM_vnni_peak_one_thread(benchmark::State& st) {
     return;
   }
   double ops = 0;
-  for (auto _ : st) ops += kernels::w4a4::vnni_peak_ops(1000000);
+  for (auto _ : st) ops += bench::vnni_peak_ops(1000000);
   st.counters["GOPs"] = benchmark::Counter(ops, benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
 }
 

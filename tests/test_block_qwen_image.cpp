@@ -10,7 +10,7 @@
 #include "nibble/convert.h"
 #include "nibble/synth.h"
 #include "nn/qwen_image_block.h"
-#include "nn/qwen_image_synth.h"
+#include "devtools/qwen_image_synth.h"
 
 using namespace nibble;
 using namespace nibble::nn;

@@ -5,7 +5,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "formats/inspect.h"
+#include "nibble/inspect.h"
 #include "nibble/sample.h"
 #include "test_io_common.h"
 

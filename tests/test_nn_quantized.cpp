@@ -10,7 +10,7 @@
 #include "nibble/nn.h"
 #include "nibble/ops.h"
 #include "nibble/synth.h"
-#include "nn/qwen_image_synth.h"
+#include "devtools/qwen_image_synth.h"
 
 using namespace nibble;
 using namespace nibble::nn;

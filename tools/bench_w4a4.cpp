@@ -1,19 +1,23 @@
 // `nibble bench --op w4a4 [--json] [-r N] [--quick] [--shapes "M,K,N;..."]`
 //
-// For each shape, in one process run (R = 32, fp32 x, bf16 parameters, a signed layer): the fused
-// svdquant_linear; its stages timed apart (quantize, low-rank, integer GEMM + epilogue); OpenBLAS sgemm
-// on the dequantized fp32 weight W_eff (the user's alternative); and two yardsticks measured first in
-// the same process with the same threads: the int8 VNNI peak (a register-only vpdpbusd loop) and the
-// streaming read bandwidth. GOP/s counts 2·M·N·K.
+// For each shape (R = 32, fp32 x, bf16 parameters, a signed layer), one interleaved loop whose every
+// repetition runs, in rotating order: a read-bandwidth sweep, the fused svdquant_linear (the path of
+// nn::Linear), the same layer with its stages timed apart (quantize, low-rank, integer GEMM +
+// epilogue; bench::svdquant_linear_timed), OpenBLAS sgemm on the dequantized fp32 weight W_eff
+// (the user's alternative) and the int8 VNNI peak (a register-only vpdpbusd loop). Every case
+// rotates among copies of its weights (prepared repacks for nibble, fp32 W for sgemm) that together
+// exceed 2x the L3, so no case finds its weights cache-warm from the case before — as in a model,
+// where each layer runs once per step. Ratios are medians of per-repetition ratios. GOP/s counts
+// 2·M·N·K. pct_read_bw: the quantize stage's read rate of x over the fastest read rate seen in
+// the same repetition (probe sweep, that stage, sgemm's weight stream); probe_exceeded flags a
+// stage that read faster than the probe.
 #include <fmt/format.h>
 
 #include <algorithm>
 #include <random>
-#include <sstream>
 
 #include "bench_registry.h"
-#include "bench_util.h"
-#include "kernels/svdquant_w4a4_kernels.h"
+#include "devtools/bench_util.h"
 #include "nibble/formats.h"
 #include "nibble/isa.h"
 #include "nibble/ops.h"
@@ -23,23 +27,6 @@ namespace nibble::cli {
 namespace {
 
 using bench::Shape3;
-
-// int8 peak of the pool in GOP/s: many equal register-only tasks so that every thread stays busy.
-double vnni_peak_gops(int trials) {
-  if (!isa_supported(Isa::Avx512Vnni)) return NAN;
-  const int64_t iters = 500000, tasks = 16 * num_threads();
-  double best = 0;
-  for (int trial = 0; trial < trials; ++trial) {
-    const double t0 = bench::now_seconds();
-    std::vector<double> ops(size_t(tasks), 0.0);
-    parallel_for(tasks, [&](int64_t t) { ops[size_t(t)] = kernels::w4a4::vnni_peak_ops(iters); });
-    const double dt = bench::now_seconds() - t0;
-    double total = 0;
-    for (double v : ops) total += v;
-    best = std::max(best, total / dt / 1e9);
-  }
-  return best;
-}
 
 Tensor random_tensor(std::mt19937& rng, DType dt, Shape shape, float lo, float hi) {
   Tensor f = Tensor::empty(DType::F32, shape);
@@ -61,13 +48,14 @@ int run_w4a4(const BenchOptions& o) {
   const int64_t R = 32;
   const int reps = std::max(1, o.repeats);
   const double load_before = bench::load_average();
-  const double peak = vnni_peak_gops(3);
-  const double stream = bench::read_bandwidth_gbs(size_t(256) << 20, size_t(1) << 30, o.quick ? 1 : 3);
-  bench::ReadProbe probe(size_t(256) << 20);  // one sweep per repetition (pct_read_bw)
+  const double peak0 = bench::vnni_peak_gops(o.quick ? 1 : 3);
+  bench::ReadProbe probe(size_t(256) << 20);
+  const bool blas = bench::openblas_available();
   if (!o.json)
-    fmt::print("# svdquant_w4a4: int8 VNNI peak {:.0f} GOP/s, read bandwidth {:.1f} GB/s ({} threads, isa {}); R={}, "
-               "fp32 x, bf16 params; load average {:.2f}\n",
-               peak, stream, num_threads(), isa_name(active_isa()), R, load_before);
+    fmt::print("# svdquant_w4a4: int8 VNNI peak {:.0f} GOP/s ({} threads, isa {}); R={}, fp32 x, bf16 params; "
+               "weights rotated over > 2x L3 for every case; OpenBLAS: {}; load average {:.2f}\n",
+               peak0, num_threads(), isa_name(active_isa()), R, blas ? bench::openblas_info() : "unavailable",
+               load_before);
   std::vector<bench::Record> recs;
   std::mt19937 rng(4321);
   for (const Shape3& sh : shapes) {
@@ -84,69 +72,76 @@ int run_w4a4(const BenchOptions& o) {
     src.tensors["proj_up"] = random_tensor(rng, DType::BF16, {N, R}, -0.05f, 0.05f);
     src.tensors["bias"] = random_tensor(rng, DType::BF16, {N}, -0.1f, 0.1f);
     const QuantizedLayer layer = bind_layer(src);
-    const auto prep = prepare_svdquant_w4a4(svdquant_params(layer));
+    const SvdquantW4A4Params params = svdquant_params(layer);
+    // the prepared repack a call streams: int4 weights, fp32 scales, fp32 up/down
+    const size_t prep_bytes = size_t(N * K / 2 + (K / 64) * N * 4 + N * R * 4 + K * R * 4);
+    std::vector<std::shared_ptr<const SvdquantW4A4Prepared>> preps;
+    for (int c = 0, n = bench::copies_to_defeat_cache(prep_bytes); c < n; ++c) preps.push_back(prepare_svdquant_w4a4(params));
     const Tensor x = random_tensor(rng, DType::F32, {M, K}, -2.0f, 2.0f);
     const int r = M >= 4096 ? std::max(3, reps / 2) : reps;  // the M = 4096 sgemm takes seconds
-
-    // Interleaved repetitions: each one times the fused layer, its stages, sgemm and the VNNI peak back
-    // to back, so every ratio compares measurements taken under the same momentary host load; the
-    // reported ratios are medians of the per-repetition ratios.
-    const bool blas = bench::openblas_available();
-    Tensor W, yb;
-    if (blas) W = dequantize(layer), yb = Tensor::empty(DType::F32, {M, N});
-    const double gop = 2.0 * double(M) * double(N) * double(K) / 1e9;
-    std::vector<double> tf, tq, tl, tg, ts, pk, bw, r_speed, r_gemm_pct, r_fused_pct, r_read;
-    (void)svdquant_linear(x, *prep, DType::F32);  // warm-up
-    for (int i = 0; i < r; ++i) {
-      double t0 = bench::now_seconds();
-      (void)svdquant_linear(x, *prep, DType::F32);
-      tf.push_back(bench::now_seconds() - t0);
-      kernels::w4a4::StageTimes st;
-      (void)kernels::w4a4::svdquant_linear_timed(x, *prep, &st);
-      tq.push_back(st.quantize), tl.push_back(st.lowrank), tg.push_back(st.gemm);
-      if (blas) {
-        // OpenBLAS runs on its own threads: both pools settled around it (bench_util.h), else the
-        // spinning workers of one steal a core from the other (the VNNI peak right after sgemm
-        // used to read up to 2x low).
-        bench::settle_pools(false);
-        t0 = bench::now_seconds();
-        bench::sgemm_nt(M, N, K, x.data<float>(), W.data<float>(), yb.mutable_data<float>());
-        ts.push_back(bench::now_seconds() - t0);
-        bench::settle_pools(true);
-        r_speed.push_back(ts.back() / tf.back());
-      }
-      pk.push_back(vnni_peak_gops(1));
-      r_gemm_pct.push_back(100.0 * gop / tg.back() / pk.back());
-      r_fused_pct.push_back(100.0 * gop / tf.back() / pk.back());
-      // the read bandwidth of this repetition (a 256 MiB sweep): the host's bandwidth drifts by
-      // 25-55 GB/s over minutes, so the quantize share is taken against the same moment
-      t0 = bench::now_seconds();
-      probe.sweep();
-      bw.push_back(double(probe.bytes()) / (bench::now_seconds() - t0) / 1e9);
-      r_read.push_back(100.0 * double(M) * double(K) * 4.0 / tq.back() / 1e9 / bw.back());
+    std::unique_ptr<bench::RotatingCopies> W;
+    Tensor yb;
+    if (blas) {
+      const Tensor w = dequantize(layer);
+      W = std::make_unique<bench::RotatingCopies>(std::vector<Tensor>{w}, bench::copies_to_defeat_cache(w.nbytes()));
+      yb = Tensor::empty(DType::F32, {M, N});
     }
-    auto median = [](std::vector<double> v) {
-      if (v.empty()) return double(NAN);
-      std::sort(v.begin(), v.end());
-      return v[v.size() / 2];
-    };
-    auto best = [](const std::vector<double>& v) {
-      return v.empty() ? double(NAN) : *std::min_element(v.begin(), v.end());
-    };
-    const double t_f = median(tf), t_q = median(tq), t_l = median(tl), t_g = median(tg);
+    const double gop = 2.0 * double(M) * double(N) * double(K) / 1e9;
+
+    int c_f = 0, c_s = 0, c_b = 0;
+    std::vector<bench::StageTimes> stages;  // one per timed repetition of the staged case
+    std::vector<double> peak;               // GOP/s of each repetition's VNNI case
+    const double peak_ops = 16.0 * num_threads() * 100000 * 12 * 64 * 2 / 1e9;
+    std::vector<bench::InterleavedCase> cases = {
+        {[&](int) { probe.sweep(); }},
+        {[&](int) { (void)svdquant_linear(x, *preps[size_t(c_f++) % preps.size()], DType::F32); }},
+        {[&](int i) {
+          bench::StageTimes st;
+          (void)bench::svdquant_linear_timed(x, *preps[size_t(c_s++) % preps.size()], &st);
+          if (i > 0) stages.push_back(st);
+        }},
+        {[&](int) {
+          if (!isa_supported(Isa::Avx512Vnni)) return;
+          parallel_for(16 * num_threads(), [](int64_t) { (void)bench::vnni_peak_ops(100000); });
+        }}};
+    if (blas)
+      cases.push_back({[&](int) {
+                         bench::sgemm_nt(M, N, K, x.data<float>(), W->at(c_b++)[0].data<float>(), yb.mutable_data<float>());
+                       },
+                       true});
+    const std::vector<bench::Timing> T = bench::time_interleaved(r, cases);
+    const bench::Timing &T_probe = T[0], &T_fused = T[1], &T_peak = T[3];
+    const size_t n = T_fused.runs.size();
+    std::vector<double> tq, tl, tg, r_read, r_probe, r_gemm_pct, r_fused_pct, bw, ceiling;
+    for (size_t k = 0; k < n && k < stages.size(); ++k) {
+      const auto& st = stages[k];
+      tq.push_back(st.quantize), tl.push_back(st.lowrank), tg.push_back(st.gemm);
+      const double pk = isa_supported(Isa::Avx512Vnni) ? peak_ops / T_peak.runs[k] : NAN;
+      peak.push_back(pk);
+      r_gemm_pct.push_back(100.0 * gop / st.gemm / pk);
+      r_fused_pct.push_back(100.0 * gop / T_fused.runs[k] / pk);
+      const double probe_rate = double(probe.bytes()) / T_probe.runs[k] / 1e9;
+      const double quant_rate = double(M) * double(K) * 4.0 / st.quantize / 1e9;
+      double ceil = std::max(probe_rate, quant_rate);
+      if (blas) ceil = std::max(ceil, double(W->bytes_per_copy()) / T[4].runs[k] / 1e9);
+      bw.push_back(probe_rate), ceiling.push_back(ceil);
+      r_read.push_back(100.0 * quant_rate / ceil);
+      r_probe.push_back(100.0 * quant_rate / probe_rate);
+    }
+    const double t_f = T_fused.median, t_g = bench::median(tg);
     bench::Record rec;
-    rec.s("op", "svdquant_w4a4").n("M", double(M)).n("K", double(K)).n("N", double(N)).n("R", double(R));
+    rec.s("op", "svdquant_w4a4").s("path", "nn.Linear").n("M", double(M)).n("K", double(K)).n("N", double(N)).n("R", double(R));
     rec.s("isa", isa_name(active_isa())).n("threads", num_threads());
-    rec.n("fused_ms", t_f * 1e3).n("fused_GOPs", gop / t_f).n("fused_best_ms", best(tf) * 1e3);
-    rec.n("quant_ms", t_q * 1e3).n("pct_read_bw", median(r_read));
-    rec.n("lowrank_ms", t_l * 1e3);
-    rec.n("gemm_ms", t_g * 1e3).n("gemm_GOPs", gop / t_g).n("pct_vnni_peak", median(r_gemm_pct));
-    rec.n("fused_pct_vnni_peak", median(r_fused_pct));
-    rec.n("sgemm_ms", median(ts) * 1e3).n("speedup_vs_sgemm", median(r_speed));
-    // best-of-runs figures: the machine with fewer of the shared host's preemptions
-    rec.n("pct_vnni_peak_best", 100.0 * gop / best(tg) / *std::max_element(pk.begin(), pk.end()));
-    rec.n("speedup_vs_sgemm_best", best(ts) / best(tf));
-    rec.n("vnni_peak_GOPs", median(pk)).n("read_GBps", median(bw)).n("loadavg", bench::load_average());
+    rec.n("fused_ms", t_f * 1e3).n("fused_GOPs", gop / t_f).n("fused_best_ms", T_fused.best * 1e3);
+    rec.n("staged_ms", T[2].median * 1e3);
+    rec.n("quant_ms", bench::median(tq) * 1e3).n("pct_read_bw", bench::median(r_read));
+    rec.n("pct_probe", bench::median(r_probe)).n("probe_exceeded", bench::median(r_probe) > 100.0 ? 1 : 0);
+    rec.n("lowrank_ms", bench::median(tl) * 1e3);
+    rec.n("gemm_ms", t_g * 1e3).n("gemm_GOPs", gop / t_g).n("pct_vnni_peak", bench::median(r_gemm_pct));
+    rec.n("fused_pct_vnni_peak", bench::median(r_fused_pct));
+    rec.n("sgemm_ms", blas ? T[4].median * 1e3 : NAN).n("speedup_vs_sgemm", blas ? bench::paired_ratio(T[4], T_fused) : NAN);
+    rec.n("vnni_peak_GOPs", bench::median(peak)).n("read_GBps", bench::median(bw)).n("ceiling_GBps", bench::median(ceiling));
+    rec.n("weight_copies", double(preps.size())).n("loadavg", bench::load_average());
     recs.push_back(rec);
     if (!o.json) fmt::print(stderr, "  done M={} K={} N={}\n", M, K, N);
   }
@@ -154,10 +149,15 @@ int run_w4a4(const BenchOptions& o) {
     fmt::print("{}", bench::records_to_json(recs));
   } else {
     fmt::print("{}", bench::records_to_table(recs, {"M", "K", "N", "isa", "threads", "fused_ms", "fused_GOPs",
-                                                    "quant_ms", "pct_read_bw", "lowrank_ms", "gemm_ms", "gemm_GOPs",
-                                                    "pct_vnni_peak", "fused_pct_vnni_peak", "sgemm_ms",
-                                                    "speedup_vs_sgemm", "pct_vnni_peak_best",
-                                                    "speedup_vs_sgemm_best", "loadavg"}));
+                                                    "staged_ms", "quant_ms", "pct_read_bw", "pct_probe", "lowrank_ms",
+                                                    "gemm_ms", "gemm_GOPs", "pct_vnni_peak", "fused_pct_vnni_peak",
+                                                    "sgemm_ms", "speedup_vs_sgemm", "loadavg"}));
+    fmt::print("# stages run split (staged_ms >= fused_ms); every case reads weights that are not cache resident\n");
+    for (const auto& r : recs)
+      for (const auto& [k, v] : r.num)
+        if (k == "probe_exceeded" && v > 0)
+          fmt::print("# WARNING: the quantize stage read x faster than the probe (pct_probe > 100 %); pct_read_bw uses "
+                     "the fastest rate seen instead\n");
   }
   return 0;
 }

@@ -9,11 +9,11 @@
 #include <map>
 #include <random>
 
-#include "bench_util.h"
+#include "devtools/bench_util.h"
 #include "command.h"
 #include "nibble/isa.h"
 #include "nibble/thread_pool.h"
-#include "nn/qwen_image_synth.h"
+#include "devtools/qwen_image_synth.h"
 
 namespace nibble::cli {
 namespace {

@@ -4,8 +4,8 @@
 #include <fmt/format.h>
 
 #include "command.h"
-#include "formats/inspect.h"
 #include "nibble/convert.h"
+#include "nibble/inspect.h"
 #include "nibble/safetensors.h"
 
 namespace nibble::cli {

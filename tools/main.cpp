@@ -1,6 +1,4 @@
 // nibble — command-line entry point: global options, ISA/thread setup, subcommand dispatch.
-#include <unistd.h>
-
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -25,15 +23,6 @@ std::vector<Command>& command_registry() {
 
 int main(int argc, char** argv) {
   using namespace nibble;
-#ifdef NIBBLE_HAVE_OPENBLAS
-  // OpenBLAS (the benchmarks' fp32 peer) keeps its workers spinning for about 2^28 TSC ticks
-  // (~100 ms here) after every call, stealing a core from whatever runs next — our own kernels in
-  // an interleaved benchmark, the attention of the fp32 baseline block. Its spin limit can only be
-  // set before the library initializes, so set it (2^23 ticks ≈ 3 ms, what nibble's own pool spins)
-  // and restart once. A value set by the user is left alone.
-  if (!std::getenv("OPENBLAS_THREAD_TIMEOUT") && setenv("OPENBLAS_THREAD_TIMEOUT", "23", 1) == 0)
-    execv("/proc/self/exe", argv);  // returns only on failure: carry on with the default
-#endif
   CLI::App app{"nibble — 4-bit quantized linear layers of diffusion transformers (ComfyUI kitchen formats)"};
   app.require_subcommand(0, 1);
   auto& g = cli::globals();

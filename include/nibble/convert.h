@@ -15,6 +15,11 @@
 //   svdquant_w4a4: P.weight, P.weight_scale, P.smooth_factor, P.proj_down, P.proj_up, P.bias,
 //                  P.comfy_quant (the CQ converter / PR #13580 loader spelling)
 // svdquant tensors (scales, smooth, projections, bias) are all stored in one 16-bit dtype (bf16).
+//
+// Thread safety: The in-memory quantizers are functions of their arguments only and may run
+// concurrently. convert_checkpoint() runs its layer jobs on the library pool; concurrent calls
+// writing different outputs are safe (their parallel regions take turns on the pool); `progress`
+// is called from the writing thread.
 #pragma once
 #include <cmath>
 #include <cstdint>

@@ -4,6 +4,8 @@
 // conversions from fp32 round to nearest, ties to even (NaN stays NaN; values past the finite range
 // follow IEEE for fp16/bf16 (→ ±inf) and saturate-to-NaN rules of the fp8 formats as documented in
 // dtype.cpp). These are the only conversion routines of the project: kernels call the inline ones.
+//
+// Thread safety: Pure functions and constants, no state: safe from any thread.
 #pragma once
 #include <cstdint>
 #include <cstring>

@@ -6,6 +6,11 @@
 // entry (spec §4.2). bind_layer() validates a layer once (keys with either accepted spelling,
 // shapes, dtypes, group divisibility) and returns a QuantizedLayer with canonical parameter names;
 // dequantize() turns any bound layer into its effective fp32 weight (N, K).
+//
+// Thread safety: The registry is built once (thread-safe static initialization) and read-only
+// afterwards. QuantConfig::parse, collect_layers, bind_layer, dequantize and the tile conversions
+// are functions of their arguments only and may run concurrently. A QuantizedLayer is a value
+// whose tensors share storage with the checkpoint.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -49,12 +54,28 @@ struct ParamSpec {
   bool required = true;
 };
 
+// The fused kernel a format runs on (FusedKernel::None: dequantize + dense fp32 matmul).
+enum class FusedKernel { None, AwqW4A16, SvdquantW4A4 };
+
+// One registry entry. Code decides what a format can do from these traits, never from its name.
 struct FormatInfo {
   std::string name;                      // "awq_w4a16"
   DType storage_dtype;                   // dtype of P.weight
   std::vector<ParamSpec> params;         // besides "weight" and "bias"
-  bool has_fused_kernel = false;         // awq_w4a16, svdquant_w4a4
+  bool has_fused_kernel = false;         // fused != FusedKernel::None (awq_w4a16, svdquant_w4a4)
   std::string description;
+  // ---- traits
+  FusedKernel fused = FusedKernel::None;
+  int weight_bits = 8;                   // bits per stored weight element (4: two per byte)
+  bool is_int4 = false;                  // 4-bit integer codes, two per byte (low nibble = even column)
+  bool act_quantized = false;            // activations are quantized at run time (W4A4, W4A8)
+  bool has_lowrank = false;              // a low-rank branch (proj_down / proj_up)
+  bool has_smoothing = false;            // per-input-channel smoothing factor
+  bool has_act_unsigned = false;         // the config's act_unsigned applies (post-GELU shift)
+  bool supports_tile_layout = false;     // the weight may be stored tile-packed (spec §3.2)
+  bool has_group_size = false;           // the config's group_size applies
+  int64_t fixed_group_size = 0;          // group size fixed by the format (0 = none / configurable)
+  int64_t row_padding = 0;               // weight rows padded to a multiple of this (bias: logical N)
 };
 
 const FormatInfo* find_format(std::string_view name);      // nullptr if unknown

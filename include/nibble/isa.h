@@ -10,6 +10,10 @@
 // NIBBLE_ISA (an unknown or unsupported value is an error naming the supported ones), and can be
 // changed by set_isa() (tests use it to run every path). Kernels for levels that were not compiled
 // are never selected: supported_isas() only lists levels that are both built and runnable.
+//
+// Thread safety: The queries are safe from any thread. active_isa() is an atomic load and
+// set_isa() an atomic store; an op reads the ISA while it runs, so change it only while no op is
+// running (tests switch it between cases).
 #pragma once
 #include <string>
 #include <string_view>

@@ -8,13 +8,20 @@
 // (AWQ GEMV, SVDQuant natural layout, GEMV of float weights). forward() never looks anything up.
 //
 // Formats without a fused kernel (fp8, nvfp4, mxfp8, int8, ...) and layers with
-// `full_precision_matrix_mult` run the eager fallback: the effective weight is dequantized to fp32
-// at load and multiplied densely (linear_f32); a one-time notice names the format.
+// `full_precision_matrix_mult` run the eager fallback, densely in fp32 (linear_f32); a one-time
+// notice names the format. Row-separable formats (float8_e4m3fn/e5m2, int8/int4_tensorwise) keep
+// their stored bytes and are decoded in blocks of rows inside the GEMM (streamed()); the others
+// (nvfp4, mxfp8, convrot, asym_w4a8) are dequantized to fp32 at load.
 //
 // Model / load_checkpoint(): every linear of a (possibly sharded) checkpoint by name. ComfyUI's
 // detection (spec §4.1): any `.comfy_quant` key (or `_quantization_metadata`) makes the model
 // "mixed"; layers without a config stay float. A `model.diffusion_model.` prefix is stripped (names
 // are looked up with or without it). Every error names the layer.
+//
+// Thread safety: A loaded Model and its Linears are immutable after load, except for one-time lazy
+// packing guarded by std::call_once, so forward() may be called concurrently on the same or
+// different layers. set_dense_gemm() and set_notice_handler() change process-wide settings: set
+// them before running layers (set_dense_gemm() is not synchronized with running forwards).
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -25,6 +32,7 @@
 #include <vector>
 
 #include "nibble/formats.h"
+#include "nibble/lora.h"
 #include "nibble/safetensors.h"
 #include "nibble/tensor.h"
 
@@ -73,6 +81,13 @@ class Linear {
   Tensor effective_bias() const;
   // A float Linear with (effective_weight, effective_bias): the dequantized baseline of this layer.
   Linear dequantized() const;
+  // The same layer on the streamed dense path: the stored weight bytes stay where they are (mmap)
+  // and blocks of 64 output rows are decoded to fp32 inside the GEMM task that uses them, so no
+  // fp32 copy or packed panels of the whole weight ever exist. Float layers (a bf16 model larger
+  // than RAM) and the row-separable kitchen formats (float8_e4m3fn/e5m2, int8/int4_tensorwise,
+  // which take this path by default) only; other layers are returned unchanged.
+  Linear streamed() const;
+  bool is_streamed() const;
 
  private:
   struct Impl;
@@ -83,6 +98,11 @@ class Model {
  public:
   // Opens a file, index or shard directory and builds every linear layer.
   static Model load(const std::string& path);
+  // Same, with LoRAs applied at load (nibble/lora.h; nothing is written, strengths per call):
+  // svdquant_w4a4 layers grow their low-rank branch, awq_w4a16 layers are requantized, float layers
+  // merged. Unmatched LoRA modules are an error unless `partial` (then they are skipped).
+  static Model load(const std::string& path, const std::vector<LoraSpec>& loras, bool partial = false,
+                    LoraApplyStats* stats = nullptr);
   static Model from_checkpoint(const Checkpoint& ckpt);
 
   const std::string& path() const { return path_; }
@@ -106,6 +126,7 @@ class Model {
   std::shared_ptr<Checkpoint> ckpt_;
   std::map<std::string, Linear, std::less<>> linears_;
   std::string strip(std::string_view name) const;
+  static Model build(const Checkpoint& ckpt, const std::vector<LoraSpec>* loras, bool partial, LoraApplyStats* stats);
 };
 
 Model load_checkpoint(const std::string& path);

@@ -9,6 +9,12 @@
 // then their bytes are written in declaration order, in as many chunks as the caller likes. Output
 // goes to a temporary file in the target directory, is fsync'ed and renamed on commit(); a writer
 // destroyed without commit() removes the temporary file, so a failure leaves nothing at the target.
+//
+// Thread safety: A SafetensorsFile or Checkpoint is immutable once opened: its const members and
+// the tensors it returns may be used from any thread, and the mapping lives as long as any of
+// those tensors. A mapped tensor is read-only; a file truncated by another process while mapped
+// raises SIGBUS on access (mmap's limit). A SafetensorsWriter is not thread-safe: one thread
+// drives it. release_mapped_pages() is thread-safe.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -21,6 +27,14 @@
 #include "nibble/tensor.h"
 
 namespace nibble {
+
+// Drops the resident pages of a tensor that is a view of a mapped checkpoint file (madvise
+// MADV_DONTNEED on the whole pages inside it). The mapping is private and read-only, so the next
+// read faults the bytes in again from the file: the tensor stays valid (for saving, dequantizing),
+// it just stops occupying memory until then. The runtime calls this on stored tensors that a
+// load-time repack made redundant. Returns the bytes released; 0 (and does nothing) for tensors
+// that are not file views (heap memory would be zeroed). Thread-safe.
+size_t release_mapped_pages(const Tensor& t);
 
 struct TensorInfo {
   std::string name;

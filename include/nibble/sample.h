@@ -16,6 +16,9 @@
 //   extra.<format>                                      one layer of every other kitchen format
 //   transformer_blocks.0.attn.norm_q.weight, rope.freqs non-linear tensors
 // Every linear has a bias. Names get `prefix` prepended (e.g. "model.diffusion_model.").
+//
+// Thread safety: write_sample_checkpoint() has no shared state; concurrent calls must write to
+// different paths.
 #pragma once
 #include <cstdint>
 #include <string>

@@ -4,6 +4,11 @@
 // (it then holds a shared_ptr that keeps the mapping alive). Tensors are always contiguous and
 // row-major; shapes are int64. Views into read-only mappings are not writable: mutable access
 // throws. Copies of a Tensor share storage (like torch); use clone() for a deep copy.
+//
+// Thread safety: A Tensor is a value. Const members may be called concurrently on one tensor and
+// on copies that share its storage; the storage's reference count is atomic, so copies may be made
+// and dropped on any thread. Writing through mutable_raw()/mutable_data() while another thread
+// reads the same storage (a copy shares it) is a data race the caller must avoid.
 #pragma once
 #include <cstdint>
 #include <initializer_list>

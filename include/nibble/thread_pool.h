@@ -7,6 +7,11 @@
 // Between back-to-back calls workers spin briefly before sleeping: waking a sleeping thread costs
 // milliseconds on a shared host, more than a whole GEMV.
 // Thread count: set_num_threads(), else env NIBBLE_NUM_THREADS, else the hardware concurrency.
+//
+// Thread safety: parallel_for() may be called from any number of threads: the pool runs one
+// parallel region at a time (other callers wait their turn), and a parallel_for() from inside a
+// task runs inline on that thread. set_num_threads() replaces the workers; call it while no
+// parallel region runs.
 #pragma once
 #include <cstdint>
 #include <type_traits>

@@ -36,12 +36,15 @@ from ._core import (  # noqa: F401  (re-exported)
 
 __version__ = _core.__version__
 
+from .conditioning import load_conditioning, load_latent, save_conditioning, save_latent  # noqa: E402,F401
+
 __all__ = [
     "Error", "Layer", "Model", "__version__",
     "gemv_awq_w4a16", "quantize_svdquant_w4a4", "scaled_mm_svdquant_w4a4", "linear",
     "load", "inspect", "convert", "write_sample_checkpoint", "load_file", "save_file", "read_metadata",
     "isa", "set_isa", "supported_isas", "compiled_isas", "cpu_features",
     "num_threads", "set_num_threads",
+    "save_conditioning", "load_conditioning", "save_latent", "load_latent",
 ]
 
 
@@ -130,12 +133,41 @@ def linear(x, weight, bias=None):
 
 
 # ---------------------------------------------------------------- checkpoints
-def load(path) -> Model:
+def load(path, loras=None, partial=False) -> Model:
     """Map a checkpoint (.safetensors, .safetensors.index.json or a shard directory) and bind
     every linear layer (nibble's runtime). ``model.layers[name](x)`` or ``model[name](x)`` runs
     the layer: x (..., K) → (..., N) in x's dtype (float32 / bfloat16 / float16) unless
-    ``out_dtype`` is given; the layer computes in fp32."""
-    return _core.load(str(path))
+    ``out_dtype`` is given; the layer computes in fp32.
+
+    ``loras``: ``[(file, strength), ...]`` (or bare file names, strength 1) applied at load,
+    nothing written: svdquant_w4a4 layers grow their low-rank branch exactly, awq_w4a16 layers are
+    requantized, float layers merged (docs/lora.md). ``partial``: skip LoRA modules that match no
+    layer instead of raising."""
+    specs = [(str(l), 1.0) if isinstance(l, (str, bytes)) or hasattr(l, "__fspath__")
+             else (str(l[0]), float(l[1])) for l in (loras or [])]
+    return _core.load(str(path), specs, bool(partial))
+
+
+def import_checkpoint(format, input, output, *, group_size=0, out_group_size=0, scale_dtype="",
+                      arch="", hidden=0, mod_scale_shift=True) -> dict:
+    """``nibble import FORMAT IN -o OUT``: AutoAWQ (``"autoawq"``, GEMM packing) or nunchaku
+    (``"nunchaku"``, SVDQuant INT4 Qwen-Image) → kitchen-native awq_w4a16 / svdquant_w4a4, codes
+    copied bit-exactly (docs/import.md). Returns the report (dict). Written atomically."""
+    import json
+
+    return json.loads(_core.import_checkpoint(str(format), str(input), str(output), int(group_size),
+                                              int(out_group_size), str(scale_dtype), str(arch),
+                                              int(hidden), bool(mod_scale_shift)))
+
+
+def apply_loras(ckpt, loras, output, *, partial=False) -> dict:
+    """``nibble lora CKPT LORA[:S]... -o OUT``: bake LoRAs ``[(file, strength), ...]`` into a
+    checkpoint (docs/lora.md). Returns the statistics (dict, with the unmatched modules)."""
+    import json
+
+    specs = [(str(l), 1.0) if isinstance(l, (str, bytes)) or hasattr(l, "__fspath__")
+             else (str(l[0]), float(l[1])) for l in loras]
+    return json.loads(_core.apply_loras(str(ckpt), specs, str(output), bool(partial)))
 
 
 def inspect(path, filter: str = "", as_text: bool = False):

@@ -62,4 +62,5 @@ NB_MODULE(_core, m) {
   nibble_py::bind_io(m);
   nibble_py::bind_model(m);
   nibble_py::bind_convert(m);
+  nibble_py::bind_import(m);
 }

@@ -31,7 +31,7 @@ void load_quantized(const LayerSource& src, Tensor* W, Tensor* B) {
   QuantizedLayer ql = bind_layer(src);
   *W = dequantize(ql);
   *B = ql.bias.defined() ? ql.bias.to_f32().clone() : Tensor();
-  if (ql.format && ql.format->name == "svdquant_w4a4" && ql.act_unsigned) {
+  if (ql.format && ql.format->has_act_unsigned && ql.act_unsigned) {
     SvdquantW4A4Params p = svdquant_params(ql);
     Tensor pu = (p.proj_up.dim() == 3 ? tile_unpack_proj_up(p.proj_up) : p.proj_up).to_f32();
     Tensor pd = p.proj_down.to_f32();

@@ -8,7 +8,6 @@
 #include <fmt/format.h>
 
 #include "formats/format_impls.h"
-#include "nibble/ops.h"
 
 namespace nibble {
 
@@ -57,7 +56,7 @@ void validate(const AwqW4A16Params& p, const std::string& what) {
 }
 
 AwqW4A16Params awq_params(const QuantizedLayer& layer) {
-  if (!layer.format || layer.format->name != "awq_w4a16")
+  if (!layer.format || layer.format->fused != FusedKernel::AwqW4A16)
     throw Error(fmt::format("layer '{}': expected format awq_w4a16, got {}", layer.name,
                             layer.format ? layer.format->name : std::string("none (float layer)")));
   AwqW4A16Params p;

@@ -9,7 +9,7 @@
 namespace nibble::formats {
 
 void bind_float8(QuantizedLayer& layer) {
-  const bool e4m3 = layer.format->name == "float8_e4m3fn";
+  const bool e4m3 = layer.format->storage_dtype == DType::F8_E4M3;
   expect_dtype(layer, "weight", {e4m3 ? DType::F8_E4M3 : DType::F8_E5M2});
   const Tensor& w = layer.param("weight");
   if (w.dim() != 2)

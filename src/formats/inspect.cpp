@@ -1,6 +1,6 @@
 // `nibble inspect`: per-layer table, bytes by format, and float layers a kitchen format could hold.
 // See inspect.h for the design; candidate sizes follow the tensor shapes of spec §2.1 / §3.1.
-#include "formats/inspect.h"
+#include "nibble/inspect.h"
 
 #include <fmt/format.h>
 
@@ -46,8 +46,13 @@ void set_candidate(InspectRow& row, const QuantizedLayer& l) {
   }
 }
 
+bool takes_act_unsigned(const std::string& format) {
+  const FormatInfo* f = find_format(format);
+  return f && f->has_act_unsigned;
+}
+
 std::string layout_of(const QuantizedLayer& l) {
-  if (l.format && l.format->name == "svdquant_w4a4") return l.tile_packed ? "tile" : "natural";
+  if (l.format && l.format->supports_tile_layout) return l.tile_packed ? "tile" : "natural";
   return l.config.layout.empty() ? "-" : l.config.layout;
 }
 
@@ -86,7 +91,7 @@ InspectReport inspect_checkpoint(const Checkpoint& ckpt, const std::string& filt
     if (l.format) {
       row.format = l.format->name;
       row.group_size = l.group_size;
-      if (row.format == "svdquant_w4a4" && row.group_size == 0) row.group_size = 64;  // fixed by the format
+      if (row.group_size == 0) row.group_size = l.format->fixed_group_size;  // fixed by the format (0: none)
       row.rank = l.rank;
       row.act_unsigned = l.act_unsigned;
       row.layout = layout_of(l);
@@ -118,7 +123,7 @@ std::string inspect_text(const InspectReport& r) {
       s += fmt::format("{:<{}}  {:<15} {:>13} {:>5} {:>4} {:>8} {:<8} {:>12} {:>6.2f}\n", row.name, w, row.format,
                        fmt::format("{}x{}", row.N, row.K), row.group_size ? fmt::format("{}", row.group_size) : "-",
                        row.rank ? fmt::format("{}", row.rank) : "-",
-                       row.format == "svdquant_w4a4" ? (row.act_unsigned ? "yes" : "no") : "-", row.layout, row.bytes,
+                       takes_act_unsigned(row.format) ? (row.act_unsigned ? "yes" : "no") : "-", row.layout, row.bytes,
                        row.bits_per_weight);
       for (const auto& warn : row.warnings) s += fmt::format("  note: {}: {}\n", row.name, warn);
     }

@@ -59,11 +59,21 @@ std::vector<FormatInfo> make_formats() {
                {req("weight_scale"), req("weight_zeros", {"weight_zeros", "weight_zero"})},
                true,
                "AWQ W4A16: unsigned int4 codes (N,K/2), per-group scale and float zero (K/G,N), G=64 default"});
+  {
+    FormatInfo& f = v.back();
+    f.fused = FusedKernel::AwqW4A16, f.weight_bits = 4, f.is_int4 = true, f.has_group_size = true;
+  }
   v.push_back({"svdquant_w4a4", DType::I8,
                {req("weight_scale"), req("smooth_factor", {"smooth_factor", "weight_smooth_factor"}),
                 req("proj_down", {"proj_down", "weight_proj_down"}), req("proj_up", {"proj_up", "weight_proj_up"})},
                true,
                "SVDQuant W4A4: signed int4 residual (N,K/2) or tile-packed, group-64 scales, smooth, low-rank"});
+  {
+    FormatInfo& f = v.back();
+    f.fused = FusedKernel::SvdquantW4A4, f.weight_bits = 4, f.is_int4 = true, f.act_quantized = true;
+    f.has_lowrank = true, f.has_smoothing = true, f.has_act_unsigned = true, f.supports_tile_layout = true;
+    f.fixed_group_size = 64;
+  }
   v.push_back({"float8_e4m3fn", DType::F8_E4M3, {req("weight_scale"), opt("input_scale")}, false,
                "fp8 e4m3fn weight (N,K) x per-tensor fp32 scale"});
   v.push_back({"float8_e5m2", DType::F8_E5M2, {req("weight_scale"), opt("input_scale")}, false,
@@ -71,17 +81,22 @@ std::vector<FormatInfo> make_formats() {
   v.push_back({"nvfp4", DType::U8,
                {req("weight_scale"), req("weight_scale_2"), opt("input_scale"), opt("pre_quant_scale")}, false,
                "NVFP4: E2M1 codes (even element high nibble), e4m3 block-16 scales (swizzled) x fp32 tensor scale"});
+  v.back().weight_bits = 4, v.back().fixed_group_size = 16, v.back().row_padding = 16;
   v.push_back({"mxfp8", DType::F8_E4M3, {req("weight_scale"), opt("input_scale")}, false,
                "MXFP8: fp8 e4m3 weight, E8M0 block-32 scales (swizzled)"});
+  v.back().fixed_group_size = 32, v.back().row_padding = 32;
   v.push_back({"int8_tensorwise", DType::I8, {req("weight_scale"), opt("input_scale")}, false,
                "int8 weight (N,K) x per-tensor or per-row scale, optional convrot Hadamard"});
   v.push_back({"int4_tensorwise", DType::I8, {req("weight_scale"), opt("input_scale")}, false,
                "signed int4 (N,K/2) low nibble first x per-row scale, optional convrot Hadamard"});
+  v.back().weight_bits = 4, v.back().is_int4 = true;
   v.push_back({"convrot_w4a4", DType::I8, {req("weight_scale")}, false,
                "ConvRot W4A4: signed int4 (N,K/2) x per-row scale, per-group Hadamard"});
+  v.back().weight_bits = 4, v.back().is_int4 = true, v.back().act_quantized = true;
   v.push_back({"asym_w4a8_int8", DType::I8,
                {req("weight_s_rel"), req("weight_s_channel"), opt("weight_codebook")}, false,
                "asym W4A8: uint4 codes (N,K/2), fp8 relative group scales, per-channel scale, Hadamard"});
+  v.back().weight_bits = 4, v.back().is_int4 = true, v.back().act_quantized = true, v.back().has_group_size = true;
   return v;
 }
 
@@ -191,8 +206,8 @@ void check_bias(const QuantizedLayer& layer) {
   const std::string what = fmt::format("{}: key 'bias'", formats::layer_what(layer));
   check_dtype(layer.bias, {DType::F32, DType::F16, DType::BF16}, what);
   // nvfp4/mxfp8 store the weight padded; their N is the padded row count, the bias the logical one.
-  const bool padded = layer.format && (layer.format->name == "nvfp4" || layer.format->name == "mxfp8");
-  const int64_t pad = layer.format && layer.format->name == "nvfp4" ? 16 : 32;
+  const int64_t pad = layer.format ? layer.format->row_padding : 0;
+  const bool padded = pad > 0;
   const bool ok = layer.bias.dim() == 1 &&
                   (padded ? (layer.bias.size(0) <= layer.N && layer.bias.size(0) > layer.N - pad)
                           : layer.bias.size(0) == layer.N);
@@ -205,15 +220,13 @@ void check_bias(const QuantizedLayer& layer) {
 // 4-bit formats hold two columns per byte, the tile-packed svdquant weight is
 // (N/128, K/64, 32, 128). Other ranks are left at 0 for the hook to reject.
 void preset_extents(QuantizedLayer& layer) {
-  static const char* const kPacked[] = {"awq_w4a16", "svdquant_w4a4", "int4_tensorwise", "convrot_w4a4",
-                                        "asym_w4a8_int8", "nvfp4"};
-  bool packed = false;
-  for (const char* p : kPacked) packed |= layer.format->name == p;
+  // 4-bit weights hold two columns per byte
+  const bool packed = layer.format->weight_bits == 4;
   const Tensor& w = layer.param("weight");
   if (w.dim() == 2) {
     layer.N = w.size(0);
     layer.K = packed ? 2 * w.size(1) : w.size(1);
-  } else if (w.dim() == 4 && layer.format->name == "svdquant_w4a4") {
+  } else if (w.dim() == 4 && layer.format->supports_tile_layout) {
     layer.N = w.size(0) * 128;
     layer.K = w.size(1) * 64;
   }

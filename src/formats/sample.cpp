@@ -212,7 +212,7 @@ void write_sample_checkpoint(const std::string& path, const SampleOptions& o) {
   const int64_t N = 128, K = 256;
   for (const char* f8 : {"float8_e4m3fn", "float8_e5m2"}) {
     const std::string name = std::string("extra.") + f8;
-    const bool e4 = std::string(f8) == "float8_e4m3fn";
+    const bool e4 = find_format(f8)->storage_dtype == DType::F8_E4M3;
     b.config(name, nlohmann::ordered_json{{"format", f8}});
     Tensor w = Tensor::empty(e4 ? DType::F8_E4M3 : DType::F8_E5M2, {N, K});
     uint8_t* p = w.mutable_data<uint8_t>();

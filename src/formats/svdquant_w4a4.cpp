@@ -14,7 +14,6 @@
 #include <cstring>
 
 #include "formats/format_impls.h"
-#include "nibble/ops.h"
 
 namespace nibble {
 
@@ -174,7 +173,7 @@ SvdquantW4A4Params svdquant_to_tile(const SvdquantW4A4Params& p) {
 
 // ---------------------------------------------------------------- typed params and validation
 SvdquantW4A4Params svdquant_params(const QuantizedLayer& layer) {
-  if (!layer.format || layer.format->name != "svdquant_w4a4")
+  if (!layer.format || layer.format->fused != FusedKernel::SvdquantW4A4)
     throw Error(fmt::format("layer '{}': expected format svdquant_w4a4, got {}", layer.name,
                             layer.format ? layer.format->name : std::string("none (float layer)")));
   SvdquantW4A4Params p;

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <mutex>
 #include <fmt/format.h>
 
 #include "io/json_strict.h"
@@ -101,16 +102,54 @@ TensorInfo parse_entry(const std::string& label, const std::string& name, const 
 }
 }  // namespace
 
+namespace {
+// The live file mappings (address ranges), so release_mapped_pages() can tell a file view from
+// heap memory.
+std::mutex g_maps_mu;
+std::map<uintptr_t, size_t>& live_mappings() {
+  static std::map<uintptr_t, size_t> m;
+  return m;
+}
+}  // namespace
+
 struct SafetensorsFile::Impl {
   // Keeps an mmap alive; the last Tensor view referencing it unmaps.
   struct Mapping {
     void* addr = nullptr;
     size_t len = 0;
+    void track() {
+      std::lock_guard<std::mutex> lk(g_maps_mu);
+      live_mappings()[uintptr_t(addr)] = len;
+    }
     ~Mapping() {
-      if (addr) ::munmap(addr, len);
+      if (!addr) return;
+      {
+        std::lock_guard<std::mutex> lk(g_maps_mu);
+        live_mappings().erase(uintptr_t(addr));
+      }
+      ::munmap(addr, len);
     }
   };
 };
+
+size_t release_mapped_pages(const Tensor& t) {
+  if (!t.defined() || t.nbytes() == 0) return 0;
+  const uintptr_t b = uintptr_t(t.raw()), e = b + t.nbytes();
+  {
+    std::lock_guard<std::mutex> lk(g_maps_mu);
+    auto& m = live_mappings();
+    auto it = m.upper_bound(b);
+    if (it == m.begin()) return 0;
+    --it;
+    if (b < it->first || e > it->first + it->second) return 0;  // not inside a file mapping
+  }
+  // The tensor keeps its mapping alive, so the range stays mapped while we advise on it.
+  static const uintptr_t page = uintptr_t(::sysconf(_SC_PAGESIZE));
+  const uintptr_t pb = (b + page - 1) & ~(page - 1), pe = e & ~(page - 1);
+  if (pe <= pb) return 0;
+  if (::madvise(reinterpret_cast<void*>(pb), pe - pb, MADV_DONTNEED) != 0) return 0;
+  return size_t(pe - pb);
+}
 
 SafetensorsFile::~SafetensorsFile() = default;
 
@@ -218,6 +257,7 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
     }
     mapping->addr = addr;
     mapping->len = size;
+    mapping->track();
   }
   ::close(fd);  // the mapping stays valid without the descriptor
   const void* base = mapping->addr;

@@ -20,6 +20,7 @@
 // so one 64-byte load gives two 16-lane × 4-k operand vectors after a mask / shift. Columns past N are
 // padded with u = 8 (w = 0), scale 0, up 0. Per-tile fp32 side arrays: wsc[t][g][32], up[t][r][32].
 #pragma once
+#include <functional>
 #include <cstdint>
 
 #include "nibble/tensor.h"
@@ -76,14 +77,12 @@ void lora_avx512(const float* x, int64_t ldx, int64_t K, const float* down, int6
 void lora_avx2(const float* x, int64_t ldx, int64_t K, const float* down, int64_t ldd, int64_t R, float* lora,
                int64_t ldl, int64_t m0, int64_t m1);
 
-// ---- benchmark hooks
-// The fused layer (fp32 out) with its stages timed apart: quantize, low-rank, GEMM (incl. epilogue).
-struct StageTimes {
-  double quantize = 0, lowrank = 0, gemm = 0;
-};
-Tensor svdquant_linear_timed(const Tensor& x, const SvdquantW4A4Prepared& w, StageTimes* t);
-// Register-only vpdpbusd loop on the calling thread: `iters` iterations of 12 independent 16-lane
-// dot products; returns the integer ops done (2 per multiply-add). Needs Isa::Avx512Vnni.
-double vnni_peak_ops(int64_t iters);
+// ---- profiling hook
+// The fused layer (fp32 out) run stage by stage: activation quantization, the low-rank
+// down-projection, the integer GEMM with its epilogue, each its own pass; `boundary(i)` is called
+// before stage i (0, 1, 2) and after the last (3). Same result as svdquant_linear. No clocks here:
+// the timing lives in the dev tools (src/devtools/w4a4_stages.cpp).
+Tensor svdquant_linear_staged(const Tensor& x, const SvdquantW4A4Prepared& w,
+                              const std::function<void(int)>& boundary);
 
 }  // namespace nibble::kernels::w4a4

@@ -20,7 +20,16 @@ Model Model::load(const std::string& path) {
   return m;
 }
 
-Model Model::from_checkpoint(const Checkpoint& ckpt_in) {
+Model Model::load(const std::string& path, const std::vector<LoraSpec>& loras, bool partial, LoraApplyStats* stats) {
+  auto ckpt = std::make_shared<Checkpoint>(Checkpoint::open(path));
+  Model m = build(*ckpt, &loras, partial, stats);
+  m.ckpt_ = ckpt;
+  return m;
+}
+
+Model Model::from_checkpoint(const Checkpoint& ckpt_in) { return build(ckpt_in, nullptr, false, nullptr); }
+
+Model Model::build(const Checkpoint& ckpt_in, const std::vector<LoraSpec>* loras, bool partial, LoraApplyStats* stats) {
   Model m;
   m.ckpt_ = std::make_shared<Checkpoint>(ckpt_in);
   const Checkpoint& ckpt = *m.ckpt_;
@@ -31,7 +40,14 @@ Model Model::from_checkpoint(const Checkpoint& ckpt_in) {
       m.prefix_ = std::string(kFullPrefix);
       break;
     }
-  for (const LayerSource& src : collect_layers(ckpt)) {
+  const std::vector<LayerSource> sources = collect_layers(ckpt);
+  LoraMatch lora_match;
+  if (loras && !loras->empty()) {
+    std::vector<std::string> names;
+    for (const LayerSource& src : sources) names.push_back(m.strip(src.name));
+    lora_match = match_loras(*loras, names, partial);
+  }
+  for (const LayerSource& src : sources) {
     QuantizedLayer bound;
     try {
       bound = bind_layer(src);
@@ -45,6 +61,7 @@ Model Model::from_checkpoint(const Checkpoint& ckpt_in) {
     if (m.linears_.count(key))
       throw Error(fmt::format("{}: layer '{}' appears twice (with and without the '{}' prefix)", ckpt.path(),
                               src.name, kFullPrefix));
+    if (auto lm = lora_match.layers.find(key); lm != lora_match.layers.end()) bound = apply_lora(bound, lm->second, stats);
     m.linears_.emplace(key, Linear::from_layer(bound));
   }
   return m;

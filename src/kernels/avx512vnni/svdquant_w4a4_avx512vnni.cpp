@@ -105,22 +105,3 @@ void gemm_avx512vnni(const GemmArgs& a, int64_t m0, int64_t m1, int64_t t0, int6
 }
 
 }  // namespace nibble::kernels::w4a4
-
-namespace nibble::kernels::w4a4 {
-// The int8 roofline of this core: 12 independent accumulators hide the vpdpbusd latency; the
-// operands stay in registers, so nothing but the dot-product unit is measured.
-double vnni_peak_ops(int64_t iters) {
-  __m512i acc[12];
-  for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_epi32(i);
-  __m512i a = _mm512_set1_epi8(3), b = _mm512_set1_epi8(-2);
-  for (int64_t it = 0; it < iters; ++it) {
-    for (int i = 0; i < 12; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
-    __asm__ volatile("" : "+v"(a), "+v"(b));  // keep the loop from being folded
-  }
-  __m512i s = acc[0];
-  for (int i = 1; i < 12; ++i) s = _mm512_add_epi32(s, acc[i]);
-  volatile int sink = _mm512_reduce_add_epi32(s);
-  (void)sink;
-  return double(iters) * 12.0 * 64.0 * 2.0;
-}
-}  // namespace nibble::kernels::w4a4

@@ -1,10 +1,13 @@
-// src/formats/inspect.h — the data and the two renderings of `nibble inspect` (internal; the CLI
-// command in tools/cmd_inspect.cpp is a thin wrapper, tests call these directly).
+// nibble/inspect.h — the data and the two renderings of `nibble inspect` (the CLI command in
+// tools/cmd_inspect.cpp and the Python module's `nibble.inspect` are thin wrappers).
 //
 // inspect_checkpoint() binds every layer (so any invalid layer is an error naming it), and builds
 // one row per quantized layer plus the float linears. Float linears whose name marks them as a
 // layer that the int4 bundles quantize (`*_mod.1` → awq_w4a16, the twelve block linears →
 // svdquant_w4a4, spec §7) become "candidates" with the bytes the kitchen format would take.
+//
+// Thread safety: Functions of their arguments only (the checkpoint is read, never changed): safe
+// to call concurrently.
 #pragma once
 #include <cstdint>
 #include <map>

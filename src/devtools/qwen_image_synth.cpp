@@ -1,5 +1,5 @@
 // Synthetic Qwen-Image block files and fidelity measures (see qwen_image_synth.h).
-#include "nn/qwen_image_synth.h"
+#include "devtools/qwen_image_synth.h"
 
 #include <fmt/format.h>
 
