@@ -4,7 +4,7 @@ BUILD_ASAN ?= build-asan
 JOBS       ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: all setup configure build test test-slow test-asan demo bench fuzz clean test-kitchen fixtures-import
+.PHONY: all setup configure build test test-slow test-asan demo bench fuzz clean test-kitchen quality-convert golden-comfyui fixtures-import
 
 all: build
 
@@ -48,6 +48,16 @@ clean:
 # Opt-in: nibble vs comfy-kitchen's eager backend (installs torch + comfy-kitchen from PyPI).
 test-kitchen: build
 	@bash scripts/test_kitchen.sh
+
+# Opt-in: converter quality on real weights with real activations (legacy vs current searches;
+# downloads the rxnfp wheel and, without QUALITY_VENV, torch from PyPI). Not part of `make test`.
+quality-convert: build
+	@bash scripts/quality_convert.sh
+
+# Opt-in: regenerate tests/data/qwen_image_golden*.safetensors with ComfyUI's own Qwen-Image model
+# (torch from PyPI in .venv-golden; TORCH_SITE=<site-packages> reuses an installed torch).
+golden-comfyui:
+	@COMFYUI_DIR=$(COMFYUI_DIR) bash scripts/golden_comfyui.sh
 
 # Opt-in: regenerate tests/data/import_* with the real packers (AutoAWQ from PyPI, nunchaku's
 # NunchakuWeightPacker from NUNCHAKU_DIR). TORCH_PYTHON: a python with torch, numpy, safetensors

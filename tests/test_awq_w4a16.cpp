@@ -280,11 +280,10 @@ TEST(AwqW4A16, FormatBindDequantizeAndPrepared) {
   IsaGuard guard;
   std::mt19937 rng(test_seed() + 4);
   const Case c = make_case(rng, 3, 24, 256, 128, DType::F32, DType::BF16, true);
-  FormatInfo info;
-  info.name = "awq_w4a16";
   QuantizedLayer layer;
   layer.name = "blk.img_mod.1";
-  layer.format = &info;  // the registry entry has the same name
+  layer.format = find_format("awq_w4a16");  // the registry entry: its traits select the kernel
+  ASSERT_NE(layer.format, nullptr);
   layer.config.format = "awq_w4a16";
   layer.config.group_size = 128;
   layer.params = {{"weight", c.q}, {"weight_scale", c.s}, {"weight_zeros", c.z}};

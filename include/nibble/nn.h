@@ -8,8 +8,10 @@
 // (AWQ GEMV, SVDQuant natural layout, GEMV of float weights). forward() never looks anything up.
 //
 // Formats without a fused kernel (fp8, nvfp4, mxfp8, int8, ...) and layers with
-// `full_precision_matrix_mult` run the eager fallback: the effective weight is dequantized to fp32
-// at load and multiplied densely (linear_f32); a one-time notice names the format.
+// `full_precision_matrix_mult` run the eager fallback, densely in fp32 (linear_f32); a one-time
+// notice names the format. Row-separable formats (float8_e4m3fn/e5m2, int8/int4_tensorwise) keep
+// their stored bytes and are decoded in blocks of rows inside the GEMM (streamed()); the others
+// (nvfp4, mxfp8, convrot, asym_w4a8) are dequantized to fp32 at load.
 //
 // Model / load_checkpoint(): every linear of a (possibly sharded) checkpoint by name. ComfyUI's
 // detection (spec §4.1): any `.comfy_quant` key (or `_quantization_metadata`) makes the model
@@ -79,6 +81,13 @@ class Linear {
   Tensor effective_bias() const;
   // A float Linear with (effective_weight, effective_bias): the dequantized baseline of this layer.
   Linear dequantized() const;
+  // The same layer on the streamed dense path: the stored weight bytes stay where they are (mmap)
+  // and blocks of 64 output rows are decoded to fp32 inside the GEMM task that uses them, so no
+  // fp32 copy or packed panels of the whole weight ever exist. Float layers (a bf16 model larger
+  // than RAM) and the row-separable kitchen formats (float8_e4m3fn/e5m2, int8/int4_tensorwise,
+  // which take this path by default) only; other layers are returned unchanged.
+  Linear streamed() const;
+  bool is_streamed() const;
 
  private:
   struct Impl;

@@ -36,12 +36,15 @@ from ._core import (  # noqa: F401  (re-exported)
 
 __version__ = _core.__version__
 
+from .conditioning import load_conditioning, load_latent, save_conditioning, save_latent  # noqa: E402,F401
+
 __all__ = [
     "Error", "Layer", "Model", "__version__",
     "gemv_awq_w4a16", "quantize_svdquant_w4a4", "scaled_mm_svdquant_w4a4", "linear",
     "load", "inspect", "convert", "write_sample_checkpoint", "load_file", "save_file", "read_metadata",
     "isa", "set_isa", "supported_isas", "compiled_isas", "cpu_features",
     "num_threads", "set_num_threads",
+    "save_conditioning", "load_conditioning", "save_latent", "load_latent",
 ]
 
 
@@ -181,14 +184,17 @@ def inspect(path, filter: str = "", as_text: bool = False):
 def convert(input, output=None, *, format=None, preset="", rules=(), exclude=(), rank=32,
             group_size=64, tile=False, svd="randomized", refine=2, calib=None,
             allow_requantize=False, mem_budget=0, shard_size=0, threads=0, dry_run=False,
-            progress=None):
+            progress=None, share=(), strict=False, force=False):
     """Convert float linears of a checkpoint to awq_w4a16 / svdquant_w4a4 (``nibble convert``).
 
     ``format``: quantize every eligible linear to this format (the rule ``.*=FORMAT``);
     ``rules``: ``"REGEX=FORMAT[:opt=v,...]"`` strings (``--tensor-type``), first match wins;
     ``preset``: ``"qwen-image"`` (the kitchen Qwen-Image-Edit map, spec §7); ``exclude``: regexes
     of layers copied unchanged. ``rank`` / ``group_size`` / ``tile`` (tile-packed svdquant) /
-    ``svd`` ("randomized" | "exact") / ``refine`` / ``calib`` (statistics file) as in the CLI.
+    ``svd`` ("randomized" | "exact") / ``refine`` / ``calib`` (statistics file, see
+    ``nibble.calib.Recorder``) / ``share`` (regexes of layers reading one input) / ``strict`` /
+    ``force`` as in the CLI. Embedding tables, norms, convolutions and the pooler are never
+    quantized by ``format``; a rule or preset matching nothing raises nibble.Error.
     ``progress(dict)`` is called per written tensor. Returns the report (dict, as ``--json``),
     or with ``dry_run=True`` the plan, writing nothing. The output is written atomically.
     """
@@ -196,7 +202,8 @@ def convert(input, output=None, *, format=None, preset="", rules=(), exclude=(),
                            list(rules), list(exclude), int(rank), int(group_size), bool(tile),
                            svd, int(refine), None if calib is None else str(calib),
                            bool(allow_requantize), int(mem_budget), int(shard_size),
-                           int(threads), bool(dry_run), progress)
+                           int(threads), bool(dry_run), progress, list(share), bool(strict),
+                           bool(force))
     if isinstance(result, str):
         import json
 

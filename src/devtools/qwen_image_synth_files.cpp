@@ -20,18 +20,23 @@ double now_s() {
 SynthBlockFiles make_synth_block_files(const std::string& dir, const SynthBlockOptions& o,
                                        const std::function<void(const std::string&)>& log) {
   SynthBlockFiles f;
-  f.float_path = (std::filesystem::path(dir) / "qwen_block_bf16.safetensors").string();
-  f.quant_path = (std::filesystem::path(dir) / "qwen_block_nibble.safetensors").string();
+  const char* stem = o.whole_model ? "qwen_model" : "qwen_block";
+  f.float_path = (std::filesystem::path(dir) / fmt::format("{}_bf16.safetensors", stem)).string();
+  f.quant_path = (std::filesystem::path(dir) / fmt::format("{}_nibble.safetensors", stem)).string();
   SynthCheckpointOptions so;
-  so.blocks = 1;
+  so.blocks = o.whole_model ? o.blocks : 1;
   so.hidden = o.hidden;
   so.mlp_hidden = o.mlp_hidden;
   so.head_dim = o.head_dim;
-  so.top_level = false;
+  so.top_level = o.whole_model;
+  so.joint_dim = o.whole_model ? o.joint_dim : 0;
   so.dtype = DType::BF16;
   so.seed = o.seed;
   double t0 = now_s();
-  if (log) log(fmt::format("writing a synthetic Qwen-Image block (hidden {}, bf16) ...", o.hidden));
+  if (log)
+    log(o.whole_model ? fmt::format("writing a synthetic Qwen-Image model ({} blocks, hidden {}, joint {}, bf16) ...",
+                                    so.blocks, o.hidden, so.joint_dim)
+                      : fmt::format("writing a synthetic Qwen-Image block (hidden {}, bf16) ...", o.hidden));
   f.float_file_bytes = write_synth_qwen_image_checkpoint(f.float_path, so);
   f.synth_seconds = now_s() - t0;
   ConvertOptions co;

@@ -220,15 +220,13 @@ void check_bias(const QuantizedLayer& layer) {
 // 4-bit formats hold two columns per byte, the tile-packed svdquant weight is
 // (N/128, K/64, 32, 128). Other ranks are left at 0 for the hook to reject.
 void preset_extents(QuantizedLayer& layer) {
-  static const char* const kPacked[] = {"awq_w4a16", "svdquant_w4a4", "int4_tensorwise", "convrot_w4a4",
-                                        "asym_w4a8_int8", "nvfp4"};
-  bool packed = false;
-  for (const char* p : kPacked) packed |= layer.format->name == p;
+  // 4-bit weights hold two columns per byte
+  const bool packed = layer.format->weight_bits == 4;
   const Tensor& w = layer.param("weight");
   if (w.dim() == 2) {
     layer.N = w.size(0);
     layer.K = packed ? 2 * w.size(1) : w.size(1);
-  } else if (w.dim() == 4 && layer.format->name == "svdquant_w4a4") {
+  } else if (w.dim() == 4 && layer.format->supports_tile_layout) {
     layer.N = w.size(0) * 128;
     layer.K = w.size(1) * 64;
   }

@@ -447,6 +447,37 @@ Tensor gemv_awq_w4a16(const Tensor& x, const AwqW4A16Prepared& w, std::optional<
   return run(x, w.params, out_dtype, w.tiled);
 }
 
+namespace {
+AwqW4A16Params awq_args(const Tensor& qweight, const Tensor& wscales, const Tensor& wzeros, int64_t group_size) {
+  AwqW4A16Params w;
+  w.qweight = qweight;
+  w.wscales = wscales;
+  w.wzeros = wzeros;
+  w.group_size = group_size;
+  if (qweight.defined() && qweight.dim() == 2) {
+    w.N = qweight.size(0);
+    w.K = 2 * qweight.size(1);
+  }
+  return w;
+}
+}  // namespace
+
+Tensor prepare_awq_w4a16_stream(const Tensor& qweight, const Tensor& wscales, const Tensor& wzeros,
+                                int64_t group_size) {
+  return prepare_awq_w4a16(awq_args(qweight, wscales, wzeros, group_size))->tiled;  // owned, may be undefined
+}
+
+Tensor gemv_awq_w4a16_prepared(const Tensor& x, const Tensor& qweight, const Tensor& wscales, const Tensor& wzeros,
+                               const Tensor& bias, int64_t group_size, std::optional<DType> out_dtype,
+                               const Tensor& stream) {
+  AwqW4A16Params w = awq_args(qweight, wscales, wzeros, group_size);
+  w.bias = bias;
+  if (stream.defined() && w.N > 0 && int64_t(stream.nbytes()) != tiled_bytes(w.N, w.K, group_size))
+    throw Error(fmt::format("{}: the prepared stream ({} bytes) is not the one of these weights ({} bytes)", kOp,
+                            stream.nbytes(), tiled_bytes(w.N, w.K, group_size)));
+  return run(x, w, out_dtype, stream);
+}
+
 }  // namespace nibble
 
 // Kernels of ISA levels that were not compiled: never selected (active_isa() only returns built

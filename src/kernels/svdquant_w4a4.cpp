@@ -372,9 +372,13 @@ SvdquantActs quantize_svdquant_w4a4(const Tensor& x, const Tensor& smooth, const
 }
 
 // ============================================================================ scaled_mm
-Tensor scaled_mm_svdquant_w4a4(const Tensor& act, const Tensor& wgt, const Tensor& ascales, const Tensor& wscales,
-                               const Tensor& lora_act, const Tensor& proj_up, const Tensor& bias, bool act_unsigned,
-                               std::optional<DType> out_dtype) {
+namespace {
+// `packed`: the weight side prepared earlier from these wgt/wscales/proj_up (prepare_svdquant_w4a4_gemm), or
+// null to pack per call. Rows [rows, M) are not computed: their output is 0 + bias (the caller has proven
+// they contribute nothing else: zero ascales and zero lora_act).
+Tensor scaled_mm_impl(const Tensor& act, const Tensor& wgt, const Tensor& ascales, const Tensor& wscales,
+                      const Tensor& lora_act, const Tensor& proj_up, const Tensor& bias, bool act_unsigned,
+                      std::optional<DType> out_dtype, const SvdquantW4A4Prepared* packed, int64_t rows) {
   for (const auto* t : {&act, &wgt, &ascales, &wscales, &lora_act, &proj_up})
     if (!t->defined()) throw Error(fmt::format("{}: act, wgt, ascales, wscales, lora_act and proj_up are required", kMmOp));
   check_dtype(act, {DType::I8}, fmt::format("{}: act", kMmOp));
@@ -411,13 +415,23 @@ Tensor scaled_mm_svdquant_w4a4(const Tensor& act, const Tensor& wgt, const Tenso
   Tensor y = Tensor::empty(out_dt, {M, N});
   if (M == 0) return y;
   const int64_t G = K / kGroup, R = p.R;
+  if (packed && (packed->N != N || packed->K != K || packed->R != R))
+    throw Error(fmt::format("{}: prepared weights are ({}, {}, R={}), the call's are ({}, {}, R={})", kMmOp,
+                            packed->N, packed->K, packed->R, N, K, R));
+  Tensor b32;
+  if (bias.defined()) b32 = bias.to_f32();
+  const float* bp = bias.defined() ? b32.data<float>() : nullptr;
+  const int64_t Mc = rows < 0 ? M : std::min(rows, M);  // rows computed by the GEMM
+  for (int64_t m = Mc; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) store_as(y.mutable_raw(), m * N + n, bp ? 0.0f + bp[n] : 0.0f, out_dt);
+  if (Mc == 0) return y;
   Acts a;
-  a.M = M, a.K = K, a.G = G, a.R = R;
-  a.codes.resize(size_t(M * K));
-  a.ascale.resize(size_t(M * G));
-  a.acorr.resize(size_t(M * G));
+  a.M = Mc, a.K = K, a.G = G, a.R = R;
+  a.codes.resize(size_t(Mc * K));
+  a.ascale.resize(size_t(Mc * G));
+  a.acorr.resize(size_t(Mc * G));
   const uint8_t* q = act.data<uint8_t>();
-  for (int64_t m = 0; m < M; ++m)
+  for (int64_t m = 0; m < Mc; ++m)
     for (int64_t g = 0; g < G; ++g) {
       int32_t s = 0;
       for (int64_t j = 0; j < kGroup; j += 2) {
@@ -432,16 +446,18 @@ Tensor scaled_mm_svdquant_w4a4(const Tensor& act, const Tensor& wgt, const Tenso
     }
   const Tensor as32 = ascales.to_f32();
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t m = 0; m < M; ++m) a.ascale[size_t(m * G + g)] = as32.data<float>()[g * M + m];
+    for (int64_t m = 0; m < Mc; ++m) a.ascale[size_t(m * G + g)] = as32.data<float>()[g * M + m];
   const Tensor la32 = lora_act.to_f32();
-  a.lora.assign(la32.data<float>(), la32.data<float>() + M * R);
-  Tensor b32;
-  if (bias.defined()) b32 = bias.to_f32();
-  const float* bp = bias.defined() ? b32.data<float>() : nullptr;
+  a.lora.assign(la32.data<float>(), la32.data<float>() + Mc * R);
 
   const Isa isa = active_isa();
   if (!use_fast(isa)) {
     run_gemm(isa, a, nullptr, &p, bp, y.mutable_raw(), out_dt);
+    return y;
+  }
+  if (packed) {
+    PackedView pk{N, K, R, packed->wpk.data<uint8_t>(), packed->wsc.data<float>(), packed->up.data<float>()};
+    run_gemm(isa, a, &pk, nullptr, bp, y.mutable_raw(), out_dt);
     return y;
   }
   const Tensor qn = natural_weight(p);
@@ -453,6 +469,59 @@ Tensor scaled_mm_svdquant_w4a4(const Tensor& act, const Tensor& wgt, const Tenso
   PackedView pk{N, K, R, wpk.data<uint8_t>(), wsc.data<float>(), upp.data<float>()};
   run_gemm(isa, a, &pk, nullptr, bp, y.mutable_raw(), out_dt);
   return y;
+}
+}  // namespace
+
+Tensor scaled_mm_svdquant_w4a4(const Tensor& act, const Tensor& wgt, const Tensor& ascales, const Tensor& wscales,
+                               const Tensor& lora_act, const Tensor& proj_up, const Tensor& bias, bool act_unsigned,
+                               std::optional<DType> out_dtype) {
+  return scaled_mm_impl(act, wgt, ascales, wscales, lora_act, proj_up, bias, act_unsigned, out_dtype, nullptr, -1);
+}
+
+Tensor scaled_mm_svdquant_w4a4_prepared(const Tensor& act, const Tensor& wgt, const Tensor& ascales,
+                                        const Tensor& wscales, const Tensor& lora_act, const Tensor& proj_up,
+                                        const Tensor& bias, bool act_unsigned, std::optional<DType> out_dtype,
+                                        const SvdquantW4A4Prepared& gemm, int64_t rows) {
+  return scaled_mm_impl(act, wgt, ascales, wscales, lora_act, proj_up, bias, act_unsigned, out_dtype, &gemm, rows);
+}
+
+std::shared_ptr<const SvdquantW4A4Prepared> prepare_svdquant_w4a4_gemm(const Tensor& wgt, const Tensor& wscales,
+                                                                       const Tensor& proj_up) {
+  constexpr const char* what = "prepare_svdquant_w4a4_gemm";
+  for (const auto* t : {&wgt, &wscales, &proj_up})
+    if (!t->defined()) throw Error(fmt::format("{}: wgt, wscales and proj_up are required", what));
+  SvdquantW4A4Params p;
+  p.qweight = wgt;
+  p.wscales = wscales;
+  p.proj_up = proj_up;
+  if (wgt.dim() == 2) p.N = wgt.size(0), p.K = 2 * wgt.size(1);
+  else if (wgt.dim() == 4) p.N = wgt.size(0) * 128, p.K = wgt.size(1) * kGroup;
+  else throw Error(fmt::format("{}: wgt: expected (N, K/2) or (N/128, K/64, 32, 128), got {}", what, shape_str(wgt.shape())));
+  p.R = proj_up.dim() == 2 ? proj_up.size(1) : proj_up.dim() == 3 ? proj_up.size(1) : -1;
+  if (p.R < 0) throw Error(fmt::format("{}: proj_up: expected (N, R) or (N/128, R, 128), got {}", what, shape_str(proj_up.shape())));
+  p.tile_packed = wgt.dim() == 4;
+  p.proj_up_tile = proj_up.dim() == 3;
+  p.smooth = Tensor::zeros(DType::F32, {p.K});  // not part of the GEMM side
+  p.proj_down = Tensor::zeros(DType::F32, {p.K, p.R});
+  validate(p, what);
+  // Owned buffers only: the result references nothing of the inputs.
+  auto w = std::make_shared<SvdquantW4A4Prepared>();
+  w->N = p.N, w->K = p.K, w->R = p.R, w->G = p.K / kGroup, w->T = (p.N + kTileN - 1) / kTileN;
+  const Tensor qn = natural_weight(p);
+  w->wpk = pack_weight(qn.data<uint8_t>(), p.N, p.K);
+  const Tensor wsn = natural_wscales_f32(p);
+  w->wsc = pack_cols(wsn.data<float>(), w->G, p.N);
+  const Tensor upn = natural_up_f32(p);
+  const std::vector<float> upT = transpose(upn.data<float>(), p.N, p.R);
+  w->up = pack_cols(upT.data(), p.R, p.N);
+  return w;
+}
+
+int64_t prepared_nbytes(const SvdquantW4A4Prepared& w) {
+  int64_t n = 0;
+  for (const Tensor* t : {&w.wpk, &w.wsc, &w.up, &w.down, &w.inv_s, &w.bias})
+    if (t->defined()) n += t->nbytes();
+  return n;
 }
 
 // ============================================================================ prepared layer

@@ -1,7 +1,9 @@
 // nn::Linear: one checkpoint layer, bound once, forward dispatched on a path fixed at load.
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
 #include <mutex>
@@ -12,6 +14,7 @@
 #include "nibble/nn.h"
 #include "nibble/ops.h"
 #include "nibble/safetensors.h"
+#include "nibble/thread_pool.h"
 
 namespace nibble::nn {
 
@@ -56,6 +59,26 @@ std::string float_name(DType d) {
 
 namespace {
 DenseGemmFn g_dense_gemm = nullptr;
+constexpr int64_t kStreamRows = 64;  // output rows decoded per task (2 panels)
+
+// Formats whose dequantized rows depend only on the same rows of the stored params (+ scalars).
+bool row_separable(const std::string& format) {
+  return format == "float8_e4m3fn" || format == "float8_e5m2" || format == "int8_tensorwise" ||
+         format == "int4_tensorwise";
+}
+
+struct ScratchF32 {
+  float* p = nullptr;
+  size_t n = 0;
+  void reserve(size_t want) {
+    if (want <= n) return;
+    std::free(p);
+    p = static_cast<float*>(std::aligned_alloc(64, (want * sizeof(float) + 63) / 64 * 64));
+    if (!p) throw Error("linear: out of memory (streamed weight block)");
+    n = want;
+  }
+  ~ScratchF32() { std::free(p); }
+};
 }
 void set_dense_gemm(DenseGemmFn fn) { g_dense_gemm = fn; }
 DenseGemmFn dense_gemm() { return g_dense_gemm; }
@@ -91,6 +114,21 @@ struct Linear::Impl {
   mutable std::once_flag pack_once, f32_once;
   mutable kernels::linear::PackedF32Weight packed;
   mutable Tensor weight_f32;  // contiguous fp32 copy for an external dense GEMM
+  // Streamed dense path: the stored bytes stay as they are (mmap) and blocks of kStreamRows output
+  // rows are decoded to fp32 inside the GEMM task that uses them (row-separable formats: fp8, int8 /
+  // int4 tensorwise; and float weights when streaming is asked for). `weight`/`packed` stay unset.
+  bool streamed = false;
+
+  // The layer restricted to output rows [n0, n1): params whose first dim is N are row-sliced.
+  QuantizedLayer rows(int64_t n0, int64_t n1) const {
+    QuantizedLayer sub = layer;
+    sub.N = n1 - n0;
+    for (auto& [k, t] : sub.params)
+      if (t.dim() >= 1 && t.size(0) == N && N > 1) t = t.slice_rows(n0, n1);
+    sub.bias = Tensor();
+    return sub;
+  }
+  void forward_streamed(const float* x, int64_t M, float* y) const;
 
   void ensure_packed() const {
     std::call_once(pack_once, [&] { packed = kernels::linear::pack_weight(weight.raw(), weight.dtype(), N, K); });
@@ -160,6 +198,19 @@ Linear Linear::from_layer(const QuantizedLayer& layer, bool force_dequantize) {
   }
   Linear out;
   out.impl_ = im;
+  if (im->path == LinearPath::Dequantized && row_separable(im->format)) {
+    // Keep the stored bytes; decode blocks of rows inside the GEMM (forward_streamed).
+    im->streamed = true;
+    try {
+      im->bias_f32 = out.effective_bias();
+    } catch (const Error& e) {
+      throw Error(with_layer(layer.name, e.what()));
+    }
+    if (!force_dequantize)
+      im->fallback_notice = fmt::format("format {}: decoded to fp32 in blocks of {} rows inside the dense GEMM "
+                                        "(stored bytes kept), first on layer '{}'", im->format, kStreamRows, layer.name);
+    return out;
+  }
   if (im->path == LinearPath::Dequantized) {
     try {
       Tensor w = out.effective_weight(), b = out.effective_bias();  // both before `weight` is set
@@ -232,8 +283,64 @@ Linear Linear::dequantized() const {
   return from_layer(impl_->layer, /*force_dequantize=*/true);
 }
 
+void Linear::Impl::forward_streamed(const float* x, int64_t M, float* y) const {
+  using namespace kernels::linear;
+  const float* b = bias_f32.defined() ? bias_f32.data<float>() : nullptr;
+  const int64_t blocks = (N + kStreamRows - 1) / kStreamRows;
+  parallel_for(blocks, [&](int64_t blk) {
+    thread_local ScratchF32 wbuf, pbuf, ybuf;
+    const int64_t n0 = blk * kStreamRows, n1 = std::min(N, n0 + kStreamRows), n = n1 - n0;
+    const float* w = nullptr;
+    Tensor deq;
+    if (layer.format) {
+      deq = dequantize(rows(n0, n1));  // the format's own decode, on these rows only
+      w = deq.data<float>();
+    } else {
+      const Tensor& sw = layer.param("weight");
+      wbuf.reserve(size_t(n * K));
+      const size_t es = dtype_size(sw.dtype());
+      const Tensor rowsv = Tensor::view(sw.dtype(), {n, K}, static_cast<const uint8_t*>(sw.raw()) + size_t(n0 * K) * es,
+                                        nullptr);
+      const Tensor f = rowsv.to(DType::F32);
+      std::memcpy(wbuf.p, f.raw(), size_t(n * K) * sizeof(float));
+      w = wbuf.p;
+    }
+    PackedF32Weight pw;
+    pw.N = n, pw.K = K, pw.panels = (n + kPanel - 1) / kPanel;
+    pbuf.reserve(size_t(pw.panels * K * kPanel));
+    pw.data = pbuf.p;
+    pack_rows_f32(w, K, n, K, pw.data);
+    ybuf.reserve(size_t(M * n));
+    gemm_packed_serial(x, M, pw, ybuf.p);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < n; ++j) y[m * N + n0 + j] = ybuf.p[m * n + j] + (b ? b[n0 + j] : 0.0f);
+  });
+}
+
+Linear Linear::streamed() const {
+  if (impl_->path != LinearPath::Float && impl_->path != LinearPath::Dequantized) return *this;
+  if (impl_->streamed) return *this;
+  if (impl_->layer.format && !row_separable(impl_->format)) return *this;
+  auto im = std::make_shared<Impl>();
+  im->name = impl_->name;
+  im->N = impl_->N;
+  im->K = impl_->K;
+  im->path = impl_->path;
+  im->layer = impl_->layer;
+  im->format = impl_->format;
+  im->bias_f32 = impl_->bias_f32;
+  im->fallback_notice = impl_->fallback_notice;
+  im->streamed = true;
+  if (!im->layer.format) im->weight = impl_->weight;
+  Linear out;
+  out.impl_ = im;
+  return out;
+}
+bool Linear::is_streamed() const { return impl_->streamed; }
+
 void Linear::prepare_dense() const {
   if (impl_->path != LinearPath::Float && impl_->path != LinearPath::Dequantized) return;
+  if (impl_->streamed) return;
   if (g_dense_gemm)
     impl_->ensure_f32();
   else
@@ -249,6 +356,10 @@ void Linear::forward_rows(const float* x, int64_t M, float* y) const {
       if (!im.fallback_notice.empty() && !im.noticed.exchange(true))
         notice_once("fallback:" + im.format + ":" + std::to_string(im.layer.config.full_precision_matrix_mult),
                     im.fallback_notice);
+      if (im.streamed) {
+        im.forward_streamed(x, M, y);
+        return;
+      }
       const float* b = im.bias_f32.defined() ? im.bias_f32.data<float>() : nullptr;
       if (active_isa() == Isa::Scalar || M < kernels::linear::kGemmMinRows) {
         kernels::linear::run_rows(x, M, im.K, im.weight.raw(), im.weight.dtype(), im.N, b, y);

@@ -11,6 +11,7 @@
 #include "kernels/linear_f32.h"
 #include "nibble/isa.h"
 #include "nibble/thread_pool.h"
+#include "nn/attention.h"
 
 namespace nibble::nn {
 
@@ -98,85 +99,15 @@ void rope_row(float* v, int64_t D, int64_t hd, const float* cs, const float* sn)
   }
 }
 
-struct AlignedBuf {
-  float* p = nullptr;
-  explicit AlignedBuf(size_t n) {
-    p = static_cast<float*>(std::aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64 + 64));
-    if (!p) throw Error("qwen_image_block: out of memory (attention scratch)");
-  }
-  ~AlignedBuf() { std::free(p); }
-  AlignedBuf(const AlignedBuf&) = delete;
-  AlignedBuf& operator=(const AlignedBuf&) = delete;
-};
-
-// o (B, S, D) = softmax(q·kᵀ/√hd)·v per (batch, head); q/k/v (B, S, D).
-void joint_attention(const float* q, const float* k, const float* v, int64_t B, int64_t S, int64_t D, int64_t hd,
-                     float* o) {
-  using namespace kernels::linear;
-  const int64_t H = D / hd;
-  constexpr int64_t kQb = 64;
-  const float scale = 1.0f / std::sqrt(float(hd));
-  const bool use512 = active_isa() >= Isa::Avx512;
-  (void)use512;
-  parallel_for(B * H, [&](int64_t task) {
-    const int64_t b = task / H, h = task % H;
-    const float* qb = q + b * S * D + h * hd;
-    const float* kb = k + b * S * D + h * hd;
-    const float* vb = v + b * S * D + h * hd;
-    // K_h as a weight (N = S, K = hd); V_hᵀ as a weight (N = hd, K = S): its panels are rows of V.
-    PackedF32Weight kw, vw;
-    kw.N = S, kw.K = hd, kw.panels = (S + kPanel - 1) / kPanel;
-    vw.N = hd, vw.K = S, vw.panels = (hd + kPanel - 1) / kPanel;
-    AlignedBuf kbuf(size_t(kw.panels * hd * kPanel)), vbuf(size_t(vw.panels * S * kPanel));
-    kw.data = kbuf.p;
-    vw.data = vbuf.p;
-    pack_rows_f32(kb, D, S, hd, kw.data);
-    for (int64_t p = 0; p < vw.panels; ++p)
-      for (int64_t s = 0; s < S; ++s)
-        for (int64_t j = 0; j < kPanel; ++j) {
-          const int64_t c = p * kPanel + j;
-          vw.data[(p * S + s) * kPanel + j] = c < hd ? vb[s * D + c] : 0.0f;
-        }
-    AlignedBuf qblk(size_t(kQb * hd)), scores(size_t(kQb * S)), oblk(size_t(kQb * hd));
-    std::vector<float> rowsum(kQb);
-    for (int64_t s0 = 0; s0 < S; s0 += kQb) {
-      const int64_t rows = S - s0 < kQb ? S - s0 : kQb;
-      for (int64_t r = 0; r < rows; ++r) std::memcpy(qblk.p + r * hd, qb + (s0 + r) * D, size_t(hd) * sizeof(float));
-      gemm_packed_serial(qblk.p, rows, kw, scores.p);
-      for (int64_t r = 0; r < rows; ++r) {
-        float* sr = scores.p + r * S;
-#if defined(NIBBLE_HAVE_AVX512)
-        if (use512) {
-          rowsum[size_t(r)] = kernels::attention::softmax_row_avx512(sr, S, scale);
-          continue;
-        }
-#endif
-        float mx = sr[0];
-        for (int64_t j = 1; j < S; ++j) mx = sr[j] > mx ? sr[j] : mx;
-        float sum = 0;
-        for (int64_t j = 0; j < S; ++j) {
-          const float e = fast_exp((sr[j] - mx) * scale);
-          sr[j] = e;
-          sum += e;
-        }
-        rowsum[size_t(r)] = sum;
-      }
-      gemm_packed_serial(scores.p, rows, vw, oblk.p);
-      for (int64_t r = 0; r < rows; ++r) {
-        const float inv = 1.0f / rowsum[size_t(r)];
-        float* dst = o + (b * S + s0 + r) * D + h * hd;
-        for (int64_t i = 0; i < hd; ++i) dst[i] = oblk.p[r * hd + i] * inv;
-      }
-    }
-  });
-}
-
-// x (rows, D) += gate[b] ⊙ y, rows grouped by batch (rows_per_batch each).
+// x (rows, D) += gate[b] ⊙ y, rows grouped by batch (rows_per_batch each); rows at or after
+// zero_from within their batch take the gate of mod row B + b (B = rows / rows_per_batch).
 void gated_residual(float* x, const float* y, int64_t rows, int64_t rows_per_batch, int64_t D, const float* mod,
-                    int64_t mod_stride, int64_t gate_offset) {
+                    int64_t mod_stride, int64_t gate_offset, int64_t zero_from) {
+  const int64_t B = rows / rows_per_batch;
   parallel_for_range(rows, 32, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const float* g = mod + (r / rows_per_batch) * mod_stride + gate_offset;
+      const int64_t b = r / rows_per_batch, mrow = (r % rows_per_batch) < zero_from ? b : B + b;
+      const float* g = mod + mrow * mod_stride + gate_offset;
       for (int64_t i = 0; i < D; ++i) x[r * D + i] += g[i] * y[r * D + i];
     }
   });
@@ -214,6 +145,16 @@ Shapes check_inputs(const QwenBlockInputs& in, const QwenBlockConfig& c) {
     const Shape want{s.S_txt + s.S_img, c.head_dim / 2};
     check_shape(in.rope_cos, want, "qwen_image_block: rope_cos");
     check_shape(in.rope_sin, want, "qwen_image_block: rope_sin");
+  }
+  if (in.txt_key_bias.defined()) {
+    check_dtype(in.txt_key_bias, {DType::F32}, "qwen_image_block: txt_key_bias");
+    check_shape(in.txt_key_bias, {s.B, s.S_txt}, "qwen_image_block: txt_key_bias");
+  }
+  if (in.img_zero_from >= 0) {
+    if (in.img_zero_from > s.S_img)
+      throw Error(fmt::format("qwen_image_block: img_zero_from {} > image rows {}", in.img_zero_from, s.S_img));
+    if (!in.temb_zero.defined() || in.temb_zero.numel() != s.B * D || in.temb_zero.size(-1) != D)
+      throw Error(fmt::format("qwen_image_block: temb_zero: expected ({}, {}) with img_zero_from", s.B, D));
   }
   return s;
 }
@@ -294,6 +235,12 @@ QwenImageBlock QwenImageBlock::dequantized() const {
   return b;
 }
 
+QwenImageBlock QwenImageBlock::streamed() const {
+  QwenImageBlock b = *this;
+  for (auto& [n, l] : b.lin_) l = l.streamed();
+  return b;
+}
+
 const Linear& QwenImageBlock::linear(const std::string& rel_name) const {
   auto it = lin_.find(rel_name);
   if (it == lin_.end()) throw Error(fmt::format("qwen_image_block: no linear '{}'", rel_name));
@@ -328,35 +275,54 @@ QwenBlockOutputs QwenImageBlock::forward(const QwenBlockInputs& in, QwenBlockTim
     t0 = t1;
   };
 
+  auto fwd = [&](const std::string& name, const float* x, int64_t M, float* y) {
+    const double a = now_s();
+    lin_.at(name).forward_rows(x, M, y);
+    t.linear += now_s() - a;
+  };
   // ---- modulation: SiLU(temb) → (B, 6D) per stream
-  const Tensor temb = in.temb.to_f32();
-  Buf st(size_t(B * D)), img_mod(size_t(B * 6 * D)), txt_mod(size_t(B * 6 * D));
-  for (int64_t i = 0; i < B * D; ++i) {
-    const float v = temb.data<float>()[i];
-    st[size_t(i)] = v / (1.0f + std::exp(-v));
+  const bool zero_mode = in.img_zero_from >= 0;
+  const int64_t Bm = zero_mode ? 2 * B : B;  // img_mod rows: [temb ; temb_zero]
+  Buf st(size_t(Bm * D)), img_mod(size_t(Bm * 6 * D)), txt_mod(size_t(B * 6 * D));
+  {
+    const Tensor temb = in.temb.to_f32();
+    const Tensor tz = zero_mode ? in.temb_zero.to_f32() : Tensor();
+    for (int64_t i = 0; i < Bm * D; ++i) {
+      const float v = i < B * D ? temb.data<float>()[i] : tz.data<float>()[i - B * D];
+      st[size_t(i)] = v / (1.0f + std::exp(-v));
+    }
   }
-  lin_.at("img_mod.1").forward_rows(st.data(), B, img_mod.data());
-  lin_.at("txt_mod.1").forward_rows(st.data(), B, txt_mod.data());
+  fwd("img_mod.1", st.data(), Bm, img_mod.data());
+  fwd("txt_mod.1", st.data(), B, txt_mod.data());
   lap(t.modulation);
+  // Image rows from img_zero_from on use the second half of img_mod (batch b → row B + b).
+  const int64_t zf = zero_mode ? in.img_zero_from : Si;
 
   Tensor img_t = in.img.to(DType::F32).clone(), txt_t = in.txt.to(DType::F32).clone();
   float* img = img_t.mutable_data<float>();
   float* txt = txt_t.mutable_data<float>();
   Buf xi(size_t(Ri * D)), xt(size_t(Rt * D));
   // Per-batch modulation: rows of batch b use mod row b (chunk offsets: shift 0, scale D, gate 2D; +3D for the MLP).
-  auto modulate = [&](const float* x, int64_t rows_per_b, const Buf& mod, int64_t off, float* out) {
-    for (int64_t b = 0; b < B; ++b)
-      layernorm_modulate(x + b * rows_per_b * D, rows_per_b, D, c.eps, mod.data() + b * 6 * D + off,
-                         mod.data() + b * 6 * D + off + D, out + b * rows_per_b * D);
+  // zero_from < rows_per_b: rows [zero_from, rows_per_b) of batch b use mod row B + b.
+  auto modulate = [&](const float* x, int64_t rows_per_b, const Buf& mod, int64_t off, float* out, int64_t zero_from) {
+    for (int64_t b = 0; b < B; ++b) {
+      const float* m = mod.data() + b * 6 * D + off;
+      layernorm_modulate(x + b * rows_per_b * D, zero_from, D, c.eps, m, m + D, out + b * rows_per_b * D);
+      if (zero_from < rows_per_b) {
+        const float* mz = mod.data() + (B + b) * 6 * D + off;
+        layernorm_modulate(x + (b * rows_per_b + zero_from) * D, rows_per_b - zero_from, D, c.eps, mz, mz + D,
+                           out + (b * rows_per_b + zero_from) * D);
+      }
+    }
   };
-  modulate(img, Si, img_mod, 0, xi.data());
-  modulate(txt, St, txt_mod, 0, xt.data());
+  modulate(img, Si, img_mod, 0, xi.data(), zf);
+  modulate(txt, St, txt_mod, 0, xt.data(), St);
   lap(t.norms);
 
   // ---- projections into joint buffers (B, S, D), txt rows first
   Buf q(size_t(B * S * D)), k(size_t(B * S * D)), v(size_t(B * S * D)), tmp(size_t((Ri > Rt ? Ri : Rt) * D));
   auto project = [&](const char* name, const float* x, int64_t rows_per_b, int64_t joint_off, Buf& dst) {
-    lin_.at(name).forward_rows(x, B * rows_per_b, tmp.data());
+    fwd(name, x, B * rows_per_b, tmp.data());
     for (int64_t b = 0; b < B; ++b)
       std::memcpy(dst.data() + (b * S + joint_off) * D, tmp.data() + b * rows_per_b * D,
                   size_t(rows_per_b * D) * sizeof(float));
@@ -389,7 +355,13 @@ QwenBlockOutputs QwenImageBlock::forward(const QwenBlockInputs& in, QwenBlockTim
     }
   });
   Buf o(size_t(B * S * D));
-  joint_attention(q.data(), k.data(), v.data(), B, S, D, hd, o.data());
+  const Tensor kb = in.txt_key_bias.defined() ? in.txt_key_bias.to_f32() : Tensor();
+  {
+    const double a = now_s();
+    joint_attention(q.data(), k.data(), v.data(), B, S, D, hd, kb.defined() ? kb.data<float>() : nullptr, St,
+                    o.data(), attention_);
+    t.attention_core += now_s() - a;
+  }
   lap(t.attention);
 
   // ---- output projections + gated residuals (gate1 at offset 2D)
@@ -399,28 +371,28 @@ QwenBlockOutputs QwenImageBlock::forward(const QwenBlockInputs& in, QwenBlockTim
       std::memcpy(ot.data() + b * St * D, o.data() + b * S * D, size_t(St * D) * sizeof(float));
       std::memcpy(oi.data() + b * Si * D, o.data() + (b * S + St) * D, size_t(Si * D) * sizeof(float));
     }
-    lin_.at("attn.to_out.0").forward_rows(oi.data(), Ri, yi.data());
-    lin_.at("attn.to_add_out").forward_rows(ot.data(), Rt, yt.data());
-    gated_residual(img, yi.data(), Ri, Si, D, img_mod.data(), 6 * D, 2 * D);
-    gated_residual(txt, yt.data(), Rt, St, D, txt_mod.data(), 6 * D, 2 * D);
+    fwd("attn.to_out.0", oi.data(), Ri, yi.data());
+    fwd("attn.to_add_out", ot.data(), Rt, yt.data());
+    gated_residual(img, yi.data(), Ri, Si, D, img_mod.data(), 6 * D, 2 * D, zf);
+    gated_residual(txt, yt.data(), Rt, St, D, txt_mod.data(), 6 * D, 2 * D, St);
   }
   lap(t.out_proj);
 
   // ---- MLPs: modulation chunk 2 (shift 3D, scale 4D, gate 5D)
   {
-    auto mlp = [&](float* x, int64_t rows_per_b, const Buf& mod, const char* fc1, const char* fc2) {
+    auto mlp = [&](float* x, int64_t rows_per_b, const Buf& mod, const char* fc1, const char* fc2, int64_t zero_from) {
       const int64_t R = B * rows_per_b;
       Buf xm(size_t(R * D)), h(size_t(R * F)), y(size_t(R * D));
-      modulate(x, rows_per_b, mod, 3 * D, xm.data());
-      lin_.at(fc1).forward_rows(xm.data(), R, h.data());
+      modulate(x, rows_per_b, mod, 3 * D, xm.data(), zero_from);
+      fwd(fc1, xm.data(), R, h.data());
       parallel_for_range(R * F, 1 << 14, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) h[size_t(i)] = gelu_tanh(h[size_t(i)]);
       });
-      lin_.at(fc2).forward_rows(h.data(), R, y.data());
-      gated_residual(x, y.data(), R, rows_per_b, D, mod.data(), 6 * D, 5 * D);
+      fwd(fc2, h.data(), R, y.data());
+      gated_residual(x, y.data(), R, rows_per_b, D, mod.data(), 6 * D, 5 * D, zero_from);
     };
-    mlp(img, Si, img_mod, "img_mlp.net.0.proj", "img_mlp.net.2");
-    mlp(txt, St, txt_mod, "txt_mlp.net.0.proj", "txt_mlp.net.2");
+    mlp(img, Si, img_mod, "img_mlp.net.0.proj", "img_mlp.net.2", zf);
+    mlp(txt, St, txt_mod, "txt_mlp.net.0.proj", "txt_mlp.net.2", St);
   }
   lap(t.mlp);
   t.total += now_s() - t_start;

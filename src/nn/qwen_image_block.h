@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "nibble/nn.h"
+#include "nn/attention.h"
 
 namespace nibble::nn {
 
@@ -34,12 +35,22 @@ struct QwenBlockInputs {
   Tensor temb;      // (B, D) or (D)
   Tensor rope_cos;  // optional (S_txt + S_img, head_dim/2), joint order (txt first)
   Tensor rope_sin;  // same shape as rope_cos
+  // Optional (B, S_txt) fp32 bias added to the attention scores (after the 1/√hd scaling) of every
+  // query against text key j: ComfyUI's text attention mask (0 = keep, −inf / −FLT_MAX = masked).
+  Tensor txt_key_bias;
+  // Edit models with `index_timestep_zero`: image rows >= img_zero_from (the reference tokens) take
+  // their img_mod modulation (shift, scale, gate) from temb_zero (B, D) instead of temb. -1 = off.
+  Tensor temb_zero;
+  int64_t img_zero_from = -1;
 };
 struct QwenBlockOutputs {
   Tensor img, txt;  // fp32, shapes of the inputs
 };
 struct QwenBlockTimings {  // seconds, accumulated by forward()
   double modulation = 0, norms = 0, qkv = 0, attention = 0, out_proj = 0, mlp = 0, total = 0;
+  // Across the phases: time inside the 14 linears, and inside the attention kernel proper
+  // (scores, softmax, ·V; not the q/k RMSNorm and RoPE).
+  double linear = 0, attention_core = 0;
 };
 
 class QwenImageBlock {
@@ -57,7 +68,17 @@ class QwenImageBlock {
 
   // The same block with every linear replaced by its dequantized fp32 equivalent.
   QwenImageBlock dequantized() const;
+  // The same block with its float / row-separable layers on the streamed path (Linear::streamed()).
+  QwenImageBlock streamed() const;
   QwenBlockOutputs forward(const QwenBlockInputs& in, QwenBlockTimings* timings = nullptr) const;
+
+  // Attention path (nn/attention.h); default Fp32. Auto picks bf16 vdpbf16ps where available.
+  QwenImageBlock with_attention(AttentionPrecision p) const {
+    QwenImageBlock b = *this;
+    b.attention_ = p;
+    return b;
+  }
+  AttentionPrecision attention() const { return attention_; }
 
   const QwenBlockConfig& config() const { return cfg_; }
   const Linear& linear(const std::string& rel_name) const;
@@ -69,6 +90,7 @@ class QwenImageBlock {
   QwenBlockConfig cfg_;
   std::map<std::string, Linear> lin_;
   std::map<std::string, Tensor> norms_;
+  AttentionPrecision attention_ = AttentionPrecision::Fp32;
 };
 
 }  // namespace nibble::nn

@@ -1,0 +1,173 @@
+// Flash-style attention of one head with vdpbf16ps (AVX-512 BF16): bf16 Q, K, V and P, fp32
+// accumulation, fp32 online softmax. See kernels/attention_kernels.h for the contract.
+//
+// Layouts (per head, built once per call into thread-local buffers):
+//   kpack[kb][p][j]  = bf16 pair (K[kb·32 + j][2p], K[kb·32 + j][2p+1])   32 keys per block
+//   vpack[jp][d]     = bf16 pair (V[2jp][d], V[2jp+1][d])
+// Scores of 8 query rows × 32 keys live in 16 zmm accumulators (one pair of hd per vdpbf16ps);
+// P (bf16) · V runs per 16-wide chunk of hd with 8 accumulators, the running output in L1.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <ctime>
+#include <cstring>
+#include <vector>
+
+#include "kernels/attention_kernels.h"
+
+namespace nibble::kernels::attention {
+
+namespace {
+
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), _mm512_min_ps(_mm512_set1_ps(88.0f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline uint32_t bf16_bits(float f) {  // round to nearest even (inputs are finite)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+inline uint32_t pair(float lo, float hi) { return bf16_bits(lo) | (bf16_bits(hi) << 16); }
+
+constexpr int kR = 8;    // query rows per block
+constexpr int kKB = 32;  // keys per block
+
+}  // namespace
+
+bool flash_head_bf16_supported(int64_t hd) { return hd >= 16 && hd <= 256 && hd % 16 == 0; }
+
+void flash_head_bf16(const float* q, const float* k, const float* v, int64_t ld, int64_t S, int64_t hd,
+                     const float* bias, int64_t n_bias, float scale, float* o, int64_t ldo) {
+  const int64_t nkb = (S + kKB - 1) / kKB, Sp = nkb * kKB, hp = hd / 2, dch = hd / 16;
+  thread_local std::vector<uint32_t> kpack, vpack;
+  thread_local std::vector<float> colb;
+  kpack.assign(size_t(nkb * hp * kKB), 0u);
+  vpack.assign(size_t(Sp / 2 * hd), 0u);
+  colb.assign(size_t(Sp), 0.0f);
+  for (int64_t j = 0; j < S; ++j) {
+    const float* kr = k + j * ld;
+    uint32_t* dst = kpack.data() + (j / kKB) * hp * kKB + (j % kKB);
+    for (int64_t p = 0; p < hp; ++p) dst[p * kKB] = pair(kr[2 * p], kr[2 * p + 1]);
+  }
+  for (int64_t jp = 0; jp < Sp / 2; ++jp) {
+    const int64_t j0 = 2 * jp, j1 = 2 * jp + 1;
+    uint32_t* dst = vpack.data() + jp * hd;
+    for (int64_t d = 0; d < hd; ++d)
+      dst[d] = pair(j0 < S ? v[j0 * ld + d] : 0.0f, j1 < S ? v[j1 * ld + d] : 0.0f);
+  }
+  for (int64_t j = 0; j < Sp; ++j) colb[size_t(j)] = j >= S ? -INFINITY : (j < n_bias && bias ? bias[j] : 0.0f);
+
+  alignas(64) uint32_t qp[kR][128];
+  alignas(64) float oacc[kR][256];
+  alignas(64) uint16_t pb[kR][kKB];
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t q0 = 0; q0 < S; q0 += kR) {
+    const int rows = int(S - q0 < kR ? S - q0 : kR);
+    for (int r = 0; r < kR; ++r)
+      for (int64_t p = 0; p < hp; ++p)
+        qp[r][p] = r < rows ? pair(q[(q0 + r) * ld + 2 * p], q[(q0 + r) * ld + 2 * p + 1]) : 0u;
+    float m[kR], l[kR];
+    for (int r = 0; r < kR; ++r) {
+      m[r] = -INFINITY;
+      l[r] = 0.0f;
+      for (int64_t d = 0; d < hd; ++d) oacc[r][d] = 0.0f;
+    }
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      __m512 s0[kR], s1[kR];
+      for (int r = 0; r < kR; ++r) s0[r] = s1[r] = _mm512_setzero_ps();
+      const uint32_t* kp = kpack.data() + kb * hp * kKB;
+      for (int64_t p = 0; p < hp; ++p) {
+        const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kp + p * kKB);
+        const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kp + p * kKB + 16);
+        for (int r = 0; r < kR; ++r) {
+          const __m512bh qb = (__m512bh)_mm512_set1_epi32(int(qp[r][p]));
+          s0[r] = _mm512_dpbf16_ps(s0[r], qb, k0);
+          s1[r] = _mm512_dpbf16_ps(s1[r], qb, k1);
+        }
+      }
+      const __m512 cb0 = _mm512_loadu_ps(colb.data() + kb * kKB), cb1 = _mm512_loadu_ps(colb.data() + kb * kKB + 16);
+      float alpha[kR];
+      for (int r = 0; r < kR; ++r) {
+        const __m512 x0 = _mm512_fmadd_ps(s0[r], vscale, cb0), x1 = _mm512_fmadd_ps(s1[r], vscale, cb1);
+        const float mx = _mm512_reduce_max_ps(_mm512_max_ps(x0, x1));
+        const float mnew = mx > m[r] ? mx : m[r];
+        alpha[r] = m[r] == -INFINITY ? 0.0f : std::exp(m[r] - mnew);
+        m[r] = mnew;
+        const __m512 vm = _mm512_set1_ps(mnew);
+        const __m256bh e0 = _mm512_cvtneps_pbh(exp512(_mm512_sub_ps(x0, vm)));
+        const __m256bh e1 = _mm512_cvtneps_pbh(exp512(_mm512_sub_ps(x1, vm)));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(pb[r]), (__m256i)e0);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(pb[r] + 16), (__m256i)e1);
+        // the row sum of the bf16-rounded weights that multiply V (so the weights sum to 1)
+        const __m512 r0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)e0), 16));
+        const __m512 r1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)e1), 16));
+        l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(_mm512_add_ps(r0, r1));
+      }
+      const uint32_t* vp = vpack.data() + kb * (kKB / 2) * hd;
+      for (int64_t dc = 0; dc < dch; ++dc) {
+        __m512 acc[kR];
+        for (int r = 0; r < kR; ++r) acc[r] = _mm512_setzero_ps();
+        for (int jp = 0; jp < kKB / 2; ++jp) {
+          const __m512bh vv = (__m512bh)_mm512_loadu_si512(vp + jp * hd + dc * 16);
+          for (int r = 0; r < kR; ++r) {
+            uint32_t pr;
+            std::memcpy(&pr, pb[r] + 2 * jp, 4);
+            acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(int(pr)), vv);
+          }
+        }
+        for (int r = 0; r < kR; ++r) {
+          float* op = oacc[r] + dc * 16;
+          _mm512_store_ps(op, _mm512_fmadd_ps(_mm512_load_ps(op), _mm512_set1_ps(alpha[r]), acc[r]));
+        }
+      }
+    }
+    for (int r = 0; r < rows; ++r) {
+      const float inv = 1.0f / l[r];
+      float* dst = o + (q0 + r) * ldo;
+      for (int64_t d = 0; d < hd; ++d) dst[d] = oacc[r][d] * inv;
+    }
+  }
+}
+
+double bf16_peak_gflops(double seconds) {
+  // 12 independent accumulators (hides the dpbf16 latency on 2 ports); 64 flop per instruction.
+  __m512 a[12];
+  for (int i = 0; i < 12; ++i) a[i] = _mm512_setzero_ps();
+  const __m512bh x = (__m512bh)_mm512_set1_epi32(0x3F803F80), y = (__m512bh)_mm512_set1_epi32(0x3C003C00);
+  const auto now = [] {
+    timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+  };
+  const int64_t iters = 1 << 16;
+  int64_t done = 0;
+  const double t0 = now();
+  double t1 = t0;
+  do {
+    for (int64_t it = 0; it < iters; ++it)
+      for (int i = 0; i < 12; ++i) a[i] = _mm512_dpbf16_ps(a[i], x, y);
+    done += iters;
+    t1 = now();
+  } while (t1 - t0 < seconds);
+  __m512 s = a[0];
+  for (int i = 1; i < 12; ++i) s = _mm512_add_ps(s, a[i]);
+  volatile float sink = _mm512_reduce_add_ps(s);
+  (void)sink;
+  return double(done) * 12.0 * 64.0 / (t1 - t0) * 1e-9;
+}
+
+}  // namespace nibble::kernels::attention
