@@ -20,6 +20,7 @@
 
 #include "fixtures.h"
 #include "formats/format_impls.h"
+#include "kernels/awq_w4a16_kernels.h"
 #include "nibble/formats.h"
 #include "nibble/isa.h"
 #include "nibble/ops.h"
@@ -94,11 +95,11 @@ Tensor run_prepared(const Case& c, Isa isa) {
   return gemv_awq_w4a16(c.x, *prep, DType::F32);
 }
 
-// fp16 models take the fp32 GEMM (rounding their weight to bf16 would be coarser than the kitchen);
-// prepared weights take the exact tiled GEMV up to M = 48 on AVX-512.
+// Whether the call runs the GEMM tier that rounds dequantized weights to bf16: read from the
+// driver's kernel plan (fp16 models take the fp32 GEMM; prepared weights the exact tiled GEMV).
 bool is_bf16_gemm_tier(Isa isa, int64_t M, int64_t G, DType sdt, bool prepared = false) {
-  const int64_t gemv_max = prepared ? 48 : 8;
-  return isa == Isa::Avx512Bf16 && M > gemv_max && G % 8 == 0 && sdt == DType::BF16;
+  namespace awq = kernels::awq;
+  return awq::plan(isa, M, G, DType::BF16, sdt, prepared && awq::prepared_has_tiled(G)).bf16_weights;
 }
 
 // The tight bound (against the exact evaluation) must stay far below the signal. The signal scale

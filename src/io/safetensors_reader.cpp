@@ -75,7 +75,7 @@ TensorInfo parse_entry(const std::string& label, const std::string& name, const 
     t.shape.push_back(int64_t(u));
   }
   uint64_t numel;
-  try {  // the same left-to-right overflow rule as every later Tensor::view of this shape
+  try {  // the same overflow rule as every later Tensor::view of this shape
     numel = uint64_t(shape_numel(t.shape));
   } catch (const Error&) {
     fail_tensor(label, name, fmt::format("shape {} has more elements than int64 can count", sh->dump()));
