@@ -20,7 +20,11 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <dirent.h>
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <sys/types.h>
 
 #include <atomic>
@@ -58,9 +62,52 @@ void unregister_temp(int slot) {
   if (slot >= 0) g_temp[slot].used.store(false);
 }
 
+// A writer's temporary file exists from its first write, but its path is registered only after
+// that write returns: a signal in between would leave it behind. So the output directories and the
+// temporary-name prefix of this process are registered up front too, and the handler also unlinks
+// every entry of those directories that starts with the prefix (open / getdents64 / unlinkat are
+// async-signal-safe system calls).
+struct DirSlot {
+  std::atomic<bool> used{false};
+  char dir[4096];
+  char prefix[1024];
+};
+DirSlot g_dirs[8];
+
+int register_dir_prefix(const std::string& dir, const std::string& prefix) {
+  if (dir.size() >= sizeof(g_dirs[0].dir) || prefix.size() >= sizeof(g_dirs[0].prefix)) return -1;
+  for (int i = 0; i < 8; ++i) {
+    bool expected = false;
+    if (g_dirs[i].used.load() || !g_dirs[i].used.compare_exchange_strong(expected, true)) continue;
+    std::memcpy(g_dirs[i].dir, dir.c_str(), dir.size() + 1);
+    std::memcpy(g_dirs[i].prefix, prefix.c_str(), prefix.size() + 1);
+    return i;
+  }
+  return -1;
+}
+
+void unlink_prefixed(const DirSlot& d) {
+  const int fd = ::open(d.dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return;
+  alignas(8) char buf[8192];
+  const size_t plen = std::strlen(d.prefix);
+  for (;;) {
+    const long n = ::syscall(SYS_getdents64, fd, buf, sizeof(buf));
+    if (n <= 0) break;
+    for (long off = 0; off < n;) {
+      const auto* e = reinterpret_cast<const struct dirent64*>(buf + off);
+      if (std::strncmp(e->d_name, d.prefix, plen) == 0) ::unlinkat(fd, e->d_name, 0);
+      off += e->d_reclen;
+    }
+  }
+  ::close(fd);
+}
+
 extern "C" void convert_signal_handler(int sig) {
   for (auto& t : g_temp)
     if (t.used.load()) ::unlink(t.path);
+  for (auto& d : g_dirs)
+    if (d.used.load()) unlink_prefixed(d);
   _exit(128 + sig);
 }
 
@@ -146,6 +193,9 @@ class ConvertOutput {
       index_path_ = base + ".safetensors.index.json";
     }
     for (size_t k = 0; k < groups.size(); ++k) {
+      const std::filesystem::path pk(paths_[k]);
+      dir_slots_.push_back(register_dir_prefix(pk.has_parent_path() ? pk.parent_path().string() : ".",
+                                               temp_prefix(paths_[k], getpid())));
       writers_.push_back(std::make_unique<SafetensorsWriter>(paths_[k], fp.metadata));
       for (size_t i : groups[k]) {
         const auto& ot = fp.outputs[i];
@@ -158,6 +208,8 @@ class ConvertOutput {
   }
   ~ConvertOutput() {
     for (int s : slots_) unregister_temp(s);
+    for (int s : dir_slots_)
+      if (s >= 0) g_dirs[s].used.store(false);
     if (!done_)
       for (size_t k = 0; k < committed_; ++k) std::remove(paths_[k].c_str());
   }
@@ -195,6 +247,7 @@ class ConvertOutput {
   }
   std::set<size_t> registered_;
   std::vector<int> slots_;
+  std::vector<int> dir_slots_;  // g_dirs entries of the output directories (temporary-name prefix)
   std::string out_, index_path_;
   std::vector<std::string> paths_;
   std::vector<std::unique_ptr<SafetensorsWriter>> writers_;
