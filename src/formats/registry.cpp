@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/shape_math.h"
 #include "formats/format_impls.h"
 #include "formats/kitchen_formats.h"
 
@@ -228,10 +229,10 @@ void preset_extents(QuantizedLayer& layer) {
   const Tensor& w = layer.param("weight");
   if (w.dim() == 2) {
     layer.N = w.size(0);
-    layer.K = packed ? 2 * w.size(1) : w.size(1);
+    layer.K = packed ? checked_mul(2, w.size(1), layer.name + ": key 'weight': K = 2·shape[1]") : w.size(1);
   } else if (w.dim() == 4 && layer.format->supports_tile_layout) {
-    layer.N = w.size(0) * 128;
-    layer.K = w.size(1) * 64;
+    layer.N = checked_mul(w.size(0), 128, layer.name + ": key 'weight': N = 128·shape[0]");
+    layer.K = checked_mul(w.size(1), 64, layer.name + ": key 'weight': K = 64·shape[1]");
   }
 }
 
