@@ -4,7 +4,7 @@ BUILD_ASAN ?= build-asan
 JOBS       ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: all setup configure build test test-slow test-asan demo bench fuzz clean test-kitchen quality-convert golden-comfyui fixtures-import
+.PHONY: all setup configure build test test-slow test-asan demo bench fuzz clean test-kitchen quality-convert golden-comfyui fixtures-import test-comfyui
 
 all: build
 
@@ -72,3 +72,7 @@ fixtures-import:
 	  $(FIXTURES_VENV)/bin/pip install -q torch numpy safetensors; py=$(FIXTURES_VENV)/bin/python; fi; \
 	  $$py -m pip install -q --no-deps --target $(BUILD)/pydeps-awq autoawq==0.2.9 && \
 	  $$py scripts/fixtures_import.py --nunchaku-dir "$(NUNCHAKU_DIR)" --autoawq-dir $(BUILD)/pydeps-awq --out tests/data
+
+# Opt-in: nibble inside a real ComfyUI checkout (COMFYUI_DIR=...; torch + comfy-kitchen from PyPI).
+test-comfyui: build
+	@bash scripts/test_comfyui.sh
