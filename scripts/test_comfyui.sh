@@ -35,10 +35,17 @@ if ! "$VENV/bin/python" -c "import torch, comfy_kitchen, packaging, safetensors,
   fi
   echo "test_comfyui: installing comfy-kitchen packaging and ComfyUI's requirements"
   "$VENV/bin/python" -m pip install -q comfy-kitchen packaging safetensors einops
-  if [ -f "$COMFYUI_DIR/requirements.txt" ]; then
-    "$VENV/bin/python" -m pip install -q -r "$COMFYUI_DIR/requirements.txt" || \
-      echo "test_comfyui: some ComfyUI requirements did not install (continuing)"
-  fi
+fi
+if ! "$VENV/bin/python" -c "import transformers, torchsde, scipy, yaml, PIL, av" 2>/dev/null && [ -f "$COMFYUI_DIR/requirements.txt" ]; then
+  # ComfyUI's essential requirements except the front end / templates / docs packages, torch and
+  # its audio/vision wheels (torch is there; they would pull another torch build) and its pinned
+  # comfy-kitchen (the int4 layouts need >= 0.2.31).
+  echo "test_comfyui: installing ComfyUI's requirements (without torch*, the front end, comfy-kitchen)"
+  sed '/^#non essential/,$d' "$COMFYUI_DIR/requirements.txt" \
+    | grep -v -E '^(torch|torchvision|torchaudio|torchsde|comfyui-|comfy-kitchen)\b' | grep -v '^[[:space:]]*$' \
+    > "$VENV/comfyui-requirements.txt"
+  "$VENV/bin/python" -m pip install -q -r "$VENV/comfyui-requirements.txt"
+  "$VENV/bin/python" -m pip install -q --no-deps torchsde trampoline
 fi
 "$VENV/bin/python" -m pip install -q numpy ml_dtypes nanobind scikit-build-core
 EXTRA=()
