@@ -7,7 +7,7 @@ BUILD_SCALAR ?= build-scalar
 JOBS       ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: all setup configure build test test-slow test-asan test-tsan test-isa test-noavx512 test-scalar-build test-isa-builds demo bench fuzz clean test-kitchen quality-convert golden-comfyui fixtures-import
+.PHONY: all setup configure build test test-slow test-asan test-tsan test-isa test-noavx512 test-scalar-build test-isa-builds demo bench fuzz clean test-kitchen quality-convert golden-comfyui fixtures-import test-comfyui
 
 all: build
 
@@ -121,3 +121,7 @@ fixtures-import:
 	  $(FIXTURES_VENV)/bin/pip install -q torch numpy safetensors; py=$(FIXTURES_VENV)/bin/python; fi; \
 	  $$py -m pip install -q --no-deps --target $(BUILD)/pydeps-awq autoawq==0.2.9 && \
 	  $$py scripts/fixtures_import.py --nunchaku-dir "$(NUNCHAKU_DIR)" --autoawq-dir $(BUILD)/pydeps-awq --out tests/data
+
+# Opt-in: nibble inside a real ComfyUI checkout (COMFYUI_DIR=...; torch + comfy-kitchen from PyPI).
+test-comfyui: build
+	@bash scripts/test_comfyui.sh
