@@ -7,6 +7,7 @@
 
 #include <cstdio>
 #include <fstream>
+#include <map>
 
 #include <fmt/format.h>
 
@@ -20,15 +21,33 @@ namespace {
 
 double mib(uint64_t b) { return double(b) / (1024.0 * 1024.0); }
 
-void print_plan(const ConvertPlan& p) {
+void print_plan(const ConvertPlan& p, bool verbose) {
   fmt::print("{:>5}  {:<60} {:<14} {:>14}  {:>10} → {:>9}\n", "#", "layer", "format", "shape", "MiB", "MiB");
   int i = 0;
   for (const auto& l : p.layers)
-    fmt::print("{:>5}  {:<60} {:<14} {:>14}  {:>10.2f} → {:>9.2f}{}\n", ++i, l.name, l.format,
+    fmt::print("{:>5}  {:<60} {:<14} {:>14}  {:>10.2f} → {:>9.2f}{}{}{}\n", ++i, l.name, l.format,
                fmt::format("{}x{}", l.N, l.K), mib(l.bytes_before), mib(l.bytes_after),
-               l.group.empty() ? "" : fmt::format("  (group of {})", l.group.size()));
-  fmt::print("{} layers quantized, {} tensors copied unchanged; tensors {:.1f} MiB → {:.1f} MiB; output file {} bytes ({:.1f} MiB)\n",
-             p.layers.size(), p.passthrough_tensors, mib(p.bytes_in), mib(p.bytes_out), p.file_size, mib(p.file_size));
+               l.group.empty() ? "" : fmt::format("  (shares its input with {} layers)", l.group.size() - 1),
+               l.act_unsigned ? "  act_unsigned" : "", l.calib_key.empty() ? "" : "  calibrated");
+  // Skipped tensors, by reason (all of them with -v).
+  std::map<std::string, std::vector<std::string>> by_reason;
+  for (const auto& s : p.skipped) by_reason[s.reason].push_back(s.name);
+  if (!by_reason.empty()) fmt::print("skipped (not linear layers):\n");
+  for (const auto& [why, names] : by_reason) {
+    std::string list;
+    for (size_t k = 0; k < names.size() && (verbose || k < 3); ++k) list += (k ? ", " : "") + names[k];
+    if (!verbose && names.size() > 3) list += fmt::format(", … (-v lists all)");
+    fmt::print("  {:>5} × {}: {}\n", names.size(), why, list);
+  }
+  for (const auto& n : p.notes) fmt::print("note: {}\n", n);
+  fmt::print("linear layers: {} found, {} quantized, {} left as they are; tensors: {} in the output, {} copied unchanged; "
+             "{:.1f} MiB → {:.1f} MiB; output file {} bytes ({:.1f} MiB)\n",
+             p.linear_layers, p.layers.size(), p.kept_layers, p.tensors_total, p.passthrough_tensors, mib(p.bytes_in),
+             mib(p.bytes_out), p.file_size, mib(p.file_size));
+}
+
+void print_warnings(const ConvertPlan& p) {
+  for (const auto& w : p.warnings) fmt::print(stderr, "warning: {}\n", w);
 }
 
 const CommandRegistration kConvert{
@@ -45,7 +64,15 @@ const CommandRegistration kConvert{
       app.fallthrough();
       app.add_option("in", a->in, "input: a .safetensors file, a *.safetensors.index.json or a directory of shards")->required();
       app.add_option("-o,--output", a->out, "output .safetensors file");
-      app.add_option("--preset", a->o.preset, "layer → format map: qwen-image (the kitchen Qwen-Image-Edit map)");
+      app.add_option("--preset", a->o.preset, "layer → format map: qwen-image (the kitchen Qwen-Image-Edit map), flux (FLUX.1), wan (Wan 2.x)");
+      app.add_option("--share", a->o.share,
+                     "REGEX: layers whose names are equal up to the matched part read the same input (one smooth "
+                     "and proj_down), e.g. '(query|key|value)$'");
+      app.add_option("--search", a->o.search,
+                     "calibrated search: full (α/β grid, proj_up refit, awq asymmetric clip + scale refit) or legacy "
+                     "(the earlier searches, for comparisons)")->capture_default_str();
+      app.add_flag("--strict", a->o.strict, "calibration coverage warnings (layers without statistics, statistics without a layer) are errors");
+      app.add_flag("--force", a->o.force, "accept act_unsigned on layers whose calibration shows inputs below -0.171875 (warning only)");
       app.add_option("--tensor-type", a->rules,
                      "REGEX=FORMAT[:opt=v,...] rule (first match wins, before the preset); FORMAT awq_w4a16|svdquant_w4a4|keep; "
                      "opts group_size, rank, act_unsigned, layout, svd, refine");
@@ -75,11 +102,12 @@ const CommandRegistration kConvert{
         if (a->shard_mib < 0) throw Error("--shard-size must be >= 0");
         o.shard_size = uint64_t(a->shard_mib * 1024 * 1024);
         if (o.preset.empty() && o.rules.empty())
-          throw Error("convert: nothing to do — give --preset qwen-image and/or --tensor-type REGEX=FORMAT rules");
+          throw Error("convert: nothing to do — give --preset qwen-image|flux|wan and/or --tensor-type REGEX=FORMAT rules");
         const bool quiet = globals().quiet;
         if (a->dry_run) {
           ConvertPlan p = plan_conversion(a->in, o);
-          print_plan(p);
+          print_warnings(p);
+          print_plan(p, globals().verbose);
           if (!a->json.empty()) {
             ConvertReport r;
             r.plan = p;
@@ -88,6 +116,12 @@ const CommandRegistration kConvert{
           return 0;
         }
         if (a->out.empty()) throw Error("convert: -o OUT is required (or use --dry-run)");
+        {  // warnings before the long part (the plan is cheap: no tensor data is read)
+          ConvertPlan p = plan_conversion(a->in, o);
+          print_warnings(p);
+          if (!quiet) for (const auto& n : p.notes) fmt::print("note: {}\n", n);
+        }
+        install_convert_signal_cleanup();  // Ctrl-C / SIGTERM: remove the temporary output, exit 130 / 143
         const bool tty = isatty(fileno(stderr)) && !globals().no_progress && !quiet;
         auto progress = [&](const ConvertProgress& p) {
           if (tty) fmt::print(stderr, "\r\033[K");
@@ -110,13 +144,18 @@ const CommandRegistration kConvert{
         };
         ConvertReport r = convert_checkpoint(a->in, a->out, o, progress);
         if (tty) fmt::print(stderr, "\r\033[K");
-        double max_err = 0;
-        for (const auto& l : r.layers) max_err = std::max(max_err, l.weight_rel_error);
-        if (!quiet)
-          fmt::print("converted {} layers ({} tensors copied) in {:.1f} s: {:.1f} MiB → {:.1f} MiB ({:.1f} MB/s input), "
-                     "max weight rel. error {:.4f}, peak RSS {:.0f} MiB, {} threads → {}\n",
-                     r.plan.layers.size(), r.plan.passthrough_tensors, r.seconds, mib(r.plan.bytes_in), mib(r.plan.file_size),
-                     double(r.plan.bytes_in) / 1e6 / std::max(r.seconds, 1e-9), max_err, mib(r.peak_rss), num_threads(), a->out);
+        if (!quiet) {
+          if (globals().verbose)
+            for (const auto& l : r.layers)
+              if (l.info.calibrated)
+                fmt::print("  {:<60} {:<14} α {:>5} β {:>5}{} SNR {:6.2f} → {:6.2f} dB ({} rows) {:.2f} s\n", l.name, l.format,
+                           l.info.alpha >= 0 ? fmt::format("{:.2f}", l.info.alpha) : "-",
+                           l.info.beta >= 0 ? fmt::format("{:.2f}", l.info.beta) : "-", l.info.alpha_on_edge ? " (edge)" : "",
+                           l.info.snr_before_db, l.info.snr_after_db, l.info.sample_rows, l.seconds);
+          fmt::print("{}", convert_summary_text(r));
+          fmt::print("{} threads → {}\n", num_threads(), a->out);
+        }
+        print_warnings(r.plan);
         if (!a->json.empty()) std::ofstream(a->json) << convert_report_json(r) << "\n";
         return 0;
       };

@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 
 #include "command.h"
+#include "nibble/convert.h"
 #include "nibble/inspect.h"
 #include "nibble/safetensors.h"
 
@@ -27,6 +28,13 @@ const CommandRegistration kInspect{
         const Checkpoint ckpt = Checkpoint::open(opt->path);
         const InspectReport rep = inspect_checkpoint(ckpt, opt->filter);
         fmt::print("{}", opt->json ? inspect_json(rep) : inspect_text(rep));
+        if (!opt->json) {  // which converter preset fits (names checked against ComfyUI's model code)
+          int64_t n = 0;
+          const std::string preset = detect_preset(ckpt, &n);
+          if (!preset.empty())
+            fmt::print("suggested: nibble convert {} -o OUT --preset {}   ({} linear layers would be quantized)\n",
+                       opt->path, preset, n);
+        }
         return 0;
       };
     }};

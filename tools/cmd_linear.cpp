@@ -25,7 +25,9 @@ const CommandRegistration reg("linear", "run one layer of a checkpoint on an inp
   app.add_option("--output", o->output, "write the result as tensor 'y' (fp32) to this safetensors file");
   app.add_option("-r,--repeats", o->repeats, "timed runs (median reported)")->check(CLI::PositiveNumber);
   return [o]() -> int {
+    const bench::ProcessMemory m0 = bench::process_memory();
     const nn::Model model = nn::load_checkpoint(o->ckpt);
+    const bench::ProcessMemory m1 = bench::process_memory();
     const nn::Linear& l = model.linear(o->layer);
     const auto in = SafetensorsFile::open(o->input);
     if (!in->contains(o->input_name))
@@ -47,6 +49,13 @@ const CommandRegistration reg("linear", "run one layer of a checkpoint on an inp
                                                               DType::F32, sdt, true));
       }
       fmt::print("weight     ({}, {}), {} stored bytes\n", l.out_features(), l.in_features(), l.stored_bytes());
+      // what the whole model holds after load (repacks are anonymous; mapped originals a repack made
+      // redundant are released), next to its checkpoint bytes
+      uint64_t file_bytes = 0;
+      for (const auto& n : model.names()) file_bytes += model.linear(n).stored_bytes();
+      fmt::print("memory     model after load: {:.1f} MiB resident, {:.1f} MiB anonymous; its linears store {:.1f} MiB\n",
+                 double(m1.rss > m0.rss ? m1.rss - m0.rss : 0) / (1 << 20),
+                 double(m1.anon > m0.anon ? m1.anon - m0.anon : 0) / (1 << 20), double(file_bytes) / (1 << 20));
       fmt::print("input      {} {}\n", dtype_name(x.dtype()), shape_str(x.shape()));
       fmt::print("output     F32 {}\n", shape_str(y.shape()));
       fmt::print("time       {:.3f} ms (median of {}, after one warm-up run)\n", t * 1e3, o->repeats);

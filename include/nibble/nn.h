@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "nibble/formats.h"
+#include "nibble/lora.h"
 #include "nibble/safetensors.h"
 #include "nibble/tensor.h"
 
@@ -97,6 +98,11 @@ class Model {
  public:
   // Opens a file, index or shard directory and builds every linear layer.
   static Model load(const std::string& path);
+  // Same, with LoRAs applied at load (nibble/lora.h; nothing is written, strengths per call):
+  // svdquant_w4a4 layers grow their low-rank branch, awq_w4a16 layers are requantized, float layers
+  // merged. Unmatched LoRA modules are an error unless `partial` (then they are skipped).
+  static Model load(const std::string& path, const std::vector<LoraSpec>& loras, bool partial = false,
+                    LoraApplyStats* stats = nullptr);
   static Model from_checkpoint(const Checkpoint& ckpt);
 
   const std::string& path() const { return path_; }
@@ -120,6 +126,14 @@ class Model {
   std::shared_ptr<Checkpoint> ckpt_;
   std::map<std::string, Linear, std::less<>> linears_;
   std::string strip(std::string_view name) const;
+  // A transform of every bound layer before its Linear is built: `prepare` gets all layer names
+  // (without the prefix) first, `apply` each (name, layer). The LoRA loader (defined in the convert
+  // layer, src/convert/lora_model.cpp) is one; nn itself knows nothing of LoRAs.
+  struct LayerTransform {
+    std::function<void(const std::vector<std::string>& names)> prepare;
+    std::function<QuantizedLayer(const std::string& name, QuantizedLayer layer)> apply;
+  };
+  static Model build(const Checkpoint& ckpt, const LayerTransform* transform);
 };
 
 Model load_checkpoint(const std::string& path);

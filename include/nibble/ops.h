@@ -62,6 +62,30 @@ Tensor svdquant_linear(const Tensor& x, const SvdquantW4A4Prepared& w,
 Tensor svdquant_linear(const Tensor& x, const SvdquantW4A4Params& p,
                        std::optional<DType> out_dtype = std::nullopt);
 
+// ---------------------------------------------------------------- weight side prepared for the kitchen ops
+// The kitchen ops receive the stored weights on every call. These derive the weight side once into
+// owned buffers that reference nothing of the inputs (the Python adapter caches them per weight
+// tensor); each call then passes the same weights again together with the prepared form.
+// AWQ: the tiled GEMV stream of prepare_awq_w4a16 (undefined when this CPU / group size has none).
+Tensor prepare_awq_w4a16_stream(const Tensor& qweight, const Tensor& wscales, const Tensor& wzeros,
+                                int64_t group_size = 64);
+Tensor gemv_awq_w4a16_prepared(const Tensor& x, const Tensor& qweight, const Tensor& wscales,
+                               const Tensor& wzeros, const Tensor& bias, int64_t group_size,
+                               std::optional<DType> out_dtype, const Tensor& stream);
+// SVDQuant: the packed GEMM side (weights, scales, proj_up) of scaled_mm_svdquant_w4a4.
+std::shared_ptr<const SvdquantW4A4Prepared> prepare_svdquant_w4a4_gemm(const Tensor& wgt,
+                                                                       const Tensor& wscales,
+                                                                       const Tensor& proj_up);
+int64_t prepared_nbytes(const SvdquantW4A4Prepared& w);  // bytes the prepared form holds
+// scaled_mm_svdquant_w4a4 with `gemm` from prepare_svdquant_w4a4_gemm of the same wgt/wscales/proj_up.
+// Only act rows [0, rows) are computed (rows < 0: all); the output of rows ≥ rows is 0 + bias, which
+// is exact when those rows have zero ascales and zero lora_act (the kitchen's M padding, spec §3.3).
+Tensor scaled_mm_svdquant_w4a4_prepared(const Tensor& act, const Tensor& wgt, const Tensor& ascales,
+                                        const Tensor& wscales, const Tensor& lora_act,
+                                        const Tensor& proj_up, const Tensor& bias, bool act_unsigned,
+                                        std::optional<DType> out_dtype,
+                                        const SvdquantW4A4Prepared& gemm, int64_t rows = -1);
+
 // ---------------------------------------------------------------- dense helpers
 // y = x·Wᵀ + b in fp32 (x (..., K) any float dtype, W (N, K) F32|BF16|F16). The float baseline and
 // the eager fallback of formats without a fused kernel. Threaded, ISA dispatched.

@@ -93,15 +93,48 @@ class QwenImageTransformer {
 };
 
 // ---- flow-matching sampling (ComfyUI's Qwen-Image model sampling: discrete flow, shift)
+// What ComfyUI does for a Qwen-Image model (see docs/sampling.md for the sources):
+//   sigma(t) = shift·t / (1 + (shift − 1)·t) on a table t = i/T, i = 1..T (ModelSamplingAuraFlow:
+//   T = 1000, the node's shift; without a ModelSampling node the model's own ModelSamplingFlux:
+//   T = 10000, exp(1.15)·t / (exp(1.15)·t + 1 − t), i.e. the same curve with shift e^1.15 ≈ 3.158);
+//   the model is called with timestep = sigma; Euler: x ← x + v·(σ_{i+1} − σ_i) with
+//   v = v_neg + cfg·(v_pos − v_neg) (ComfyUI applies cfg to x − σ·v, which is the same affine map).
 struct SamplerOptions {
   int steps = 20;
-  double cfg = 1.0;      // classifier-free guidance scale (used when a negative is given)
-  double shift = 3.1;    // ComfyUI's ModelSamplingAuraFlow default for Qwen-Image workflows
-  double denoise = 1.0;
+  double cfg = 1.0;      // classifier-free guidance scale (used when a negative is given; 1 → one call)
+  double shift = 3.1;    // ComfyUI's ModelSamplingAuraFlow default in its Qwen-Image workflow template
+  double denoise = 1.0;  // < 1: the last steps of a schedule of int(steps/denoise) steps (img2img)
+  std::string scheduler = "simple";  // "simple" (ComfyUI's default in Qwen workflows) | "normal"
+  bool model_sampling_default = false;  // true: no ModelSampling node (ModelSamplingFlux, shift 1.15
+                                        // as mu, 10000-entry table); `shift` is then ignored
 };
 // The model as the sampler sees it: prediction for latent x at sigma, for one conditioning.
 using DenoiseFn = std::function<Tensor(const Tensor& x, double sigma, bool negative)>;
 // Called after every step with (step index from 0, steps, seconds of that step).
 using StepCallback = std::function<void(int, int, double)>;
+
+// The sigma schedule ComfyUI's KSampler computes (float32 values, as torch computes them): steps+1
+// values from sigma_max (1.0 at denoise 1) down to 0. Empty when denoise ≤ 0. Throws on bad
+// options (steps < 1, unknown scheduler, shift ≤ 0, denoise > 1).
+std::vector<float> flow_sigmas(const SamplerOptions& options);
+
+// Standard normal noise of `shape` from nibble's own counter-based generator (splitmix64 +
+// Box-Muller): a pure function of (seed, element index), identical for any thread count. ComfyUI
+// draws its noise with torch.randn on a CPU torch.Generator; that stream is not reproduced, so the
+// same seed gives a different (equally distributed) noise than ComfyUI.
+Tensor flow_noise(const Shape& shape, uint64_t seed);
+
+// Euler over `sigmas` in the model's latent space, starting from x (already noise-scaled).
+// negative: also call the model with negative = true and combine with cfg (skipped when cfg == 1,
+// as ComfyUI does). Returns fp32 of x's shape.
+Tensor sample_euler(const DenoiseFn& model, const Tensor& x, const std::vector<float>& sigmas, double cfg,
+                    bool negative, const StepCallback& on_step = {});
+
+// ComfyUI's KSampler for a Qwen-Image model, in the space of `.latent` files: latent (B, 16, [T,]
+// H, W) — zeros for an empty latent (not normalised, as ComfyUI skips an all-zero latent) — is
+// normalised with the Wan 2.1 latent format (latent.h), noised as σ0·noise + (1 − σ0)·latent,
+// sampled with sample_euler, and the result de-normalised. noise: the latent's shape.
+Tensor sample_flow(const DenoiseFn& model, const Tensor& latent, const Tensor& noise, const SamplerOptions& options,
+                   bool negative, const StepCallback& on_step = {});
 
 }  // namespace nibble::nn

@@ -9,8 +9,12 @@ The kitchen ops (comfy-kitchen signatures, FORMATS.md §6)::
 
 Arrays go in as numpy arrays (bfloat16 via ml_dtypes), torch CPU tensors or any DLPack / buffer
 protocol object, zero-copy when C-contiguous. Results are numpy arrays owning the library's
-buffers, or torch tensors (zero-copy) when the first array argument was a torch tensor. Bad input
-raises nibble.Error, a ValueError naming the argument and what was expected.
+buffers, or torch tensors (zero-copy) when the first array argument was a torch tensor.
+
+Errors: everything the library raises derives from nibble.Error. Bad input (argument, shape,
+dtype, format, file content) raises nibble.InputError, a ValueError naming the argument and what
+was expected; a file that cannot be opened, read or written, or is truncated, raises
+nibble.FileError, an OSError (``.errno`` set when the OS reported one).
 
 Checkpoints: nibble.load(path) → Model (``.layers``: name → callable Layer), nibble.inspect(path),
 nibble.convert(...), nibble.load_file / save_file (safetensors). Runtime: nibble.isa(),
@@ -23,6 +27,8 @@ import numpy as _np
 from . import _core
 from ._core import (  # noqa: F401  (re-exported)
     Error,
+    FileError,
+    InputError,
     Layer,
     Model,
     compiled_isas,
@@ -36,12 +42,15 @@ from ._core import (  # noqa: F401  (re-exported)
 
 __version__ = _core.__version__
 
+from .conditioning import load_conditioning, load_latent, save_conditioning, save_latent  # noqa: E402,F401
+
 __all__ = [
-    "Error", "Layer", "Model", "__version__",
+    "Error", "FileError", "InputError", "Layer", "Model", "__version__",
     "gemv_awq_w4a16", "quantize_svdquant_w4a4", "scaled_mm_svdquant_w4a4", "linear",
     "load", "inspect", "convert", "write_sample_checkpoint", "load_file", "save_file", "read_metadata",
     "isa", "set_isa", "supported_isas", "compiled_isas", "cpu_features",
     "num_threads", "set_num_threads",
+    "save_conditioning", "load_conditioning", "save_latent", "load_latent",
 ]
 
 
@@ -130,12 +139,41 @@ def linear(x, weight, bias=None):
 
 
 # ---------------------------------------------------------------- checkpoints
-def load(path) -> Model:
+def load(path, loras=None, partial=False) -> Model:
     """Map a checkpoint (.safetensors, .safetensors.index.json or a shard directory) and bind
     every linear layer (nibble's runtime). ``model.layers[name](x)`` or ``model[name](x)`` runs
     the layer: x (..., K) → (..., N) in x's dtype (float32 / bfloat16 / float16) unless
-    ``out_dtype`` is given; the layer computes in fp32."""
-    return _core.load(str(path))
+    ``out_dtype`` is given; the layer computes in fp32.
+
+    ``loras``: ``[(file, strength), ...]`` (or bare file names, strength 1) applied at load,
+    nothing written: svdquant_w4a4 layers grow their low-rank branch exactly, awq_w4a16 layers are
+    requantized, float layers merged (docs/lora.md). ``partial``: skip LoRA modules that match no
+    layer instead of raising."""
+    specs = [(str(l), 1.0) if isinstance(l, (str, bytes)) or hasattr(l, "__fspath__")
+             else (str(l[0]), float(l[1])) for l in (loras or [])]
+    return _core.load(str(path), specs, bool(partial))
+
+
+def import_checkpoint(format, input, output, *, group_size=0, out_group_size=0, scale_dtype="",
+                      arch="", hidden=0, mod_scale_shift=True) -> dict:
+    """``nibble import FORMAT IN -o OUT``: AutoAWQ (``"autoawq"``, GEMM packing) or nunchaku
+    (``"nunchaku"``, SVDQuant INT4 Qwen-Image) → kitchen-native awq_w4a16 / svdquant_w4a4, codes
+    copied bit-exactly (docs/import.md). Returns the report (dict). Written atomically."""
+    import json
+
+    return json.loads(_core.import_checkpoint(str(format), str(input), str(output), int(group_size),
+                                              int(out_group_size), str(scale_dtype), str(arch),
+                                              int(hidden), bool(mod_scale_shift)))
+
+
+def apply_loras(ckpt, loras, output, *, partial=False) -> dict:
+    """``nibble lora CKPT LORA[:S]... -o OUT``: bake LoRAs ``[(file, strength), ...]`` into a
+    checkpoint (docs/lora.md). Returns the statistics (dict, with the unmatched modules)."""
+    import json
+
+    specs = [(str(l), 1.0) if isinstance(l, (str, bytes)) or hasattr(l, "__fspath__")
+             else (str(l[0]), float(l[1])) for l in loras]
+    return json.loads(_core.apply_loras(str(ckpt), specs, str(output), bool(partial)))
 
 
 def inspect(path, filter: str = "", as_text: bool = False):
@@ -152,14 +190,17 @@ def inspect(path, filter: str = "", as_text: bool = False):
 def convert(input, output=None, *, format=None, preset="", rules=(), exclude=(), rank=32,
             group_size=64, tile=False, svd="randomized", refine=2, calib=None,
             allow_requantize=False, mem_budget=0, shard_size=0, threads=0, dry_run=False,
-            progress=None):
+            progress=None, share=(), strict=False, force=False):
     """Convert float linears of a checkpoint to awq_w4a16 / svdquant_w4a4 (``nibble convert``).
 
     ``format``: quantize every eligible linear to this format (the rule ``.*=FORMAT``);
     ``rules``: ``"REGEX=FORMAT[:opt=v,...]"`` strings (``--tensor-type``), first match wins;
     ``preset``: ``"qwen-image"`` (the kitchen Qwen-Image-Edit map, spec §7); ``exclude``: regexes
     of layers copied unchanged. ``rank`` / ``group_size`` / ``tile`` (tile-packed svdquant) /
-    ``svd`` ("randomized" | "exact") / ``refine`` / ``calib`` (statistics file) as in the CLI.
+    ``svd`` ("randomized" | "exact") / ``refine`` / ``calib`` (statistics file, see
+    ``nibble.calib.Recorder``) / ``share`` (regexes of layers reading one input) / ``strict`` /
+    ``force`` as in the CLI. Embedding tables, norms, convolutions and the pooler are never
+    quantized by ``format``; a rule or preset matching nothing raises nibble.Error.
     ``progress(dict)`` is called per written tensor. Returns the report (dict, as ``--json``),
     or with ``dry_run=True`` the plan, writing nothing. The output is written atomically.
     """
@@ -167,7 +208,8 @@ def convert(input, output=None, *, format=None, preset="", rules=(), exclude=(),
                            list(rules), list(exclude), int(rank), int(group_size), bool(tile),
                            svd, int(refine), None if calib is None else str(calib),
                            bool(allow_requantize), int(mem_budget), int(shard_size),
-                           int(threads), bool(dry_run), progress)
+                           int(threads), bool(dry_run), progress, list(share), bool(strict),
+                           bool(force))
     if isinstance(result, str):
         import json
 

@@ -36,12 +36,27 @@ nb::dict plan_dict(const nibble::ConvertPlan& plan) {
     e["bytes_before"] = l.bytes_before;
     e["bytes_after"] = l.bytes_after;
     e["group"] = l.group;
+    e["rule"] = l.rule;
+    e["act_unsigned"] = l.act_unsigned;
+    e["calib"] = l.calib_key;
     nb::dict o;
     for (const auto& [k, v] : l.opts) o[k.c_str()] = v;
     e["opts"] = o;
     layers.append(e);
   }
   d["layers"] = layers;
+  d["linear_layers_found"] = plan.linear_layers;
+  d["linear_layers_kept"] = plan.kept_layers;
+  nb::list skipped;
+  for (const auto& s : plan.skipped) {
+    nb::dict e;
+    e["name"] = s.name;
+    e["reason"] = s.reason;
+    skipped.append(e);
+  }
+  d["skipped"] = skipped;
+  d["warnings"] = plan.warnings;
+  d["notes"] = plan.notes;
   d["tensors_total"] = plan.tensors_total;
   d["passthrough_tensors"] = plan.passthrough_tensors;
   d["bytes_in"] = plan.bytes_in;
@@ -56,7 +71,7 @@ nb::object convert(const std::string& in, const std::optional<std::string>& out,
                    int64_t rank, int64_t group_size, bool tile, const std::string& svd, int refine,
                    const std::optional<std::string>& calib, bool allow_requantize,
                    uint64_t mem_budget, uint64_t shard_size, int threads, bool dry_run,
-                   nb::object progress) {
+                   nb::object progress, const std::vector<std::string>& share, bool strict, bool force) {
   nibble::ConvertOptions o;
   o.preset = preset;
   for (const auto& r : rules) o.rules.push_back(nibble::parse_convert_rule(r));
@@ -72,6 +87,9 @@ nb::object convert(const std::string& in, const std::optional<std::string>& out,
   if (mem_budget) o.mem_budget = mem_budget;
   o.shard_size = shard_size;
   o.threads = threads;
+  o.share = share;
+  o.strict = strict;
+  o.force = force;
   if (dry_run) {
     nibble::ConvertPlan plan;
     {
@@ -117,7 +135,8 @@ void bind_convert(nb::module_& m) {
         nb::arg("rank") = 32, nb::arg("group_size") = 64, nb::arg("tile") = false,
         nb::arg("svd") = "randomized", nb::arg("refine") = 2, nb::arg("calib").none() = nb::none(),
         nb::arg("allow_requantize") = false, nb::arg("mem_budget") = 0, nb::arg("shard_size") = 0,
-        nb::arg("threads") = 0, nb::arg("dry_run") = false, nb::arg("progress").none() = nb::none());
+        nb::arg("threads") = 0, nb::arg("dry_run") = false, nb::arg("progress").none() = nb::none(),
+        nb::arg("share") = std::vector<std::string>{}, nb::arg("strict") = false, nb::arg("force") = false);
 }
 
 }  // namespace nibble_py

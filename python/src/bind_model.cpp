@@ -7,6 +7,7 @@
 // asks otherwise (torch.nn.Linear semantics; float32 keeps the exact fp32 result).
 #include <nanobind/stl/map.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
@@ -63,10 +64,17 @@ nb::dict layer_params(const PyLayer& self) {
   return d;
 }
 
-std::shared_ptr<PyModel> load(const std::string& path) {
+std::shared_ptr<PyModel> load(const std::string& path, const std::vector<std::pair<std::string, float>>& loras,
+                              bool partial) {
   auto m = std::make_shared<PyModel>();
   nb::gil_scoped_release unlocked;
-  m->model = nibble::nn::Model::load(path);
+  if (loras.empty()) {
+    m->model = nibble::nn::Model::load(path);
+  } else {  // LoRAs applied at load (nibble/lora.h)
+    std::vector<nibble::LoraSpec> specs;
+    for (const auto& [file, strength] : loras) specs.push_back({file, strength});
+    m->model = nibble::nn::Model::load(path, specs, partial);
+  }
   return m;
 }
 
@@ -166,7 +174,8 @@ void bind_model(nb::module_& m) {
                " linear layers>";
       });
 
-  m.def("load", &load, nb::arg("path"));
+  m.def("load", &load, nb::arg("path"), nb::arg("loras") = std::vector<std::pair<std::string, float>>{},
+        nb::arg("partial") = false);
   m.def("write_sample_checkpoint",
         [](const std::string& path, uint64_t seed, int64_t hidden, int64_t rank,
            const std::string& prefix, bool configs_in_metadata) {

@@ -6,7 +6,9 @@
 //   convert_jobs.cpp    one job = one layer (or a group sharing its input) quantized in memory
 //   convert_output.cpp  streaming the planned tensors to OUT (atomic, sharded), the report
 #pragma once
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <regex>
 #include <set>
@@ -88,6 +90,7 @@ struct Job {
   std::vector<std::string> members;   // layer prefixes
   std::map<std::string, std::string> opts;
   uint64_t mem_estimate = 0;
+  std::string calib_key;              // the statistics all members use ("" = weight-only)
 };
 
 struct FullPlan {
@@ -95,6 +98,7 @@ struct FullPlan {
   std::vector<OutTensor> outputs;
   std::vector<Job> jobs;
   std::map<std::string, std::string> metadata;
+  std::map<std::string, ActStats> calib;  // the --calib file
 };
 
 struct LayerInfo {
@@ -139,6 +143,7 @@ constexpr DType kStoreDtype = DType::BF16;
 // ---- stages
 FullPlan make_plan(const Checkpoint& ck, const ConvertOptions& o);
 
+std::string find_stats_key(const std::map<std::string, ActStats>& calib, const std::string& layer);
 const ActStats* find_stats(const std::map<std::string, ActStats>& calib, const std::string& layer);
 
 struct JobResult {

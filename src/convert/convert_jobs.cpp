@@ -31,7 +31,7 @@ void load_quantized(const LayerSource& src, Tensor* W, Tensor* B) {
   QuantizedLayer ql = bind_layer(src);
   *W = dequantize(ql);
   *B = ql.bias.defined() ? ql.bias.to_f32().clone() : Tensor();
-  if (ql.format && ql.format->name == "svdquant_w4a4" && ql.act_unsigned) {
+  if (ql.format && ql.format->has_act_unsigned && ql.act_unsigned) {
     SvdquantW4A4Params p = svdquant_params(ql);
     Tensor pu = (p.proj_up.dim() == 3 ? tile_unpack_proj_up(p.proj_up) : p.proj_up).to_f32();
     Tensor pd = p.proj_down.to_f32();
@@ -68,19 +68,23 @@ JobResult run_job_impl(const Checkpoint& ck, const Job& job, const ConvertOption
     if (ck.contains(m + ".bias") && ck.info(m + ".bias").shape == Shape{Ws.back().size(0)}) Bs.push_back(ck.get(m + ".bias"));
     else { Bs.push_back(Tensor()); all_bias = false; }
   }
-  const ActStats* stats = find_stats(calib, job.members.front());
+  const ActStats* stats = nullptr;
+  if (!job.calib_key.empty()) stats = &calib.at(job.calib_key);
   if (job.format == "awq_w4a16") {
     AwqQuantOptions ao;
     ao.group_size = r.group_size;
     ao.scale_dtype = kStoreDtype;
     ao.calib = stats;
+    ao.improved_search = o.search != "legacy";
     double err = 0;
+    QuantInfo info;
     ao.weight_rel_error = &err;
+    ao.info = &info;
     AwqW4A16Params p = quantize_awq_w4a16(Ws[0], Bs[0], ao);
     std::map<std::string, Tensor> t;
     for (auto& [k, v] : layer_tensors(p)) t[k] = v;
     res.tensors.push_back(t);
-    LayerResult lr{job.members[0], job.format, p.N, p.K, 0, 0, err, 0};
+    LayerResult lr{job.members[0], job.format, p.N, p.K, 0, 0, err, 0, 0, info};
     res.layers.push_back(lr);
   } else {
     SvdquantQuantOptions so;
@@ -91,8 +95,15 @@ JobResult run_job_impl(const Checkpoint& ck, const Job& job, const ConvertOption
     so.refine_iterations = r.refine;
     so.dtype = kStoreDtype;
     so.calib = stats;
+    if (o.search == "legacy") {
+      so.alpha_grid = {0.3f, 0.4f, 0.5f, 0.6f, 0.7f};
+      so.fine_search = false;
+      so.refit_lowrank = false;
+    }
     std::vector<double> errs;
+    std::vector<QuantInfo> infos;
     so.weight_rel_errors = &errs;
+    so.info = &infos;
     std::vector<Tensor> biases;
     // Members without a bias get none (unless act_unsigned, which always writes the corrected one).
     for (auto& b : Bs) biases.push_back(b.defined() ? b : Tensor());
@@ -110,7 +121,8 @@ JobResult run_job_impl(const Checkpoint& ck, const Job& job, const ConvertOption
       std::map<std::string, Tensor> t;
       for (auto& [k, v] : layer_tensors(ps[i])) t[k] = v;
       res.tensors.push_back(t);
-      res.layers.push_back({job.members[i], job.format, ps[i].N, ps[i].K, 0, 0, errs[i], 0});
+      res.layers.push_back({job.members[i], job.format, ps[i].N, ps[i].K, 0, 0, errs[i], 0, ps[i].R,
+                          i < infos.size() ? infos[i] : QuantInfo{}});
     }
   }
   for (const auto& w : Ws) release_pages(w);

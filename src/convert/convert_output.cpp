@@ -20,12 +20,101 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <signal.h>
+#include <sys/types.h>
+
+#include <atomic>
+#include <cerrno>
+
 #include "convert_internal.h"
 #include "nibble/safetensors.h"
 #include "nibble/thread_pool.h"
 
 namespace nibble {
 using namespace convert_detail;
+
+// ---- interrupted runs
+// Paths of temporary (and committed-but-unfinished) output files, kept in fixed slots so the signal
+// handler can unlink them with async-signal-safe calls only.
+namespace {
+constexpr int kTempSlots = 64;
+struct TempSlot {
+  std::atomic<bool> used{false};
+  char path[4096];
+};
+TempSlot g_temp[kTempSlots];
+
+int register_temp(const std::string& p) {
+  if (p.size() >= sizeof(g_temp[0].path)) return -1;
+  for (int i = 0; i < kTempSlots; ++i) {
+    bool expected = false;
+    if (g_temp[i].used.load() || !g_temp[i].used.compare_exchange_strong(expected, true)) continue;
+    std::memcpy(g_temp[i].path, p.c_str(), p.size() + 1);
+    return i;
+  }
+  return -1;
+}
+void unregister_temp(int slot) {
+  if (slot >= 0) g_temp[slot].used.store(false);
+}
+
+extern "C" void convert_signal_handler(int sig) {
+  for (auto& t : g_temp)
+    if (t.used.load()) ::unlink(t.path);
+  _exit(128 + sig);
+}
+
+// The writer names its temporary file `.<target>.tmp-<pid>-<n>-<stamp>` in the target directory.
+std::string temp_prefix(const std::string& target, pid_t pid) {
+  return fmt::format(".{}.tmp-{}-", std::filesystem::path(target).filename().string(), pid);
+}
+std::string find_own_temp(const std::string& target) {
+  const std::filesystem::path t(target);
+  const std::filesystem::path dir = t.has_parent_path() ? t.parent_path() : std::filesystem::path(".");
+  const std::string pre = temp_prefix(target, getpid());
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec))
+    if (e.path().filename().string().rfind(pre, 0) == 0) return e.path().string();
+  return "";
+}
+}  // namespace
+
+void install_convert_signal_cleanup() {
+  struct sigaction sa {};
+  sa.sa_handler = convert_signal_handler;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+}
+
+std::vector<std::string> remove_stale_temp_files(const std::string& out) {
+  namespace fs = std::filesystem;
+  const fs::path t(out);
+  const fs::path dir = t.has_parent_path() ? t.parent_path() : fs::path(".");
+  const std::string file = t.filename().string();
+  std::string stem = file;
+  if (ends_with(stem, ".safetensors")) stem.resize(stem.size() - 12);
+  const std::regex shard(std::regex_replace(stem, std::regex(R"([.^$|()\[\]{}*+?\\])"), R"(\$&)") +
+                         R"(-\d{5}-of-\d{5}\.safetensors)");
+  std::vector<std::string> removed;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string n = e.path().filename().string();
+    const auto tp = n.rfind(".tmp-");
+    if (n.empty() || n[0] != '.' || tp == std::string::npos) continue;
+    const std::string base = n.substr(1, tp - 1);
+    if (base != file && base != stem + ".safetensors.index.json" && !std::regex_match(base, shard)) continue;
+    const std::string rest = n.substr(tp + 5);
+    const auto dash = rest.find('-');
+    if (dash == std::string::npos || dash == 0) continue;
+    pid_t pid = 0;
+    try { pid = pid_t(std::stol(rest.substr(0, dash))); } catch (const std::exception&) { continue; }
+    if (pid <= 0 || pid == getpid()) continue;
+    if (::kill(pid, 0) == 0 || errno != ESRCH) continue;  // the writer still runs (or is not ours to judge)
+    if (fs::remove(e.path(), ec)) removed.push_back(e.path().string());
+  }
+  return removed;
+}
 
 // ---- sharded output
 // One file at OUT, or (shard_size > 0 and the output larger than it) shards of at most shard_size
@@ -68,12 +157,24 @@ class ConvertOutput {
     metadata_ = fp.metadata;
   }
   ~ConvertOutput() {
+    for (int s : slots_) unregister_temp(s);
     if (!done_)
       for (size_t k = 0; k < committed_; ++k) std::remove(paths_[k].c_str());
   }
   SafetensorsWriter& writer(const std::string& name) { return *writers_[shard_of_.at(name)]; }
+  void write_tensor(const std::string& name, const Tensor& t) {
+    writer(name).write_tensor(name, t);
+    started(name);
+  }
+  void write(const std::string& name, const void* data, size_t n) {
+    writer(name).write(name, data, n);
+    started(name);
+  }
   void commit() {
-    for (; committed_ < writers_.size(); ++committed_) writers_[committed_]->commit();
+    for (; committed_ < writers_.size(); ++committed_) {
+      writers_[committed_]->commit();
+      if (!index_path_.empty()) slots_.push_back(register_temp(paths_[committed_]));  // removed if interrupted
+    }
     if (!index_path_.empty()) {
       auto meta = metadata_;
       meta["total_size"] = std::to_string(total_);
@@ -84,6 +185,16 @@ class ConvertOutput {
   const std::vector<std::string>& paths() const { return paths_; }
 
  private:
+  // After the first bytes of a shard: its temporary file exists; let the signal handler know it.
+  void started(const std::string& name) {
+    const size_t k = shard_of_.at(name);
+    if (registered_.count(k)) return;
+    registered_.insert(k);
+    const std::string tmp = find_own_temp(paths_[k]);
+    if (!tmp.empty()) slots_.push_back(register_temp(tmp));
+  }
+  std::set<size_t> registered_;
+  std::vector<int> slots_;
   std::string out_, index_path_;
   std::vector<std::string> paths_;
   std::vector<std::unique_ptr<SafetensorsWriter>> writers_;
@@ -100,13 +211,14 @@ ConvertReport convert_checkpoint(const std::string& in, const std::string& out, 
   if (o.threads > 0) set_num_threads(o.threads);
   Checkpoint ck = Checkpoint::open(in);
   FullPlan fp = make_plan(ck, o);
-  std::map<std::string, ActStats> calib;
-  if (!o.calib_path.empty()) calib = load_calib_stats(o.calib_path);
+  const std::map<std::string, ActStats>& calib = fp.calib;
   // Never write over an input file.
   for (const auto& sh : ck.shards())
     if (std::filesystem::exists(out) && std::filesystem::equivalent(sh->path(), out))
       throw Error(fmt::format("convert: output {} is an input file", out));
 
+  for (const auto& f : remove_stale_temp_files(out))
+    fp.summary.notes.push_back(fmt::format("removed {}, a temporary file left by an interrupted run", f));
   ConvertReport report;
   report.plan = fp.summary;
   ConvertOutput output(out, fp, o.shard_size);
@@ -141,11 +253,11 @@ ConvertReport convert_checkpoint(const std::string& in, const std::string& out, 
     pr.shape = ot.shape;
     if (ot.job < 0 && ot.json.empty()) {
       Tensor t = ck.get(ot.source);
-      output.writer(ot.name).write_tensor(ot.name, t);
+      output.write_tensor(ot.name, t);
       release_pages(t);
       pr.bytes_before = pr.bytes_after = t.nbytes();
     } else if (!ot.json.empty()) {
-      output.writer(ot.name).write(ot.name, ot.json.data(), ot.json.size());
+      output.write(ot.name, ot.json.data(), ot.json.size());
       pr.format = "comfy_quant";
       pr.bytes_after = ot.json.size();
     } else {
@@ -182,7 +294,7 @@ ConvertReport convert_checkpoint(const std::string& in, const std::string& out, 
       if (t.dtype() != ot.dtype || t.shape() != ot.shape)
         throw Error(fmt::format("convert: internal plan mismatch for {}: planned {} {}, got {} {}", ot.name,
                                 dtype_name(ot.dtype), shape_str(ot.shape), dtype_name(t.dtype()), shape_str(t.shape())));
-      output.writer(ot.name).write_tensor(ot.name, t);
+      output.write_tensor(ot.name, t);
       pr.format = fp.jobs[size_t(ot.job)].format;
       pr.bytes_after = t.nbytes();
       const std::string layer = jr.layers[size_t(ot.member)].name;
@@ -207,13 +319,21 @@ ConvertReport convert_checkpoint(const std::string& in, const std::string& out, 
 
 std::string convert_report_json(const ConvertReport& r) {
   nlohmann::ordered_json j;
+  auto num = [](double v) { return std::isfinite(v) ? nlohmann::ordered_json(v) : nlohmann::ordered_json(nullptr); };
   j["seconds"] = r.seconds;
   j["peak_rss_bytes"] = r.peak_rss;
+  j["linear_layers_found"] = r.plan.linear_layers;
+  j["layers_quantized"] = r.plan.layers.size();
+  j["linear_layers_kept"] = r.plan.kept_layers;
   j["tensors_total"] = r.plan.tensors_total;
   j["passthrough_tensors"] = r.plan.passthrough_tensors;
   j["bytes_in"] = r.plan.bytes_in;
   j["bytes_out"] = r.plan.bytes_out;
   j["file_size"] = r.plan.file_size;
+  j["warnings"] = r.plan.warnings;
+  j["notes"] = r.plan.notes;
+  auto& sk = j["skipped"] = nlohmann::ordered_json::array();
+  for (const auto& s : r.plan.skipped) sk.push_back({{"name", s.name}, {"reason", s.reason}});
   auto& L = j["layers"] = nlohmann::ordered_json::array();
   std::map<std::string, const LayerResult*> res;
   for (const auto& l : r.layers) res[l.name] = &l;
@@ -226,16 +346,75 @@ std::string convert_report_json(const ConvertReport& r) {
     e["source_dtype"] = lp.source_dtype;
     e["bytes_before"] = lp.bytes_before;
     e["bytes_after"] = lp.bytes_after;
+    e["rule"] = lp.rule;
+    if (lp.format == "svdquant_w4a4") e["act_unsigned"] = lp.act_unsigned;
     if (!lp.group.empty()) e["group"] = lp.group;
+    e["calib"] = lp.calib_key.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(lp.calib_key);
     if (auto it = res.find(lp.name); it != res.end()) {
-      e["weight_rel_error"] = it->second->weight_rel_error;
-      e["seconds"] = it->second->seconds;
-      max_err = std::max(max_err, it->second->weight_rel_error);
+      const LayerResult& l = *it->second;
+      if (lp.format == "svdquant_w4a4") {
+        e["rank"] = l.rank;
+        e["alpha"] = l.info.alpha >= 0 ? nlohmann::ordered_json(l.info.alpha) : nlohmann::ordered_json(nullptr);
+        e["beta"] = l.info.beta >= 0 ? nlohmann::ordered_json(l.info.beta) : nlohmann::ordered_json(nullptr);
+        e["alpha_on_grid_edge"] = l.info.alpha_on_edge;
+      } else {
+        e["clip_ratio_mean"] = l.info.clip_ratio_mean;
+      }
+      e["calibration_sample_rows"] = l.info.sample_rows;
+      e["snr_db_before"] = num(l.info.snr_before_db);
+      if (lp.format == "svdquant_w4a4") e["snr_db_lowrank_only"] = num(l.info.snr_lowrank_db);
+      e["snr_db_after"] = num(l.info.snr_after_db);
+      e["weight_rel_error"] = l.weight_rel_error;
+      e["seconds"] = l.seconds;
+      max_err = std::max(max_err, l.weight_rel_error);
     }
     L.push_back(e);
   }
   j["max_weight_rel_error"] = max_err;
   return j.dump(2);
+}
+
+std::string convert_summary_text(const ConvertReport& r) {
+  const ConvertPlan& p = r.plan;
+  std::map<std::string, int64_t> by_format;
+  int64_t grouped = 0, calibrated = 0, edge = 0, with_snr = 0;
+  std::set<std::string> groups;
+  for (const auto& l : p.layers) {
+    by_format[l.format]++;
+    if (!l.group.empty()) { ++grouped; groups.insert(l.group.front()); }
+  }
+  double snr0 = 0, snr1 = 0, max_err = 0;
+  for (const auto& l : r.layers) {
+    max_err = std::max(max_err, l.weight_rel_error);
+    if (l.info.calibrated) ++calibrated;
+    if (l.info.alpha_on_edge) ++edge;
+    if (std::isfinite(l.info.snr_before_db) && std::isfinite(l.info.snr_after_db)) {
+      ++with_snr;
+      snr0 += l.info.snr_before_db;
+      snr1 += l.info.snr_after_db;
+    }
+  }
+  std::string fmts;
+  for (const auto& [f, n] : by_format) fmts += fmt::format("{}{} {}", fmts.empty() ? "" : ", ", n, f);
+  auto mib = [](uint64_t b) { return double(b) / (1024.0 * 1024.0); };
+  std::string s = fmt::format(
+      "linear layers: {} found, {} quantized ({}{}), {} left as they are\n"
+      "tensors: {} in the output, {} of them copied unchanged; {} input tensors are not linear layers (skipped)\n",
+      p.linear_layers, p.layers.size(), fmts.empty() ? "none" : fmts,
+      grouped ? fmt::format("; {} of them in {} groups sharing their input", grouped, groups.size()) : "",
+      p.kept_layers, p.tensors_total, p.passthrough_tensors, p.skipped.size());
+  if (!r.layers.empty()) {
+    s += fmt::format("calibration: {} of {} quantized layers calibrated", calibrated, r.layers.size());
+    if (with_snr)
+      s += fmt::format("; mean output SNR on the calibration sample {:.2f} dB before (plain int4) → {:.2f} dB after, "
+                       "over {} layers", snr0 / double(with_snr), snr1 / double(with_snr), with_snr);
+    if (edge) s += fmt::format("; smoothing exponent on the edge of its grid in {} layers", edge);
+    s += fmt::format("\nmax weight rel. error {:.4f} (‖W_eff − W‖/‖W‖; calibration lowers output error, not this)\n", max_err);
+  }
+  if (r.seconds > 0)
+    s += fmt::format("{:.1f} s, {:.1f} MiB → {:.1f} MiB ({:.1f} MB/s input), peak RSS {:.0f} MiB\n", r.seconds, mib(p.bytes_in),
+                     mib(p.file_size), double(p.bytes_in) / 1e6 / std::max(r.seconds, 1e-9), mib(r.peak_rss));
+  return s;
 }
 
 }  // namespace nibble

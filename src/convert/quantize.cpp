@@ -16,6 +16,8 @@
 #include "nibble/thread_pool.h"
 #include "svd.h"
 
+#include <Eigen/Dense>
+
 namespace nibble {
 namespace {
 
@@ -103,10 +105,17 @@ AwqW4A16Params quantize_awq_w4a16(const Tensor& Win, const Tensor& bias, const A
   if (G <= 0 || G % 2 != 0 || K % G != 0)
     throw Error(fmt::format("awq_w4a16 quantize: group_size {} must be even and divide K = {}", G, K));
   const int64_t NG = K / G;
+  // Importance of each input channel in the output error Σ_k E[x_k²]·e_k²: E[x²] (mean_sq) with the
+  // improved search, else mean|x|² (the original AWQ proxy).
   std::vector<float> imp;
-  if (o.calib && o.calib->mean_abs.defined()) imp = stat_vec(o.calib->mean_abs, K, "mean_abs");
+  if (o.calib && o.calib->mean_sq.defined() && o.improved_search) {
+    imp = stat_vec(o.calib->mean_sq, K, "mean_sq");
+  } else if (o.calib && o.calib->mean_abs.defined()) {
+    imp = stat_vec(o.calib->mean_abs, K, "mean_abs");
+    for (float& a : imp) a *= a;
+  }
   std::vector<float> ratios = {1.0f};
-  if (!imp.empty() && o.clip_grid > 0)
+  if (!imp.empty() && o.clip_grid > 0)  // (ratios > 1 only with statistics: weight-only stays min/max)
     for (int i = 1; i <= o.clip_grid; ++i) ratios.push_back(1.0f - float(i) / float(o.clip_grid) * (1.0f - o.min_clip));
 
   Tensor qweight = Tensor::empty(DType::I8, {N, K / 2});
@@ -115,6 +124,7 @@ AwqW4A16Params quantize_awq_w4a16(const Tensor& Win, const Tensor& bias, const A
   uint8_t* qw = reinterpret_cast<uint8_t*>(qweight.mutable_data<int8_t>());
   const DType sd = o.scale_dtype;
   std::vector<double> row_err(static_cast<size_t>(N), 0.0), row_norm(static_cast<size_t>(N), 0.0);
+  std::vector<double> ratio_sum(static_cast<size_t>(N), 0.0);
   parallel_for_range(N, 8, [&](int64_t n0, int64_t n1) {
     std::vector<int> codes(static_cast<size_t>(G)), best_codes(static_cast<size_t>(G));
     for (int64_t n = n0; n < n1; ++n) {
@@ -122,29 +132,64 @@ AwqW4A16Params quantize_awq_w4a16(const Tensor& Win, const Tensor& bias, const A
         const float* v = w + n * K + g * G;
         float lo = v[0], hi = v[0];
         for (int64_t j = 1; j < G; ++j) { lo = std::min(lo, v[j]); hi = std::max(hi, v[j]); }
-        double best_err = std::numeric_limits<double>::infinity();
-        float best_s = 0, best_z = 0;
-        for (float r : ratios) {
-          const float clo = lo * r, chi = hi * r;
-          const float s = round_to(sd, (chi - clo) / 15.0f);
-          float z;
-          if (s > 0) {
-            z = round_to(sd, clo + 8.0f * s);
-          } else {  // constant group: every code 8, value in the zero
-            z = round_to(sd, 0.5f * (lo + hi));
-          }
+        // Error of the (s, z) pair (rounded as stored) with its nearest codes, importance-weighted.
+        auto eval = [&](float s, float z, std::vector<int>& c) {
           double err = 0;
           for (int64_t j = 0; j < G; ++j) {
             int q = 8;
             if (s > 0) q = int(round_even(std::clamp((v[j] - z) / s + 8.0f, -1.0f, 16.0f)));
             q = std::clamp(q, 0, 15);
-            codes[size_t(j)] = q;
+            c[size_t(j)] = q;
             const float e = (float(q - 8) * s + z) - v[j];
-            const double a = imp.empty() ? 1.0 : double(imp[size_t(g * G + j)]);
-            err += a * a * double(e) * double(e);
+            err += (imp.empty() ? 1.0 : imp[size_t(g * G + j)]) * double(e) * double(e);
           }
-          if (err < best_err) { best_err = err; best_s = s; best_z = z; best_codes.swap(codes); }
+          return err;
+        };
+        auto pair_for = [&](float clo, float chi) {
+          const float s = round_to(sd, (chi - clo) / 15.0f);
+          // constant group: every code 8, value in the zero
+          const float z = s > 0 ? round_to(sd, clo + 8.0f * s) : round_to(sd, 0.5f * (lo + hi));
+          return std::pair<float, float>{s, z};
+        };
+        double best_err = std::numeric_limits<double>::infinity();
+        float best_s = 0, best_z = 0, best_r = 1;
+        auto consider = [&](float s, float z, float r) {
+          const double err = eval(s, z, codes);
+          if (err < best_err) { best_err = err; best_s = s; best_z = z; best_r = r; best_codes.swap(codes); }
+        };
+        for (float r : ratios) {
+          auto [s, z] = pair_for(lo * r, hi * r);
+          consider(s, z, r);
         }
+        if (o.improved_search && ratios.size() > 1) {
+          // Asymmetric clipping: the low end with the high end fixed, then the other way round.
+          const float r0 = best_r;
+          float rl = r0;
+          for (float r : ratios) {
+            auto [s, z] = pair_for(lo * r, hi * r0);
+            const double before = best_err;
+            consider(s, z, best_r);
+            if (best_err < before) rl = r;
+          }
+          for (float r : ratios) { auto [s, z] = pair_for(lo * rl, hi * r); consider(s, z, best_r); }
+          // Weighted least-squares refit of (s, z) for the chosen codes, re-rounded (2 rounds).
+          for (int it = 0; it < 2 && best_s > 0; ++it) {
+            double saa = 0, sa = 0, s1 = 0, saw = 0, sw = 0;
+            for (int64_t j = 0; j < G; ++j) {
+              const double a = imp.empty() ? 1.0 : imp[size_t(g * G + j)];
+              const double c = double(best_codes[size_t(j)] - 8);
+              saa += a * c * c, sa += a * c, s1 += a, saw += a * c * v[j], sw += a * v[j];
+            }
+            const double det = saa * s1 - sa * sa;
+            if (!(std::fabs(det) > 1e-30)) break;
+            const double ns = (saw * s1 - sa * sw) / det, nz = (saa * sw - sa * saw) / det;
+            if (!(ns > 0) || !std::isfinite(nz)) break;
+            const double before = best_err;
+            consider(round_to(sd, float(ns)), round_to(sd, float(nz)), best_r);
+            if (!(best_err < before)) break;
+          }
+        }
+        ratio_sum[size_t(n)] += best_r;
         for (int64_t j = 0; j < G; ++j) {
           const double e = double(float(best_codes[size_t(j)] - 8) * best_s + best_z) - v[j];
           row_err[size_t(n)] += e * e;
@@ -169,6 +214,35 @@ AwqW4A16Params quantize_awq_w4a16(const Tensor& Win, const Tensor& bias, const A
   p.wzeros = store16(sd, zeros.data(), {NG, N});
   auto b = bias_f32(bias, N, "awq_w4a16 quantize");
   if (!b.empty()) p.bias = store16(sd, b.data(), {N});
+  if (o.info) {
+    QuantInfo& inf = *o.info;
+    inf = QuantInfo{};
+    inf.calibrated = !imp.empty();
+    double rs = 0;
+    for (double v : ratio_sum) rs += v;
+    inf.clip_ratio_mean = rs / double(N * NG);
+    const Tensor* X = o.calib && o.calib->sample.defined() ? &o.calib->sample : nullptr;
+    if (X && X->dim() == 2 && X->size(1) == K) {
+      AwqQuantOptions plain = o;
+      plain.calib = nullptr;
+      plain.info = nullptr;
+      plain.weight_rel_error = nullptr;
+      Tensor Xf = X->to_f32();
+      Tensor yref = linear_f32(Xf, W);
+      auto snr = [&](const Tensor& Weff) {
+        Tensor y = linear_f32(Xf, Weff);
+        double num = 0, den = 0;
+        for (int64_t i = 0; i < y.numel(); ++i) {
+          const double r = yref.data<float>()[i], e = double(y.data<float>()[i]) - r;
+          num += e * e, den += r * r;
+        }
+        return num > 0 ? 10 * std::log10(den / num) : INFINITY;
+      };
+      inf.sample_rows = Xf.size(0);
+      inf.snr_before_db = snr(effective_weight(quantize_awq_w4a16(W, Tensor(), plain)));
+      inf.snr_after_db = snr(effective_weight(p));
+    }
+  }
   return p;
 }
 
@@ -316,9 +390,19 @@ Decomposition decompose(const std::vector<Member>& members, int64_t Ntot, int64_
   return d;
 }
 
-// Relative output error of the W4A4 layer forward (spec §3.4 arithmetic, fp32) on sample rows.
-double sample_output_error(const std::vector<Member>& members, int64_t K, const Decomposition& d,
-                           const Tensor& X, bool act_unsigned) {
+// Output error of the W4A4 layer forward (spec §3.4 arithmetic, fp32) on sample rows X, per member:
+// num = ‖y − y_ref‖², den = ‖y_ref‖². With `refit`, proj_up of each member is first refit to the
+// output error the int4 main path leaves (ridge towards the current proj_up, rounded as stored).
+struct SampleError {
+  std::vector<double> num, den;
+  double rel() const {
+    double n = 0, d = 0;
+    for (size_t i = 0; i < num.size(); ++i) n += num[i], d += den[i];
+    return d > 0 ? n / d : n;
+  }
+};
+SampleError sample_output_error(const std::vector<Member>& members, int64_t K, Decomposition& d, const Tensor& X,
+                                bool act_unsigned, bool refit = false, DType sd = DType::BF16) {
   const int64_t M = X.size(0);
   const float* x = X.data<float>();
   const float shift = act_unsigned ? kSvdquantUnsignedShift : 0.0f;
@@ -351,15 +435,15 @@ double sample_output_error(const std::vector<Member>& members, int64_t K, const 
     for (int64_t k = 0; k < K; ++k) for (int64_t r = 0; r < R; ++r) pdT[size_t(r * K + k)] = d.proj_down[size_t(k * R + r)];
     lora = linear_f32(Xt, Tensor::view(DType::F32, {R, K}, pdT.data(), nullptr)).clone();
   }
-  double num = 0, den = 0;
+  const int64_t Ntot = int64_t(d.resid.scales.size()) / (K / kGroup);
+  SampleError out;
   for (const auto& mb : members) {
     const int64_t N = mb.N;
     std::vector<float> Rq(size_t(N * K));
     for (int64_t n = 0; n < N; ++n)
       for (int64_t k = 0; k < K; ++k) {
         const int64_t row = mb.row0 + n;
-        Rq[size_t(n * K + k)] = float(d.resid.codes[size_t(row * K + k)]) *
-                                d.resid.scales[size_t((k / kGroup) * (d.resid.scales.size() / size_t(K / kGroup)) + size_t(row))];
+        Rq[size_t(n * K + k)] = float(d.resid.codes[size_t(row * K + k)]) * d.resid.scales[size_t((k / kGroup) * Ntot + row)];
       }
     Tensor y = linear_f32(Xq, Tensor::view(DType::F32, {N, K}, Rq.data(), nullptr));
     Tensor yref = linear_f32(Xt, mb.W);
@@ -373,12 +457,37 @@ double sample_output_error(const std::vector<Member>& members, int64_t K, const 
         for (int64_t k = 0; k < K; ++k) s += double(Rq[size_t(n * K + k)]) / double(d.smooth[size_t(k)]);
         corr[size_t(n)] = double(shift) * s;
       }
+    if (refit && R > 0 && M >= 4 * R) {
+      // min_U ‖A·U − T‖² + λ‖U − U0‖², A = X·proj_down (M, R), T = y_ref − y_main (M, N).
+      const float* A = lora.data<float>();
+      Eigen::MatrixXd G = Eigen::MatrixXd::Zero(R, R);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t i = 0; i < R; ++i)
+          for (int64_t j = 0; j <= i; ++j) G(i, j) += double(A[m * R + i]) * A[m * R + j];
+      for (int64_t i = 0; i < R; ++i) for (int64_t j = i + 1; j < R; ++j) G(i, j) = G(j, i);
+      const double lambda = 0.05 * G.trace() / double(R) + 1e-12;
+      Eigen::MatrixXd rhs(R, N);
+      float* pu = d.proj_up.data() + mb.row0 * R;
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t r = 0; r < R; ++r) rhs(r, n) = lambda * double(pu[n * R + r]);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          const double t = double(rp[m * N + n]) - (double(yp[m * N + n]) - corr[size_t(n)]);
+          for (int64_t r = 0; r < R; ++r) rhs(r, n) += double(A[m * R + r]) * t;
+        }
+      Eigen::MatrixXd Greg = G;
+      Greg.diagonal().array() += lambda;
+      const Eigen::MatrixXd U = Greg.ldlt().solve(rhs);
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t r = 0; r < R; ++r) pu[n * R + r] = round_to(sd, float(U(r, n)));
+    }
     std::vector<float> lu;
     if (R > 0) {
       Tensor up = Tensor::view(DType::F32, {N, R}, d.proj_up.data() + mb.row0 * R, nullptr);
       Tensor yl = linear_f32(lora, up);
       lu.assign(yl.data<float>(), yl.data<float>() + M * N);
     }
+    double num = 0, den = 0;
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < N; ++n) {
         const double v = double(yp[m * N + n]) + (R > 0 ? double(lu[size_t(m * N + n)]) : 0.0) - corr[size_t(n)];
@@ -386,9 +495,13 @@ double sample_output_error(const std::vector<Member>& members, int64_t K, const 
         num += e * e;
         den += double(rp[m * N + n]) * double(rp[m * N + n]);
       }
+    out.num.push_back(num);
+    out.den.push_back(den);
   }
-  return den > 0 ? num / den : num;
+  return out;
 }
+
+double snr_db(double num, double den) { return num > 0 ? 10.0 * std::log10(den / num) : INFINITY; }
 
 // Proxy of the output error from per-channel statistics only (no sample rows): weight error weighted
 // by E[x_k²] plus the activation-quantization noise (group step²/12) through the residual.
@@ -431,16 +544,37 @@ double stats_output_error(const std::vector<Member>& members, int64_t Ntot, int6
   return err;
 }
 
-std::vector<float> smooth_for_alpha(const std::vector<float>& amax, const std::vector<float>& wmax, float alpha, DType sd) {
+// s_k = max|x_k|^α / max_n|W_nk|^β, clamped to [1e-4, 1e4] and rounded to the storage dtype.
+std::vector<float> smooth_for(const std::vector<float>& amax, const std::vector<float>& wmax, float alpha, float beta,
+                              DType sd) {
   const size_t K = amax.size();
   std::vector<float> s(K);
   for (size_t k = 0; k < K; ++k) {
     const double a = std::max(double(amax[k]), 1e-5), w = std::max(double(wmax[k]), 1e-5);
-    double v = std::pow(a, alpha) / std::pow(w, 1.0 - alpha);
+    double v = std::pow(a, double(alpha)) / std::pow(w, double(beta));
     v = std::clamp(v, 1e-4, 1e4);
     s[k] = round_to(sd, float(v));
   }
   return s;
+}
+
+// ‖W_eff − W‖² per stacked row, W_eff = R_q·diag(1/s) + proj_up·proj_downᵀ (after a refit of proj_up).
+void recompute_row_err(const std::vector<Member>& members, int64_t Ntot, int64_t K, Decomposition& d) {
+  std::vector<float> L(size_t(Ntot * K), 0.f);
+  if (d.R > 0) convert_detail::matmul_nt(d.proj_up.data(), d.proj_down.data(), Ntot, K, d.R, L.data(), 0);
+  for (const auto& mb : members) {
+    const float* w = mb.W.data<float>();
+    for (int64_t n = 0; n < mb.N; ++n) {
+      const int64_t row = mb.row0 + n;
+      double acc = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const double rq = double(d.resid.codes[size_t(row * K + k)]) * d.resid.scales[size_t((k / kGroup) * Ntot + row)];
+        const double e = rq / d.smooth[size_t(k)] + L[size_t(row * K + k)] - w[n * K + k];
+        acc += e * e;
+      }
+      d.row_err[size_t(row)] = acc;
+    }
+  }
 }
 
 SvdquantW4A4Params pack_member(const Member& mb, int64_t K, const Decomposition& d, const SvdquantQuantOptions& o,
@@ -520,16 +654,21 @@ std::vector<SvdquantW4A4Params> quantize_weight_svdquant_w4a4_group(const std::v
   Decomposition best;
   const ActStats* cs = o.calib;
   const bool calibrated = cs && (cs->max_abs.defined() || cs->sample.defined());
+  std::vector<QuantInfo> infos(members.size());
+  Tensor sample;
   if (!calibrated) {
     best = decompose(members, Ntot, K, ones, o, o.refine_iterations);
   } else {
     // Per-channel statistics: max|x| (from the sample when only it is given) and E[x²].
     std::vector<float> amax = stat_vec(cs->max_abs, K, "max_abs"), m2 = stat_vec(cs->mean_sq, K, "mean_sq");
-    Tensor sample;
     if (cs->sample.defined()) {
       if (cs->sample.dim() != 2 || cs->sample.size(1) != K)
         throw Error(fmt::format("calibration sample: expected (M, {}), got {}", K, shape_str(cs->sample.shape())));
       sample = cs->sample.to_f32();
+    }
+    for (auto& inf : infos) {
+      inf.calibrated = true;
+      inf.sample_rows = sample.defined() ? sample.size(0) : 0;
     }
     if (amax.empty()) {
       amax.assign(size_t(K), 0.f);
@@ -546,19 +685,66 @@ std::vector<SvdquantW4A4Params> quantize_weight_svdquant_w4a4_group(const std::v
     for (const auto& mb : members)
       for (int64_t n = 0; n < mb.N; ++n)
         for (int64_t k = 0; k < K; ++k) wmax[size_t(k)] = std::max(wmax[size_t(k)], std::fabs(mb.W.data<float>()[n * K + k]));
-    // α search (unrefined decompositions), smooth = 1 included as a candidate.
+    // Smoothing search on unrefined decompositions, scored by the output error of the full forward.
+    auto score = [&](Decomposition& d) {
+      return sample.defined() ? sample_output_error(members, K, d, sample, o.act_unsigned).rel()
+                              : stats_output_error(members, Ntot, K, d, m2, amax, o.act_unsigned);
+    };
+    std::map<std::pair<int, int>, double> tried;  // (α, β) in 1/100 → error
     double best_err = std::numeric_limits<double>::infinity();
-    std::vector<float> best_s = ones;
-    std::vector<std::vector<float>> candidates = {ones};
-    for (float a : o.alpha_grid) candidates.push_back(smooth_for_alpha(amax, wmax, a, o.dtype));
-    for (const auto& s : candidates) {
-      Decomposition d = decompose(members, Ntot, K, s, o, 0);
-      const double e = sample.defined() ? sample_output_error(members, K, d, sample, o.act_unsigned)
-                                        : stats_output_error(members, Ntot, K, d, m2, amax, o.act_unsigned);
-      if (e < best_err) { best_err = e; best_s = s; }
+    int best_a = -1, best_b = -1;                  // −1: s = 1
+    {
+      Decomposition d = decompose(members, Ntot, K, ones, o, 0);
+      best_err = score(d);
+      if (sample.defined()) {  // the low-rank-only figure (no smoothing) for the report
+        SampleError e = sample_output_error(members, K, d, sample, o.act_unsigned);
+        for (size_t i = 0; i < members.size(); ++i) infos[i].snr_lowrank_db = snr_db(e.num[i], e.den[i]);
+      }
+    }
+    auto try_ab = [&](int a, int b) {
+      if (a < 5 || a > 95 || b < 0 || b > 95 || tried.count({a, b})) return;
+      Decomposition d = decompose(members, Ntot, K, smooth_for(amax, wmax, a / 100.f, b / 100.f, o.dtype), o, 0);
+      const double e = score(d);
+      tried[{a, b}] = e;
+      if (e < best_err) best_err = e, best_a = a, best_b = b;
+    };
+    for (float af : o.alpha_grid) {
+      const int a = int(std::lround(af * 100));
+      try_ab(a, 100 - a);
+    }
+    if (o.fine_search && best_a >= 0) {
+      const int a0 = best_a;
+      try_ab(a0 - 5, 100 - (a0 - 5));
+      try_ab(a0 + 5, 100 - (a0 + 5));
+      const int a1 = best_a, b1 = best_b;
+      for (int db : {-10, -5, 5, 10}) try_ab(a1, b1 + db);
+    }
+    std::vector<float> best_s = best_a < 0 ? ones : smooth_for(amax, wmax, best_a / 100.f, best_b / 100.f, o.dtype);
+    int lo = 100, hi = 0;
+    for (const auto& [ab, e] : tried) lo = std::min(lo, ab.first), hi = std::max(hi, ab.first);
+    for (auto& inf : infos) {
+      inf.alpha = best_a < 0 ? -1 : best_a / 100.0;
+      inf.beta = best_b < 0 ? -1 : best_b / 100.0;
+      inf.alpha_on_edge = best_a >= 0 && (best_a == lo || best_a == hi) && (best_a <= 5 || best_a >= 95 || !o.fine_search);
     }
     best = decompose(members, Ntot, K, best_s, o, o.refine_iterations);
   }
+  if (calibrated && sample.defined()) {
+    SampleError e = sample_output_error(members, K, best, sample, o.act_unsigned, o.refit_lowrank, o.dtype);
+    if (o.refit_lowrank && best.R > 0 && sample.size(0) >= 4 * best.R) {
+      // The refit changed proj_up: recompute the weight error rows; keep the refit only if the
+      // sample error went down (it is a least-squares fit towards the old value, so it should).
+      recompute_row_err(members, Ntot, K, best);
+    }
+    for (size_t i = 0; i < members.size(); ++i) infos[i].snr_after_db = snr_db(e.num[i], e.den[i]);
+    // Plain int4 (no smoothing, no low-rank branch) for the "before" figure.
+    SvdquantQuantOptions plain = o;
+    plain.rank = 0;
+    Decomposition d0 = decompose(members, Ntot, K, ones, plain, 0);
+    SampleError e0 = sample_output_error(members, K, d0, sample, o.act_unsigned);
+    for (size_t i = 0; i < members.size(); ++i) infos[i].snr_before_db = snr_db(e0.num[i], e0.den[i]);
+  }
+  if (o.info) *o.info = infos;
   std::vector<SvdquantW4A4Params> out;
   for (const auto& mb : members) out.push_back(pack_member(mb, K, best, o, Ntot));
   if (o.weight_rel_errors) {

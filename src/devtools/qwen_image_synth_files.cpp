@@ -20,18 +20,23 @@ double now_s() {
 SynthBlockFiles make_synth_block_files(const std::string& dir, const SynthBlockOptions& o,
                                        const std::function<void(const std::string&)>& log) {
   SynthBlockFiles f;
-  f.float_path = (std::filesystem::path(dir) / "qwen_block_bf16.safetensors").string();
-  f.quant_path = (std::filesystem::path(dir) / "qwen_block_nibble.safetensors").string();
+  const char* stem = o.whole_model ? "qwen_model" : "qwen_block";
+  f.float_path = (std::filesystem::path(dir) / fmt::format("{}_bf16.safetensors", stem)).string();
+  f.quant_path = (std::filesystem::path(dir) / fmt::format("{}_nibble.safetensors", stem)).string();
   SynthCheckpointOptions so;
-  so.blocks = 1;
+  so.blocks = o.whole_model ? o.blocks : 1;
   so.hidden = o.hidden;
   so.mlp_hidden = o.mlp_hidden;
   so.head_dim = o.head_dim;
-  so.top_level = false;
+  so.top_level = o.whole_model;
+  so.joint_dim = o.whole_model ? o.joint_dim : 0;
   so.dtype = DType::BF16;
   so.seed = o.seed;
   double t0 = now_s();
-  if (log) log(fmt::format("writing a synthetic Qwen-Image block (hidden {}, bf16) ...", o.hidden));
+  if (log)
+    log(o.whole_model ? fmt::format("writing a synthetic Qwen-Image model ({} blocks, hidden {}, joint {}, bf16) ...",
+                                    so.blocks, o.hidden, so.joint_dim)
+                      : fmt::format("writing a synthetic Qwen-Image block (hidden {}, bf16) ...", o.hidden));
   f.float_file_bytes = write_synth_qwen_image_checkpoint(f.float_path, so);
   f.synth_seconds = now_s() - t0;
   ConvertOptions co;
@@ -48,7 +53,10 @@ SynthBlockFiles make_synth_block_files(const std::string& dir, const SynthBlockO
 
 QualityVsNaive svdquant_quality_vs_naive(int64_t N, int64_t K, int64_t M, int64_t rank, uint64_t seed) {
   const Tensor W = synth_weight(N, K, seed), b = synth_bias(N, seed + 1);
-  const Tensor x = synth_activations(M, K, seed + 2);
+  // Disjoint rows of one activation stream: [0, M) calibrate the smoothing, [M, 2M) measure, so
+  // the calibrated figure is out of sample.
+  const Tensor rows = synth_activations(2 * M, K, seed + 2);
+  const Tensor x_cal = rows.slice_rows(0, M), x = rows.slice_rows(M, 2 * M);
   const Tensor y_ref = Linear::from_float("float", W, b).forward(x);
   auto snr_of = [&](const SvdquantQuantOptions& o) {
     const SvdquantW4A4Params p = quantize_weight_svdquant_w4a4(W, b, o);
@@ -67,7 +75,7 @@ QualityVsNaive svdquant_quality_vs_naive(int64_t N, int64_t K, int64_t M, int64_
   lr.rank = rank;
   q.svdquant_snr_db = snr_of(lr);
   ActStats stats;
-  stats.sample = x;
+  stats.sample = x_cal;
   SvdquantQuantOptions sm = lr;
   sm.calib = &stats;
   q.svdquant_smooth_snr_db = snr_of(sm);

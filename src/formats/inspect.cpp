@@ -13,12 +13,17 @@ namespace nibble {
 namespace {
 
 const std::regex& awq_candidate_re() {
-  static const std::regex re(R"((^|\.)(img_mod|txt_mod)\.1$)");
+  // Qwen-Image (img_mod.1), FLUX.1 (double/single block modulation.lin): the converter's presets.
+  static const std::regex re(R"((^|\.)((img_mod|txt_mod)\.1|(img_mod|txt_mod)\.lin|single_blocks\.\d+\.modulation\.lin)$)");
   return re;
 }
 const std::regex& svdquant_candidate_re() {
   static const std::regex re(
-      R"((^|\.)(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out)|(img_mlp|txt_mlp)\.net\.(0\.proj|2))$)");
+      R"((^|\.)(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out)|(img_mlp|txt_mlp)\.net\.(0\.proj|2))$)"
+      // FLUX.1 and Wan 2.x (nibble convert --preset flux / wan)
+      R"(|(^|\.)double_blocks\.\d+\.((img|txt)_attn\.(qkv|proj)|(img|txt)_mlp\.(0|2))$)"
+      R"(|(^|\.)single_blocks\.\d+\.(linear1|linear2)$)"
+      R"(|(^|\.)blocks\.\d+\.(self_attn\.(q|k|v|o)|cross_attn\.(q|k|v|o|k_img|v_img)|ffn\.(0|2))$)");
   return re;
 }
 

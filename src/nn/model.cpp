@@ -20,7 +20,11 @@ Model Model::load(const std::string& path) {
   return m;
 }
 
-Model Model::from_checkpoint(const Checkpoint& ckpt_in) {
+// Model::load(path, loras, ...) is defined with the LoRA code in src/convert/lora_model.cpp.
+
+Model Model::from_checkpoint(const Checkpoint& ckpt_in) { return build(ckpt_in, nullptr); }
+
+Model Model::build(const Checkpoint& ckpt_in, const LayerTransform* transform) {
   Model m;
   m.ckpt_ = std::make_shared<Checkpoint>(ckpt_in);
   const Checkpoint& ckpt = *m.ckpt_;
@@ -31,7 +35,13 @@ Model Model::from_checkpoint(const Checkpoint& ckpt_in) {
       m.prefix_ = std::string(kFullPrefix);
       break;
     }
-  for (const LayerSource& src : collect_layers(ckpt)) {
+  const std::vector<LayerSource> sources = collect_layers(ckpt);
+  if (transform && transform->prepare) {
+    std::vector<std::string> names;
+    for (const LayerSource& src : sources) names.push_back(m.strip(src.name));
+    transform->prepare(names);
+  }
+  for (const LayerSource& src : sources) {
     QuantizedLayer bound;
     try {
       bound = bind_layer(src);
@@ -45,6 +55,7 @@ Model Model::from_checkpoint(const Checkpoint& ckpt_in) {
     if (m.linears_.count(key))
       throw Error(fmt::format("{}: layer '{}' appears twice (with and without the '{}' prefix)", ckpt.path(),
                               src.name, kFullPrefix));
+    if (transform && transform->apply) bound = transform->apply(key, std::move(bound));
     m.linears_.emplace(key, Linear::from_layer(bound));
   }
   return m;

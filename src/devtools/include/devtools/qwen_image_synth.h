@@ -18,20 +18,28 @@ struct SynthBlockOptions {
   int64_t hidden = 3072, mlp_hidden = 0, head_dim = 128;  // mlp_hidden 0 → 4·hidden
   int64_t rank = 32;
   uint64_t seed = 20261123;
+  // A whole model (img_in, txt_norm, txt_in, time_text_embed, blocks, norm_out, proj_out) instead
+  // of one bare block: the input of `nibble run`, the sampler's end-to-end test and `nibble demo`.
+  bool whole_model = false;
+  int64_t blocks = 1;       // blocks of the whole model
+  int64_t joint_dim = 3584; // context width of the whole model
 };
 struct SynthBlockFiles {
   std::string float_path, quant_path;
   uint64_t float_file_bytes = 0, quant_file_bytes = 0;
   double synth_seconds = 0, convert_seconds = 0;
 };
-// Writes `dir`/qwen_block_bf16.safetensors (one block, bf16) and `dir`/qwen_block_nibble.safetensors.
+// Writes `dir`/qwen_block_bf16.safetensors (one block, bf16) and `dir`/qwen_block_nibble.safetensors;
+// with whole_model: `dir`/qwen_model_bf16.safetensors and `dir`/qwen_model_nibble.safetensors (the
+// converter quantizes the block linears; the top-level layers stay bf16, as in kitchen checkpoints).
 SynthBlockFiles make_synth_block_files(const std::string& dir, const SynthBlockOptions& options,
                                        const std::function<void(const std::string&)>& log = {});
 
 // Quantization quality of one synthetic layer (N, K) on M synthetic activation rows (outlier
 // channels in weights and activations): output SNR vs the float layer of naive per-group int4
 // W4A4 (no smoothing, rank 0), SVDQuant rank R (low-rank only), and SVDQuant rank R with smoothing
-// calibrated on the activations (convert.h quantizers; forward through nn::Linear's fused path).
+// calibrated on M other rows of the same activation stream (out of sample; convert.h quantizers;
+// forward through nn::Linear's fused path).
 struct QualityVsNaive {
   double naive_snr_db = 0, svdquant_snr_db = 0, svdquant_smooth_snr_db = 0;
 };
