@@ -51,8 +51,8 @@ AtomicFile::AtomicFile(std::string target) : target_(std::move(target)) {
   if (fd_ < 0) {
     const std::string why = errno_str(err);
     temp_.clear();
-    throw Error(fmt::format("cannot write '{}': cannot create a temporary file in directory '{}': {}", target_,
-                            dir, why));
+    throw IoError(fmt::format("cannot write '{}': cannot create a temporary file in directory '{}': {}", target_,
+                              dir, why), target_, err);
   }
 }
 
@@ -76,7 +76,8 @@ void AtomicFile::write_all(const void* data, size_t n) {
       if (errno == EINTR) continue;
       const int e = errno;
       failed_ = true;
-      throw Error(fmt::format("cannot write '{}' (temporary file '{}'): {}", target_, temp_, errno_str(e)));
+      throw IoError(fmt::format("cannot write '{}' (temporary file '{}'): {}", target_, temp_, errno_str(e)), target_,
+                    e);
     }
     p += w;
     n -= size_t(w);
@@ -115,17 +116,18 @@ void AtomicFile::commit() {
   if (::fsync(fd_) != 0) {
     const int e = errno;
     failed_ = true;
-    throw Error(fmt::format("cannot write '{}': fsync of '{}' failed: {}", target_, temp_, errno_str(e)));
+    throw IoError(fmt::format("cannot write '{}': fsync of '{}' failed: {}", target_, temp_, errno_str(e)), target_, e);
   }
   const int fd = fd_;
   fd_ = -1;
   if (::close(fd) != 0) {
     const int e = errno;
-    throw Error(fmt::format("cannot write '{}': close of '{}' failed: {}", target_, temp_, errno_str(e)));
+    throw IoError(fmt::format("cannot write '{}': close of '{}' failed: {}", target_, temp_, errno_str(e)), target_, e);
   }
   if (::rename(temp_.c_str(), target_.c_str()) != 0) {
     const int e = errno;
-    throw Error(fmt::format("cannot write '{}': rename from '{}' failed: {}", target_, temp_, errno_str(e)));
+    throw IoError(fmt::format("cannot write '{}': rename from '{}' failed: {}", target_, temp_, errno_str(e)), target_,
+                  e);
   }
   committed_ = true;
   temp_.clear();
