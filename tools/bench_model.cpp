@@ -15,7 +15,7 @@
 #include <random>
 
 #include "bench_registry.h"
-#include "bench_util.h"
+#include "devtools/bench_util.h"
 #include "kernels/attention_kernels.h"
 #include "nibble/convert.h"
 #include "nibble/isa.h"

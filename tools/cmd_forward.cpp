@@ -11,7 +11,7 @@
 // Output: OUT holds "prediction" (fp32, the latent's shape); written to a temp file and renamed.
 #include <fmt/format.h>
 
-#include "bench_util.h"
+#include "devtools/bench_util.h"
 #include "command.h"
 #include "nibble/isa.h"
 #include "nibble/qwen_image.h"
