@@ -10,6 +10,7 @@
 //   --ref R      reference latents of edit models (same rules as --latent), in order
 // Output: OUT holds "prediction" (fp32, the latent's shape); written to a temp file and renamed.
 #include <fmt/format.h>
+#include <sys/resource.h>
 
 #include "devtools/bench_util.h"
 #include "command.h"
@@ -129,6 +130,10 @@ const CommandRegistration reg(
                      o->repeats, tm.linear, tm.attention, tm.other);
           fmt::print("attention  {}\n", model.attention_path());
           fmt::print("isa        {} ({} threads)\n", isa_name(active_isa()), num_threads());
+          rusage ru{};
+          getrusage(RUSAGE_SELF, &ru);
+          fmt::print("peak RSS   {:.0f} MiB (weights stored: {:.0f} MiB)\n", double(ru.ru_maxrss) / 1024.0,
+                     double(model.stored_bytes()) / (1 << 20));
           fmt::print("wrote      {} (tensor 'prediction', F32 {})\n", o->output, shape_str(y.shape()));
         }
         return 0;
