@@ -1,10 +1,13 @@
 // Google Benchmark of the svdquant_w4a4 layer: the fused svdquant_linear, the two kitchen ops, and the
-// register-only VNNI loop (the int8 roofline) — counters report GOP/s (2·M·N·K per call).
+// register-only VNNI loop (the int8 roofline) — counters report GOP/s (2·M·N·K per call). The fused
+// layer rotates among prepared copies larger than 2x the L3 (devtools/bench_memory.h), so its
+// weights are never cache-warm from the previous call.
 // The full comparison table (stages, OpenBLAS sgemm, % of peak) is `nibble bench --op w4a4`.
 #include <benchmark/benchmark.h>
 
 #include <random>
 
+#include "devtools/bench_memory.h"
 #include "devtools/bench_peers.h"
 #include "nibble/formats.h"
 #include "nibble/isa.h"
@@ -38,10 +41,14 @@ SvdquantW4A4Params layer(int64_t N, int64_t K, int64_t R) {
 
 void BM_svdquant_linear(benchmark::State& st) {
   const int64_t M = st.range(0), K = st.range(1), N = st.range(2), R = 32;
-  const auto prep = prepare_svdquant_w4a4(layer(N, K, R));
+  const SvdquantW4A4Params p = layer(N, K, R);
+  std::vector<std::shared_ptr<const SvdquantW4A4Prepared>> preps;
+  const size_t prep_bytes = size_t(N * K / 2 + (K / 64) * N * 4 + N * R * 4 + K * R * 4);
+  for (int c = 0, n = bench::copies_to_defeat_cache(prep_bytes); c < n; ++c) preps.push_back(prepare_svdquant_w4a4(p));
   std::mt19937 rng(1);
   const Tensor x = rnd(rng, DType::F32, {M, K}, -2, 2);
-  for (auto _ : st) benchmark::DoNotOptimize(svdquant_linear(x, *prep, DType::F32));
+  size_t i = 0;
+  for (auto _ : st) benchmark::DoNotOptimize(svdquant_linear(x, *preps[i++ % preps.size()], DType::F32));
   st.counters["GOPs"] = benchmark::Counter(2.0 * M * N * K, benchmark::Counter::kIsIterationInvariantRate,
                                            benchmark::Counter::kIs1000);
   st.SetLabel(isa_name(active_isa()));

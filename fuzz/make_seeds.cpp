@@ -1,15 +1,19 @@
-// Writes the seed corpora for the fuzz targets: fuzz_make_seeds <safetensors_dir> <config_dir>.
+// Writes the seed corpora for the fuzz targets:
+//   fuzz_make_seeds <safetensors_dir> <config_dir> [<dequantize_dir>]
 //
 // safetensors seeds are small valid files made by nibble's own writer, stored in both input modes
 // of fuzz_safetensors (even first byte: raw image; odd first byte: "<header>\0<data>"), plus a
 // few hand-made headers of other writers' styles. Config seeds are the per-layer quant JSON
 // objects that FORMATS.md §4.1 lists.
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <string>
 #include <vector>
 
+#include "nibble/formats.h"
 #include "nibble/safetensors.h"
+#include "nibble/sample.h"
 
 using namespace nibble;
 
@@ -38,8 +42,8 @@ Tensor patterned(DType dt, Shape shape) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    std::fprintf(stderr, "usage: %s <safetensors_seed_dir> <config_seed_dir>\n", argv[0]);
+  if (argc != 3 && argc != 4) {
+    std::fprintf(stderr, "usage: %s <safetensors_seed_dir> <config_seed_dir> [<dequantize_seed_dir>]\n", argv[0]);
     return 2;
   }
   const std::string sdir = argv[1], cdir = argv[2];
@@ -100,5 +104,54 @@ int main(int argc, char** argv) {
   };
   int i = 0;
   for (const char* c : configs) write_all(cdir + "/config_" + std::to_string(i++) + ".json", c);
+
+  // fuzz_dequantize: one small checkpoint per layer of the sample block (every kitchen format, both
+  // config conventions), so mutations start next to a valid layer of each format.
+  if (argc == 4) {
+    const std::string ddir = argv[3];
+    for (const bool in_metadata : {false, true}) {
+      SampleOptions o;
+      o.hidden = 128;
+      o.rank = 16;
+      o.configs_in_metadata = in_metadata;
+      const std::string whole = ddir + "/.sample.safetensors";
+      write_sample_checkpoint(whole, o);
+      const Checkpoint ck = Checkpoint::open(whole);
+      for (const LayerSource& l : collect_layers(ck)) {
+        std::vector<std::pair<std::string, Tensor>> ts;
+        uint64_t bytes = 0;
+        for (const auto& [suffix, t] : l.tensors) {
+          ts.emplace_back(l.name + "." + suffix, t);
+          bytes += t.nbytes();
+        }
+        if (bytes > (64u << 10)) continue;  // keep the seeds small (the larger layers repeat a format)
+        std::map<std::string, std::string> md;
+        if (l.config) {
+          if (in_metadata)
+            md["_quantization_metadata"] = R"({"format_version":"1.0","layers":{")" + l.name + R"(":)" + l.config->json + "}}";
+          else {
+            Tensor cq = Tensor::empty(DType::U8, {int64_t(l.config->json.size())});
+            std::memcpy(cq.mutable_raw(), l.config->json.data(), l.config->json.size());
+            ts.emplace_back(l.name + ".comfy_quant", cq);
+          }
+        }
+        save_safetensors(tmp, ts, md);
+        std::string name = l.name + (in_metadata ? ".md" : ".cq");
+        for (char& c : name)
+          if (c == '/') c = '_';
+        emit_image(ddir, name, read_all(tmp));
+        std::remove(tmp.c_str());
+      }
+      std::remove(whole.c_str());
+    }
+    // zero-element shapes with huge dimensions (K = 2·2^62 used to overflow int64 in bind)
+    const std::string cfg = R"({"format":"awq_w4a16","group_size":64})";
+    const std::string hdr = R"({"blk.weight":{"dtype":"I8","shape":[0,4611686018427387904],"data_offsets":[0,0]},)"
+                            R"("blk.weight_scale":{"dtype":"BF16","shape":[0,0],"data_offsets":[0,0]},)"
+                            R"("blk.weight_zeros":{"dtype":"BF16","shape":[0,0],"data_offsets":[0,0]},)"
+                            R"("blk.comfy_quant":{"dtype":"U8","shape":[)" + std::to_string(cfg.size()) +
+                            R"(],"data_offsets":[0,)" + std::to_string(cfg.size()) + "]}}";
+    write_all(ddir + "/zero_huge.split", std::string(1, '\1') + hdr + std::string(1, '\0') + cfg);
+  }
   return 0;
 }

@@ -20,25 +20,35 @@ FUZZ_JOBS=${FUZZ_JOBS:-1}
 CC_FUZZ=${CC_FUZZ:-clang-14}
 CXX_FUZZ=${CXX_FUZZ:-clang++-14}
 
-command -v "$CXX_FUZZ" >/dev/null || { echo "fuzz: $CXX_FUZZ not found (apt-get install clang-14)"; exit 1; }
+# clang-14 and its libFuzzer/sanitizer runtimes (Debian 12: clang-14, libclang-rt-14-dev).
+if ! command -v "$CXX_FUZZ" >/dev/null || ! ls /usr/lib/llvm-14/lib/clang/14*/lib/linux/libclang_rt.fuzzer-x86_64.a >/dev/null 2>&1; then
+  if [ "$CXX_FUZZ" = clang++-14 ]; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    echo "fuzz: installing clang-14 libclang-rt-14-dev"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq clang-14 libclang-rt-14-dev >/dev/null
+  fi
+  command -v "$CXX_FUZZ" >/dev/null || { echo "fuzz: $CXX_FUZZ not found (apt-get install clang-14 libclang-rt-14-dev)"; exit 1; }
+fi
 
 CC=$CC_FUZZ CXX=$CXX_FUZZ cmake -S . -B "$BUILD_FUZZ" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DNIBBLE_BUILD_FUZZ=ON -DNIBBLE_BUILD_TESTS=OFF -DNIBBLE_BUILD_BENCH=OFF >/dev/null
 
 available=(fuzz_safetensors)
-[ -f src/formats/config.cpp ] && available+=(fuzz_quant_config)
+[ -f src/formats/config.cpp ] && available+=(fuzz_quant_config fuzz_dequantize)
 read -r -a targets <<< "${FUZZ_TARGETS:-${available[*]}}"
 cmake --build "$BUILD_FUZZ" -j "$(nproc)" --target fuzz_make_seeds "${targets[@]}"
 
 out="$BUILD_FUZZ/fuzz"
-mkdir -p "$out/seeds/fuzz_safetensors" "$out/seeds/fuzz_quant_config"
-"$out/fuzz_make_seeds" "$out/seeds/fuzz_safetensors" "$out/seeds/fuzz_quant_config"
+mkdir -p "$out/seeds/fuzz_safetensors" "$out/seeds/fuzz_quant_config" "$out/seeds/fuzz_dequantize"
+"$out/fuzz_make_seeds" "$out/seeds/fuzz_safetensors" "$out/seeds/fuzz_quant_config" "$out/seeds/fuzz_dequantize"
 
 status=0
 for t in "${targets[@]}"; do
   case "$t" in
     fuzz_safetensors) dict=fuzz/safetensors.dict; maxlen=16384 ;;
     fuzz_quant_config) dict=fuzz/quant_config.dict; maxlen=4096 ;;
+    fuzz_dequantize) dict=fuzz/dequantize.dict; maxlen=131072 ;;
     *) echo "fuzz: unknown target $t"; exit 1 ;;
   esac
   corpus="$out/corpus/$t"; artifacts="$out/artifacts/$t"; log="$out/$t.log"

@@ -245,7 +245,8 @@ TEST(QwenImageBlock, MatchesFp64ReferenceHidden256) {
           SCOPED_TRACE(::testing::Message() << what << " B=" << B << " rope=" << rope << " wdt=" << dtype_name(wdt)
                                             << " max_abs=" << c.max_abs << " range=" << c.range << " psnr=" << c.psnr);
           EXPECT_LE(c.max_abs, 7 * gamma * c.range);
-          EXPECT_GT(c.psnr, 100.0);  // typical error: ~1e-6 of the range
+          // typical error: measured 156.5–159.6 dB (max |err| ≤ 1.6e-7 of the range), margin 11 dB
+          EXPECT_GT(c.psnr, 145.0);
           EXPECT_EQ(t.shape(), (Shape{B, what[0] == 'i' ? Si : St, D}));
         }
       }
@@ -298,7 +299,7 @@ TEST(QwenImageBlock, EveryIsaMatchesFp64Reference) {
     const auto out = blk.forward(in);
     const Cmp c = compare(out.img, ref.img);
     EXPECT_LE(c.max_abs, 7 * gamma * c.range) << isa_name(isa);
-    EXPECT_GT(c.psnr, 100.0) << isa_name(isa);
+    EXPECT_GT(c.psnr, 145.0) << isa_name(isa);  // measured 158.9–160.0 dB on every ISA, margin 13 dB
   }
   set_isa(saved);
 }
@@ -352,7 +353,8 @@ QwenImageBlock synth_quantized_block(int64_t D, bool awq_only, uint64_t seed) {
 
 TEST(QwenImageBlockQuantized, AwqModulationMatchesDequantizedBaseline) {
   // Only the modulation linears quantized (awq_w4a16): the block vs the same block with them
-  // dequantized must agree to ≥ 60 dB (PSNR over the output's peak-to-peak range).
+  // dequantized (PSNR over the output's peak-to-peak range). The spec's criterion is ≥ 60 dB; the
+  // kernels do far better (fp32-exact GEMV products): measured 127.3 dB, margin 10 dB → 117.
   const QwenImageBlock q = synth_quantized_block(256, /*awq_only=*/true, 100);
   EXPECT_EQ(q.linear("img_mod.1").path(), LinearPath::AwqW4A16);
   const QwenImageBlock d = q.dequantized();
@@ -360,8 +362,8 @@ TEST(QwenImageBlockQuantized, AwqModulationMatchesDequantizedBaseline) {
   const auto a = q.forward(in), b = d.forward(in);
   const Fidelity f = compare_outputs(a.img, b.img), u = compare_updates(a.img, b.img, in.img);
   std::printf("awq-only block vs dequantized: PSNR %.2f dB (update: %.2f dB)\n", f.psnr_db, u.psnr_db);
-  EXPECT_GE(f.psnr_db, 60.0);
-  EXPECT_GE(u.psnr_db, 60.0);
+  EXPECT_GE(f.psnr_db, 117.0);
+  EXPECT_GE(u.psnr_db, 117.0);
 }
 
 TEST(QwenImageBlockQuantized, FullKitchenRulesBlock) {
@@ -374,9 +376,9 @@ TEST(QwenImageBlockQuantized, FullKitchenRulesBlock) {
   const auto a = q.forward(in), b = d.forward(in);
   const Fidelity f = compare_outputs(a.img, b.img), u = compare_updates(a.img, b.img, in.img);
   std::printf("quantized block (hidden 256) vs dequantized: PSNR %.2f dB (update: %.2f dB)\n", f.psnr_db, u.psnr_db);
-  EXPECT_GE(f.psnr_db, 33.0);
+  EXPECT_GE(f.psnr_db, 50.0);  // 4-bit activations dominate: measured 53.9 dB, margin 4 dB
   // The dequantized block itself against the fp64 reference (same weights, float arithmetic only).
   const auto ref = reference_block(d, in, 1);
   const Cmp c = compare(b.img, ref.img);
-  EXPECT_GT(c.psnr, 100.0);
+  EXPECT_GT(c.psnr, 140.0);  // measured 148.2 dB, margin 8 dB
 }

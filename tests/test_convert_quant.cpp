@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 
 #include "nibble/convert.h"
@@ -114,7 +115,7 @@ TEST(ConvertAwq, PerElementErrorBoundAndLayout) {
     Tensor x = synth_activations(3, K, 9);
     Tensor y = gemv_awq_w4a16(x, p.qweight, p.wscales, p.wzeros, p.bias, G, DType::F32);
     Tensor yref = add_bias(matmul_ref(x, Weff), p.bias);
-    EXPECT_LT(rel_fro(y, yref), 1e-5);
+    EXPECT_LT(rel_fro(y, yref), 5e-6);  // measured ≤ 1.6e-6 (fp32 sums), margin ×3
   }
 }
 
@@ -141,6 +142,7 @@ TEST(ConvertAwq, CalibratedClippingNeverWorseOnWeightedError) {
       w1 += a * d1 * d1;
     }
   EXPECT_LE(w1, w0 * (1 + 1e-9));
+  EXPECT_LT(w1, 0.45 * w0);  // and it does go down: measured ratio 0.343
 }
 
 TEST(ConvertSvdquant, WeightOnlyInvariants) {
@@ -172,11 +174,13 @@ TEST(ConvertSvdquant, WeightOnlyInvariants) {
   rtn.rank = 0;
   rtn.refine_iterations = 0;
   const double e_rtn = rel_fro(effective_weight(quantize_weight_svdquant_w4a4(W, b, rtn)), W);
-  EXPECT_LT(e, 0.6 * e_rtn) << "svdquant " << e << " vs rtn " << e_rtn;
-  // Refinement does not hurt.
+  // measured 0.0157 vs RTN 0.1409 (ratio 0.111), margin ~35%
+  EXPECT_LT(e, 0.15 * e_rtn) << "svdquant " << e << " vs rtn " << e_rtn;
+  EXPECT_LT(e, 0.02);
+  // Refinement helps: measured 0.01570 vs 0.01727 without (−9%); asserted ≥ 5% better.
   SvdquantQuantOptions no_ref = o;
   no_ref.refine_iterations = 0;
-  EXPECT_LE(e, rel_fro(effective_weight(quantize_weight_svdquant_w4a4(W, b, no_ref)), W) * 1.01);
+  EXPECT_LE(e, rel_fro(effective_weight(quantize_weight_svdquant_w4a4(W, b, no_ref)), W) * 0.95);
 }
 
 TEST(ConvertQuant, ReportedErrorsMatchEffectiveWeights) {
@@ -230,7 +234,8 @@ TEST(ConvertSvdquant, GroupSharesSmoothAndProjDown) {
     EXPECT_TRUE(same_bytes(ps[i].smooth, ps[0].smooth));
     EXPECT_TRUE(same_bytes(ps[i].proj_down, ps[0].proj_down));
   }
-  for (int i = 0; i < 3; ++i) EXPECT_LT(rel_fro(effective_weight(ps[i]), Ws[i]), 0.2);
+  // measured 0.061, 0.041, 0.038 (the shared smooth/proj_down fit the first best), margin ~30%
+  for (int i = 0; i < 3; ++i) EXPECT_LT(rel_fro(effective_weight(ps[i]), Ws[i]), 0.08);
 }
 
 TEST(ConvertSvdquant, TileLayoutSameEffectiveWeight) {
@@ -278,7 +283,7 @@ TEST(ConvertSvdquant, ActUnsignedBiasCorrection) {
     // bf16 storage of the corrected bias: half an ulp (2^-9 relative).
     EXPECT_NEAR(bias.data<float>()[n], expect, std::ldexp(std::fabs(expect), -8) + 1e-7) << n;
   }
-  EXPECT_LT(rel_fro(Weff, W), 0.2);
+  EXPECT_LT(rel_fro(Weff, W), 0.015);  // measured 0.0103
 }
 
 TEST(ConvertSvdquant, QualityOrderingOnOutliers) {
@@ -289,8 +294,11 @@ TEST(ConvertSvdquant, QualityOrderingOnOutliers) {
   Tensor W = synth_weight(N, K, 41, wo), b = synth_bias(N, 4);
   SynthActOptions ao;
   ao.n_outlier_channels = 8;
-  Tensor Xcal = synth_activations(256, K, 42, ao);
-  Tensor Xtest = synth_activations(M, K, 42, ao);  // same channels (seed), other rows (M differs... rows from same stream)
+  // One stream of rows from one "layer input" (same seed: same outlier channels); calibration and
+  // evaluation use disjoint rows — rows [0, 256) calibrate, rows [256, 256 + M) measure — so the
+  // calibrated figure is out of sample.
+  const Tensor Xall = synth_activations(256 + M, K, 42, ao);
+  const Tensor Xcal = Xall.slice_rows(0, 256), Xtest = Xall.slice_rows(256, 256 + M);
   Tensor yref = add_bias(matmul_ref(Xtest, W), b);
   SvdquantQuantOptions rtn;
   rtn.rank = 0;
@@ -308,7 +316,13 @@ TEST(ConvertSvdquant, QualityOrderingOnOutliers) {
                oc = rel_fro(w4a4_forward(Xtest, pc), yref);
   std::printf("weight rel error: RTN %.4f  SVDQuant-r32 %.4f  calibrated %.4f\n", wa, wb, wc);
   std::printf("output rel error: RTN %.4f  SVDQuant-r32 %.4f  calibrated %.4f\n", oa, ob, oc);
+  // Measured (calibration rows disjoint from the evaluation rows): weight 0.1973 / 0.0184 / 0.0196,
+  // output 0.774 / 0.0864 / 0.0199. The ordering, and each figure with a ~20–30% margin.
   EXPECT_LT(wb, wa);
   EXPECT_LT(ob, oa);
   EXPECT_LT(oc, ob);
+  EXPECT_LT(wb, 0.025);
+  EXPECT_LT(ob, 0.11);
+  EXPECT_LT(oc, 0.025);
+  EXPECT_LT(oc, 0.3 * ob);  // calibration removes most of the output error (measured ratio 0.23)
 }

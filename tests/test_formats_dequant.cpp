@@ -96,8 +96,6 @@ const std::set<std::string> kSampleQuantized = {
 const std::set<std::string> kSampleFloat = {"transformer_blocks.0.txt_mod.1", "transformer_blocks.0.attn.add_q_proj",
                                             "img_in"};
 
-bool svdquant_pending(const Error& e) { return std::string(e.what()).find("pending") != std::string::npos; }
-
 // Natural svdquant tensors from a possibly tile-packed layer (spec §3.2 index mapping).
 struct SvdNatural {
   std::vector<int> q;        // (N, K) signed codes
@@ -135,7 +133,7 @@ const Tensor& either(const LayerSource& s, const char* a, const char* b) {
   return s.tensors.count(a) ? s.tensors.at(a) : s.tensors.at(b);
 }
 
-// Checks one bound layer against the formulas; returns false if the format's hook is pending.
+// Checks one bound layer against the formulas.
 void check_layer(const LayerSource& src, const QuantizedLayer& l, const Tensor& W) {
   const std::string fmt = l.format ? l.format->name : "float";
   SCOPED_TRACE(src.name + " (" + fmt + ")");
@@ -272,21 +270,13 @@ struct Bound {
   Tensor W;
 };
 
-// Binds and dequantizes every layer; svdquant layers are skipped while its hook is pending.
-std::vector<Bound> bind_all(const Checkpoint& ck, int* pending) {
+// Binds and dequantizes every layer (any error fails the test).
+std::vector<Bound> bind_all(const Checkpoint& ck) {
   std::vector<Bound> out;
   for (const auto& src : collect_layers(ck)) {
-    try {
-      QuantizedLayer l = bind_layer(src);
-      Tensor W = dequantize(l);
-      out.push_back({src, std::move(l), std::move(W)});
-    } catch (const Error& e) {
-      if (src.config && src.config->format == "svdquant_w4a4" && svdquant_pending(e)) {
-        ++*pending;
-        continue;
-      }
-      throw;
-    }
+    QuantizedLayer l = bind_layer(src);
+    Tensor W = dequantize(l);
+    out.push_back({src, std::move(l), std::move(W)});
   }
   return out;
 }
@@ -316,8 +306,7 @@ TEST(FormatsDequant, SampleEveryLayerMatchesScalarFormula) {
   write_sample_checkpoint(path, {});
   const Checkpoint ck = Checkpoint::open(path);
   ASSERT_TRUE(has_quant_configs(ck));
-  int pending = 0;
-  const auto bound = bind_all(ck, &pending);
+  const auto bound = bind_all(ck);
   std::set<std::string> quantized, floats, formats_seen;
   for (const auto& b : bound) {
     (b.layer.format ? quantized : floats).insert(b.layer.name);
@@ -326,12 +315,12 @@ TEST(FormatsDequant, SampleEveryLayerMatchesScalarFormula) {
     if (::testing::Test::HasFatalFailure()) return;
   }
   EXPECT_EQ(floats, kSampleFloat);
-  EXPECT_EQ(quantized.size() + size_t(pending), kSampleQuantized.size());
+  EXPECT_EQ(quantized.size(), kSampleQuantized.size());
   for (const auto& n : quantized) EXPECT_TRUE(kSampleQuantized.count(n)) << n;
   // one layer of every registered format
-  for (const auto& f : all_formats())
-    if (!(f.name == "svdquant_w4a4" && pending)) EXPECT_TRUE(formats_seen.count(f.name)) << f.name;
-  if (pending) std::printf("note: %d svdquant_w4a4 layers skipped (bind hook pending)\n", pending);
+  for (const auto& f : all_formats()) {
+    EXPECT_TRUE(formats_seen.count(f.name)) << f.name;
+  }
   // spot checks of the resolved fields
   for (const auto& b : bound) {
     if (b.layer.name == "transformer_blocks.0.img_mod.1") {
@@ -345,8 +334,12 @@ TEST(FormatsDequant, SampleEveryLayerMatchesScalarFormula) {
       EXPECT_EQ(b.layer.K, 256);
       EXPECT_TRUE(b.layer.tile_packed);
     }
-    if (b.layer.name == "transformer_blocks.0.img_mlp.net.2") EXPECT_TRUE(b.layer.act_unsigned);
-    if (b.layer.name == "extra.nvfp4") EXPECT_EQ(b.layer.N * 1000 + b.layer.K, 144 * 1000 + 272);
+    if (b.layer.name == "transformer_blocks.0.img_mlp.net.2") {
+      EXPECT_TRUE(b.layer.act_unsigned);
+    }
+    if (b.layer.name == "extra.nvfp4") {
+      EXPECT_EQ(b.layer.N * 1000 + b.layer.K, 144 * 1000 + 272);
+    }
   }
 }
 
@@ -361,11 +354,9 @@ TEST(FormatsDequant, SampleConventionsAgree) {
   ob.configs_in_metadata = true;
   write_sample_checkpoint(a, oa);
   write_sample_checkpoint(b, ob);
-  int pa = 0, pb = 0;
-  const auto la = bind_all(Checkpoint::open(a), &pa);
-  const auto lb = bind_all(Checkpoint::open(b), &pb);
+  const auto la = bind_all(Checkpoint::open(a));
+  const auto lb = bind_all(Checkpoint::open(b));
   ASSERT_EQ(la.size(), lb.size());
-  EXPECT_EQ(pa, pb);
   for (size_t i = 0; i < la.size(); ++i) {
     EXPECT_EQ(ob.prefix + la[i].layer.name, lb[i].layer.name);
     EXPECT_EQ(la[i].layer.config.to_json(), lb[i].layer.config.to_json());

@@ -13,28 +13,12 @@ using namespace nibble;
 using nibble::testing_io::ScratchDir;
 using ::testing::HasSubstr;
 
-namespace {
-
-// While the svdquant_w4a4 bind hook is a placeholder, its layers are filtered out.
-std::string svdquant_filter(const Checkpoint& ck) {
-  try {
-    inspect_checkpoint(ck, R"(attn\.to_q$)");
-    return "";
-  } catch (const Error& e) {
-    if (std::string(e.what()).find("pending") == std::string::npos) throw;
-    return R"(^(?!.*(attn\.to_|img_mlp)))";
-  }
-}
-
-}  // namespace
-
 TEST(FormatsInspect, SampleReport) {
   ScratchDir dir;
   const std::string path = dir.file("sample.safetensors");
   write_sample_checkpoint(path, {});
   const Checkpoint ck = Checkpoint::open(path);
-  const std::string filter = svdquant_filter(ck);
-  const InspectReport r = inspect_checkpoint(ck, filter);
+  const InspectReport r = inspect_checkpoint(ck, "");
 
   EXPECT_EQ(r.tensor_count, ck.names().size());
   EXPECT_EQ(r.tensor_bytes, ck.total_bytes());
@@ -83,11 +67,9 @@ TEST(FormatsInspect, SampleReport) {
   EXPECT_THAT(text, HasSubstr("quantized total"));
   EXPECT_THAT(text, HasSubstr("float layers a kitchen format could hold: 2"));
   EXPECT_THAT(text, ::testing::ContainsRegex(R"(transformer_blocks\.0\.txt_mod\.1 +BF16 1536x256 -> awq_w4a16)"));
-  if (filter.empty()) {
-    EXPECT_THAT(text, HasSubstr("tile"));
-    EXPECT_THAT(text, ::testing::ContainsRegex(R"(img_mlp\.net\.2 +svdquant_w4a4 +256x1024 +64 +16 +yes natural)"));
-    EXPECT_THAT(text, ::testing::ContainsRegex(R"(img_mlp\.net\.0\.proj +svdquant_w4a4 +1024x256 +64 +16 +no tile)"));
-  }
+  EXPECT_THAT(text, HasSubstr("tile"));
+  EXPECT_THAT(text, ::testing::ContainsRegex(R"(img_mlp\.net\.2 +svdquant_w4a4 +256x1024 +64 +16 +yes natural)"));
+  EXPECT_THAT(text, ::testing::ContainsRegex(R"(img_mlp\.net\.0\.proj +svdquant_w4a4 +1024x256 +64 +16 +no tile)"));
 
   const nlohmann::json j = nlohmann::json::parse(inspect_json(r));
   ASSERT_EQ(j["layers"].size(), r.quantized.size());

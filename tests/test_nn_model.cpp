@@ -126,7 +126,9 @@ TEST(NnModel, LoadsMixedCheckpointWithPrefix) {
 }
 
 TEST(NnModel, AwqLayerMatchesDequantizedBaseline) {
-  // Spec criterion: ≥ 60 dB PSNR (over the output's peak-to-peak range) for an AWQ-only layer.
+  // Spec criterion: ≥ 60 dB PSNR (over the output's peak-to-peak range) for an AWQ-only layer. The
+  // layer (prepared weights: fp32-exact products for M ≤ 48) measures 149.0–155.5 dB; asserted
+  // ≥ 140 dB (margin 9 dB).
   TempDir dir;
   std::mt19937 rng(12);
   std::vector<std::pair<std::string, Tensor>> t;
@@ -139,7 +141,7 @@ TEST(NnModel, AwqLayerMatchesDequantizedBaseline) {
   for (int64_t M : {1, 2, 8, 37}) {
     const Tensor x = randn({M, 256}, rng, 1.0f);
     const double p = psnr_over_range(l.forward(x), base.forward(x));
-    EXPECT_GE(p, 60.0) << "M=" << M;
+    EXPECT_GE(p, 140.0) << "M=" << M;
     std::printf("awq_w4a16 vs dequantized baseline, M=%lld: PSNR %.1f dB\n", (long long)M, p);
   }
 }
@@ -213,7 +215,10 @@ TEST(NnModel, SampleCheckpointEveryLayerRuns) {
       const Tensor y = l.forward(x);
       ASSERT_EQ(y.shape(), (Shape{5, l.out_features()})) << name;
       for (int64_t i = 0; i < y.numel(); ++i) ASSERT_TRUE(std::isfinite(y.data<float>()[i])) << name;
-      if (l.path() == LinearPath::AwqW4A16) EXPECT_GE(psnr_over_range(y, l.dequantized().forward(x)), 60.0) << name;
+      // measured 155.6 dB (spec criterion 60 dB), margin 15 dB
+      if (l.path() == LinearPath::AwqW4A16) {
+        EXPECT_GE(psnr_over_range(y, l.dequantized().forward(x)), 140.0) << name;
+      }
     }
   }
 }

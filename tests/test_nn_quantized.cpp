@@ -84,20 +84,25 @@ TEST(NnQuantized, ActUnsignedLayersGetTheShift) {
   const double snr_eff = compare_outputs(y, y_eff).snr_db, snr_plain = compare_outputs(y, y_plain).snr_db;
   std::printf("act_unsigned fc2, constant rows: SNR vs shift-corrected baseline %.2f dB, vs stored-bias baseline %.2f dB\n",
               snr_eff, snr_plain);
-  EXPECT_GT(snr_eff, 60.0);
+  // measured 126.1 dB (fp32 rounding only), margin 10 dB; the stored-bias baseline 27.0 dB
+  EXPECT_GT(snr_eff, 116.0);
+  EXPECT_LT(snr_plain, 32.0);
   EXPECT_LT(snr_plain, snr_eff - 20.0);
   // And on GELU outputs of random activations the quantized layer tracks the corrected baseline.
   const Tensor xg = gelu(synth_activations(64, K, 5, SynthActOptions{}));
-  EXPECT_GT(compare_outputs(l.forward(xg), l.dequantized().forward(xg)).psnr_db, 25.0);
+  EXPECT_GT(compare_outputs(l.forward(xg), l.dequantized().forward(xg)).psnr_db, 47.0);  // measured 51.1 dB
 }
 
 TEST(NnQuantized, SvdquantBeatsNaiveInt4) {
   // Synthetic weights with dominant directions and outlier input channels; activations with outlier
   // channels. Output SNR vs the float layer: naive per-group int4 W4A4 (no smoothing, rank 0) vs
   // SVDQuant rank 32 (low-rank only) vs SVDQuant rank 32 with smoothing calibrated on the inputs.
+  // Calibration and evaluation rows are disjoint rows of one activation stream (same outlier
+  // channels): rows [0, M) calibrate the smoothing, rows [M, 2M) measure — out of sample.
   const int64_t N = 512, K = 512, M = 128;
   const Tensor W = synth_weight(N, K, 11), b = synth_bias(N, 12);
-  const Tensor x = synth_activations(M, K, 13);
+  const Tensor rows = synth_activations(2 * M, K, 13);
+  const Tensor x_cal = rows.slice_rows(0, M), x = rows.slice_rows(M, 2 * M);
   const Linear f = Linear::from_float("fc", W, b);
   const Tensor y_ref = f.forward(x);
   auto snr_of = [&](SvdquantQuantOptions o) {
@@ -110,14 +115,17 @@ TEST(NnQuantized, SvdquantBeatsNaiveInt4) {
   SvdquantQuantOptions lowrank;
   lowrank.rank = 32;
   ActStats stats;
-  stats.sample = x;
+  stats.sample = x_cal;
   SvdquantQuantOptions smoothed = lowrank;
   smoothed.calib = &stats;
   const double s_naive = snr_of(naive), s_lr = snr_of(lowrank), s_sm = snr_of(smoothed);
   std::printf("output SNR vs float (N=K=%lld): naive int4 %.2f dB, svdquant r32 %.2f dB, svdquant r32 + smoothing %.2f dB\n",
               (long long)K, s_naive, s_lr, s_sm);
-  EXPECT_GT(s_lr, s_naive + 3.0);
-  EXPECT_GT(s_sm, s_naive + 3.0);
+  // Measured (out of sample): naive 5.95 dB, rank 32 18.46 dB (+12.5), + smoothing 30.33 dB (+11.9
+  // over rank 32). Asserted with a 2.5–3 dB margin on each step of the ordering the docs claim.
+  EXPECT_GT(s_lr, s_naive + 10.0);
+  EXPECT_GT(s_sm, s_lr + 9.0);  // calibrated (smoothing) better than uncalibrated
+  EXPECT_GT(s_sm, 27.0);
 }
 
 TEST(NnQuantized, SvdquantLayerMatchesDequantizedBaseline) {
@@ -129,5 +137,5 @@ TEST(NnQuantized, SvdquantLayerMatchesDequantizedBaseline) {
   const Tensor x = synth_activations(40, K, 23);
   const Fidelity fd = compare_outputs(l.forward(x), l.dequantized().forward(x));
   std::printf("svdquant layer vs dequantized baseline: PSNR %.2f dB\n", fd.psnr_db);
-  EXPECT_GT(fd.psnr_db, 25.0);  // activation quantization (4-bit) is the only difference
+  EXPECT_GT(fd.psnr_db, 42.0);  // activation quantization (4-bit) is the only difference: measured 45.6 dB
 }

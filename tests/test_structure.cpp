@@ -23,8 +23,12 @@ TEST(FormatTraits, ConsistentWithTheRegistry) {
   for (const FormatInfo& f : all_formats()) {
     SCOPED_TRACE(f.name);
     EXPECT_EQ(f.has_fused_kernel, f.fused != FusedKernel::None);
-    if (f.fused != FusedKernel::None) EXPECT_TRUE(fused.insert(f.fused).second) << "one format per fused kernel";
-    if (f.is_int4) EXPECT_EQ(f.weight_bits, 4);
+    if (f.fused != FusedKernel::None) {
+      EXPECT_TRUE(fused.insert(f.fused).second) << "one format per fused kernel";
+    }
+    if (f.is_int4) {
+      EXPECT_EQ(f.weight_bits, 4);
+    }
     if (f.has_lowrank) {  // the low-rank branch's tensors are parameters of the format
       bool down = false, up = false;
       for (const ParamSpec& p : f.params) down |= p.canonical == "proj_down", up |= p.canonical == "proj_up";

@@ -1,9 +1,8 @@
 // test_svd.cpp — randomized truncated SVD vs exact (Eigen BDCSVD): singular values, captured
-// energy, orthonormality, determinism; and the speed target at a true Qwen-Image shape (timed,
-// printed; asserted loosely since the host is shared).
+// energy, orthonormality, determinism. The speed at true Qwen-Image shapes is a benchmark
+// (bench/bench_svd.cpp), not a test.
 #include <gtest/gtest.h>
 
-#include <chrono>
 #include <cmath>
 
 #include "convert/svd.h"
@@ -38,9 +37,9 @@ TEST(Svd, RandomizedMatchesExact) {
     ASSERT_EQ(rs.R, R);
     // Leading singular values agree closely (dominant directions are well separated).
     for (int r = 0; r < 4; ++r) EXPECT_NEAR(rs.sigma[r], ex.sigma[r], 1e-3 * ex.sigma[0]) << N << "x" << K << " r=" << r;
-    // Captured energy within 2% (relative) of the optimum.
+    // Residual energy within 1% (relative) of the optimum: measured +0.58 to +0.63%.
     const double e_ex = residual_energy(W, ex), e_rs = residual_energy(W, rs);
-    EXPECT_LE(e_rs, e_ex * 1.02 + 1e-6) << N << "x" << K;
+    EXPECT_LE(e_rs, e_ex * 1.01 + 1e-6) << N << "x" << K;
     // V orthonormal: VᵀV = I within fp32 rounding of a K-long dot (K·2^-24 ≪ 1e-4).
     for (int64_t a = 0; a < R; ++a)
       for (int64_t b = 0; b < R; ++b) {
@@ -69,16 +68,4 @@ TEST(Svd, RankClampedAndZeroRank) {
   EXPECT_LT(residual_energy(W, a), 1e-8);
   LowRank z = truncated_svd(W.data<float>(), 8, 64, 0, SvdMethod::Randomized, 3);
   EXPECT_EQ(z.R, 0);
-}
-
-TEST(Svd, QwenShapeSpeed) {
-  // rank-32 on 3072×12288 (the fc2 shape). Target: well under a second (2 cores, shared host).
-  Tensor W = synth_weight(3072, 12288, 1);
-  const auto t0 = std::chrono::steady_clock::now();
-  LowRank lr = truncated_svd(W.data<float>(), 3072, 12288, 32, SvdMethod::Randomized, 1);
-  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("randomized SVD rank 32 of 3072x12288: %.3f s (%d threads)\n", s, num_threads());
-  EXPECT_EQ(lr.R, 32);
-  // No time assertion: speed is measured (see docs/convert.md), not asserted in tests — the
-  // host is shared and a busy neighbour can multiply any wall time.
 }

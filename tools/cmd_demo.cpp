@@ -176,7 +176,7 @@ const CommandRegistration reg("demo", "end-to-end demo: synthesize, quantize, re
       fmt::print("quantization quality, one {}×{} layer (synthetic weights and activations with outlier channels,"
                  " 256 rows), output SNR vs float:\n"
                  "  naive per-group int4 W4A4 {:.2f} dB   svdquant rank {} {:.2f} dB   svdquant rank {} + smoothing"
-                 " (calibrated on the rows) {:.2f} dB   ({:.1f} s)\n",
+                 " (calibrated on 256 other rows) {:.2f} dB   ({:.1f} s)\n",
                  w, w, qv.naive_snr_db, o->rank, qv.svdquant_snr_db, o->rank,
                  qv.svdquant_smooth_snr_db, bench::now_seconds() - tq);
     }

@@ -14,6 +14,7 @@
 #include <regex>
 
 #include "command.h"
+#include "devtools/bench_memory.h"
 #include "nibble/nn.h"
 #include "nibble/safetensors.h"
 
@@ -71,7 +72,15 @@ const CommandRegistration reg("verify", "check a quantized checkpoint: weight er
   app.add_option("--filter", o->filter, "only layers whose name matches this regex (search)");
   return [o]() -> int {
     nn::set_notice_handler(nullptr);
+    const bench::ProcessMemory m0 = bench::process_memory();
     const nn::Model q = nn::load_checkpoint(o->quant);
+    const bench::ProcessMemory m1 = bench::process_memory();
+    // what the loaded quantized model holds (resident / anonymous growth over its load) next to the
+    // bytes its linears store in the checkpoint
+    const double rss_load = double(m1.rss > m0.rss ? m1.rss - m0.rss : 0);
+    const double anon_load = double(m1.anon > m0.anon ? m1.anon - m0.anon : 0);
+    double stored = 0;
+    for (const auto& n : q.names()) stored += double(q.linear(n).stored_bytes());
     std::optional<nn::Model> ref;
     if (!o->against.empty()) ref = nn::load_checkpoint(o->against);
     const std::regex re(o->filter.empty() ? std::string(".*") : o->filter);
@@ -155,7 +164,9 @@ const CommandRegistration reg("verify", "check a quantized checkpoint: weight er
                      {"snr_min_db", measured ? nlohmann::json(snr_min) : nlohmann::json(nullptr)},
                      {"snr_mean_db", std::isinf(mean) ? nlohmann::json(nullptr) : nlohmann::json(mean)},
                      {"worst_layer", worst}, {"layers_real_inputs", real}, {"layers_random_inputs", random},
-                     {"weight_rel_err_max", ref ? nlohmann::json(err_max) : nlohmann::json(nullptr)}});
+                     {"weight_rel_err_max", ref ? nlohmann::json(err_max) : nlohmann::json(nullptr)},
+                     {"rss_after_load_bytes", rss_load}, {"anon_after_load_bytes", anon_load},
+                     {"stored_bytes", stored}});
       fmt::print("{}\n", out.dump(1));
     } else {
       fmt::print("summary: {} quantized layers{}{}, output SNR vs {} mean {:.2f} dB, min {:.2f} dB ({}){}\n", count,
@@ -163,6 +174,9 @@ const CommandRegistration reg("verify", "check a quantized checkpoint: weight er
                  exact ? fmt::format(", {} exact (SNR inf, not in the mean)", exact) : "",
                  ref ? "float" : "dequantized baseline", mean, measured ? snr_min : 0.0, worst,
                  ref ? fmt::format(", max weight rel. error {:.5f}", err_max) : "");
+      fmt::print("memory: the quantized model after load holds {:.1f} MiB resident, {:.1f} MiB anonymous; its linears "
+                 "store {:.1f} MiB\n",
+                 rss_load / (1 << 20), anon_load / (1 << 20), stored / (1 << 20));
       if (!acts)
         fmt::print("inputs: seeded random N(0,1) rows (GELU of them for act_unsigned layers), not real activations — "
                    "these SNRs do not rank checkpoints; pass --inputs ACTS.safetensors to measure on real ones\n");

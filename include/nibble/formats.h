@@ -76,6 +76,8 @@ struct FormatInfo {
   bool has_group_size = false;           // the config's group_size applies
   int64_t fixed_group_size = 0;          // group size fixed by the format (0 = none / configurable)
   int64_t row_padding = 0;               // weight rows padded to a multiple of this (bias: logical N)
+  bool row_separable = false;            // dequantized row n depends only on stored row n (+ scalars):
+                                         // can be decoded row-block by row-block (streamed)
 };
 
 const FormatInfo* find_format(std::string_view name);      // nullptr if unknown

@@ -13,6 +13,10 @@
 //               modulation linears → awq_w4a16 with ComfyUI's [S, D] chunk order and the +1 of the
 //               scale chunks taken out of the bias (spec §9.2); the float rest renamed.
 // Output goes through the atomic writer: a failure leaves nothing at the target. docs/import.md.
+//
+// Thread safety: The importers are functions of their arguments only (read inputs, write one
+// output through the atomic writer); concurrent calls writing different outputs are safe, and
+// their parallel regions take turns on the library pool.
 #pragma once
 #include <cstdint>
 #include <string>

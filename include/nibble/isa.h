@@ -2,7 +2,7 @@
 //
 // Levels are ordered: a CPU at level L can run every kernel built for a level <= L.
 //   scalar      plain C++ (the reference oracles; always built)
-//   avx2        AVX2 + FMA + F16C
+//   avx2        AVX2 + FMA + F16C + BMI2 (every flag the AVX2 files are compiled with)
 //   avx512      AVX-512 F/BW/VL/DQ
 //   avx512vnni  + AVX-512 VNNI (vpdpbusd)
 //   avx512bf16  + AVX-512 BF16 (vdpbf16ps) — Zen 4, Sapphire Rapids

@@ -18,6 +18,10 @@
 //   "reference_latents.<i>"    optional, i = 0, 1, ...: edit models' reference latents (raw space,
 //                              like a .latent's samples; ComfyUI's TextEncodeQwenImageEdit output)
 // Every reader error names the file and what was expected. Writers are atomic (temp + rename).
+//
+// Thread safety: Readers and writers are functions of their arguments only; concurrent calls on
+// different files are safe (writers are atomic per file: two writers of one path leave one of the
+// two complete files).
 #pragma once
 #include <cstdint>
 #include <string>

@@ -16,6 +16,11 @@
 //  * awq_w4a16: W_eff + ΔW requantized with the converter's AWQ quantizer (the added error is
 //    reported).
 //  * float layers: W + ΔW in the stored dtype.
+//
+// Thread safety: Parsing and matching are functions of their arguments only. apply_lora() returns
+// a new layer and leaves its input untouched, so concurrent calls are safe; Model::load(path,
+// loras) is as thread-safe as Model::load(path). `stats`, when given, must not be shared between
+// concurrent calls.
 #pragma once
 #include <cstdint>
 #include <map>

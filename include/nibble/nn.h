@@ -126,7 +126,14 @@ class Model {
   std::shared_ptr<Checkpoint> ckpt_;
   std::map<std::string, Linear, std::less<>> linears_;
   std::string strip(std::string_view name) const;
-  static Model build(const Checkpoint& ckpt, const std::vector<LoraSpec>* loras, bool partial, LoraApplyStats* stats);
+  // A transform of every bound layer before its Linear is built: `prepare` gets all layer names
+  // (without the prefix) first, `apply` each (name, layer). The LoRA loader (defined in the convert
+  // layer, src/convert/lora_model.cpp) is one; nn itself knows nothing of LoRAs.
+  struct LayerTransform {
+    std::function<void(const std::vector<std::string>& names)> prepare;
+    std::function<QuantizedLayer(const std::string& name, QuantizedLayer layer)> apply;
+  };
+  static Model build(const Checkpoint& ckpt, const LayerTransform* transform);
 };
 
 Model load_checkpoint(const std::string& path);

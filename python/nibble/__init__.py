@@ -9,8 +9,12 @@ The kitchen ops (comfy-kitchen signatures, FORMATS.md §6)::
 
 Arrays go in as numpy arrays (bfloat16 via ml_dtypes), torch CPU tensors or any DLPack / buffer
 protocol object, zero-copy when C-contiguous. Results are numpy arrays owning the library's
-buffers, or torch tensors (zero-copy) when the first array argument was a torch tensor. Bad input
-raises nibble.Error, a ValueError naming the argument and what was expected.
+buffers, or torch tensors (zero-copy) when the first array argument was a torch tensor.
+
+Errors: everything the library raises derives from nibble.Error. Bad input (argument, shape,
+dtype, format, file content) raises nibble.InputError, a ValueError naming the argument and what
+was expected; a file that cannot be opened, read or written, or is truncated, raises
+nibble.FileError, an OSError (``.errno`` set when the OS reported one).
 
 Checkpoints: nibble.load(path) → Model (``.layers``: name → callable Layer), nibble.inspect(path),
 nibble.convert(...), nibble.load_file / save_file (safetensors). Runtime: nibble.isa(),
@@ -23,6 +27,8 @@ import numpy as _np
 from . import _core
 from ._core import (  # noqa: F401  (re-exported)
     Error,
+    FileError,
+    InputError,
     Layer,
     Model,
     compiled_isas,
@@ -39,7 +45,7 @@ __version__ = _core.__version__
 from .conditioning import load_conditioning, load_latent, save_conditioning, save_latent  # noqa: E402,F401
 
 __all__ = [
-    "Error", "Layer", "Model", "__version__",
+    "Error", "FileError", "InputError", "Layer", "Model", "__version__",
     "gemv_awq_w4a16", "quantize_svdquant_w4a4", "scaled_mm_svdquant_w4a4", "linear",
     "load", "inspect", "convert", "write_sample_checkpoint", "load_file", "save_file", "read_metadata",
     "isa", "set_isa", "supported_isas", "compiled_isas", "cpu_features",

@@ -4,7 +4,7 @@
 // only adds framework round-tripping (torch in → torch out). The prepared-weight entries of the
 // kitchen adapter's cache (KitchenPrepared) and the padding-row skip of scaled_mm are here too. Inputs are wrapped zero-copy, the
 // kernels run with the GIL released, and the library's nibble::Error becomes nibble.Error (a
-// ValueError). An op whose implementation is not in this build raises NotImplementedError.
+// ValueError).
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
@@ -14,7 +14,7 @@
 
 #include "bindings.h"
 #include "convert_arrays.h"
-#include "weak_ops.h"
+#include "nibble/ops.h"
 
 namespace nibble_py {
 
@@ -116,7 +116,6 @@ nb::object gemv_awq_w4a16(nb::handle x, nb::handle qweight, nb::handle wscales, 
   using Fn = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                     int64_t, std::optional<DType>);
   Fn* fn = &nibble::gemv_awq_w4a16;
-  require(fn, "gemv_awq_w4a16");
   ArgArrays args;
   const Tensor tx = args.wrap(x, "x");
   const Tensor tq = args.wrap(qweight, "qweight", /*bytes_as_int8=*/true);
@@ -138,7 +137,6 @@ nb::tuple quantize_svdquant_w4a4(nb::handle x, nb::handle smooth, nb::handle lor
                                  int64_t pad_size, bool act_unsigned, nb::handle lora_x,
                                  const std::optional<std::string>& lora_act_dtype) {
   auto* fn = &nibble::quantize_svdquant_w4a4;
-  require(fn, "quantize_svdquant_w4a4");
   ArgArrays args;
   const Tensor tx = args.wrap(x, "x");
   const Tensor ts = args.wrap(smooth, "smooth");
@@ -160,7 +158,6 @@ nb::object scaled_mm_svdquant_w4a4(nb::handle act, nb::handle wgt, nb::handle as
                                    const std::optional<std::string>& out_dtype,
                                    nb::handle prepared, bool skip_padding) {
   auto* fn = &nibble::scaled_mm_svdquant_w4a4;
-  require(fn, "scaled_mm_svdquant_w4a4");
   ArgArrays args;
   const Tensor ta = args.wrap(act, "act", /*bytes_as_int8=*/true);
   const Tensor tw = args.wrap(wgt, "wgt", /*bytes_as_int8=*/true);
@@ -187,7 +184,6 @@ nb::object scaled_mm_svdquant_w4a4(nb::handle act, nb::handle wgt, nb::handle as
 
 nb::object linear_f32(nb::handle x, nb::handle weight, nb::handle bias) {
   auto* fn = &nibble::linear_f32;
-  require(fn, "linear_f32");
   ArgArrays args;
   const Tensor tx = args.wrap(x, "x");
   const Tensor tw = args.wrap(weight, "weight");

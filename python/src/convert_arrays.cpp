@@ -3,6 +3,7 @@
 
 #include <nanobind/stl/string.h>
 
+#include <cstdint>
 #include <cstring>
 #include <optional>
 
@@ -137,6 +138,21 @@ Tensor ArgArrays::wrap(nb::handle obj, const char* what, bool bytes_as_int8) {
   } else if (!dlpack_to_dtype(arr.dtype(), &dtype)) {
     throw nibble::Error(std::string(what) + ": unsupported element type " +
                         dlpack_name(arr.dtype()));
+  }
+  // The kernels load elements with their natural alignment (and vector loads assume at least
+  // that): an array whose data starts at a misaligned address — e.g. a float32 view at an odd
+  // byte offset of a bytes buffer — is copied into a fresh, aligned array rather than viewed.
+  const size_t elem = nibble::dtype_size(dtype);
+  if (elem > 1 && reinterpret_cast<uintptr_t>(arr.data()) % elem != 0) {
+    if (is_numpy_array(cur))
+      cur = numpy_module().attr("array")(cur, nb::arg("copy") = true);
+    else if (nb::hasattr(cur, "clone"))
+      cur = cur.attr("clone")();
+    else
+      throw nibble::Error(std::string(what) + ": the array's data is not aligned to its " +
+                          std::to_string(elem) + "-byte elements; pass an aligned copy");
+    if (!nb::try_cast(cur, arr) || reinterpret_cast<uintptr_t>(arr.data()) % elem != 0)
+      throw nibble::Error(std::string(what) + ": could not make an aligned copy of the array");
   }
   if (bytes_as_int8 && dtype == DType::U8) dtype = DType::I8;  // packed nibbles: same bytes
   nibble::Shape shape(arr.ndim());

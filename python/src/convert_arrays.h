@@ -4,7 +4,8 @@
 // arrays through DLPack or the buffer protocol), plus numpy arrays of the ml_dtypes types numpy
 // cannot export (bfloat16, float8_e4m3fn, float8_e5m2), which are reinterpreted as same-width
 // unsigned integers and tagged with the right nibble dtype. C-contiguous CPU arrays are wrapped
-// zero-copy with Tensor::view; other layouts are made contiguous first (one copy). The wrapped
+// zero-copy with Tensor::view; other layouts are made contiguous first (one copy), and so are
+// arrays whose data is not aligned to their element size (e.g. a view at an odd byte offset). The wrapped
 // tensors borrow memory: the caller keeps the ArgArrays alive until the kernels return — the
 // kernels run with the GIL released, so the Python objects cannot be owned by the Tensor.
 //

@@ -3,8 +3,11 @@
 // Module layout: runtime settings (ISA, threads, version) here; the kitchen ops in bind_ops.cpp;
 // safetensors I/O in bind_io.cpp; checkpoints (load / inspect) in bind_model.cpp; the converter
 // in bind_convert.cpp.
-// Errors: nibble::Error → nibble.Error (subclass of ValueError); an entry point missing from this
-// build of libnibble → NotImplementedError.
+// Errors (typed): nibble.Error is the base of everything the library raises;
+//   nibble::IoError (file missing, unreadable, unwritable, truncated) → nibble.FileError, a subclass
+//   of nibble.Error and OSError (errno set when the OS gave one);
+//   every other nibble::Error (bad argument, bad content)  → nibble.InputError, a subclass of
+//   nibble.Error and ValueError.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
@@ -14,23 +17,47 @@
 #include "nibble/isa.h"
 #include "nibble/thread_pool.h"
 #include "nibble/version.h"
-#include "weak_ops.h"
 
 namespace nb = nanobind;
 
-// Called by the stubs link_probe.py generates for library functions not defined in this build.
-namespace nibble_py {
-[[noreturn]] void missing_entry_point(const char* name) { throw NotBuilt(name); }
-}  // namespace nibble_py
+namespace {
+
+// A new exception class `nibble._core.<name>` deriving from `bases` (a type or a tuple of types).
+PyObject* new_exception(nb::module_& m, const char* name, PyObject* bases, const char* doc) {
+  const std::string qual = std::string("nibble.") + name;
+  PyObject* t = PyErr_NewExceptionWithDoc(qual.c_str(), doc, bases, nullptr);
+  if (!t) throw nb::python_error();
+  m.attr(name) = nb::handle(t);  // the module keeps a reference; `t` is never released
+  return t;
+}
+
+}  // namespace
 
 NB_MODULE(_core, m) {
   m.doc() = "nibble native module (use the `nibble` package, not this module directly)";
-  static nb::exception<nibble::Error> error_type(m, "Error", PyExc_ValueError);
+  static PyObject* error = new_exception(m, "Error", PyExc_Exception,
+                                         "Base class of every error the nibble library raises.");
+  static PyObject* file_error = new_exception(
+      m, "FileError", nb::make_tuple(nb::handle(error), nb::handle(PyExc_OSError)).ptr(),
+      "A file cannot be opened, read, mapped or written, or is truncated (an OSError; errno is set "
+      "when the operating system reported one).");
+  static PyObject* input_error = new_exception(
+      m, "InputError", nb::make_tuple(nb::handle(error), nb::handle(PyExc_ValueError)).ptr(),
+      "A bad argument or bad file content: wrong shape or dtype, unknown format, malformed header "
+      "(a ValueError).");
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {
       std::rethrow_exception(p);
-    } catch (const nibble_py::NotBuilt& e) {
-      PyErr_SetString(PyExc_NotImplementedError, e.what());
+    } catch (const nibble::IoError& e) {
+      if (e.error_code() != 0) {
+        // OSError(errno, strerror): str() is "[Errno N] <message>", .errno and .strerror set.
+        nb::object args = nb::make_tuple(e.error_code(), e.what());
+        PyErr_SetObject(file_error, args.ptr());
+      } else {
+        PyErr_SetString(file_error, e.what());
+      }
+    } catch (const nibble::Error& e) {
+      PyErr_SetString(input_error, e.what());
     }
   });
 

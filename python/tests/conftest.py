@@ -1,4 +1,4 @@
-"""Shared fixtures: seeded random generators, ISA parametrization, skips for unbuilt ops."""
+"""Shared fixtures: seeded random generators, ISA parametrization."""
 import os
 import zlib
 
@@ -29,11 +29,3 @@ def each_isa(request):
     nibble.set_isa(request.param)
     yield request.param
     nibble.set_isa(before)
-
-
-def call_or_skip(fn, *args, **kwargs):
-    """Calls a library entry point; skips the test if this build does not implement it yet."""
-    try:
-        return fn(*args, **kwargs)
-    except NotImplementedError as e:
-        pytest.skip(str(e))

@@ -1,11 +1,12 @@
 """nibble.convert on the sample checkpoint: plan, conversion, and the result read back by nibble
 and by the `safetensors` package."""
+import errno
+
 import numpy as np
 import pytest
 from safetensors import safe_open
 
 import nibble
-from conftest import call_or_skip
 from test_io import raw_header
 
 
@@ -17,8 +18,8 @@ def sample(tmp_path_factory):
 
 
 def test_dry_run_writes_nothing(sample, tmp_path):
-    plan = call_or_skip(nibble.convert, sample, tmp_path / "o.safetensors",
-                        rules=["txt_mod\\.1=awq_w4a16"], dry_run=True)
+    plan = nibble.convert(sample, tmp_path / "o.safetensors",
+                          rules=["txt_mod\\.1=awq_w4a16"], dry_run=True)
     names = [l["name"] for l in plan["layers"]]
     assert any("txt_mod.1" in n for n in names), names
     assert not (tmp_path / "o.safetensors").exists()
@@ -27,8 +28,8 @@ def test_dry_run_writes_nothing(sample, tmp_path):
 def test_convert_awq_layer(sample, tmp_path, rng):
     out = tmp_path / "o.safetensors"
     seen = []
-    report = call_or_skip(nibble.convert, sample, out, rules=["txt_mod\\.1=awq_w4a16"],
-                          progress=seen.append)
+    report = nibble.convert(sample, out, rules=["txt_mod\\.1=awq_w4a16"],
+                            progress=seen.append)
     assert isinstance(report, dict) and seen and seen[-1]["index"] == seen[-1]["total"]
     src, dst = nibble.load(sample), nibble.load(out)
     name = next(n for n in dst.names() if n.endswith("txt_mod.1"))
@@ -51,9 +52,12 @@ def test_convert_awq_layer(sample, tmp_path, rng):
 
 
 def test_convert_errors(sample, tmp_path):
-    with pytest.raises(ValueError):
-        call_or_skip(nibble.convert, sample, tmp_path / "o.safetensors", rules=["txt_mod=nope"])
+    with pytest.raises(nibble.InputError) as ei:
+        nibble.convert(sample, tmp_path / "o.safetensors", rules=["txt_mod=nope"])
+    assert isinstance(ei.value, ValueError)
     assert not (tmp_path / "o.safetensors").exists()
-    with pytest.raises(ValueError):
-        call_or_skip(nibble.convert, tmp_path / "missing.safetensors", tmp_path / "o2.safetensors",
-                     format="awq_w4a16")
+    with pytest.raises(nibble.FileError) as ei:
+        nibble.convert(tmp_path / "missing.safetensors", tmp_path / "o2.safetensors",
+                       format="awq_w4a16")
+    assert isinstance(ei.value, OSError) and ei.value.errno == errno.ENOENT
+    assert not (tmp_path / "o2.safetensors").exists()

@@ -1,4 +1,5 @@
 """safetensors round trips between nibble's writer/reader and the `safetensors` PyPI package."""
+import errno
 import json
 import struct
 
@@ -106,13 +107,42 @@ def test_loaded_arrays_outlive_file_handle(tmp_path, rng):
 
 
 def test_io_errors(tmp_path):
-    with pytest.raises(ValueError):
+    with pytest.raises(nibble.FileError) as ei:
         nibble.load_file(tmp_path / "missing.safetensors")
+    assert isinstance(ei.value, OSError) and ei.value.errno == errno.ENOENT
+    with pytest.raises(nibble.FileError):
+        nibble.read_metadata(tmp_path / "missing.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(struct.pack("<Q", 10**12) + b"{}")
-    with pytest.raises(ValueError) as ei:
+    with pytest.raises(nibble.InputError) as ei:   # over the header cap: bad content, not I/O
         nibble.load_file(bad)
+    assert isinstance(ei.value, ValueError) and isinstance(ei.value, nibble.Error)
     assert "bad.safetensors" in str(ei.value)
-    with pytest.raises(ValueError):
+    with pytest.raises(nibble.InputError):
         nibble.save_file({"x": "not an array"}, tmp_path / "y.safetensors")
     assert not (tmp_path / "y.safetensors").exists()
+    with pytest.raises(nibble.FileError) as ei:   # the directory does not exist
+        nibble.save_file({"x": np.zeros(3, np.float32)}, tmp_path / "no" / "dir" / "y.safetensors")
+    assert ei.value.errno == errno.ENOENT
+
+
+def test_truncated_file_is_file_error(tmp_path, rng):
+    path = tmp_path / "t.safetensors"
+    nibble.save_file({"a": rng.standard_normal((32, 32)).astype(np.float32)}, path)
+    whole = path.read_bytes()
+    for cut in (3, 8 + 10, len(whole) - 1):   # in the length prefix, in the header, in the data
+        path.write_bytes(whole[:cut])
+        with pytest.raises(nibble.FileError, match="truncated") as ei:
+            nibble.load_file(path)
+        assert isinstance(ei.value, OSError) and ei.value.errno is None
+    path.write_bytes(whole)
+    assert nibble.load_file(path)["a"].shape == (32, 32)
+
+
+def test_error_hierarchy():
+    assert issubclass(nibble.FileError, nibble.Error) and issubclass(nibble.FileError, OSError)
+    assert issubclass(nibble.InputError, nibble.Error) and issubclass(nibble.InputError, ValueError)
+    assert not issubclass(nibble.Error, ValueError) and not issubclass(nibble.InputError, OSError)
+    with pytest.raises(nibble.InputError):
+        nibble.set_isa("no_such_isa")
+

@@ -167,13 +167,17 @@ def test_cache_hits_invalidates_and_dies_with_tensor(kitchen_cache):
     y3 = be.scaled_mm_svdquant_w4a4(q, w, asc, ws, la, up, b)
     assert torch.equal(y3, nibble.scaled_mm_svdquant_w4a4(q, w, asc, ws, la, up, b))
     assert not torch.equal(y3, plain) and nk.cache_info()["misses"] == i1["misses"] + 1
+    # equal scales handed as a fresh clone (ComfyUI's .to(dtype) clones params): still a hit
+    h = nk.cache_info()["hits"]
+    y_clone = be.scaled_mm_svdquant_w4a4(q, w, asc, ws.clone(), la, up.clone(), b)
+    assert torch.equal(y_clone, y3) and nk.cache_info()["hits"] == h + 1
     # other scales (a new tensor) are not served from the old entry
     ws2 = ws * 2
     y4 = be.scaled_mm_svdquant_w4a4(q, w, asc, ws2, la, up, b)
     assert torch.equal(y4, nibble.scaled_mm_svdquant_w4a4(q, w, asc, ws2, la, up, b))
     # the entry dies with the weight tensor
     assert nk.cache_info()["entries"] == 1
-    del w, y1, y2, y3, y4
+    del w, y1, y2, y3, y4, y_clone
     gc.collect()
     assert nk.cache_info()["entries"] == 0 and nk.cache_info()["bytes"] == 0
 

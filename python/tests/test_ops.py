@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import nibble
-from conftest import SEED, call_or_skip
+from conftest import SEED
 from refs import (BF16, F16, F32, UNIT_ROUNDOFF, assert_within, awq_ref, f64, gamma,
                   pack_nibbles, quantize_ref, scaled_mm_ref, tile_proj_up, tile_wscales,
                   tile_weight, unpack_signed, unpack_unsigned)
@@ -52,7 +52,7 @@ def make_awq(rng, lead, n, k, g, xdt, sdt, bias):
 @pytest.mark.parametrize("case", AWQ_CASES, ids=lambda c: "M{lead}_N{n}_K{k}_G{g}_{xdt}_{sdt}".format(**c))
 def test_awq_matches_reference(case, rng, each_isa):
     x, qw, s, z, b = make_awq(rng, **case)
-    y = call_or_skip(nibble.gemv_awq_w4a16, x, qw, s, z, bias=b, group_size=case["g"])
+    y = nibble.gemv_awq_w4a16(x, qw, s, z, bias=b, group_size=case["g"])
     ref, bound = awq_ref(x, qw, s, z, b, case["g"])
     assert y.dtype == s.dtype, "output dtype must be wscales' dtype (kitchen semantics)"
     assert y.shape == (*case["lead"], case["n"])
@@ -70,7 +70,7 @@ def test_awq_matches_reference(case, rng, each_isa):
 
 def test_awq_out_dtype_f32_and_threads(rng):
     x, qw, s, z, b = make_awq(rng, (4,), 64, 128, 64, BF16, BF16, True)
-    y32 = call_or_skip(nibble.gemv_awq_w4a16, x, qw, s, z, b, 64, out_dtype="float32")
+    y32 = nibble.gemv_awq_w4a16(x, qw, s, z, b, 64, out_dtype="float32")
     assert y32.dtype == np.float32
     ref, bound = awq_ref(x, qw, s, z, b, 64)
     assert_within(y32, ref, gamma(3 * 128 + 6) * bound + 1e-30, "awq out_dtype=float32")
@@ -86,16 +86,41 @@ def test_awq_out_dtype_f32_and_threads(rng):
 
 def test_awq_accepts_uint8_and_noncontiguous(rng):
     x, qw, s, z, _ = make_awq(rng, (6,), 32, 128, 64, F32, BF16, False)
-    y = call_or_skip(nibble.gemv_awq_w4a16, x, qw, s, z)
+    y = nibble.gemv_awq_w4a16(x, qw, s, z)
     big = np.zeros((6, 2 * 128), np.float32)
     big[:, ::2] = x                                   # strided view: copied to contiguous
     y2 = nibble.gemv_awq_w4a16(big[:, ::2], qw.view(np.uint8), s, z)
     assert np.array_equal(y.view(np.uint16), y2.view(np.uint16))
 
 
+def misaligned_copy(a):
+    """The same values as `a`, in an array whose data starts one byte past an aligned address."""
+    buf = np.zeros(a.nbytes + 64, np.uint8)
+    start = (-buf.ctypes.data) % 64 + 1
+    odd = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    odd[...] = a
+    assert odd.ctypes.data % a.itemsize != 0 and not odd.flags.aligned
+    return odd
+
+
+@pytest.mark.parametrize("xdt", [F32, BF16], ids=["f32", "bf16"])
+def test_misaligned_arrays_are_copied(xdt, rng, each_isa):
+    """f32 / bf16 views at an odd byte offset are copied into aligned arrays, never viewed (the
+    kernels' typed and vector loads assume element alignment): same bits as the aligned call."""
+    x, qw, s, z, b = make_awq(rng, (5,), 24, 128, 64, xdt, BF16, True)
+    want = nibble.gemv_awq_w4a16(x, qw, s, z, b, out_dtype="float32")
+    got = nibble.gemv_awq_w4a16(misaligned_copy(x), qw, misaligned_copy(s), misaligned_copy(z),
+                                misaligned_copy(b), out_dtype="float32")
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    xw = rng.standard_normal((3, 64)).astype(F32)
+    w = rng.standard_normal((16, 64)).astype(F32)
+    assert np.array_equal(nibble.linear(misaligned_copy(xw), misaligned_copy(w)).view(np.uint32),
+                          nibble.linear(xw, w).view(np.uint32))
+
+
 def test_awq_gil_released_concurrent_calls(rng):
     x, qw, s, z, b = make_awq(rng, (3,), 256, 512, 64, BF16, BF16, True)
-    want = call_or_skip(nibble.gemv_awq_w4a16, x, qw, s, z, b)
+    want = nibble.gemv_awq_w4a16(x, qw, s, z, b)
     got, errors = [None] * 4, []
 
     def run(i):
@@ -134,7 +159,7 @@ def test_awq_errors(bad, rng):
     elif bad == "bias_shape":
         b = np.zeros(15, BF16)
     with pytest.raises(ValueError) as ei:
-        call_or_skip(nibble.gemv_awq_w4a16, x, qw, s, z, b, g)
+        nibble.gemv_awq_w4a16(x, qw, s, z, b, g)
     assert str(ei.value), "the error must say what was expected"
 
 
@@ -169,9 +194,8 @@ def make_quant(rng, m, k, r, xdt, unsigned, lora_x, **_):
                          ids=lambda c: "M{m}_K{k}_R{r}_pad{pad}_{xdt}_u{unsigned}_lx{lora_x}".format(**c))
 def test_quantize_matches_reference(case, rng, each_isa):
     x, smooth, down, lx = make_quant(rng, **case)
-    q_x, ascales, lora_act = call_or_skip(nibble.quantize_svdquant_w4a4, x, smooth, down,
-                                          pad_size=case["pad"], act_unsigned=case["unsigned"],
-                                          lora_x=lx)
+    q_x, ascales, lora_act = nibble.quantize_svdquant_w4a4(
+        x, smooth, down, pad_size=case["pad"], act_unsigned=case["unsigned"], lora_x=lx)
     codes, asc32, la, la_bound = quantize_ref(x, smooth, down, case["pad"], case["unsigned"], lx)
     m_pad = codes.shape[0]
     assert q_x.dtype == np.int8 and q_x.shape == (m_pad, case["k"] // 2)
@@ -196,7 +220,7 @@ def test_quantize_clamp_contract(rng):
     x[1, 5] = -100
     smooth = np.ones(128, BF16)
     down = np.zeros((128, 16), BF16)
-    q, _, _ = call_or_skip(nibble.quantize_svdquant_w4a4, x, smooth, down, pad_size=16)
+    q, _, _ = nibble.quantize_svdquant_w4a4(x, smooth, down, pad_size=16)
     codes = unpack_signed(q)
     assert codes.min() >= -7 and codes.max() <= 7 and codes[1, 5] == -7
     qu, _, _ = nibble.quantize_svdquant_w4a4(x, smooth, down, pad_size=16, act_unsigned=True)
@@ -206,7 +230,7 @@ def test_quantize_clamp_contract(rng):
 
 def test_quantize_lora_x_default_is_x(rng):
     x, smooth, down, _ = make_quant(rng, 4, 128, 16, BF16, False, False)
-    a = call_or_skip(nibble.quantize_svdquant_w4a4, x, smooth, down, 16)
+    a = nibble.quantize_svdquant_w4a4(x, smooth, down, 16)
     b = nibble.quantize_svdquant_w4a4(x, smooth, down, 16, False, x)
     for u, v in zip(a, b):
         assert np.array_equal(u.view(np.uint8), v.view(np.uint8))
@@ -230,7 +254,7 @@ def test_quantize_errors(bad, rng):
     elif bad == "pad_zero":
         pad = 0
     with pytest.raises(ValueError):
-        call_or_skip(nibble.quantize_svdquant_w4a4, x, smooth, down, pad, False, lx)
+        nibble.quantize_svdquant_w4a4(x, smooth, down, pad, False, lx)
 
 
 # ---------------------------------------------------------------- scaled_mm_svdquant_w4a4
@@ -262,7 +286,7 @@ def make_mm(rng, m, n, k, r, dt, ladt, unsigned, bias):
                          ids=lambda c: "M{m}_N{n}_K{k}_R{r}_{dt}_la{ladt}_u{unsigned}".format(**c))
 def test_scaled_mm_matches_reference(case, rng, each_isa):
     args = make_mm(rng, **case)
-    y = call_or_skip(nibble.scaled_mm_svdquant_w4a4, *args, act_unsigned=case["unsigned"])
+    y = nibble.scaled_mm_svdquant_w4a4(*args, act_unsigned=case["unsigned"])
     ref, bound = scaled_mm_ref(*args, case["unsigned"])
     assert y.dtype == case["dt"] and y.shape == (case["m"], case["n"])
     # Exact int32 group sums; fp32 sum of K/64 scaled group terms (2 roundings each) + R LoRA
@@ -288,7 +312,7 @@ def test_act_unsigned_dispatch():
     wgt = np.full((8, 32), 0x11, np.uint8).view(np.int8)
     ones_a, ones_w = np.ones((1, 16), BF16), np.ones((1, 8), BF16)
     la, up = np.zeros((16, 16), BF16), np.zeros((8, 16), BF16)
-    ys = call_or_skip(nibble.scaled_mm_svdquant_w4a4, act, wgt, ones_a, ones_w, la, up)
+    ys = nibble.scaled_mm_svdquant_w4a4(act, wgt, ones_a, ones_w, la, up)
     yu = nibble.scaled_mm_svdquant_w4a4(act, wgt, ones_a, ones_w, la, up, act_unsigned=True)
     assert np.all(f64(ys) == -64) and np.all(f64(yu) == 960)
 
@@ -300,7 +324,7 @@ def test_quantize_then_mm_chain(rng):
     w = rng.integers(-8, 8, size=(n, k))
     wscales = rng.uniform(0.001, 0.02, size=(k // 64, n)).astype(BF16)
     up = (rng.standard_normal((n, r)) * 0.1).astype(BF16)
-    q, asc, la = call_or_skip(nibble.quantize_svdquant_w4a4, x, smooth, down, 16)
+    q, asc, la = nibble.quantize_svdquant_w4a4(x, smooth, down, 16)
     y = nibble.scaled_mm_svdquant_w4a4(q, pack_nibbles(w), asc, wscales, la, up)[:m]
     ref, bound = scaled_mm_ref(q, pack_nibbles(w), asc, wscales, la, up, None, False)
     u = UNIT_ROUNDOFF[BF16]
@@ -325,7 +349,7 @@ def test_scaled_mm_errors(bad, rng):
     elif bad == "act_1d":
         a = a.reshape(-1)
     with pytest.raises(ValueError):
-        call_or_skip(nibble.scaled_mm_svdquant_w4a4, a, w, asc, ws, la, up, b)
+        nibble.scaled_mm_svdquant_w4a4(a, w, asc, ws, la, up, b)
 
 
 # ---------------------------------------------------------------- runtime settings

@@ -239,7 +239,7 @@ QuantizedLayer apply_lora(const QuantizedLayer& L, const std::vector<LoraDelta>&
   st.layers = 1;
   QuantizedLayer out = L;
   if (ds.empty()) return out;
-  if (L.format && L.format->name == "svdquant_w4a4") {
+  if (L.format && L.format->fused == FusedKernel::SvdquantW4A4) {
     SvdquantW4A4Params p = svdquant_params(L);
     const DType dt = p.proj_down.dtype();
     if (dt != DType::BF16 && dt != DType::F16)
@@ -270,7 +270,7 @@ QuantizedLayer apply_lora(const QuantizedLayer& L, const std::vector<LoraDelta>&
     st.max_rank_before = R0;
     st.max_rank_after = R1;
     validate(svdquant_params(out), L.name);
-  } else if (L.format && L.format->name == "awq_w4a16") {
+  } else if (L.format && L.format->fused == FusedKernel::AwqW4A16) {
     AwqW4A16Params p = awq_params(L);
     Tensor W = effective_weight(p);
     std::vector<float> dw = delta_weight(L, ds);
@@ -323,34 +323,60 @@ LoraApplyStats apply_loras_to_checkpoint(const std::string& in, const std::vecto
   for (const auto& s : srcs) names.push_back(strip(s.name));
   LoraMatch mt = match_loras(loras, names, partial);
   if (unmatched) *unmatched = mt.unmatched;
-  // Replacement tensors: source key → new tensor (same key spelling as the source).
-  std::map<std::string, Tensor> repl;
-  LoraApplyStats st;
+  // Matched layers: their keys (source spellings) and, for the header, the shapes after the LoRA
+  // (svdquant: the branch grows to R1; awq / float keep their shapes). The new tensors are made
+  // when the writer reaches the layer's first key and dropped once written (one layer in memory).
+  struct Pending {
+    const LayerSource* src;
+    const std::vector<LoraDelta>* deltas;
+  };
+  std::map<std::string, Pending> layer_of_key;   // source key → its layer
+  std::map<std::string, Shape> new_shape;        // source key → shape after the LoRA
+  auto key_of = [](const LayerSource& s, const QuantizedLayer& b, const std::string& canon) {
+    std::string suffix = canon;
+    if (b.format)
+      for (const ParamSpec& ps : b.format->params)
+        if (ps.canonical == canon)
+          for (const auto& sp : ps.spellings)
+            if (s.tensors.count(sp)) suffix = sp;
+    return s.name + "." + suffix;
+  };
   for (const auto& s : srcs) {
     auto it = mt.layers.find(strip(s.name));
     if (it == mt.layers.end()) continue;
     QuantizedLayer b = bind_layer(s);
-    QuantizedLayer a = apply_lora(b, it->second, &st);
-    for (const auto& [canon, t] : a.params) {
-      if (t.raw() == b.params.at(canon).raw()) continue;
-      std::string suffix = canon;
-      if (b.format)
-        for (const ParamSpec& ps : b.format->params)
-          if (ps.canonical == canon)
-            for (const auto& sp : ps.spellings)
-              if (s.tensors.count(sp)) suffix = sp;
-      repl[s.name + "." + suffix] = t;
+    for (const auto& d : it->second) check_delta_shapes(b, d);
+    for (const auto& [canon, t] : b.params) layer_of_key[key_of(s, b, canon)] = {&s, &it->second};
+    if (b.format && b.format->fused == FusedKernel::SvdquantW4A4) {
+      int64_t radd = 0;
+      for (const auto& d : it->second) radd += d.down.size(0);
+      const int64_t R1 = (b.rank + radd + kRankTile - 1) / kRankTile * kRankTile;
+      new_shape[key_of(s, b, "proj_down")] = {b.K, R1};
+      const Tensor& pu = b.param("proj_up");
+      new_shape[key_of(s, b, "proj_up")] = pu.dim() == 3 ? Shape{pu.size(0), R1, pu.size(2)} : Shape{b.N, R1};
     }
   }
+  LoraApplyStats st;
   SafetensorsWriter w(out, ck.metadata());
   for (const auto& n : ck.names()) {
-    auto it = repl.find(n);
-    if (it != repl.end()) w.add(n, it->second.dtype(), it->second.shape());
-    else w.add(n, ck.info(n).dtype, ck.info(n).shape);
+    auto it = new_shape.find(n);
+    w.add(n, ck.info(n).dtype, it != new_shape.end() ? it->second : ck.info(n).shape);
   }
+  std::map<std::string, Tensor> ready;  // new tensors of the layer being written
   for (const auto& n : ck.names()) {
-    auto it = repl.find(n);
-    w.write_tensor(n, it != repl.end() ? it->second : ck.get(n));
+    auto lk = layer_of_key.find(n);
+    if (lk == layer_of_key.end()) {
+      w.write_tensor(n, ck.get(n));
+      continue;
+    }
+    if (!ready.count(n)) {
+      const LayerSource& s = *lk->second.src;
+      QuantizedLayer b = bind_layer(s);
+      QuantizedLayer a = apply_lora(b, *lk->second.deltas, &st);
+      for (const auto& [canon, t] : a.params) ready[key_of(s, b, canon)] = t;
+    }
+    w.write_tensor(n, ready.at(n));
+    ready.erase(n);
   }
   w.commit();
   return st;

@@ -7,6 +7,10 @@
 
 #include "nibble/error.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 namespace nibble {
 
 namespace {
@@ -25,10 +29,26 @@ bool built(Isa isa) {
   }
 }
 
+#if defined(__x86_64__) || defined(__i386__)
+// F16C (CPUID.1:ECX[29]) and BMI2 (CPUID.(7,0):EBX[8]) straight from CPUID: clang's
+// __builtin_cpu_supports does not know "f16c".
+bool has_f16c() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+}
+bool has_bmi2() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (b & bit_BMI2);
+}
+#endif
+
 bool cpu_has(Isa isa) {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  // Every feature the AVX2 files are compiled with (-mavx2 -mfma -mf16c -mbmi2, CMakeLists.txt): a
+  // CPU without one of them would fault on the first instruction the compiler picked from it.
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    has_f16c() && has_bmi2();
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   const bool vnni = avx512 && __builtin_cpu_supports("avx512vnni");
@@ -118,7 +138,10 @@ std::string cpu_features_string() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
 #define NIBBLE_FEAT(f) if (__builtin_cpu_supports(f)) r += (r.empty() ? "" : " ") + std::string(f);
-  NIBBLE_FEAT("avx2") NIBBLE_FEAT("fma") NIBBLE_FEAT("avx512f") NIBBLE_FEAT("avx512bw")
+  NIBBLE_FEAT("avx2") NIBBLE_FEAT("fma")
+  if (has_f16c()) r += (r.empty() ? "" : " ") + std::string("f16c");
+  if (has_bmi2()) r += (r.empty() ? "" : " ") + std::string("bmi2");
+  NIBBLE_FEAT("avx512f") NIBBLE_FEAT("avx512bw")
   NIBBLE_FEAT("avx512vl") NIBBLE_FEAT("avx512dq") NIBBLE_FEAT("avx512vnni") NIBBLE_FEAT("avx512bf16")
 #undef NIBBLE_FEAT
 #endif

@@ -14,13 +14,21 @@ std::string shape_str(const Shape& s) {
 }
 
 int64_t shape_numel(const Shape& s) {
+  // The product of the non-zero dimensions must fit in int64, also when a zero makes the element
+  // count 0: then no product of any subset of the dimensions (strides, row sizes, the shape
+  // checks of the formats) can overflow, in whatever order code multiplies them.
   int64_t n = 1;
+  bool zero = false;
   for (int64_t d : s) {
     if (d < 0) throw Error(fmt::format("negative dimension in shape {}", shape_str(s)));
-    if (d != 0 && n > INT64_MAX / d) throw Error(fmt::format("shape {} overflows int64", shape_str(s)));
+    if (d == 0) {
+      zero = true;
+      continue;
+    }
+    if (n > INT64_MAX / d) throw Error(fmt::format("shape {} overflows int64", shape_str(s)));
     n *= d;
   }
-  return n;
+  return zero ? 0 : n;
 }
 
 static std::shared_ptr<void> aligned_alloc_bytes(size_t n) {

@@ -1,6 +1,7 @@
 // The benchmarks' competitors and ceilings (see devtools/bench_peers.h).
 // GCC 12 warns inside its own AVX-512 headers (_mm512_undefined_* used by the reduce intrinsics).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include "devtools/bench_peers.h"
 
 #include <dlfcn.h>

@@ -53,7 +53,10 @@ SynthBlockFiles make_synth_block_files(const std::string& dir, const SynthBlockO
 
 QualityVsNaive svdquant_quality_vs_naive(int64_t N, int64_t K, int64_t M, int64_t rank, uint64_t seed) {
   const Tensor W = synth_weight(N, K, seed), b = synth_bias(N, seed + 1);
-  const Tensor x = synth_activations(M, K, seed + 2);
+  // Disjoint rows of one activation stream: [0, M) calibrate the smoothing, [M, 2M) measure, so
+  // the calibrated figure is out of sample.
+  const Tensor rows = synth_activations(2 * M, K, seed + 2);
+  const Tensor x_cal = rows.slice_rows(0, M), x = rows.slice_rows(M, 2 * M);
   const Tensor y_ref = Linear::from_float("float", W, b).forward(x);
   auto snr_of = [&](const SvdquantQuantOptions& o) {
     const SvdquantW4A4Params p = quantize_weight_svdquant_w4a4(W, b, o);
@@ -72,7 +75,7 @@ QualityVsNaive svdquant_quality_vs_naive(int64_t N, int64_t K, int64_t M, int64_
   lr.rank = rank;
   q.svdquant_snr_db = snr_of(lr);
   ActStats stats;
-  stats.sample = x;
+  stats.sample = x_cal;
   SvdquantQuantOptions sm = lr;
   sm.calib = &stats;
   q.svdquant_smooth_snr_db = snr_of(sm);

@@ -7,6 +7,7 @@
 
 #include <cmath>
 
+#include "core/shape_math.h"
 #include "formats/hadamard.h"
 #include "formats/kitchen_formats.h"
 
@@ -23,7 +24,7 @@ void bind_asym_w4a8_int8(QuantizedLayer& layer) {
   if (w.dim() != 2)
     throw Error(fmt::format("{}: key 'weight': expected a 2-D (N, K/2) tensor, got {}", what, shape_str(w.shape())));
   layer.N = w.size(0);
-  layer.K = 2 * w.size(1);
+  layer.K = checked_mul(2, w.size(1), what + ": key 'weight': K = 2·shape[1]");
   layer.group_size = layer.config.group_size.value_or(kDefaultGroup);
   expect_group_divides(layer, layer.K, layer.group_size, "group_size");
   expect_dtype(layer, "weight_s_rel", {DType::F8_E4M3, DType::U8});

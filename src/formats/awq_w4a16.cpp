@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 
 #include "formats/format_impls.h"
+#include "core/shape_math.h"
 
 namespace nibble {
 
@@ -35,7 +36,7 @@ void validate(const AwqW4A16Params& p, const std::string& what) {
   if (p.qweight.dim() != 2)
     throw Error(fmt::format("{}: weight (qweight): expected 2-D (N, K/2), got shape {}", what,
                             shape_str(p.qweight.shape())));
-  const int64_t N = p.qweight.size(0), K = 2 * p.qweight.size(1);
+  const int64_t N = p.qweight.size(0), K = checked_mul(2, p.qweight.size(1), what + ": weight (qweight): K = 2·shape[1]");
   if (p.N != N || p.K != K)
     throw Error(fmt::format("{}: weight (qweight) shape {} implies N={}, K={}, but the params say N={}, K={}", what,
                             shape_str(p.qweight.shape()), N, K, p.N, p.K));
@@ -79,7 +80,7 @@ void bind_awq_w4a16(QuantizedLayer& layer) {
     throw Error(fmt::format("{}: key 'weight': expected I8 (N, K/2), got {} {}", what, dtype_name(w.dtype()),
                             shape_str(w.shape())));
   layer.N = w.size(0);
-  layer.K = 2 * w.size(1);
+  layer.K = checked_mul(2, w.size(1), what + ": key 'weight': K = 2·shape[1]");
   layer.group_size = layer.config.group_size.value_or(kDefaultGroupSize);
   if (layer.group_size <= 0 || layer.group_size % 2 != 0)
     throw Error(fmt::format("{}: config 'group_size': expected a positive even integer, got {}", what,

@@ -4,6 +4,7 @@
 // kitchen kernel and does not change the stored weight.
 #include <fmt/format.h>
 
+#include "core/shape_math.h"
 #include "formats/hadamard.h"
 #include "formats/kitchen_formats.h"
 
@@ -16,7 +17,7 @@ void bind_convrot_w4a4(QuantizedLayer& layer) {
   if (w.dim() != 2)
     throw Error(fmt::format("{}: key 'weight': expected a 2-D (N, K/2) tensor, got {}", what, shape_str(w.shape())));
   layer.N = w.size(0);
-  layer.K = 2 * w.size(1);
+  layer.K = checked_mul(2, w.size(1), what + ": key 'weight': K = 2·shape[1]");
   const std::string& ld = layer.config.linear_dtype;
   if (!ld.empty() && ld != "int4" && ld != "int8")
     throw Error(fmt::format("{}: config 'linear_dtype': expected \"int4\" or \"int8\", got \"{}\"", what, ld));

@@ -4,6 +4,7 @@
 // int8: weight I8 (N, K). int4 (HK fork only): signed nibbles (N, K/2), low nibble = even column.
 #include <fmt/format.h>
 
+#include "core/shape_math.h"
 #include "formats/hadamard.h"
 #include "formats/kitchen_formats.h"
 
@@ -40,7 +41,7 @@ void bind_common(QuantizedLayer& layer, bool packed) {
     throw Error(fmt::format("{}: key 'weight': expected a 2-D {} tensor, got {}", layer_what(layer),
                             packed ? "(N, K/2)" : "(N, K)", shape_str(w.shape())));
   layer.N = w.size(0);
-  layer.K = packed ? 2 * w.size(1) : w.size(1);
+  layer.K = packed ? checked_mul(2, w.size(1), layer_what(layer) + ": key 'weight': K = 2·shape[1]") : w.size(1);
   check_row_scale(layer);
   check_convrot(layer);
   if (layer.has_param("input_scale")) read_scalar_f32(layer, "input_scale");

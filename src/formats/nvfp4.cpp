@@ -7,6 +7,7 @@
 // (2 + 4 significant bits), so the result is rounded once.
 #include <fmt/format.h>
 
+#include "core/shape_math.h"
 #include "formats/kitchen_formats.h"
 
 namespace nibble::formats {
@@ -31,7 +32,7 @@ void bind_nvfp4(QuantizedLayer& layer) {
     throw Error(fmt::format("{}: key 'weight': expected a 2-D (roundup(N,16), roundup(K,16)/2) tensor, got {}", what,
                             shape_str(w.shape())));
   layer.N = w.size(0);
-  layer.K = 2 * w.size(1);
+  layer.K = checked_mul(2, w.size(1), what + ": key 'weight': K = 2·shape[1]");
   layer.group_size = kBlock;
   expect_group_divides(layer, layer.K, kBlock, "the nvfp4 block size");
   if (layer.N % 16 != 0)

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/shape_math.h"
 #include "formats/format_impls.h"
 #include "formats/kitchen_formats.h"
 
@@ -76,8 +77,10 @@ std::vector<FormatInfo> make_formats() {
   }
   v.push_back({"float8_e4m3fn", DType::F8_E4M3, {req("weight_scale"), opt("input_scale")}, false,
                "fp8 e4m3fn weight (N,K) x per-tensor fp32 scale"});
+  v.back().row_separable = true;
   v.push_back({"float8_e5m2", DType::F8_E5M2, {req("weight_scale"), opt("input_scale")}, false,
                "fp8 e5m2 weight (N,K) x per-tensor fp32 scale"});
+  v.back().row_separable = true;
   v.push_back({"nvfp4", DType::U8,
                {req("weight_scale"), req("weight_scale_2"), opt("input_scale"), opt("pre_quant_scale")}, false,
                "NVFP4: E2M1 codes (even element high nibble), e4m3 block-16 scales (swizzled) x fp32 tensor scale"});
@@ -87,9 +90,10 @@ std::vector<FormatInfo> make_formats() {
   v.back().fixed_group_size = 32, v.back().row_padding = 32;
   v.push_back({"int8_tensorwise", DType::I8, {req("weight_scale"), opt("input_scale")}, false,
                "int8 weight (N,K) x per-tensor or per-row scale, optional convrot Hadamard"});
+  v.back().row_separable = true;
   v.push_back({"int4_tensorwise", DType::I8, {req("weight_scale"), opt("input_scale")}, false,
                "signed int4 (N,K/2) low nibble first x per-row scale, optional convrot Hadamard"});
-  v.back().weight_bits = 4, v.back().is_int4 = true;
+  v.back().weight_bits = 4, v.back().is_int4 = true, v.back().row_separable = true;
   v.push_back({"convrot_w4a4", DType::I8, {req("weight_scale")}, false,
                "ConvRot W4A4: signed int4 (N,K/2) x per-row scale, per-group Hadamard"});
   v.back().weight_bits = 4, v.back().is_int4 = true, v.back().act_quantized = true;
@@ -225,10 +229,10 @@ void preset_extents(QuantizedLayer& layer) {
   const Tensor& w = layer.param("weight");
   if (w.dim() == 2) {
     layer.N = w.size(0);
-    layer.K = packed ? 2 * w.size(1) : w.size(1);
+    layer.K = packed ? checked_mul(2, w.size(1), layer.name + ": key 'weight': K = 2·shape[1]") : w.size(1);
   } else if (w.dim() == 4 && layer.format->supports_tile_layout) {
-    layer.N = w.size(0) * 128;
-    layer.K = w.size(1) * 64;
+    layer.N = checked_mul(w.size(0), 128, layer.name + ": key 'weight': N = 128·shape[0]");
+    layer.K = checked_mul(w.size(1), 64, layer.name + ": key 'weight': K = 64·shape[1]");
   }
 }
 

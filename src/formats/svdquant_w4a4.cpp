@@ -14,6 +14,7 @@
 #include <cstring>
 
 #include "formats/format_impls.h"
+#include "core/shape_math.h"
 
 namespace nibble {
 
@@ -251,14 +252,14 @@ void bind_svdquant_w4a4(QuantizedLayer& layer) {
     throw Error(fmt::format("{}: key 'weight': expected I8, got {} {}", what, dtype_name(w.dtype()), shape_str(w.shape())));
   if (w.dim() == 2) {
     layer.N = w.size(0);
-    layer.K = 2 * w.size(1);
+    layer.K = checked_mul(2, w.size(1), what + ": key 'weight': K = 2·shape[1]");
     layer.tile_packed = false;
   } else if (w.dim() == 4) {
     if (w.size(2) != 32 || w.size(3) != kBlockN)
       throw Error(fmt::format("{}: key 'weight': expected tile-packed (N/128, K/64, 32, 128), got {}", what,
                               shape_str(w.shape())));
-    layer.N = w.size(0) * kBlockN;
-    layer.K = w.size(1) * kGroup;
+    layer.N = checked_mul(w.size(0), kBlockN, what + ": key 'weight': N = 128·shape[0]");
+    layer.K = checked_mul(w.size(1), kGroup, what + ": key 'weight': K = 64·shape[1]");
     layer.tile_packed = true;
   } else {
     throw Error(fmt::format("{}: key 'weight': expected natural (N, K/2) or tile-packed (N/128, K/64, 32, 128), got {}",

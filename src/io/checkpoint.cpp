@@ -46,12 +46,12 @@ std::string read_small_file(const std::string& path, uint64_t cap, const std::st
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     const int e = errno;
-    throw Error(fmt::format("cannot open {}: {}", what, std::strerror(e)));
+    throw IoError(fmt::format("cannot open {}: {}", what, std::strerror(e)), path, e);
   }
   struct stat st {};
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     ::close(fd);
-    throw Error(fmt::format("{}: not a regular file", what));
+    throw IoError(fmt::format("{}: not a regular file", what), path);
   }
   if (uint64_t(st.st_size) > cap) {
     ::close(fd);
@@ -91,7 +91,7 @@ Checkpoint Checkpoint::open(const std::string& path) {
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) {
     const int e = errno;
-    throw Error(fmt::format("cannot open checkpoint '{}': {}", path, std::strerror(e)));
+    throw IoError(fmt::format("cannot open checkpoint '{}': {}", path, std::strerror(e)), path, e);
   }
 
   auto add_all_tensors = [&ck](size_t shard) {
@@ -110,7 +110,7 @@ Checkpoint Checkpoint::open(const std::string& path) {
     DIR* d = ::opendir(path.c_str());
     if (!d) {
       const int e = errno;
-      throw Error(fmt::format("cannot list checkpoint directory '{}': {}", path, std::strerror(e)));
+      throw IoError(fmt::format("cannot list checkpoint directory '{}': {}", path, std::strerror(e)), path, e);
     }
     while (const dirent* ent = ::readdir(d)) {
       const std::string name = ent->d_name;
@@ -151,7 +151,8 @@ Checkpoint Checkpoint::open(const std::string& path) {
         const std::string shard_path = join_path(dir, rel);
         struct stat sst {};
         if (::stat(shard_path.c_str(), &sst) != 0)
-          throw Error(fmt::format("{}: shard file '{}' (for tensor '{}') is missing", what, shard_path, name));
+          throw IoError(fmt::format("{}: shard file '{}' (for tensor '{}') is missing", what, shard_path, name),
+                        shard_path, errno);
         ck.shards_.push_back(SafetensorsFile::open(shard_path));
         it = shard_of_file.emplace(rel, ck.shards_.size() - 1).first;
       }

@@ -75,7 +75,7 @@ TensorInfo parse_entry(const std::string& label, const std::string& name, const 
     t.shape.push_back(int64_t(u));
   }
   uint64_t numel;
-  try {  // the same left-to-right overflow rule as every later Tensor::view of this shape
+  try {  // the same overflow rule as every later Tensor::view of this shape
     numel = uint64_t(shape_numel(t.shape));
   } catch (const Error&) {
     fail_tensor(label, name, fmt::format("shape {} has more elements than int64 can count", sh->dump()));
@@ -157,15 +157,16 @@ void SafetensorsFile::parse(const void* data, size_t size) {
   const std::string what = file_what(path_);
   size_ = size;
   if (size < 8)
-    throw Error(fmt::format("{}: file is {} bytes, shorter than the 8-byte header length prefix", what, size));
+    throw IoError(fmt::format("{}: file is {} bytes, shorter than the 8-byte header length prefix (truncated?)",
+                              what, size), path_);
   const auto* bytes = static_cast<const uint8_t*>(data);
   uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = (n << 8) | bytes[i];  // little-endian, independent of the host
   if (n > kMaxHeaderBytes)
     throw Error(fmt::format("{}: header length {} exceeds the 100 MB cap ({} bytes)", what, n, kMaxHeaderBytes));
   if (n > size - 8)
-    throw Error(fmt::format("{}: header length {} is larger than the file ({} bytes after the 8-byte prefix)", what,
-                            n, size - 8));
+    throw IoError(fmt::format("{}: header length {} is larger than the file ({} bytes after the 8-byte prefix; "
+                              "truncated?)", what, n, size - 8), path_);
   header_.assign(reinterpret_cast<const char*>(bytes + 8), size_t(n));
   const json root = io::parse_json_strict(header_, what);
   if (!root.is_object())
@@ -189,9 +190,9 @@ void SafetensorsFile::parse(const void* data, size_t size) {
       continue;
     }
     TensorInfo t = parse_entry(path_, key, value);
-    if (t.end > data_size)
-      fail_tensor(path_, key, fmt::format("data_offsets [{}, {}] run past the data section ({} bytes)", t.begin,
-                                          t.end, data_size));
+    if (t.end > data_size)  // the header is whole but the data is not: a truncated file
+      throw IoError(fmt::format("{}: tensor '{}': data_offsets [{}, {}] run past the data section ({} bytes); "
+                                "truncated file?", what, key, t.begin, t.end, data_size), path_);
     tensors_.push_back(std::move(t));
   }
   // The tensors must tile [0, data_size) exactly: sort by offsets and walk.
@@ -234,17 +235,17 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     const int e = errno;
-    throw Error(fmt::format("cannot open safetensors file '{}': {}", path, std::strerror(e)));
+    throw IoError(fmt::format("cannot open safetensors file '{}': {}", path, std::strerror(e)), path, e);
   }
   struct stat st {};
   if (::fstat(fd, &st) != 0) {
     const int e = errno;
     ::close(fd);
-    throw Error(fmt::format("cannot stat safetensors file '{}': {}", path, std::strerror(e)));
+    throw IoError(fmt::format("cannot stat safetensors file '{}': {}", path, std::strerror(e)), path, e);
   }
   if (!S_ISREG(st.st_mode)) {
     ::close(fd);
-    throw Error(fmt::format("safetensors file '{}': not a regular file", path));
+    throw IoError(fmt::format("safetensors file '{}': not a regular file", path), path);
   }
   const size_t size = size_t(st.st_size);
   auto mapping = std::make_shared<Impl::Mapping>();
@@ -253,7 +254,8 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
     if (addr == MAP_FAILED) {
       const int e = errno;
       ::close(fd);
-      throw Error(fmt::format("cannot mmap safetensors file '{}' ({} bytes): {}", path, size, std::strerror(e)));
+      throw IoError(fmt::format("cannot mmap safetensors file '{}' ({} bytes): {}", path, size, std::strerror(e)),
+                    path, e);
     }
     mapping->addr = addr;
     mapping->len = size;

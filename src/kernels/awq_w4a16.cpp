@@ -21,9 +21,12 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 
+#include "core/shape_math.h"
 #include "kernels/awq_w4a16_kernels.h"
+#include "kernels/workspace.h"
 #include "nibble/isa.h"
 #include "nibble/ops.h"
 #include "nibble/thread_pool.h"
@@ -37,11 +40,22 @@ struct AwqW4A16Prepared {
 
 namespace {
 using namespace kernels::awq;
+using kernels::Slot;
+using kernels::test_fill;
+using kernels::thread_scratch;
 constexpr const char* kOp = "gemv_awq_w4a16";
 constexpr int64_t kGemvCols = 256;  // output columns per GEMV task (4 staged sub-blocks)
-// Accumulator buffers start as NaN: a kernel that skips an element makes the output NaN (tests
-// reject any NaN) instead of silently returning a stale or zero value.
-const float kPoison = std::nanf("");
+
+// The accumulators: uninitialized in production; tests poison them (kernels/workspace.h).
+struct AccBuffer {
+  std::unique_ptr<float[]> p;
+  float* data() const { return p.get(); }
+};
+AccBuffer acc_buffer(int64_t n) {
+  AccBuffer b{std::unique_ptr<float[]>(new float[size_t(n)])};  // default-initialized: no pass over it
+  test_fill(b.data(), n);
+  return b;
+}
 
 // Largest M that takes the GEMV path (measured: docs/awq.md).
 int64_t gemv_max_m(Isa isa) {
@@ -112,9 +126,9 @@ void check_inputs(const Tensor& x, const AwqW4A16Params& w) {
   check_dtype(w.qweight, {DType::I8}, fmt::format("{}: qweight", kOp));
   if (w.qweight.dim() != 2)
     throw Error(fmt::format("{}: qweight: expected 2-D (N, K/2), got shape {}", kOp, shape_str(w.qweight.shape())));
-  if (w.qweight.size(1) * 2 != K)
-    throw Error(fmt::format("{}: qweight.shape[1]*2 ({}) must equal K ({}, the last dimension of x)", kOp,
-                            w.qweight.size(1) * 2, K));
+  if (w.qweight.size(1) != K / 2 || K % 2 != 0)
+    throw Error(fmt::format("{}: qweight.shape[1]*2 must equal K ({}, the last dimension of x); qweight.shape[1] is {}",
+                            kOp, K, w.qweight.size(1)));
   if (K == 0) throw Error(fmt::format("{}: K must be positive", kOp));
   validate(w, kOp);
 }
@@ -213,21 +227,23 @@ std::vector<uint32_t> tiled_x_pairs(const float* x, int64_t M, int64_t K, int pa
   return xpairs;
 }
 
-// GEMV over the prepared tiled stream. avx512bf16 with bf16/f16 x: vdpbf16ps on exact bf16 parts
-// of x; fp32 x (three parts would triple the dot products) or AVX-512 without BF16: fp32 FMA;
-// AVX2: the same fp32 FMA on 8 lanes.
-void run_tiled(const Impl& im, Isa isa, const float* x, const Tensor& tiled, void* yp) {
+[[noreturn]] void not_built(const Plan& pl) {
+  throw Error(fmt::format("{}: internal error: kernel {} ({}) was not built", kOp, pl.name, isa_name(pl.isa)));
+}
+
+// GEMV over the prepared tiled stream (plan: gemv-tiled-*).
+void run_tiled(const Impl& im, const Plan& pl, const float* x, const Tensor& tiled, void* yp) {
   const int64_t M = im.p.M, N = im.p.N, K = im.p.K, G = im.p.G;
   constexpr int64_t tiles_per_task = 32;  // 884 KB of stream per task at K=3072 (measured: 16–64 equal within 2 %)
   const int64_t tiles = (N + kTileCols - 1) / kTileCols;
   const int64_t tasks = (tiles + tiles_per_task - 1) / tiles_per_task;
-  const bool fp32_kernel = isa != Isa::Avx512Bf16 || im.xdt == DType::F32;
+  if (!pl.tiled_f32 && !pl.tiled_bf16) not_built(pl);
   const std::vector<float> xsum = group_sums(x, M, K, G);
-  std::vector<float> acc(size_t(M * N), kPoison);
+  const AccBuffer acc = acc_buffer(M * N);
   std::vector<uint32_t> xpairs;
   TiledF32Args af;
   TiledArgs ab;
-  if (fp32_kernel) {
+  if (pl.tiled_f32) {
     af.p = im.p, af.tiled = tiled.data<uint8_t>(), af.x = x, af.xsum = xsum.data(), af.acc = acc.data();
   } else {
     ab.p = im.p, ab.tiled = tiled.data<uint8_t>(), ab.parts = bf16_parts(im.xdt);
@@ -236,10 +252,93 @@ void run_tiled(const Impl& im, Isa isa, const float* x, const Tensor& tiled, voi
   }
   parallel_for(tasks, [&](int64_t task) {
     const int64_t t0 = task * tiles_per_task, t1 = std::min(tiles, t0 + tiles_per_task);
-    if (isa == Isa::Avx2) awq_gemv_tiled_avx2(af, t0, t1);
-    else if (fp32_kernel) awq_gemv_tiled_avx512(af, t0, t1);
-    else awq_gemv_tiled_avx512bf16(ab, t0, t1);
+    if (pl.tiled_f32) pl.tiled_f32(af, t0, t1);
+    else pl.tiled_bf16(ab, t0, t1);
     epilogue(im, acc.data(), N, 1, yp, t0 * kTileCols, std::min(N, t1 * kTileCols), 1);
+  });
+}
+
+void run_gemv(const Impl& im, const Plan& pl, const float* x, void* yp) {
+  const int64_t M = im.p.M, N = im.p.N, K = im.p.K, G = im.p.G;
+  if (!pl.gemv) not_built(pl);
+  const std::vector<float> xsum = group_sums(x, M, K, G);
+  GemvArgs a;
+  a.p = im.p;
+  a.xsum = xsum.data();
+  const AccBuffer acc = acc_buffer(M * N);
+  a.acc = acc.data();
+  std::vector<float> xc32;
+  std::vector<uint16_t> xc16;
+  if (pl.bf16_dot) {
+    a.parts = bf16_parts(im.xdt);
+    a.wide = bf16_wide_ok(K, G);
+    xc16 = chunk_activations<uint16_t>(x, M, K, a.wide ? kChunkBf16Wide : G, a.wide ? kChunkBf16Wide : kChunkBf16,
+                                       kStreamsBf16, a.parts,
+                                       [](float v, int p) {
+                                         uint16_t parts[3];
+                                         split_bf16(v, p + 1, parts);
+                                         return parts[p];
+                                       },
+                                       &a.xc_row_elems);
+    a.xc = xc16.data();
+  } else {
+    const bool is512 = pl.isa != Isa::Avx2;
+    xc32 = chunk_activations<float>(x, M, K, G, is512 ? kChunkAvx512 : kChunkAvx2, is512 ? kStreamsAvx512 : kStreamsAvx2,
+                                    1, [](float v, int) { return v; }, &a.xc_row_elems);
+    a.xc = xc32.data();
+  }
+  const int64_t tasks = (N + kGemvCols - 1) / kGemvCols;
+  const int64_t ws_floats = gemv_ws_floats(im.p);
+  parallel_for(tasks, [&](int64_t t) {
+    const int64_t n0 = t * kGemvCols, n1 = std::min(N, n0 + kGemvCols);
+    pl.gemv(a, n0, n1, thread_scratch<float>(Slot::Stage, ws_floats));
+    epilogue(im, acc.data(), N, 1, yp, n0, n1, 1);
+  });
+}
+
+// GEMM: the bf16 tier rounds the dequantized weight to bf16, as the kitchen's MMA tier rounds it
+// to the model dtype (the plan keeps fp16 models on the fp32 GEMM: exact dequantized weights).
+void run_gemm(const Impl& im, const Plan& pl, const float* x, void* yp) {
+  const int64_t M = im.p.M, N = im.p.N, K = im.p.K;
+  if (!pl.gemm) not_built(pl);
+  GemmArgs a;
+  a.p = im.p;
+  std::vector<float> xp32;
+  std::vector<uint32_t> xp16;
+  int parts = 1;
+  if (pl.bf16_dot) {
+    parts = bf16_parts(im.xdt);
+    a.Mp = (M * parts + kGemmMvAvx512 - 1) / kGemmMvAvx512 * kGemmMvAvx512;
+    xp16.assign(size_t(K / 2 * a.Mp), 0u);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t c = 0; c < K / 2; ++c) {
+        uint16_t e[3], o[3];
+        split_bf16(x[m * K + 2 * c], parts, e);
+        split_bf16(x[m * K + 2 * c + 1], parts, o);
+        for (int p = 0; p < parts; ++p) {
+          const int64_t row = m * parts + p, m0 = row / 32 * 32, bw = std::min<int64_t>(32, a.Mp - m0);
+          xp16[size_t(m0 * (K / 2) + c * bw + (row - m0))] = uint32_t(e[p]) | (uint32_t(o[p]) << 16);
+        }
+      }
+    a.xp = xp16.data();
+  } else {
+    const int mv = pl.isa == Isa::Avx2 ? kGemmMvAvx2 : kGemmMvAvx512;
+    a.Mp = (M + mv - 1) / mv * mv;
+    xp32.assign(size_t(K * a.Mp), 0.0f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t m0 = m / (2 * mv) * (2 * mv), bw = std::min<int64_t>(2 * mv, a.Mp - m0);
+        xp32[size_t(m0 * K + k * bw + (m - m0))] = x[m * K + k];
+      }
+    a.xp = xp32.data();
+  }
+  const AccBuffer accT = acc_buffer(N * a.Mp);
+  a.accT = accT.data();
+  const int64_t tasks = (N + kGemmRowsPerTask - 1) / kGemmRowsPerTask;
+  parallel_for(tasks, [&](int64_t t) {
+    const int64_t n0 = t * kGemmRowsPerTask, n1 = std::min(N, n0 + kGemmRowsPerTask);
+    pl.gemm(a, n0, n1, thread_scratch<float>(Slot::Weights, gemm_ws_floats(im.p, n1 - n0)));
+    epilogue(im, accT.data(), 1, a.Mp, yp, n0, n1, parts);
   });
 }
 
@@ -263,113 +362,21 @@ Tensor run(const Tensor& x_in, const AwqW4A16Params& w, std::optional<DType> out
 
   const Tensor x32t = x_in.to_f32();
   const float* x = x32t.data<float>();
-  Isa isa = active_isa();
-  if (isa == Isa::Avx512Bf16 && G % 8 != 0) isa = Isa::Avx512;  // the bf16 GEMV reads 8-column lanes
-  const int64_t gemv_tasks = (N + kGemvCols - 1) / kGemvCols;
-
-  if (isa == Isa::Scalar) {
-    std::vector<float> acc(size_t(M * N), kPoison);
-    parallel_for(gemv_tasks, [&](int64_t t) {
-      const int64_t n0 = t * kGemvCols, n1 = std::min(N, n0 + kGemvCols);
-      awq_ref(im.p, x, acc.data(), n0, n1);
-      epilogue(im, acc.data(), N, 1, yp, n0, n1, 1);
-    });
-    return y;
-  }
-
-  if (M <= tiled_gemv_max_m(isa) && isa >= Isa::Avx2 && tiled.defined()) {
-    run_tiled(im, isa, x, tiled, yp);
-    return y;
-  }
-
-  if (M <= gemv_max_m(isa)) {
-    // fp32 x would need 3 exact bf16 parts (3× the vdpbf16ps work); the fp32-FMA GEMV is faster
-    // there (measured: 0.073 vs 0.082 ms at M=1, N=512, K=3072) and equally exact.
-    if (isa == Isa::Avx512Bf16 && im.xdt == DType::F32) isa = Isa::Avx512;
-    const std::vector<float> xsum = group_sums(x, M, K, G);
-    GemvArgs a;
-    a.p = im.p;
-    a.xsum = xsum.data();
-    std::vector<float> acc(size_t(M * N), kPoison);
-    a.acc = acc.data();
-    std::vector<float> xc32;
-    std::vector<uint16_t> xc16;
-    void (*kernel)(const GemvArgs&, int64_t, int64_t) = nullptr;
-    if (isa == Isa::Avx512Bf16) {
-      a.parts = bf16_parts(im.xdt);
-      a.wide = bf16_wide_ok(K, G);
-      xc16 = chunk_activations<uint16_t>(x, M, K, a.wide ? kChunkBf16Wide : G,
-                                         a.wide ? kChunkBf16Wide : kChunkBf16, kStreamsBf16, a.parts,
-                                         [](float v, int p) {
-                                           uint16_t parts[3];
-                                           split_bf16(v, p + 1, parts);
-                                           return parts[p];
-                                         },
-                                         &a.xc_row_elems);
-      a.xc = xc16.data();
-      kernel = awq_gemv_avx512bf16;
-    } else {
-      const bool is512 = isa != Isa::Avx2;
-      xc32 = chunk_activations<float>(x, M, K, G, is512 ? kChunkAvx512 : kChunkAvx2,
-                                      is512 ? kStreamsAvx512 : kStreamsAvx2, 1,
-                                      [](float v, int) { return v; }, &a.xc_row_elems);
-      a.xc = xc32.data();
-      kernel = is512 ? awq_gemv_avx512 : awq_gemv_avx2;
+  const Plan pl = plan(active_isa(), M, G, im.xdt, im.p.sdtype, tiled.defined());
+  switch (pl.family) {
+    case Family::Reference: {
+      const AccBuffer acc = acc_buffer(M * N);
+      parallel_for((N + kGemvCols - 1) / kGemvCols, [&](int64_t t) {
+        const int64_t n0 = t * kGemvCols, n1 = std::min(N, n0 + kGemvCols);
+        awq_ref(im.p, x, acc.data(), n0, n1);
+        epilogue(im, acc.data(), N, 1, yp, n0, n1, 1);
+      });
+      break;
     }
-    parallel_for(gemv_tasks, [&](int64_t t) {
-      const int64_t n0 = t * kGemvCols, n1 = std::min(N, n0 + kGemvCols);
-      kernel(a, n0, n1);
-      epilogue(im, acc.data(), N, 1, yp, n0, n1, 1);
-    });
-    return y;
+    case Family::Tiled: run_tiled(im, pl, x, tiled, yp); break;
+    case Family::Gemv: run_gemv(im, pl, x, yp); break;
+    case Family::Gemm: run_gemm(im, pl, x, yp); break;
   }
-
-  // GEMM path. The bf16 tier rounds the dequantized weight to bf16, as the kitchen's MMA tier rounds
-  // it to the model dtype; for fp16 models that would be coarser than the kitchen, so they take the
-  // fp32 GEMM (exact dequantized weights).
-  if (isa == Isa::Avx512Bf16 && im.p.sdtype == DType::F16) isa = Isa::Avx512;
-  GemmArgs a;
-  a.p = im.p;
-  std::vector<float> xp32;
-  std::vector<uint32_t> xp16;
-  int parts = 1;
-  void (*kernel)(const GemmArgs&, int64_t, int64_t) = nullptr;
-  if (isa == Isa::Avx512Bf16) {
-    parts = bf16_parts(im.xdt);
-    a.Mp = (M * parts + kGemmMvAvx512 - 1) / kGemmMvAvx512 * kGemmMvAvx512;
-    xp16.assign(size_t(K / 2 * a.Mp), 0u);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t c = 0; c < K / 2; ++c) {
-        uint16_t e[3], o[3];
-        split_bf16(x[m * K + 2 * c], parts, e);
-        split_bf16(x[m * K + 2 * c + 1], parts, o);
-        for (int p = 0; p < parts; ++p) {
-          const int64_t row = m * parts + p, m0 = row / 32 * 32, bw = std::min<int64_t>(32, a.Mp - m0);
-          xp16[size_t(m0 * (K / 2) + c * bw + (row - m0))] = uint32_t(e[p]) | (uint32_t(o[p]) << 16);
-        }
-      }
-    a.xp = xp16.data();
-    kernel = awq_gemm_avx512bf16;
-  } else {
-    const int mv = isa == Isa::Avx2 ? kGemmMvAvx2 : kGemmMvAvx512;
-    a.Mp = (M + mv - 1) / mv * mv;
-    xp32.assign(size_t(K * a.Mp), 0.0f);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t m0 = m / (2 * mv) * (2 * mv), bw = std::min<int64_t>(2 * mv, a.Mp - m0);
-        xp32[size_t(m0 * K + k * bw + (m - m0))] = x[m * K + k];
-      }
-    a.xp = xp32.data();
-    kernel = isa == Isa::Avx2 ? awq_gemm_avx2 : awq_gemm_avx512;
-  }
-  std::vector<float> accT(size_t(N * a.Mp), kPoison);
-  a.accT = accT.data();
-  const int64_t tasks = (N + kGemmRowsPerTask - 1) / kGemmRowsPerTask;
-  parallel_for(tasks, [&](int64_t t) {
-    const int64_t n0 = t * kGemmRowsPerTask, n1 = std::min(N, n0 + kGemmRowsPerTask);
-    kernel(a, n0, n1);
-    epilogue(im, accT.data(), 1, a.Mp, yp, n0, n1, parts);
-  });
   return y;
 }
 
@@ -400,16 +407,63 @@ void repack_tiled(const Problem& p, uint8_t* out) {
   });
 }
 
-const char* path_name(Isa isa, int64_t M, int64_t G, DType xdt, DType sdt, bool prepared) {
-  if (isa == Isa::Avx512Bf16 && G % 8 != 0) isa = Isa::Avx512;
-  if (isa == Isa::Scalar) return "reference";
-  if (prepared && isa >= Isa::Avx2 && tiled_ok(G) && M <= tiled_gemv_max_m(isa))
-    return isa == Isa::Avx512Bf16 && xdt != DType::F32 ? "gemv-tiled-bf16dot" : "gemv-tiled-fp32";
-  if (M <= gemv_max_m(isa)) {
-    if (isa == Isa::Avx512Bf16 && xdt == DType::F32) isa = Isa::Avx512;
-    return isa == Isa::Avx512Bf16 ? "gemv-bf16dot" : "gemv-fp32";
+// Kernels of levels that were not compiled are never referenced (null in the plan): the build
+// links without them, and active_isa() never returns such a level.
+#ifdef NIBBLE_HAVE_AVX2
+#define NIBBLE_K2(f) &f
+#else
+#define NIBBLE_K2(f) nullptr
+#endif
+#ifdef NIBBLE_HAVE_AVX512
+#define NIBBLE_K512(f) &f
+#else
+#define NIBBLE_K512(f) nullptr
+#endif
+
+Plan plan(Isa isa, int64_t M, int64_t G, DType xdt, DType sdt, bool tiled) {
+  Plan pl;
+  if (isa == Isa::Avx512Bf16 && G % 8 != 0) isa = Isa::Avx512;  // the bf16 kernels read 8-column lanes
+  pl.isa = isa;
+  if (isa == Isa::Scalar) return pl;  // reference, any M
+  if (tiled && tiled_ok(G) && M <= tiled_gemv_max_m(isa)) {
+    pl.family = Family::Tiled;
+    // fp32 x would need three bf16 parts: the fp32-FMA kernel is as exact and faster
+    pl.bf16_dot = isa == Isa::Avx512Bf16 && xdt != DType::F32;
+    pl.name = pl.bf16_dot ? "gemv-tiled-bf16dot" : "gemv-tiled-fp32";
+    if (isa == Isa::Avx2) pl.tiled_f32 = NIBBLE_K2(awq_gemv_tiled_avx2);
+    else if (pl.bf16_dot) pl.tiled_bf16 = NIBBLE_K512(awq_gemv_tiled_avx512bf16);
+    else pl.tiled_f32 = NIBBLE_K512(awq_gemv_tiled_avx512);
+    return pl;
   }
-  return isa == Isa::Avx512Bf16 && sdt != DType::F16 ? "gemm-bf16w" : "gemm-fp32";
+  if (M <= gemv_max_m(isa)) {
+    // fp32 x would need 3 exact bf16 parts (3× the vdpbf16ps work); the fp32-FMA GEMV is faster
+    // there (measured: 0.073 vs 0.082 ms at M=1, N=512, K=3072) and equally exact.
+    if (isa == Isa::Avx512Bf16 && xdt == DType::F32) isa = Isa::Avx512;
+    pl.family = Family::Gemv;
+    pl.isa = isa;
+    pl.bf16_dot = isa == Isa::Avx512Bf16;
+    pl.name = pl.bf16_dot ? "gemv-bf16dot" : "gemv-fp32";
+    pl.gemv = isa == Isa::Avx2 ? NIBBLE_K2(awq_gemv_avx2)
+              : pl.bf16_dot    ? NIBBLE_K512(awq_gemv_avx512bf16)
+                               : NIBBLE_K512(awq_gemv_avx512);
+    return pl;
+  }
+  // the bf16 weight tier would be coarser than the kitchen for fp16 models: fp32 GEMM there
+  if (isa == Isa::Avx512Bf16 && sdt == DType::F16) isa = Isa::Avx512;
+  pl.family = Family::Gemm;
+  pl.isa = isa;
+  pl.bf16_dot = pl.bf16_weights = isa == Isa::Avx512Bf16;
+  pl.name = pl.bf16_weights ? "gemm-bf16w" : "gemm-fp32";
+  pl.gemm = isa == Isa::Avx2 ? NIBBLE_K2(awq_gemm_avx2)
+            : pl.bf16_weights ? NIBBLE_K512(awq_gemm_avx512bf16)
+                              : NIBBLE_K512(awq_gemm_avx512);
+  return pl;
+}
+#undef NIBBLE_K2
+#undef NIBBLE_K512
+
+const char* path_name(Isa isa, int64_t M, int64_t G, DType xdt, DType sdt, bool prepared) {
+  return plan(isa, M, G, xdt, sdt, prepared && prepared_has_tiled(G)).name;
 }
 }  // namespace kernels::awq
 
@@ -423,7 +477,7 @@ Tensor gemv_awq_w4a16(const Tensor& x, const Tensor& qweight, const Tensor& wsca
   w.group_size = group_size;
   if (qweight.defined() && qweight.dim() == 2) {
     w.N = qweight.size(0);
-    w.K = 2 * qweight.size(1);
+    w.K = checked_mul(2, qweight.size(1), fmt::format("{}: qweight: K = 2·shape[1]", kOp));
   }
   return run(x, w, out_dtype);
 }
@@ -434,7 +488,7 @@ std::shared_ptr<const AwqW4A16Prepared> prepare_awq_w4a16(const AwqW4A16Params& 
   r->params = p;
   const int64_t N = p.qweight.size(0), K = 2 * p.qweight.size(1), G = p.group_size;
   // The tiled stream serves the AVX2/AVX-512 GEMVs; the oracle reads the stored layout.
-  if (isa_supported(Isa::Avx2) && tiled_ok(G) && N > 0 && K > 0) {
+  if (prepared_has_tiled(G) && N > 0 && K > 0) {
     r->tiled = Tensor::empty(DType::U8, {tiled_bytes(N, K, G)});
     const Problem prob{0, N, K, G, p.qweight.data<uint8_t>(), p.wscales.data<uint16_t>(), p.wzeros.data<uint16_t>(),
                        p.wscales.dtype()};
@@ -456,7 +510,7 @@ AwqW4A16Params awq_args(const Tensor& qweight, const Tensor& wscales, const Tens
   w.group_size = group_size;
   if (qweight.defined() && qweight.dim() == 2) {
     w.N = qweight.size(0);
-    w.K = 2 * qweight.size(1);
+    w.K = checked_mul(2, qweight.size(1), fmt::format("{}: qweight: K = 2·shape[1]", kOp));
   }
   return w;
 }
@@ -472,7 +526,7 @@ Tensor gemv_awq_w4a16_prepared(const Tensor& x, const Tensor& qweight, const Ten
                                const Tensor& stream) {
   AwqW4A16Params w = awq_args(qweight, wscales, wzeros, group_size);
   w.bias = bias;
-  if (stream.defined() && w.N > 0 && int64_t(stream.nbytes()) != tiled_bytes(w.N, w.K, group_size))
+  if (stream.defined() && w.N > 0 && group_size > 0 && int64_t(stream.nbytes()) != tiled_bytes(w.N, w.K, group_size))
     throw Error(fmt::format("{}: the prepared stream ({} bytes) is not the one of these weights ({} bytes)", kOp,
                             stream.nbytes(), tiled_bytes(w.N, w.K, group_size)));
   return run(x, w, out_dtype, stream);
@@ -480,22 +534,3 @@ Tensor gemv_awq_w4a16_prepared(const Tensor& x, const Tensor& qweight, const Ten
 
 }  // namespace nibble
 
-// Kernels of ISA levels that were not compiled: never selected (active_isa() only returns built
-// levels), so reaching one is a bug — fail loudly instead of computing something wrong.
-namespace nibble::kernels::awq {
-#ifndef NIBBLE_HAVE_AVX2
-[[noreturn]] static void not_built(const char* k) { throw Error(fmt::format("internal error: {} was not built", k)); }
-void awq_gemv_avx2(const GemvArgs&, int64_t, int64_t) { not_built("awq_gemv_avx2"); }
-void awq_gemm_avx2(const GemmArgs&, int64_t, int64_t) { not_built("awq_gemm_avx2"); }
-void awq_gemv_tiled_avx2(const TiledF32Args&, int64_t, int64_t) { not_built("awq_gemv_tiled_avx2"); }
-#endif
-#ifndef NIBBLE_HAVE_AVX512
-[[noreturn]] static void not_built512(const char* k) { throw Error(fmt::format("internal error: {} was not built", k)); }
-void awq_gemv_avx512(const GemvArgs&, int64_t, int64_t) { not_built512("awq_gemv_avx512"); }
-void awq_gemm_avx512(const GemmArgs&, int64_t, int64_t) { not_built512("awq_gemm_avx512"); }
-void awq_gemv_tiled_avx512(const TiledF32Args&, int64_t, int64_t) { not_built512("awq_gemv_tiled_avx512"); }
-void awq_gemv_tiled_avx512bf16(const TiledArgs&, int64_t, int64_t) { not_built512("awq_gemv_tiled_avx512bf16"); }
-void awq_gemv_avx512bf16(const GemvArgs&, int64_t, int64_t) { not_built512("awq_gemv_avx512bf16"); }
-void awq_gemm_avx512bf16(const GemmArgs&, int64_t, int64_t) { not_built512("awq_gemm_avx512bf16"); }
-#endif
-}  // namespace nibble::kernels::awq

@@ -17,6 +17,10 @@
 //  * GEMM (larger M): a block of weight rows is dequantized once into a row buffer and reused by all
 //    M rows (register tile: 16-row activation vectors × a few broadcast weight rows). The output of
 //    this family is transposed, accT[n][m], and the driver transposes it back.
+//
+// The helper functions here are `static inline`: the ISA files include this header, and an
+// external-linkage inline copy compiled with ISA flags could be the one the linker keeps for the
+// generic driver too (src/kernels/isa_local.h).
 #pragma once
 #include <cstdint>
 
@@ -54,14 +58,20 @@ inline constexpr int kChunkAvx2 = 16, kStreamsAvx2 = 2;
 inline constexpr int kChunkAvx512 = 32, kStreamsAvx512 = 2;
 inline constexpr int kChunkBf16 = 64, kStreamsBf16 = 4;
 // Chunks per group for chunk width cw.
-inline int64_t chunks_per_group(int64_t G, int cw) { return (G + cw - 1) / cw; }
+static inline int64_t chunks_per_group(int64_t G, int cw) { return (G + cw - 1) / cw; }
 
 inline constexpr int kChunkBf16Wide = 128;
-inline bool bf16_wide_ok(int64_t K, int64_t G) { return (G == 64 || G == 128) && K % 128 == 0; }
+static inline bool bf16_wide_ok(int64_t K, int64_t G) { return (G == 64 || G == 128) && K % 128 == 0; }
 
-void awq_gemv_avx2(const GemvArgs& a, int64_t n0, int64_t n1);
-void awq_gemv_avx512(const GemvArgs& a, int64_t n0, int64_t n1);
-void awq_gemv_avx512bf16(const GemvArgs& a, int64_t n0, int64_t n1);  // needs G % 8 == 0
+// Columns whose scales and zero terms a kernel stages at once, and the workspace (floats) a GEMV
+// kernel needs per call: staged scales, zeros and zero terms. The driver passes it in (kernels never
+// allocate; src/kernels/workspace.h).
+inline constexpr int64_t kStageCols = 64;
+static inline int64_t gemv_ws_floats(const Problem& p) { return (2 * (p.K / p.G) + p.M) * kStageCols; }
+using GemvKernel = void (*)(const GemvArgs& a, int64_t n0, int64_t n1, float* ws);
+void awq_gemv_avx2(const GemvArgs& a, int64_t n0, int64_t n1, float* ws);
+void awq_gemv_avx512(const GemvArgs& a, int64_t n0, int64_t n1, float* ws);
+void awq_gemv_avx512bf16(const GemvArgs& a, int64_t n0, int64_t n1, float* ws);  // needs G % 8 == 0
 
 // ---- Tiled GEMV (avx512bf16, prepared weights). prepare_awq_w4a16 repacks the stored layout into
 // one contiguous stream per 16 output columns ("tile"), so a GEMV reads a single sequential stream
@@ -75,12 +85,14 @@ void awq_gemv_avx512bf16(const GemvArgs& a, int64_t n0, int64_t n1);  // needs G
 // columns (+r, +4+r) in the low nibbles of the two words: the activation pairs are stored to match,
 // xpairs[row][g·G/2 + 4j + r] = (x[g·G+8j+r], x[g·G+8j+4+r]) as two bf16 parts of one part row.
 inline constexpr int kTileCols = 16;
-inline int64_t tiled_lines_per_group(int64_t G) { return G / 8 + 1; }
-inline int64_t tiled_tile_bytes(int64_t K, int64_t G) { return (K / G) * tiled_lines_per_group(G) * 64; }
-inline int64_t tiled_bytes(int64_t N, int64_t K, int64_t G) {
+static inline int64_t tiled_lines_per_group(int64_t G) { return G / 8 + 1; }
+static inline int64_t tiled_tile_bytes(int64_t K, int64_t G) { return (K / G) * tiled_lines_per_group(G) * 64; }
+static inline int64_t tiled_bytes(int64_t N, int64_t K, int64_t G) {
   return (N + kTileCols - 1) / kTileCols * tiled_tile_bytes(K, G);
 }
-inline bool tiled_ok(int64_t G) { return G % 8 == 0; }
+static inline bool tiled_ok(int64_t G) { return G % 8 == 0; }
+// prepare_awq_w4a16 builds the tiled stream (for N, K > 0) exactly when this holds.
+static inline bool prepared_has_tiled(int64_t G) { return isa_supported(Isa::Avx2) && tiled_ok(G); }
 // Portable repack (load time): out must hold tiled_bytes(N, K, G) bytes.
 void repack_tiled(const Problem& p, uint8_t* out);
 
@@ -93,6 +105,7 @@ struct TiledArgs {
   float* acc = nullptr;              // (M, N)
 };
 // Tiles [t0, t1).
+using TiledBf16Kernel = void (*)(const TiledArgs& a, int64_t t0, int64_t t1);
 void awq_gemv_tiled_avx512bf16(const TiledArgs& a, int64_t t0, int64_t t1);
 // The fp32-FMA variant (AVX-512F): x as fp32 rows, natural order.
 struct TiledF32Args {
@@ -102,6 +115,7 @@ struct TiledF32Args {
   const float* xsum = nullptr;  // (M, K/G)
   float* acc = nullptr;         // (M, N)
 };
+using TiledF32Kernel = void (*)(const TiledF32Args& a, int64_t t0, int64_t t1);
 void awq_gemv_tiled_avx512(const TiledF32Args& a, int64_t t0, int64_t t1);
 void awq_gemv_tiled_avx2(const TiledF32Args& a, int64_t t0, int64_t t1);  // same, 8 lanes
 
@@ -120,13 +134,35 @@ struct GemmArgs {
   float* accT = nullptr;
 };
 inline constexpr int kGemmRowsPerTask = 48;  // weight rows dequantized per task (multiple of 6)
-void awq_gemm_avx2(const GemmArgs& a, int64_t n0, int64_t n1);
-void awq_gemm_avx512(const GemmArgs& a, int64_t n0, int64_t n1);
-void awq_gemm_avx512bf16(const GemmArgs& a, int64_t n0, int64_t n1);
+// Workspace (floats) of a GEMM kernel for weight rows [n0, n1): the dequantized rows (fp32, or bf16
+// pairs in half the space) and the staged scales/zeros; `ws` is 64-byte aligned.
+static inline int64_t gemm_ws_floats(const Problem& p, int64_t rows) { return rows * p.K + 2 * (p.K / p.G) * kStageCols; }
+using GemmKernel = void (*)(const GemmArgs& a, int64_t n0, int64_t n1, float* ws);
+void awq_gemm_avx2(const GemmArgs& a, int64_t n0, int64_t n1, float* ws);
+void awq_gemm_avx512(const GemmArgs& a, int64_t n0, int64_t n1, float* ws);
+void awq_gemm_avx512bf16(const GemmArgs& a, int64_t n0, int64_t n1, float* ws);
 // Vector widths of the packed activations (Mp is a multiple of this).
 inline constexpr int kGemmMvAvx2 = 8, kGemmMvAvx512 = 16;
 
-// Which path the driver takes — for benchmarks and docs. `prepared`: weights from prepare_awq_w4a16.
+// ---- the kernel plan: which kernel runs for a call, decided once from the ISA, the group size, the
+// dtypes and M. The driver runs it; path_name, the CLI, the benchmarks and the tests read it.
+enum class Family { Reference, Tiled, Gemv, Gemm };
+struct Plan {
+  Family family = Family::Reference;
+  Isa isa = Isa::Scalar;        // the level whose kernel runs (after the G / dtype downgrades)
+  const char* name = "reference";
+  bool bf16_dot = false;        // x is split into exact bf16 parts for vdpbf16ps (exact products)
+  bool bf16_weights = false;    // the GEMM tier that rounds dequantized weights to bf16 (error 2^-9·A)
+  // exactly one of these is set for the fast families (null: that level was not compiled)
+  TiledF32Kernel tiled_f32 = nullptr;
+  TiledBf16Kernel tiled_bf16 = nullptr;
+  GemvKernel gemv = nullptr;
+  GemmKernel gemm = nullptr;
+};
+// `tiled`: the call has the prepared tiled stream (prepare_awq_w4a16 builds it on AVX2+ hosts when
+// tiled_ok(G)). The NIBBLE_AWQ_GEMV_MAX_M measuring knob moves the thresholds here too.
+Plan plan(Isa isa, int64_t M, int64_t G, DType x_dtype, DType scale_dtype, bool tiled);
+// The plan's name for a call on stored (prepared = false) or prepared weights.
 const char* path_name(Isa isa, int64_t M, int64_t G, DType x_dtype, DType scale_dtype, bool prepared);
 
 }  // namespace nibble::kernels::awq

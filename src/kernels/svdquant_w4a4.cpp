@@ -19,7 +19,9 @@
 #include <cstring>
 #include <vector>
 
+#include "core/shape_math.h"
 #include "kernels/svdquant_w4a4_kernels.h"
+#include "kernels/workspace.h"
 #include "nibble/isa.h"
 #include "nibble/ops.h"
 #include "nibble/thread_pool.h"
@@ -68,9 +70,10 @@ void check_out_dtype(DType dt, const char* op) {
     throw Error(fmt::format("{}: output dtype must be F32, BF16 or F16, got {}", op, dtype_name(dt)));
 }
 
-bool use_fast(Isa isa) { return isa != Isa::Scalar; }
-bool use_vnni(Isa isa) { return isa == Isa::Avx512Vnni || isa == Isa::Avx512Bf16; }
-bool use_avx512(Isa isa) { return isa >= Isa::Avx512; }
+[[noreturn]] void not_built(const Plan& pl, const char* stage) {
+  throw Error(fmt::format("svdquant_w4a4: internal error: the {} kernel of plan {} ({}) was not built", stage, pl.name,
+                          isa_name(pl.isa)));
+}
 
 // ---- weight packing (layout: svdquant_w4a4_kernels.h)
 Tensor pack_weight(const uint8_t* q, int64_t N, int64_t K) {
@@ -144,7 +147,7 @@ template <class T>
 void grow(std::vector<T>& v, int64_t n) {
   if (int64_t(v.size()) < n) v.resize(size_t(n));
 }
-void fill_acts(Acts& a, Isa isa, const float* x, int64_t M, int64_t K, DType x_dtype, bool shift, const float* inv_s,
+void fill_acts(Acts& a, const Plan& pl, const float* x, int64_t M, int64_t K, DType x_dtype, bool shift, const float* inv_s,
                bool act_unsigned, const float* lora_x, const float* down, int64_t ldd, int64_t R, DType lora_dt,
                int parts = 3) {
   a.M = M, a.K = K, a.G = K / kGroup, a.R = R;
@@ -157,8 +160,9 @@ void fill_acts(Acts& a, Isa isa, const float* x, int64_t M, int64_t K, DType x_d
   }
   if (do_l) grow(a.lora, M * R);
   const int64_t tasks = (M + kQuantRows - 1) / kQuantRows;
+  if (!pl.reference && ((do_q && !pl.quantize) || (do_l && !pl.lora))) not_built(pl, "quantize/low-rank");
   std::vector<float> down_nat;  // the reference wants (K, R) without padding
-  if (!use_fast(isa) && R > 0 && ldd != R) {
+  if (pl.reference && R > 0 && ldd != R) {
     down_nat.resize(size_t(K * R));
     for (int64_t k = 0; k < K; ++k)
       for (int64_t r = 0; r < R; ++r) down_nat[size_t(k * R + r)] = down[k * ldd + r];
@@ -167,10 +171,8 @@ void fill_acts(Acts& a, Isa isa, const float* x, int64_t M, int64_t K, DType x_d
     const int64_t m0 = task * kQuantRows, m1 = std::min(M, m0 + kQuantRows);
     const float* xs = x;
     int64_t row0 = 0;  // xs row index of m is m − row0
-    thread_local std::vector<float> shifted;  // per pool thread, grow-only
     if (shift && do_q) {
-      grow(shifted, (m1 - m0) * K);
-      float* sh = shifted.data();
+      float* sh = kernels::thread_scratch<float>(kernels::Slot::Shift, (m1 - m0) * K);
       const float* src = x + m0 * K;
       const int64_t n = (m1 - m0) * K;
       // x + shift rounded to x's dtype (a bf16/f16 tensor op in the kitchen, spec §3.4)
@@ -186,38 +188,34 @@ void fill_acts(Acts& a, Isa isa, const float* x, int64_t M, int64_t K, DType x_d
       float* sc = a.ascale.data() + m0 * G;
       int32_t* corr = a.acorr.data() + m0 * G;
       const float* xb = xs + (m0 - row0) * K;
-      if (!use_fast(isa)) {
+      if (pl.reference) {
         quantize_ref(xb, K, inv_s, act_unsigned, codes, sc, 0, m1 - m0);
         for (int64_t i = 0; i < (m1 - m0) * K; i += kGroup) {
           int32_t s = 0;
           for (int64_t j = 0; j < kGroup; ++j) s += codes[i + j];
           corr[i / kGroup] = -8 * s;
         }
-      } else if (use_avx512(isa)) {
-        quantize_avx512(xb, K, K, inv_s, act_unsigned, codes, sc, corr, 0, m1 - m0);
       } else {
-        quantize_avx2(xb, K, K, inv_s, act_unsigned, codes, sc, corr, 0, m1 - m0);
+        pl.quantize(xb, K, K, inv_s, act_unsigned, codes, sc, corr, 0, m1 - m0);
       }
       for (int64_t i = 0; i < (m1 - m0) * G; ++i) sc[i] = round_to(sc[i], x_dtype);
     }
     if (do_l) {
       float* lo = a.lora.data() + m0 * R;
-      if (!use_fast(isa))
+      if (pl.reference)
         lora_ref(lora_x + m0 * K, K, down_nat.empty() ? down : down_nat.data(), R, lo, 0, m1 - m0);
-      else if (use_avx512(isa))
-        lora_avx512(lora_x + m0 * K, K, K, down, ldd, R, lo, R, 0, m1 - m0);
       else
-        lora_avx2(lora_x + m0 * K, K, K, down, ldd, R, lo, R, 0, m1 - m0);
+        pl.lora(lora_x + m0 * K, K, K, down, ldd, R, lo, R, 0, m1 - m0);
       for (int64_t i = 0; i < (m1 - m0) * R; ++i) lo[i] = round_to(lo[i], lora_dt);
     }
   });
 }
 
-Acts make_acts(Isa isa, const float* x, int64_t M, int64_t K, DType x_dtype, bool shift, const float* inv_s,
+Acts make_acts(const Plan& pl, const float* x, int64_t M, int64_t K, DType x_dtype, bool shift, const float* inv_s,
                bool act_unsigned, const float* lora_x, const float* down, int64_t ldd, int64_t R, DType lora_dt,
                int parts = 3) {
   Acts a;
-  fill_acts(a, isa, x, M, K, x_dtype, shift, inv_s, act_unsigned, lora_x, down, ldd, R, lora_dt, parts);
+  fill_acts(a, pl, x, M, K, x_dtype, shift, inv_s, act_unsigned, lora_x, down, ldd, R, lora_dt, parts);
   return a;
 }
 
@@ -230,21 +228,22 @@ struct PackedView {
 };
 
 // y (M, N) in out_dt = acc + bias. Fast path: packed weights; scalar path: natural weights.
-void run_gemm(Isa isa, const Acts& a, const PackedView* pk, const SvdquantW4A4Params* nat, const float* bias,
+void run_gemm(const Plan& pl, const Acts& a, const PackedView* pk, const SvdquantW4A4Params* nat, const float* bias,
               void* y, DType out_dt) {
   const int64_t M = a.M, K = a.K, R = a.R;
   const int64_t N = pk ? pk->N : nat->N;
   if (M == 0) return;
-  if (!use_fast(isa)) {
+  if (pl.reference) {
     const Tensor qw = natural_weight(*nat);
     const Tensor ws = natural_wscales_f32(*nat);
     const Tensor up = natural_up_f32(*nat);
     const int64_t cols = 256, tasks = (N + cols - 1) / cols;
+    std::unique_ptr<float[]> acc(new float[size_t(M * N)]);  // (M, N), each task its columns
+    kernels::test_fill(acc.get(), M * N);
     parallel_for(tasks, [&](int64_t t) {
       const int64_t n0 = t * cols, n1 = std::min(N, n0 + cols);
-      std::vector<float> acc(size_t(M * N), std::nanf(""));
       gemm_ref(M, N, K, R, a.codes.data(), a.ascale.data(), qw.data<uint8_t>(), ws.data<float>(), a.lora.data(),
-               up.data<float>(), acc.data(), n0, n1);
+               up.data<float>(), acc.get(), n0, n1);
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = n0; n < n1; ++n) {
           const float v = acc[size_t(m * N + n)];
@@ -264,28 +263,23 @@ void run_gemm(Isa isa, const Acts& a, const PackedView* pk, const SvdquantW4A4Pa
   g.up = pk->up;
   const int64_t T = (N + kTileN - 1) / kTileN;
   const int64_t mb = (M + kRowsPerTask - 1) / kRowsPerTask, nb = (T + kTilesPerTask - 1) / kTilesPerTask;
-  const bool vnni = use_vnni(isa);
+  if (!pl.gemm) not_built(pl, "GEMM");
   parallel_for(mb * nb, [&](int64_t task) {
     const int64_t bm = task / nb, bn = task % nb;  // column blocks inner: neighbours share the activation block
     const int64_t m0 = bm * kRowsPerTask, m1 = std::min(M, m0 + kRowsPerTask);
     const int64_t t0 = bn * kTilesPerTask, t1 = std::min(T, t0 + kTilesPerTask);
     const int64_t n0 = t0 * kTileN, n1 = std::min(N, t1 * kTileN);
     GemmArgs ga = g;
-    std::vector<float> local;
-    if (out_dt == DType::F32) {
+    if (out_dt == DType::F32) {  // straight into y
       ga.y = static_cast<float*>(y);
       ga.ldy = N, ga.y_row0 = 0, ga.y_col0 = 0;
-      // Poison the block first: an element the kernel skipped shows up as NaN, never as stale memory.
-      for (int64_t m = m0; m < m1; ++m) std::fill(ga.y + m * N + n0, ga.y + m * N + n1, std::nanf(""));
-    } else {
-      local.assign(size_t((m1 - m0) * (n1 - n0)), std::nanf(""));
-      ga.y = local.data();
+      if (kernels::test_fill_active())  // tests poison the block the kernel must write
+        for (int64_t m = m0; m < m1; ++m) kernels::test_fill(ga.y + m * N + n0, n1 - n0);
+    } else {  // an fp32 block, then rounded to the output dtype
+      ga.y = kernels::thread_scratch<float>(kernels::Slot::Acc, (m1 - m0) * (n1 - n0));
       ga.ldy = n1 - n0, ga.y_row0 = m0, ga.y_col0 = n0;
     }
-    if (vnni)
-      gemm_avx512vnni(ga, m0, m1, t0, t1);
-    else
-      gemm_avx2(ga, m0, m1, t0, t1);
+    pl.gemm(ga, m0, m1, t0, t1);
     for (int64_t m = m0; m < m1; ++m) {
       float* src = ga.y + (m - ga.y_row0) * ga.ldy - ga.y_col0;
       if (out_dt == DType::F32) {
@@ -353,8 +347,8 @@ SvdquantActs quantize_svdquant_w4a4(const Tensor& x, const Tensor& smooth, const
   const std::vector<float> inv = inv_smooth(smooth);
   int64_t Rd = 0;
   const std::vector<float> down = pad_down(proj_down, K, R, &Rd);
-  const Isa isa = active_isa();
-  const Acts a = make_acts(isa, x32.data<float>(), M, K, xdt, false, inv.data(), act_unsigned, lx32.data<float>(),
+  const Plan pl = plan(active_isa());
+  const Acts a = make_acts(pl, x32.data<float>(), M, K, xdt, false, inv.data(), act_unsigned, lx32.data<float>(),
                            down.data(), Rd, R, ldt);
 
   SvdquantActs out;
@@ -362,12 +356,16 @@ SvdquantActs quantize_svdquant_w4a4(const Tensor& x, const Tensor& smooth, const
   out.ascales = Tensor::zeros(xdt, {G, M_pad});
   out.lora_act = Tensor::zeros(ldt, {M_pad, R});
   uint8_t* q = out.q_x.mutable_data<uint8_t>();
-  for (int64_t i = 0; i < M * K / 2; ++i) q[i] = pack_nibbles(a.codes[size_t(2 * i)], a.codes[size_t(2 * i + 1)]);
   void* as = out.ascales.mutable_raw();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < G; ++g) store_as(as, g * M_pad + m, a.ascale[size_t(m * G + g)], xdt);
   void* la = out.lora_act.mutable_raw();
-  for (int64_t i = 0; i < M * R; ++i) store_as(la, i, a.lora[size_t(i)], ldt);
+  parallel_for((M + kQuantRows - 1) / kQuantRows, [&](int64_t task) {
+    const int64_t m0 = task * kQuantRows, m1 = std::min(M, m0 + kQuantRows);
+    const int8_t* c = a.codes.data();
+    for (int64_t i = m0 * K / 2; i < m1 * K / 2; ++i) q[i] = pack_nibbles(c[2 * i], c[2 * i + 1]);
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t g = 0; g < G; ++g) store_as(as, g * M_pad + m, a.ascale[size_t(m * G + g)], xdt);
+    for (int64_t i = m0 * R; i < m1 * R; ++i) store_as(la, i, a.lora[size_t(i)], ldt);
+  });
   return out;
 }
 
@@ -383,13 +381,13 @@ Tensor scaled_mm_impl(const Tensor& act, const Tensor& wgt, const Tensor& ascale
     if (!t->defined()) throw Error(fmt::format("{}: act, wgt, ascales, wscales, lora_act and proj_up are required", kMmOp));
   check_dtype(act, {DType::I8}, fmt::format("{}: act", kMmOp));
   if (act.dim() != 2) throw Error(fmt::format("{}: act: expected 2-D (M, K/2), got {}", kMmOp, shape_str(act.shape())));
-  const int64_t M = act.size(0), K = 2 * act.size(1);
+  const int64_t M = act.size(0), K = checked_mul(2, act.size(1), fmt::format("{}: act: K = 2·shape[1]", kMmOp));
   if (K <= 0 || K % kGroup != 0)
     throw Error(fmt::format("{}: K = {} (2·act.shape[1]) must be a positive multiple of 64", kMmOp, K));
   check_dtype(wgt, {DType::I8}, fmt::format("{}: wgt", kMmOp));
   int64_t N = 0;
   if (wgt.dim() == 2) N = wgt.size(0);
-  else if (wgt.dim() == 4) N = wgt.size(0) * 128;
+  else if (wgt.dim() == 4) N = checked_mul(wgt.size(0), 128, fmt::format("{}: wgt: N = 128·shape[0]", kMmOp));
   else throw Error(fmt::format("{}: wgt: expected (N, K/2) or (N/128, K/64, 32, 128), got {}", kMmOp, shape_str(wgt.shape())));
   if (lora_act.dim() != 2 || lora_act.size(0) != M)
     throw Error(fmt::format("{}: lora_act: expected (M, R) with M = {}, got {}", kMmOp, M, shape_str(lora_act.shape())));
@@ -405,9 +403,13 @@ Tensor scaled_mm_impl(const Tensor& act, const Tensor& wgt, const Tensor& ascale
   p.act_unsigned = act_unsigned;
   p.tile_packed = wgt.dim() == 4;
   p.proj_up_tile = proj_up.dim() == 3;
-  // smooth / proj_down do not enter the GEMM; stand-ins let the shared validation check the rest.
-  p.smooth = Tensor::zeros(DType::F32, {K});
-  p.proj_down = Tensor::zeros(DType::F32, {K, p.R});
+  // smooth / proj_down do not enter the GEMM; stand-ins let the shared validation check the rest
+  // (kept per thread: a (K, R) allocation per call is measurable next to a small-M GEMM).
+  thread_local Tensor smooth_standin, down_standin;
+  if (!smooth_standin.defined() || smooth_standin.size(0) != K) smooth_standin = Tensor::zeros(DType::F32, {K});
+  if (!down_standin.defined() || down_standin.shape() != Shape{K, p.R}) down_standin = Tensor::zeros(DType::F32, {K, p.R});
+  p.smooth = smooth_standin;
+  p.proj_down = down_standin;
   validate(p, kMmOp);
   const DType out_dt = out_dtype.value_or(proj_up.dtype());
   check_out_dtype(out_dt, kMmOp);
@@ -422,8 +424,12 @@ Tensor scaled_mm_impl(const Tensor& act, const Tensor& wgt, const Tensor& ascale
   if (bias.defined()) b32 = bias.to_f32();
   const float* bp = bias.defined() ? b32.data<float>() : nullptr;
   const int64_t Mc = rows < 0 ? M : std::min(rows, M);  // rows computed by the GEMM
-  for (int64_t m = Mc; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) store_as(y.mutable_raw(), m * N + n, bp ? 0.0f + bp[n] : 0.0f, out_dt);
+  if (Mc < M) {  // one row of 0 + bias in the output dtype, copied to the other skipped rows
+    for (int64_t n = 0; n < N; ++n) store_as(y.mutable_raw(), Mc * N + n, bp ? 0.0f + bp[n] : 0.0f, out_dt);
+    auto* base = static_cast<uint8_t*>(y.mutable_raw());
+    const size_t row_bytes = size_t(N) * dtype_size(out_dt);
+    for (int64_t m = Mc + 1; m < M; ++m) std::memcpy(base + m * row_bytes, base + Mc * row_bytes, row_bytes);
+  }
   if (Mc == 0) return y;
   Acts a;
   a.M = Mc, a.K = K, a.G = G, a.R = R;
@@ -431,33 +437,40 @@ Tensor scaled_mm_impl(const Tensor& act, const Tensor& wgt, const Tensor& ascale
   a.ascale.resize(size_t(Mc * G));
   a.acorr.resize(size_t(Mc * G));
   const uint8_t* q = act.data<uint8_t>();
-  for (int64_t m = 0; m < Mc; ++m)
-    for (int64_t g = 0; g < G; ++g) {
-      int32_t s = 0;
-      for (int64_t j = 0; j < kGroup; j += 2) {
-        const uint8_t b = q[m * (K / 2) + (g * kGroup + j) / 2];
-        const int lo = act_unsigned ? unpack_lo_unsigned(b) : unpack_lo_signed(b);
-        const int hi = act_unsigned ? unpack_hi_unsigned(b) : unpack_hi_signed(b);
-        a.codes[size_t(m * K + g * kGroup + j)] = int8_t(lo);
-        a.codes[size_t(m * K + g * kGroup + j + 1)] = int8_t(hi);
-        s += lo + hi;
-      }
-      a.acorr[size_t(m * G + g)] = -8 * s;
-    }
+  // byte → its two codes (low nibble first), decoded once per call through a table
+  int8_t lut[256][2];
+  for (int b = 0; b < 256; ++b) {
+    lut[b][0] = int8_t(act_unsigned ? unpack_lo_unsigned(uint8_t(b)) : unpack_lo_signed(uint8_t(b)));
+    lut[b][1] = int8_t(act_unsigned ? unpack_hi_unsigned(uint8_t(b)) : unpack_hi_signed(uint8_t(b)));
+  }
   const Tensor as32 = ascales.to_f32();
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t m = 0; m < Mc; ++m) a.ascale[size_t(m * G + g)] = as32.data<float>()[g * M + m];
+  parallel_for((Mc + kQuantRows - 1) / kQuantRows, [&](int64_t task) {
+    const int64_t m0 = task * kQuantRows, m1 = std::min(Mc, m0 + kQuantRows);
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t g = 0; g < G; ++g) {
+        int32_t s = 0;
+        const uint8_t* qb = q + m * (K / 2) + g * (kGroup / 2);
+        int8_t* c = a.codes.data() + m * K + g * kGroup;
+        for (int64_t j = 0; j < kGroup / 2; ++j) {
+          c[2 * j] = lut[qb[j]][0];
+          c[2 * j + 1] = lut[qb[j]][1];
+          s += c[2 * j] + c[2 * j + 1];
+        }
+        a.acorr[size_t(m * G + g)] = -8 * s;
+        a.ascale[size_t(m * G + g)] = as32.data<float>()[g * M + m];
+      }
+  });
   const Tensor la32 = lora_act.to_f32();
   a.lora.assign(la32.data<float>(), la32.data<float>() + Mc * R);
 
-  const Isa isa = active_isa();
-  if (!use_fast(isa)) {
-    run_gemm(isa, a, nullptr, &p, bp, y.mutable_raw(), out_dt);
+  const Plan pl = plan(active_isa());
+  if (pl.reference) {
+    run_gemm(pl, a, nullptr, &p, bp, y.mutable_raw(), out_dt);
     return y;
   }
   if (packed) {
     PackedView pk{N, K, R, packed->wpk.data<uint8_t>(), packed->wsc.data<float>(), packed->up.data<float>()};
-    run_gemm(isa, a, &pk, nullptr, bp, y.mutable_raw(), out_dt);
+    run_gemm(pl, a, &pk, nullptr, bp, y.mutable_raw(), out_dt);
     return y;
   }
   const Tensor qn = natural_weight(p);
@@ -467,7 +480,7 @@ Tensor scaled_mm_impl(const Tensor& act, const Tensor& wgt, const Tensor& ascale
   const std::vector<float> upT = transpose(upn.data<float>(), N, R);
   const Tensor upp = pack_cols(upT.data(), R, N);
   PackedView pk{N, K, R, wpk.data<uint8_t>(), wsc.data<float>(), upp.data<float>()};
-  run_gemm(isa, a, &pk, nullptr, bp, y.mutable_raw(), out_dt);
+  run_gemm(pl, a, &pk, nullptr, bp, y.mutable_raw(), out_dt);
   return y;
 }
 }  // namespace
@@ -494,8 +507,10 @@ std::shared_ptr<const SvdquantW4A4Prepared> prepare_svdquant_w4a4_gemm(const Ten
   p.qweight = wgt;
   p.wscales = wscales;
   p.proj_up = proj_up;
-  if (wgt.dim() == 2) p.N = wgt.size(0), p.K = 2 * wgt.size(1);
-  else if (wgt.dim() == 4) p.N = wgt.size(0) * 128, p.K = wgt.size(1) * kGroup;
+  if (wgt.dim() == 2) p.N = wgt.size(0), p.K = checked_mul(2, wgt.size(1), fmt::format("{}: wgt: K = 2·shape[1]", what));
+  else if (wgt.dim() == 4)
+    p.N = checked_mul(wgt.size(0), 128, fmt::format("{}: wgt: N = 128·shape[0]", what)),
+    p.K = checked_mul(wgt.size(1), kGroup, fmt::format("{}: wgt: K = 64·shape[1]", what));
   else throw Error(fmt::format("{}: wgt: expected (N, K/2) or (N/128, K/64, 32, 128), got {}", what, shape_str(wgt.shape())));
   p.R = proj_up.dim() == 2 ? proj_up.size(1) : proj_up.dim() == 3 ? proj_up.size(1) : -1;
   if (p.R < 0) throw Error(fmt::format("{}: proj_up: expected (N, R) or (N/128, R, 128), got {}", what, shape_str(proj_up.shape())));
@@ -560,46 +575,81 @@ Tensor svdquant_linear(const Tensor& x, const SvdquantW4A4Prepared& w, std::opti
   Tensor y = Tensor::empty(out_dt, os);
   if (M == 0) return y;
   const Tensor x32 = x.to_f32();
-  const Isa isa = active_isa();
+  const Plan pl = plan(active_isa());
   // The layer forward (spec §3.4): main path shifted for act_unsigned, low-rank on the raw input,
   // lora_act and ascales rounded to x's dtype (the kitchen's CUDA defaults).
   thread_local Acts workspace;
   Acts& a = workspace;
-  fill_acts(a, isa, x32.data<float>(), M, K, x.dtype(), w.params.act_unsigned, w.inv_s.data<float>(),
+  fill_acts(a, pl, x32.data<float>(), M, K, x.dtype(), w.params.act_unsigned, w.inv_s.data<float>(),
             w.params.act_unsigned, x32.data<float>(), w.down.data<float>(), w.Rd, w.R, x.dtype());
   const float* bp = w.bias.defined() ? w.bias.data<float>() : nullptr;
-  if (!use_fast(isa)) {
-    run_gemm(isa, a, nullptr, &w.params, bp, y.mutable_raw(), out_dt);
+  if (pl.reference) {
+    run_gemm(pl, a, nullptr, &w.params, bp, y.mutable_raw(), out_dt);
   } else {
     PackedView pk{N, K, w.R, w.wpk.data<uint8_t>(), w.wsc.data<float>(), w.up.data<float>()};
-    run_gemm(isa, a, &pk, nullptr, bp, y.mutable_raw(), out_dt);
+    run_gemm(pl, a, &pk, nullptr, bp, y.mutable_raw(), out_dt);
   }
   return y;
 }
 
 namespace kernels::w4a4 {
+#ifdef NIBBLE_HAVE_AVX2
+#define NIBBLE_K2(f) &f
+#else
+#define NIBBLE_K2(f) nullptr
+#endif
+#ifdef NIBBLE_HAVE_AVX512
+#define NIBBLE_K512(f) &f
+#else
+#define NIBBLE_K512(f) nullptr
+#endif
+Plan plan(Isa isa) {
+  Plan pl;
+  pl.isa = isa;
+  switch (isa) {
+    case Isa::Scalar: return pl;
+    case Isa::Avx2:
+      pl.name = "avx2";
+      pl.quantize = NIBBLE_K2(quantize_avx2), pl.lora = NIBBLE_K2(lora_avx2), pl.gemm = NIBBLE_K2(gemm_avx2);
+      break;
+    case Isa::Avx512:
+      pl.name = "avx512-quantize+avx2-gemm";
+      pl.quantize = NIBBLE_K512(quantize_avx512), pl.lora = NIBBLE_K512(lora_avx512), pl.gemm = NIBBLE_K2(gemm_avx2);
+      break;
+    case Isa::Avx512Vnni: case Isa::Avx512Bf16:
+      pl.name = "avx512-quantize+vnni-gemm";
+      pl.quantize = NIBBLE_K512(quantize_avx512), pl.lora = NIBBLE_K512(lora_avx512);
+      pl.gemm = NIBBLE_K512(gemm_avx512vnni);
+      break;
+  }
+  pl.reference = false;
+  return pl;
+}
+#undef NIBBLE_K2
+#undef NIBBLE_K512
+
 // The fused layer stage by stage (profiling; same result as svdquant_linear).
 Tensor svdquant_linear_staged(const Tensor& x, const SvdquantW4A4Prepared& w,
                               const std::function<void(int)>& boundary) {
   const int64_t K = w.K, M = x.numel() / K, N = w.N;
   Tensor y = Tensor::empty(DType::F32, {M, N});
   const Tensor x32 = x.to_f32();
-  const Isa isa = active_isa();
+  const Plan pl = plan(active_isa());
   boundary(0);
   thread_local Acts workspace;
   Acts& a = workspace;
-  fill_acts(a, isa, x32.data<float>(), M, K, x.dtype(), w.params.act_unsigned, w.inv_s.data<float>(),
+  fill_acts(a, pl, x32.data<float>(), M, K, x.dtype(), w.params.act_unsigned, w.inv_s.data<float>(),
             w.params.act_unsigned, x32.data<float>(), w.down.data<float>(), w.Rd, w.R, x.dtype(), 1);
   boundary(1);
-  fill_acts(a, isa, x32.data<float>(), M, K, x.dtype(), false, w.inv_s.data<float>(), w.params.act_unsigned,
+  fill_acts(a, pl, x32.data<float>(), M, K, x.dtype(), false, w.inv_s.data<float>(), w.params.act_unsigned,
             x32.data<float>(), w.down.data<float>(), w.Rd, w.R, x.dtype(), 2);
   boundary(2);
   const float* bp = w.bias.defined() ? w.bias.data<float>() : nullptr;
-  if (!use_fast(isa)) {
-    run_gemm(isa, a, nullptr, &w.params, bp, y.mutable_raw(), DType::F32);
+  if (pl.reference) {
+    run_gemm(pl, a, nullptr, &w.params, bp, y.mutable_raw(), DType::F32);
   } else {
     PackedView pk{N, K, w.R, w.wpk.data<uint8_t>(), w.wsc.data<float>(), w.up.data<float>()};
-    run_gemm(isa, a, &pk, nullptr, bp, y.mutable_raw(), DType::F32);
+    run_gemm(pl, a, &pk, nullptr, bp, y.mutable_raw(), DType::F32);
   }
   boundary(3);
   return y;

@@ -23,6 +23,7 @@
 #include <functional>
 #include <cstdint>
 
+#include "nibble/isa.h"
 #include "nibble/tensor.h"
 
 namespace nibble {
@@ -76,6 +77,25 @@ void lora_avx512(const float* x, int64_t ldx, int64_t K, const float* down, int6
                  int64_t ldl, int64_t m0, int64_t m1);
 void lora_avx2(const float* x, int64_t ldx, int64_t K, const float* down, int64_t ldd, int64_t R, float* lora,
                int64_t ldl, int64_t m0, int64_t m1);
+
+using GemmKernel = void (*)(const GemmArgs& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
+using QuantizeKernel = void (*)(const float* x, int64_t ldx, int64_t K, const float* inv_s, bool act_unsigned,
+                                int8_t* codes, float* scales, int32_t* acorr, int64_t m0, int64_t m1);
+using LoraKernel = void (*)(const float* x, int64_t ldx, int64_t K, const float* down, int64_t ldd, int64_t R,
+                            float* lora, int64_t ldl, int64_t m0, int64_t m1);
+
+// ---- the kernel plan of an ISA level, decided once; the drivers run it, tests and tools read it.
+// Scalar: the reference oracles (natural layout). Avx2: AVX2 quantize / low-rank / vpmaddubsw GEMM.
+// Avx512: AVX-512 quantize and low-rank, AVX2 GEMM. Avx512Vnni/Bf16: AVX-512 quantize, VNNI GEMM.
+struct Plan {
+  Isa isa = Isa::Scalar;
+  const char* name = "reference";
+  bool reference = true;  // the oracles; the fast pointers below are then null
+  QuantizeKernel quantize = nullptr;
+  LoraKernel lora = nullptr;
+  GemmKernel gemm = nullptr;
+};
+Plan plan(Isa isa);
 
 // ---- profiling hook
 // The fused layer (fp32 out) run stage by stage: activation quantization, the low-rank

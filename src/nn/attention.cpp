@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "kernels/attention_kernels.h"
-#include "kernels/linear_f32_kernels.h"
+#include "kernels/linear_f32.h"
 #include "nibble/error.h"
 #include "nibble/isa.h"
 #include "nibble/thread_pool.h"

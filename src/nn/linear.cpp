@@ -61,10 +61,11 @@ namespace {
 DenseGemmFn g_dense_gemm = nullptr;
 constexpr int64_t kStreamRows = 64;  // output rows decoded per task (2 panels)
 
-// Formats whose dequantized rows depend only on the same rows of the stored params (+ scalars).
+// Formats whose dequantized rows depend only on the same rows of the stored params (+ scalars):
+// the registry's row_separable trait.
 bool row_separable(const std::string& format) {
-  return format == "float8_e4m3fn" || format == "float8_e5m2" || format == "int8_tensorwise" ||
-         format == "int4_tensorwise";
+  const FormatInfo* f = find_format(format);
+  return f && f->row_separable;
 }
 
 struct ScratchF32 {

@@ -20,16 +20,11 @@ Model Model::load(const std::string& path) {
   return m;
 }
 
-Model Model::load(const std::string& path, const std::vector<LoraSpec>& loras, bool partial, LoraApplyStats* stats) {
-  auto ckpt = std::make_shared<Checkpoint>(Checkpoint::open(path));
-  Model m = build(*ckpt, &loras, partial, stats);
-  m.ckpt_ = ckpt;
-  return m;
-}
+// Model::load(path, loras, ...) is defined with the LoRA code in src/convert/lora_model.cpp.
 
-Model Model::from_checkpoint(const Checkpoint& ckpt_in) { return build(ckpt_in, nullptr, false, nullptr); }
+Model Model::from_checkpoint(const Checkpoint& ckpt_in) { return build(ckpt_in, nullptr); }
 
-Model Model::build(const Checkpoint& ckpt_in, const std::vector<LoraSpec>* loras, bool partial, LoraApplyStats* stats) {
+Model Model::build(const Checkpoint& ckpt_in, const LayerTransform* transform) {
   Model m;
   m.ckpt_ = std::make_shared<Checkpoint>(ckpt_in);
   const Checkpoint& ckpt = *m.ckpt_;
@@ -41,11 +36,10 @@ Model Model::build(const Checkpoint& ckpt_in, const std::vector<LoraSpec>* loras
       break;
     }
   const std::vector<LayerSource> sources = collect_layers(ckpt);
-  LoraMatch lora_match;
-  if (loras && !loras->empty()) {
+  if (transform && transform->prepare) {
     std::vector<std::string> names;
     for (const LayerSource& src : sources) names.push_back(m.strip(src.name));
-    lora_match = match_loras(*loras, names, partial);
+    transform->prepare(names);
   }
   for (const LayerSource& src : sources) {
     QuantizedLayer bound;
@@ -61,7 +55,7 @@ Model Model::build(const Checkpoint& ckpt_in, const std::vector<LoraSpec>* loras
     if (m.linears_.count(key))
       throw Error(fmt::format("{}: layer '{}' appears twice (with and without the '{}' prefix)", ckpt.path(),
                               src.name, kFullPrefix));
-    if (auto lm = lora_match.layers.find(key); lm != lora_match.layers.end()) bound = apply_lora(bound, lm->second, stats);
+    if (transform && transform->apply) bound = transform->apply(key, std::move(bound));
     m.linears_.emplace(key, Linear::from_layer(bound));
   }
   return m;

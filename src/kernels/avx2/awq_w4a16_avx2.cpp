@@ -8,17 +8,16 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
-#include <algorithm>
 #include <cstring>
-#include <vector>
 
 #include "kernels/awq_w4a16_kernels.h"
+#include "kernels/isa_local.h"
 
 namespace nibble::kernels::awq {
 
 namespace {
 
-constexpr int64_t kSub = 64;
+constexpr int64_t kSub = kStageCols;  // columns whose scales/zero terms are staged at once
 
 inline __m256 load8_halves(const uint16_t* src, int count, DType dt) {
   alignas(16) uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -38,7 +37,7 @@ void stage_scales(const Problem& p, int64_t nb0, int cols, const float* xsum, in
   const int64_t groups = p.K / p.G;
   for (int64_t g = 0; g < groups; ++g)
     for (int j = 0; j < cols; j += 8) {
-      const int cnt = std::min(8, cols - j);
+      const int cnt = kmin(8, cols - j);
       _mm256_storeu_ps(sblk + g * kSub + j, load8_halves(p.wscales + g * p.N + nb0 + j, cnt, p.sdtype));
       _mm256_storeu_ps(zblk + g * kSub + j, load8_halves(p.wzeros + g * p.N + nb0 + j, cnt, p.sdtype));
     }
@@ -132,20 +131,18 @@ void gemv_rows(const GemvArgs& a, int64_t nb0, int64_t nb1, int64_t m0, const fl
 
 }  // namespace
 
-void awq_gemv_avx2(const GemvArgs& a, int64_t n0, int64_t n1) {
+void awq_gemv_avx2(const GemvArgs& a, int64_t n0, int64_t n1, float* ws) {
   const Problem& p = a.p;
   const int64_t groups = p.K / p.G;
-  thread_local std::vector<float> buf;
-  buf.resize(size_t((2 * groups + p.M) * kSub));
-  float* sblk = buf.data();
+  float* sblk = ws;  // gemv_ws_floats(p)
   float* zblk = sblk + groups * kSub;
   float* zterm = zblk + groups * kSub;
   for (int64_t nb0 = n0; nb0 < n1; nb0 += kSub) {
-    const int64_t nb1 = std::min(n1, nb0 + kSub);
+    const int64_t nb1 = kmin(n1, nb0 + kSub);
     prefetch_scales(p, nb0 + 2 * kSub);
     stage_scales(p, nb0, int(nb1 - nb0), a.xsum, p.M, sblk, zblk, zterm);
     for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
-      switch (std::min<int64_t>(4, p.M - m0)) {
+      switch (kmin<int64_t>(4, p.M - m0)) {
         case 1: gemv_rows<1>(a, nb0, nb1, m0, sblk, zterm); break;
         case 2: gemv_rows<2>(a, nb0, nb1, m0, sblk, zterm); break;
         case 3: gemv_rows<3>(a, nb0, nb1, m0, sblk, zterm); break;
@@ -165,7 +162,7 @@ void dequant_rows_f32(const Problem& p, int64_t n0, int64_t n1, float* wb, float
   float* sblk = sz;
   float* zblk = sz + groups * kSub;
   for (int64_t nb0 = n0; nb0 < n1; nb0 += kSub) {
-    const int cols = int(std::min<int64_t>(kSub, n1 - nb0));
+    const int cols = int(kmin<int64_t>(kSub, n1 - nb0));
     stage_scales(p, nb0, cols, nullptr, 0, sblk, zblk, nullptr);
     for (int j = 0; j < cols; ++j) {
       const int64_t n = nb0 + j;
@@ -174,7 +171,7 @@ void dequant_rows_f32(const Problem& p, int64_t n0, int64_t n1, float* wb, float
       for (int64_t g = 0; g < groups; ++g) {
         const __m256 s = _mm256_set1_ps(sblk[g * kSub + j]), z = _mm256_set1_ps(zblk[g * kSub + j]);
         for (int64_t c = 0; c < G / 2; c += 8) {
-          const int bytes = int(std::min<int64_t>(8, G / 2 - c));
+          const int bytes = int(kmin<int64_t>(8, G / 2 - c));
           __m256 lo, hi;
           decode8(qrow + g * (G / 2) + c, bytes, &lo, &hi);
           lo = _mm256_fmadd_ps(lo, s, z);
@@ -254,19 +251,18 @@ void tile_nr(int nr, const float* xp, int64_t ldx, int64_t Mp, int64_t m0, const
 
 }  // namespace
 
-void awq_gemm_avx2(const GemmArgs& a, int64_t n0, int64_t n1) {
+void awq_gemm_avx2(const GemmArgs& a, int64_t n0, int64_t n1, float* ws) {
   const Problem& p = a.p;
   const int64_t groups = p.K / p.G;
-  thread_local std::vector<float> wb, sz;
-  wb.resize(size_t((n1 - n0) * p.K));
-  sz.resize(size_t(2 * groups * kSub));
-  dequant_rows_f32(p, n0, n1, wb.data(), sz.data());
+  float* wb = ws;                     // gemm_ws_floats(p, n1 - n0): rows, then staged scales
+  float* sz = ws + (n1 - n0) * p.K;
+  dequant_rows_f32(p, n0, n1, wb, sz);
   const float* xp = static_cast<const float*>(a.xp);
   for (int64_t m0 = 0; m0 < a.Mp; m0 += 16) {
     const bool two = m0 + 16 <= a.Mp;
     for (int64_t r0 = n0; r0 < n1; r0 += kNr) {
-      const int nr = int(std::min<int64_t>(kNr, n1 - r0));
-      const float* w = wb.data() + (r0 - n0) * p.K;
+      const int nr = int(kmin<int64_t>(kNr, n1 - r0));
+      const float* w = wb + (r0 - n0) * p.K;
       float* out = a.accT + r0 * a.Mp;
       if (two && nr == kNr) tile_2x4(xp + m0 * p.K, 16, a.Mp, m0, w, p.K, out);
       else if (two) tile_nr<2>(nr, xp + m0 * p.K, two ? 16 : 8, a.Mp, m0, w, p.K, out);

@@ -6,9 +6,9 @@
 // packed tile). Quantize and low-rank follow the reference operation by operation (bit-identical).
 #include <immintrin.h>
 
-#include <algorithm>
 
 #include "kernels/svdquant_w4a4_kernels.h"
+#include "kernels/isa_local.h"
 
 namespace nibble::kernels::w4a4 {
 
@@ -71,7 +71,7 @@ void micro(const GemmArgs& a, int64_t m, int64_t t, int h) {
     }
   }
   const int64_t n0 = t * kTileN + h * 16;
-  const int64_t valid = std::min<int64_t>(16, a.N - n0);
+  const int64_t valid = kmin<int64_t>(16, a.N - n0);
   for (int i = 0; i < MR; ++i) {
     float* y = a.y + (m + i - a.y_row0) * a.ldy + (n0 - a.y_col0);
     if (valid == 16) {
@@ -136,7 +136,7 @@ void quantize_avx2(const float* x, int64_t ldx, int64_t K, const float* inv_s, b
         y[j] = _mm256_mul_ps(_mm256_loadu_ps(xr + k), _mm256_loadu_ps(inv_s + k));
         amax = _mm256_max_ps(amax, _mm256_and_ps(y[j], absmask));
       }
-      const float scale = std::max(hmax8(amax) / qmax, 1e-10f);
+      const float scale = kmax(hmax8(amax) / qmax, 1e-10f);
       const __m256 inv = _mm256_set1_ps(1.0f / scale);
       __m256i sum = _mm256_setzero_si256();
       alignas(32) int32_t qi[8];
@@ -186,7 +186,7 @@ void lora_rows4(const float* x, int64_t ldx, int64_t K, const float* down, int64
 void lora_avx2(const float* x, int64_t ldx, int64_t K, const float* down, int64_t ldd, int64_t R, float* lora,
                int64_t ldl, int64_t m0, int64_t m1) {
   for (int64_t m = m0; m < m1; m += 4) {
-    const int rows = int(std::min<int64_t>(4, m1 - m));
+    const int rows = int(kmin<int64_t>(4, m1 - m));
     int64_t r0 = 0;
     for (; r0 + 8 < R; r0 += 16) lora_rows4<2>(x, ldx, K, down, ldd, r0, R, lora, ldl, m, rows);
     for (; r0 < R; r0 += 8) lora_rows4<1>(x, ldx, K, down, ldd, r0, R, lora, ldl, m, rows);

@@ -11,16 +11,15 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
-#include <algorithm>
-#include <vector>
 
 #include "kernels/awq_w4a16_kernels.h"
+#include "kernels/isa_local.h"
 
 namespace nibble::kernels::awq {
 
 namespace {
 
-constexpr int64_t kSub = 64;
+constexpr int64_t kSub = kStageCols;  // columns whose scales/zero terms are staged at once
 
 inline __m512 load_halves(const uint16_t* src, int count, DType dt) {
   const __mmask16 m = count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
@@ -34,7 +33,7 @@ void stage_scales(const Problem& p, int64_t nb0, int cols, const float* xsum, in
   const int64_t groups = p.K / p.G;
   for (int64_t g = 0; g < groups; ++g)
     for (int j = 0; j < cols; j += 16) {
-      const int cnt = std::min(16, cols - j);
+      const int cnt = kmin(16, cols - j);
       _mm512_storeu_ps(sblk + g * kSub + j, load_halves(p.wscales + g * p.N + nb0 + j, cnt, p.sdtype));
       _mm512_storeu_ps(zblk + g * kSub + j, load_halves(p.wzeros + g * p.N + nb0 + j, cnt, p.sdtype));
     }
@@ -113,20 +112,18 @@ void gemv_rows(const GemvArgs& a, int64_t nb0, int64_t nb1, int64_t m0, const fl
 
 }  // namespace
 
-void awq_gemv_avx512(const GemvArgs& a, int64_t n0, int64_t n1) {
+void awq_gemv_avx512(const GemvArgs& a, int64_t n0, int64_t n1, float* ws) {
   const Problem& p = a.p;
   const int64_t groups = p.K / p.G;
-  thread_local std::vector<float> buf;
-  buf.resize(size_t((2 * groups + p.M) * kSub));
-  float* sblk = buf.data();
+  float* sblk = ws;  // gemv_ws_floats(p)
   float* zblk = sblk + groups * kSub;
   float* zterm = zblk + groups * kSub;
   for (int64_t nb0 = n0; nb0 < n1; nb0 += kSub) {
-    const int64_t nb1 = std::min(n1, nb0 + kSub);
+    const int64_t nb1 = kmin(n1, nb0 + kSub);
     prefetch_scales(p, nb0 + 2 * kSub);
     stage_scales(p, nb0, int(nb1 - nb0), a.xsum, p.M, sblk, zblk, zterm);
     for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
-      switch (std::min<int64_t>(4, p.M - m0)) {
+      switch (kmin<int64_t>(4, p.M - m0)) {
         case 1: gemv_rows<1>(a, nb0, nb1, m0, sblk, zterm); break;
         case 2: gemv_rows<2>(a, nb0, nb1, m0, sblk, zterm); break;
         case 3: gemv_rows<3>(a, nb0, nb1, m0, sblk, zterm); break;
@@ -150,7 +147,7 @@ void dequant_rows_f32(const Problem& p, int64_t n0, int64_t n1, float* wb, float
   const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   for (int64_t nb0 = n0; nb0 < n1; nb0 += kSub) {
-    const int cols = int(std::min<int64_t>(kSub, n1 - nb0));
+    const int cols = int(kmin<int64_t>(kSub, n1 - nb0));
     stage_scales(p, nb0, cols, nullptr, 0, sblk, zblk, nullptr);
     for (int j = 0; j < cols; ++j) {
       const int64_t n = nb0 + j;
@@ -159,7 +156,7 @@ void dequant_rows_f32(const Problem& p, int64_t n0, int64_t n1, float* wb, float
       for (int64_t g = 0; g < groups; ++g) {
         const __m512 s = _mm512_set1_ps(sblk[g * kSub + j]), z = _mm512_set1_ps(zblk[g * kSub + j]);
         for (int64_t c = 0; c < G / 2; c += 16) {
-          const int64_t cnt = std::min<int64_t>(16, G / 2 - c);  // bytes
+          const int64_t cnt = kmin<int64_t>(16, G / 2 - c);  // bytes
           const __mmask16 m = cnt == 16 ? __mmask16(0xFFFF) : __mmask16((1u << cnt) - 1);
           const __m512i b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, qrow + g * (G / 2) + c));
           const __m512 lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(b, table), s, z);
@@ -209,19 +206,18 @@ void tile_nr(int nr, const float* xp, int64_t ldx, int64_t Mp, int64_t m0, const
 
 }  // namespace
 
-void awq_gemm_avx512(const GemmArgs& a, int64_t n0, int64_t n1) {
+void awq_gemm_avx512(const GemmArgs& a, int64_t n0, int64_t n1, float* ws) {
   const Problem& p = a.p;
   const int64_t groups = p.K / p.G;
-  thread_local std::vector<float> wb, sz;
-  wb.resize(size_t((n1 - n0) * p.K));
-  sz.resize(size_t(2 * groups * kSub));
-  dequant_rows_f32(p, n0, n1, wb.data(), sz.data());
+  float* wb = ws;                     // gemm_ws_floats(p, n1 - n0): rows, then staged scales
+  float* sz = ws + (n1 - n0) * p.K;
+  dequant_rows_f32(p, n0, n1, wb, sz);
   const float* xp = static_cast<const float*>(a.xp);
   for (int64_t m0 = 0; m0 < a.Mp; m0 += 32) {
     const bool two = m0 + 32 <= a.Mp;
     for (int64_t r0 = n0; r0 < n1; r0 += kNr) {
-      const int nr = int(std::min<int64_t>(kNr, n1 - r0));
-      const float* w = wb.data() + (r0 - n0) * p.K;
+      const int nr = int(kmin<int64_t>(kNr, n1 - r0));
+      const float* w = wb + (r0 - n0) * p.K;
       float* out = a.accT + r0 * a.Mp;
       if (two) tile_nr<2>(nr, xp + m0 * p.K, two ? 32 : 16, a.Mp, m0, w, p.K, out);
       else tile_nr<1>(nr, xp + m0 * p.K, two ? 32 : 16, a.Mp, m0, w, p.K, out);

@@ -8,9 +8,9 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
-#include <algorithm>
 
 #include "kernels/svdquant_w4a4_kernels.h"
+#include "kernels/isa_local.h"
 
 namespace nibble::kernels::w4a4 {
 
@@ -30,7 +30,7 @@ void quantize_avx512(const float* x, int64_t ldx, int64_t K, const float* inv_s,
         y[j] = _mm512_mul_ps(_mm512_loadu_ps(xr + k), _mm512_loadu_ps(inv_s + k));
         amax = _mm512_max_ps(amax, _mm512_and_ps(y[j], absmask));
       }
-      const float scale = std::max(_mm512_reduce_max_ps(amax) / qmax, 1e-10f);
+      const float scale = kmax(_mm512_reduce_max_ps(amax) / qmax, 1e-10f);
       const __m512 inv = _mm512_set1_ps(1.0f / scale);
       __m512i sum = _mm512_setzero_si512();
       for (int j = 0; j < 4; ++j) {
@@ -76,7 +76,7 @@ void lora_rows4(const float* x, int64_t ldx, int64_t K, const float* down, int64
 void lora_avx512(const float* x, int64_t ldx, int64_t K, const float* down, int64_t ldd, int64_t R, float* lora,
                  int64_t ldl, int64_t m0, int64_t m1) {
   for (int64_t m = m0; m < m1; m += 4) {
-    const int rows = int(std::min<int64_t>(4, m1 - m));
+    const int rows = int(kmin<int64_t>(4, m1 - m));
     int64_t r0 = 0;
     for (; r0 + 32 < R + 16 && r0 + 16 < R; r0 += 32) lora_rows4<2>(x, ldx, K, down, ldd, r0, R, lora, ldl, m, rows);
     for (; r0 < R; r0 += 16) lora_rows4<1>(x, ldx, K, down, ldd, r0, R, lora, ldl, m, rows);

@@ -14,16 +14,15 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
-#include <algorithm>
-#include <vector>
 
 #include "kernels/awq_w4a16_kernels.h"
+#include "kernels/isa_local.h"
 
 namespace nibble::kernels::awq {
 
 namespace {
 
-constexpr int64_t kSub = 64;  // columns whose scales/zero terms are staged at once
+constexpr int64_t kSub = kStageCols;  // columns whose scales/zero terms are staged at once
 
 // 16 halves (bf16 or f16) → fp32, the first `count` lanes (rest zero).
 inline __m512 load_halves(const uint16_t* src, int count, DType dt) {
@@ -39,7 +38,7 @@ void stage_scales(const Problem& p, int64_t nb0, int cols, const float* xsum, in
   const int64_t groups = p.K / p.G;
   for (int64_t g = 0; g < groups; ++g)
     for (int j = 0; j < cols; j += 16) {
-      const int cnt = std::min(16, cols - j);
+      const int cnt = kmin(16, cols - j);
       _mm512_storeu_ps(sblk + g * kSub + j, load_halves(p.wscales + g * p.N + nb0 + j, cnt, p.sdtype));
       if (zblk) _mm512_storeu_ps(zblk + g * kSub + j, load_halves(p.wzeros + g * p.N + nb0 + j, cnt, p.sdtype));
     }
@@ -223,22 +222,20 @@ void gemv_batch(const GemvArgs& a, int64_t nb0, int64_t nb1, int64_t m0, int mb,
 
 }  // namespace
 
-void awq_gemv_avx512bf16(const GemvArgs& a, int64_t n0, int64_t n1) {
+void awq_gemv_avx512bf16(const GemvArgs& a, int64_t n0, int64_t n1, float* ws) {
   const Problem& p = a.p;
   const int64_t groups = p.K / p.G;
-  thread_local std::vector<float> buf;
-  buf.resize(size_t((2 * groups + p.M) * kSub));
-  float* sblk = buf.data();
+  float* sblk = ws;  // gemv_ws_floats(p)
   float* zblk = sblk + groups * kSub;
   float* zterm = zblk + groups * kSub;
   // at most 4 rows share a decoded chunk; more rows than 3 parts × 4 would spill registers
   const int max_rows = a.parts == 1 ? 4 : a.parts == 2 ? 2 : 1;
   for (int64_t nb0 = n0; nb0 < n1; nb0 += kSub) {
-    const int64_t nb1 = std::min(n1, nb0 + kSub);
+    const int64_t nb1 = kmin(n1, nb0 + kSub);
     prefetch_scales(p, nb0 + 2 * kSub);
     stage_scales(p, nb0, int(nb1 - nb0), a.xsum, p.M, sblk, zblk, zterm);
     for (int64_t m0 = 0; m0 < p.M; m0 += max_rows) {
-      const int mb = int(std::min<int64_t>(max_rows, p.M - m0));
+      const int mb = int(kmin<int64_t>(max_rows, p.M - m0));
       if (a.parts == 1) gemv_batch<1>(a, nb0, nb1, m0, mb, sblk, zterm);
       else if (a.parts == 2) gemv_batch<2>(a, nb0, nb1, m0, mb, sblk, zterm);
       else gemv_batch<3>(a, nb0, nb1, m0, mb, sblk, zterm);
@@ -264,7 +261,7 @@ void dequant_rows_bf16(const Problem& p, int64_t n0, int64_t n1, uint32_t* wb, f
     ilv = _mm512_load_si512(idx);
   }
   for (int64_t nb0 = n0; nb0 < n1; nb0 += kSub) {
-    const int cols = int(std::min<int64_t>(kSub, n1 - nb0));
+    const int cols = int(kmin<int64_t>(kSub, n1 - nb0));
     stage_scales(p, nb0, cols, nullptr, 0, sblk, zblk, nullptr);
     for (int j = 0; j < cols; ++j) {
       const int64_t n = nb0 + j;
@@ -273,7 +270,7 @@ void dequant_rows_bf16(const Problem& p, int64_t n0, int64_t n1, uint32_t* wb, f
       for (int64_t g = 0; g < groups; ++g) {
         const __m512 s = _mm512_set1_ps(sblk[g * kSub + j]), z = _mm512_set1_ps(zblk[g * kSub + j]);
         for (int64_t c = 0; c < G / 2; c += 16) {  // 16 bytes = 32 columns per step
-          const int64_t cnt = std::min<int64_t>(16, G / 2 - c);
+          const int64_t cnt = kmin<int64_t>(16, G / 2 - c);
           const __mmask16 m = cnt == 16 ? __mmask16(0xFFFF) : __mmask16((1u << cnt) - 1);
           const __m512i b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, qrow + g * (G / 2) + c));
           const __m512 lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(b, table), s, z);
@@ -320,20 +317,20 @@ void tile_nr(int nr, const uint32_t* xp, int64_t ldx, int64_t Mp, int64_t m0, co
 
 }  // namespace
 
-void awq_gemm_avx512bf16(const GemmArgs& a, int64_t n0, int64_t n1) {
+void awq_gemm_avx512bf16(const GemmArgs& a, int64_t n0, int64_t n1, float* ws) {
   const Problem& p = a.p;
   const int64_t K2 = p.K / 2, groups = p.K / p.G;
-  thread_local std::vector<uint32_t> wb;
-  thread_local std::vector<float> sz;
-  wb.resize(size_t((n1 - n0) * K2));
-  sz.resize(size_t(2 * groups * kSub));
-  dequant_rows_bf16(p, n0, n1, wb.data(), sz.data());
+  (void)groups;
+  // gemm_ws_floats(p, n1 - n0): bf16 pair rows (half the fp32 space), then staged scales
+  uint32_t* wb = reinterpret_cast<uint32_t*>(ws);
+  float* sz = ws + (n1 - n0) * p.K;
+  dequant_rows_bf16(p, n0, n1, wb, sz);
   const uint32_t* xp = static_cast<const uint32_t*>(a.xp);
   for (int64_t m0 = 0; m0 < a.Mp; m0 += 32) {
     const bool two = m0 + 32 <= a.Mp;
     for (int64_t r0 = n0; r0 < n1; r0 += kNr) {
-      const int nr = int(std::min<int64_t>(kNr, n1 - r0));
-      const uint32_t* w = wb.data() + (r0 - n0) * K2;
+      const int nr = int(kmin<int64_t>(kNr, n1 - r0));
+      const uint32_t* w = wb + (r0 - n0) * K2;
       float* out = a.accT + r0 * a.Mp;
       if (two) tile_nr<2>(nr, xp + m0 * K2, two ? 32 : 16, a.Mp, m0, w, K2, out);
       else tile_nr<1>(nr, xp + m0 * K2, two ? 32 : 16, a.Mp, m0, w, K2, out);

@@ -38,7 +38,8 @@ SynthBlockFiles make_synth_block_files(const std::string& dir, const SynthBlockO
 // Quantization quality of one synthetic layer (N, K) on M synthetic activation rows (outlier
 // channels in weights and activations): output SNR vs the float layer of naive per-group int4
 // W4A4 (no smoothing, rank 0), SVDQuant rank R (low-rank only), and SVDQuant rank R with smoothing
-// calibrated on the activations (convert.h quantizers; forward through nn::Linear's fused path).
+// calibrated on M other rows of the same activation stream (out of sample; convert.h quantizers;
+// forward through nn::Linear's fused path).
 struct QualityVsNaive {
   double naive_snr_db = 0, svdquant_snr_db = 0, svdquant_smooth_snr_db = 0;
 };

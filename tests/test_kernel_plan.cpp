@@ -1,0 +1,184 @@
+// The kernel plans (src/kernels/*_kernels.h) and the drivers' buffers:
+//  * the plan is the one place dispatch is decided: path_name reads it, every fast family has its
+//    kernel, the bf16-weight tier appears exactly where the docs say;
+//  * poisoning belongs to the tester: with kernels::set_test_fill(NaN) every buffer a driver hands a
+//    kernel (and the output block a kernel writes in place) starts as NaN, and the result must equal
+//    the unpoisoned run bit for bit — an element a kernel skipped would come out NaN;
+//  * scratch slots are 64-byte aligned and keep their memory.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+
+#include "kernels/awq_w4a16_kernels.h"
+#include "kernels/svdquant_w4a4_kernels.h"
+#include "kernels/workspace.h"
+#include "nibble/formats.h"
+#include "nibble/isa.h"
+#include "nibble/ops.h"
+#include "nibble/thread_pool.h"
+
+using namespace nibble;
+
+namespace {
+
+Tensor random_f32(std::mt19937& rng, Shape shape, float lo, float hi, DType dt = DType::F32) {
+  Tensor f = Tensor::empty(DType::F32, shape);
+  std::uniform_real_distribution<float> d(lo, hi);
+  for (int64_t i = 0; i < f.numel(); ++i) f.mutable_data<float>()[i] = d(rng);
+  return dt == DType::F32 ? f : f.to(dt);
+}
+Tensor random_bytes(std::mt19937& rng, Shape shape) {
+  Tensor t = Tensor::empty(DType::I8, shape);
+  std::uniform_int_distribution<int> b(0, 255);
+  for (int64_t i = 0; i < t.numel(); ++i) t.mutable_data<uint8_t>()[i] = uint8_t(b(rng));
+  return t;
+}
+bool same_bits(const Tensor& a, const Tensor& b) {
+  return a.dtype() == b.dtype() && a.shape() == b.shape() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
+}
+int64_t nan_count(const Tensor& t) {
+  const Tensor f = t.to_f32();
+  int64_t n = 0;
+  for (int64_t i = 0; i < f.numel(); ++i) n += std::isnan(f.data<float>()[i]);
+  return n;
+}
+
+struct Guard {
+  Isa isa = active_isa();
+  ~Guard() {
+    set_isa(isa);
+    kernels::set_test_fill(std::nullopt);
+  }
+};
+
+// Runs fn once plain and once with NaN-poisoned driver buffers; both must agree bit for bit and
+// hold no NaN.
+template <class F>
+void expect_every_element_written(F fn, const std::string& label) {
+  kernels::set_test_fill(std::nullopt);
+  const Tensor plain = fn();
+  kernels::set_test_fill(std::numeric_limits<float>::quiet_NaN());
+  const Tensor poisoned = fn();
+  kernels::set_test_fill(std::nullopt);
+  EXPECT_EQ(nan_count(plain), 0) << label;
+  EXPECT_EQ(nan_count(poisoned), 0) << label << ": a kernel left elements unwritten";
+  EXPECT_TRUE(same_bits(plain, poisoned)) << label;
+}
+
+}  // namespace
+
+TEST(KernelPlan, AwqPathNameIsThePlanName) {
+  namespace awq = kernels::awq;
+  for (Isa isa : supported_isas())
+    for (int64_t M : {1, 4, 8, 9, 16, 17, 48, 49, 200})
+      for (int64_t G : {64, 128, 30})
+        for (DType xdt : {DType::F32, DType::BF16, DType::F16})
+          for (DType sdt : {DType::BF16, DType::F16})
+            for (bool prepared : {false, true}) {
+              const awq::Plan p = awq::plan(isa, M, G, xdt, sdt, prepared && awq::prepared_has_tiled(G));
+              EXPECT_STREQ(awq::path_name(isa, M, G, xdt, sdt, prepared), p.name);
+              const std::string label = std::string(isa_name(isa)) + " M=" + std::to_string(M) + " " + p.name;
+              switch (p.family) {
+                case awq::Family::Reference: EXPECT_EQ(isa, Isa::Scalar) << label; break;
+                case awq::Family::Tiled: EXPECT_TRUE(p.tiled_f32 || p.tiled_bf16) << label; break;
+                case awq::Family::Gemv: EXPECT_TRUE(p.gemv) << label; break;
+                case awq::Family::Gemm: EXPECT_TRUE(p.gemm) << label; break;
+              }
+              // the bf16-weight tier: avx512bf16 GEMM on bf16 models only, never for G % 8 != 0
+              EXPECT_EQ(p.bf16_weights, p.family == awq::Family::Gemm && isa == Isa::Avx512Bf16 && G % 8 == 0 &&
+                                            sdt == DType::BF16)
+                  << label;
+              EXPECT_LE(int(p.isa), int(isa)) << label;
+              EXPECT_TRUE(isa_supported(p.isa)) << label;
+            }
+}
+
+TEST(KernelPlan, W4A4PlanHasEveryStageOnFastLevels) {
+  namespace w4 = kernels::w4a4;
+  for (Isa isa : supported_isas()) {
+    const w4::Plan p = w4::plan(isa);
+    EXPECT_EQ(p.isa, isa);
+    if (isa == Isa::Scalar) {
+      EXPECT_TRUE(p.reference);
+      EXPECT_STREQ(p.name, "reference");
+    } else {
+      EXPECT_FALSE(p.reference) << isa_name(isa);
+      EXPECT_TRUE(p.quantize && p.lora && p.gemm) << isa_name(isa);
+    }
+  }
+}
+
+TEST(KernelPlan, AwqEveryPlanWritesEveryElement) {
+  Guard g;
+  std::mt19937 rng(7);
+  const int64_t N = 70, K = 256;  // N not a multiple of any tile: the tails are covered
+  for (int64_t G : {64, 128}) {
+    const Tensor q = random_bytes(rng, {N, K / 2});
+    const Tensor s = random_f32(rng, {K / G, N}, 0.002f, 0.03f, DType::BF16);
+    const Tensor z = random_f32(rng, {K / G, N}, -0.2f, 0.2f, DType::BF16);
+    AwqW4A16Params prm;
+    prm.qweight = q, prm.wscales = s, prm.wzeros = z, prm.N = N, prm.K = K, prm.group_size = G;
+    const auto prep = prepare_awq_w4a16(prm);
+    for (Isa isa : supported_isas())
+      for (int64_t M : {1, 5, 9, 17, 33, 50})
+        for (DType xdt : {DType::F32, DType::BF16}) {
+          const Tensor x = random_f32(rng, {M, K}, -2, 2, xdt);
+          set_isa(isa);
+          const std::string label = std::string(isa_name(isa)) + " G=" + std::to_string(G) + " M=" +
+                                    std::to_string(M) + " x=" + std::string(dtype_name(xdt));
+          expect_every_element_written([&] { return gemv_awq_w4a16(x, q, s, z, Tensor(), G, DType::F32); },
+                                       label + " stored " + kernels::awq::path_name(isa, M, G, xdt, DType::BF16, false));
+          expect_every_element_written([&] { return gemv_awq_w4a16(x, *prep, DType::F32); },
+                                       label + " prepared " + kernels::awq::path_name(isa, M, G, xdt, DType::BF16, true));
+        }
+  }
+}
+
+TEST(KernelPlan, W4A4EveryPlanWritesEveryElement) {
+  Guard g;
+  std::mt19937 rng(8);
+  const int64_t N = 70, K = 256, R = 16;
+  SvdquantW4A4Params p;
+  p.N = N, p.K = K, p.R = R;
+  p.qweight = random_bytes(rng, {N, K / 2});
+  p.wscales = random_f32(rng, {K / 64, N}, 0.001f, 0.05f, DType::BF16);
+  p.smooth = random_f32(rng, {K}, 0.3f, 3.0f, DType::BF16);
+  p.proj_down = random_f32(rng, {K, R}, -0.1f, 0.1f, DType::BF16);
+  p.proj_up = random_f32(rng, {N, R}, -0.1f, 0.1f, DType::BF16);
+  p.bias = random_f32(rng, {N}, -1, 1, DType::BF16);
+  for (bool act_unsigned : {false, true}) {
+    p.act_unsigned = act_unsigned;
+    const auto prep = prepare_svdquant_w4a4(p);
+    for (Isa isa : supported_isas())
+      for (int64_t M : {1, 7, 100})
+        for (DType out : {DType::F32, DType::BF16}) {
+          const Tensor x = random_f32(rng, {M, K}, -0.2f, 3.0f, DType::BF16);
+          set_isa(isa);
+          expect_every_element_written([&] { return svdquant_linear(x, *prep, out); },
+                                       std::string(isa_name(isa)) + " " + kernels::w4a4::plan(isa).name + " M=" +
+                                           std::to_string(M) + " out=" + std::string(dtype_name(out)) +
+                                           (act_unsigned ? " unsigned" : ""));
+        }
+  }
+}
+
+TEST(KernelWorkspace, ScratchIsAlignedAndGrowOnly) {
+  using kernels::Slot;
+  float* a = kernels::thread_scratch<float>(Slot::Stage, 100);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(a) % 64, 0u);
+  a[99] = 1.0f;
+  float* b = kernels::thread_scratch<float>(Slot::Stage, 50);  // smaller: same memory
+  EXPECT_EQ(a, b);
+  float* c = kernels::thread_scratch<float>(Slot::Weights, 1 << 20);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(c) % 64, 0u);
+  EXPECT_NE(c, b);
+  c[(1 << 20) - 1] = 2.0f;
+  kernels::set_test_fill(-3.0f);
+  float* d = kernels::thread_scratch<float>(Slot::Stage, 10);
+  for (int i = 0; i < 10; ++i) EXPECT_EQ(d[i], -3.0f);
+  kernels::set_test_fill(std::nullopt);
+  EXPECT_FALSE(kernels::test_fill_active());
+}
