@@ -77,6 +77,10 @@ const CommandRegistration kConvert{
                      "REGEX=FORMAT[:opt=v,...] rule (first match wins, before the preset); FORMAT awq_w4a16|svdquant_w4a4|keep; "
                      "opts group_size, rank, act_unsigned, layout, svd, refine");
       app.add_option("--exclude", a->o.exclude, "REGEX: matching layers are copied unchanged");
+      app.add_option("--key-style", a->o.key_style,
+                     "svdquant side tensor names: comfyui (smooth_factor, proj_down, proj_up: ComfyUI's loaders) or "
+                     "kitchen (weight_smooth_factor, weight_proj_down, weight_proj_up: comfy-kitchen's serializer)")
+          ->capture_default_str();
       app.add_option("--rank", a->o.rank, "svdquant low-rank R")->capture_default_str();
       app.add_option("--group-size", a->o.group_size, "awq group size along K")->capture_default_str();
       app.add_option("--layout", a->layout, "svdquant storage: natural|tile")->capture_default_str();

@@ -162,6 +162,10 @@ struct ConvertOptions {
   uint64_t mem_budget = 2ull << 30;     // bytes of working memory for in-flight layers
   uint64_t shard_size = 0;              // 0 = one file; else split output above this many bytes
   int threads = 0;                      // 0 = library default
+  // Spelling of the svdquant side tensors: "comfyui" (smooth_factor / proj_down / proj_up, what
+  // ComfyUI's loaders read) or "kitchen" (weight_smooth_factor / weight_proj_down / weight_proj_up,
+  // comfy-kitchen's serializer). awq_w4a16 writes weight_zeros in both.
+  std::string key_style = "comfyui";
 };
 
 struct LayerPlan {

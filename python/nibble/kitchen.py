@@ -70,15 +70,38 @@ def _default_cache_limit() -> int:
         return 16 << 30
 
 
+def _version(t):
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors (ComfyUI runs under torch.inference_mode) have none
+        return "inference"
+
+
 def _sig(t):
-    """What must not change for a prepared entry to stay valid (None for an absent tensor)."""
+    """What must not change for a prepared entry to stay valid (None for an absent tensor).
+    Inference tensors track no version counter: an in-place write to one under inference mode is
+    not seen (call clear_cache() after such a write)."""
     if t is None:
         return None
-    return (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), str(t.dtype), str(t.device))
+    return (t.data_ptr(), _version(t), tuple(t.shape), tuple(t.stride()), str(t.dtype), str(t.device))
 
 
 class _Entry:
-    __slots__ = ("ref", "sigs", "refs", "prepared", "nbytes")
+    __slots__ = ("ref", "sigs", "refs", "copies", "prepared", "nbytes")
+
+
+def _same_content(copies, others) -> bool:
+    """The side tensors (scales, low-rank factors) equal the entry's copies: a caller that hands
+    fresh clones of the same scales on every call (ComfyUI's QuantizedTensor.to(dtype) clones its
+    params when the activation dtype differs from the layer's) still hits."""
+    import torch
+
+    for c, o in zip(copies, others):
+        if (c is None) != (o is None):
+            return False
+        if c is not None and (c.shape != o.shape or c.dtype != o.dtype or not torch.equal(c, o)):
+            return False
+    return True
 
 
 class _Cache:
@@ -112,19 +135,27 @@ class _Cache:
         sigs = (_sig(weight),) + tuple(_sig(o) for o in others)
         with self._lock:
             e = self._entries.get(key)
-            if (e is not None and e.ref() is weight and e.sigs == sigs
-                    and all((r is None and o is None) or (r is not None and r() is o)
-                            for r, o in zip(e.refs, others))):
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return e.prepared
+            if e is not None and e.ref() is weight and e.sigs[0] == sigs[0]:
+                if e.sigs == sigs and all((r is None and o is None) or (r is not None and r() is o)
+                                          for r, o in zip(e.refs, others)):
+                    self._entries.move_to_end(key)
+                    self.hits += 1
+                    return e.prepared
+                if _same_content(e.copies, others):  # same weights, equal side tensors
+                    e.sigs = sigs
+                    e.refs = tuple(None if o is None else weakref.ref(o) for o in others)
+                    self._entries.move_to_end(key)
+                    self.hits += 1
+                    return e.prepared
             self.misses += 1
         prepared = make()
-        nbytes = int(prepared.nbytes)
         e = _Entry()
         e.sigs = sigs
         e.refs = tuple(None if o is None else weakref.ref(o) for o in others)
+        e.copies = tuple(None if o is None else o.detach().clone() for o in others)
         e.prepared = prepared
+        nbytes = int(prepared.nbytes) + sum(0 if c is None else c.numel() * c.element_size()
+                                            for c in e.copies)
         e.nbytes = nbytes
         with self._lock:
             e.ref = weakref.ref(weight, lambda r, k=key: self._on_death(k, r))
@@ -173,7 +204,7 @@ def clear_cache() -> None:
 
 def _cacheable(*tensors) -> bool:
     # the scalar ISA runs the reference oracles on the stored layout: nothing to prepare
-    return all(t is None or hasattr(t, "_version") for t in tensors) and nibble.isa() != "scalar"
+    return all(t is None or hasattr(t, "data_ptr") for t in tensors) and nibble.isa() != "scalar"
 
 
 # ---------------------------------------------------------------- the backend object

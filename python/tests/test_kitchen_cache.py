@@ -167,13 +167,17 @@ def test_cache_hits_invalidates_and_dies_with_tensor(kitchen_cache):
     y3 = be.scaled_mm_svdquant_w4a4(q, w, asc, ws, la, up, b)
     assert torch.equal(y3, nibble.scaled_mm_svdquant_w4a4(q, w, asc, ws, la, up, b))
     assert not torch.equal(y3, plain) and nk.cache_info()["misses"] == i1["misses"] + 1
+    # equal scales handed as a fresh clone (ComfyUI's .to(dtype) clones params): still a hit
+    h = nk.cache_info()["hits"]
+    y_clone = be.scaled_mm_svdquant_w4a4(q, w, asc, ws.clone(), la, up.clone(), b)
+    assert torch.equal(y_clone, y3) and nk.cache_info()["hits"] == h + 1
     # other scales (a new tensor) are not served from the old entry
     ws2 = ws * 2
     y4 = be.scaled_mm_svdquant_w4a4(q, w, asc, ws2, la, up, b)
     assert torch.equal(y4, nibble.scaled_mm_svdquant_w4a4(q, w, asc, ws2, la, up, b))
     # the entry dies with the weight tensor
     assert nk.cache_info()["entries"] == 1
-    del w, y1, y2, y3, y4
+    del w, y1, y2, y3, y4, y_clone
     gc.collect()
     assert nk.cache_info()["entries"] == 0 and nk.cache_info()["bytes"] == 0
 
@@ -216,3 +220,19 @@ def test_awq_cache_entry(kitchen_cache):
                                                 _core.prepare_gemv_awq_w4a16(qw, ws, wz, 64)), x)
         assert torch.equal(y, ref)
     assert nk.cache_info()["entries"] == 1 and nk.cache_info()["hits"] >= 1
+
+
+def test_inference_tensors(kitchen_cache):
+    """ComfyUI runs under torch.inference_mode: its tensors have no version counter."""
+    torch = _torch()
+    nk = kitchen_cache
+    with torch.inference_mode():
+        x, smooth, down, w, ws, up, b = _tcase(torch)
+        q, asc, la = nibble.quantize_svdquant_w4a4(x, smooth, down, 256, False, lora_act_dtype="float32")
+        be = nk._Backend()
+        h0 = nk.cache_info()["hits"]
+        y1 = be.scaled_mm_svdquant_w4a4(q, w, asc, ws, la, up, b)
+        y2 = be.scaled_mm_svdquant_w4a4(q, w, asc, ws, la, up, b)
+        assert torch.equal(y1, nibble.scaled_mm_svdquant_w4a4(q, w, asc, ws, la, up, b))
+        assert torch.equal(y1, y2) and nk.cache_info()["hits"] == h0 + 1
+

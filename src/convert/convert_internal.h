@@ -142,6 +142,8 @@ constexpr DType kStoreDtype = DType::BF16;
 
 // ---- stages
 FullPlan make_plan(const Checkpoint& ck, const ConvertOptions& o);
+// Renames the svdquant side tensors to `style` (ConvertOptions::key_style; key_style.cpp).
+void apply_key_style(FullPlan& fp, const std::string& style);
 
 std::string find_stats_key(const std::map<std::string, ActStats>& calib, const std::string& layer);
 const ActStats* find_stats(const std::map<std::string, ActStats>& calib, const std::string& layer);

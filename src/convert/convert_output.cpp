@@ -20,17 +20,14 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
-#include <dirent.h>
-#include <fcntl.h>
 #include <signal.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #include <sys/types.h>
 
 #include <atomic>
 #include <cerrno>
 
 #include "convert_internal.h"
+#include "io/atomic_file.h"
 #include "nibble/safetensors.h"
 #include "nibble/thread_pool.h"
 
@@ -38,91 +35,12 @@ namespace nibble {
 using namespace convert_detail;
 
 // ---- interrupted runs
-// Paths of temporary (and committed-but-unfinished) output files, kept in fixed slots so the signal
-// handler can unlink them with async-signal-safe calls only.
+// Temporary files register themselves with io::AtomicFile's cleanup table before they exist;
+// shards committed before the index is written are registered here. The handler unlinks both.
 namespace {
-constexpr int kTempSlots = 64;
-struct TempSlot {
-  std::atomic<bool> used{false};
-  char path[4096];
-};
-TempSlot g_temp[kTempSlots];
-
-int register_temp(const std::string& p) {
-  if (p.size() >= sizeof(g_temp[0].path)) return -1;
-  for (int i = 0; i < kTempSlots; ++i) {
-    bool expected = false;
-    if (g_temp[i].used.load() || !g_temp[i].used.compare_exchange_strong(expected, true)) continue;
-    std::memcpy(g_temp[i].path, p.c_str(), p.size() + 1);
-    return i;
-  }
-  return -1;
-}
-void unregister_temp(int slot) {
-  if (slot >= 0) g_temp[slot].used.store(false);
-}
-
-// A writer's temporary file exists from its first write, but its path is registered only after
-// that write returns: a signal in between would leave it behind. So the output directories and the
-// temporary-name prefix of this process are registered up front too, and the handler also unlinks
-// every entry of those directories that starts with the prefix (open / getdents64 / unlinkat are
-// async-signal-safe system calls).
-struct DirSlot {
-  std::atomic<bool> used{false};
-  char dir[4096];
-  char prefix[1024];
-};
-DirSlot g_dirs[8];
-
-int register_dir_prefix(const std::string& dir, const std::string& prefix) {
-  if (dir.size() >= sizeof(g_dirs[0].dir) || prefix.size() >= sizeof(g_dirs[0].prefix)) return -1;
-  for (int i = 0; i < 8; ++i) {
-    bool expected = false;
-    if (g_dirs[i].used.load() || !g_dirs[i].used.compare_exchange_strong(expected, true)) continue;
-    std::memcpy(g_dirs[i].dir, dir.c_str(), dir.size() + 1);
-    std::memcpy(g_dirs[i].prefix, prefix.c_str(), prefix.size() + 1);
-    return i;
-  }
-  return -1;
-}
-
-void unlink_prefixed(const DirSlot& d) {
-  const int fd = ::open(d.dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return;
-  alignas(8) char buf[8192];
-  const size_t plen = std::strlen(d.prefix);
-  for (;;) {
-    const long n = ::syscall(SYS_getdents64, fd, buf, sizeof(buf));
-    if (n <= 0) break;
-    for (long off = 0; off < n;) {
-      const auto* e = reinterpret_cast<const struct dirent64*>(buf + off);
-      if (std::strncmp(e->d_name, d.prefix, plen) == 0) ::unlinkat(fd, e->d_name, 0);
-      off += e->d_reclen;
-    }
-  }
-  ::close(fd);
-}
-
 extern "C" void convert_signal_handler(int sig) {
-  for (auto& t : g_temp)
-    if (t.used.load()) ::unlink(t.path);
-  for (auto& d : g_dirs)
-    if (d.used.load()) unlink_prefixed(d);
+  io::unlink_registered_paths();
   _exit(128 + sig);
-}
-
-// The writer names its temporary file `.<target>.tmp-<pid>-<n>-<stamp>` in the target directory.
-std::string temp_prefix(const std::string& target, pid_t pid) {
-  return fmt::format(".{}.tmp-{}-", std::filesystem::path(target).filename().string(), pid);
-}
-std::string find_own_temp(const std::string& target) {
-  const std::filesystem::path t(target);
-  const std::filesystem::path dir = t.has_parent_path() ? t.parent_path() : std::filesystem::path(".");
-  const std::string pre = temp_prefix(target, getpid());
-  std::error_code ec;
-  for (const auto& e : std::filesystem::directory_iterator(dir, ec))
-    if (e.path().filename().string().rfind(pre, 0) == 0) return e.path().string();
-  return "";
 }
 }  // namespace
 
@@ -193,9 +111,6 @@ class ConvertOutput {
       index_path_ = base + ".safetensors.index.json";
     }
     for (size_t k = 0; k < groups.size(); ++k) {
-      const std::filesystem::path pk(paths_[k]);
-      dir_slots_.push_back(register_dir_prefix(pk.has_parent_path() ? pk.parent_path().string() : ".",
-                                               temp_prefix(paths_[k], getpid())));
       writers_.push_back(std::make_unique<SafetensorsWriter>(paths_[k], fp.metadata));
       for (size_t i : groups[k]) {
         const auto& ot = fp.outputs[i];
@@ -207,25 +122,21 @@ class ConvertOutput {
     metadata_ = fp.metadata;
   }
   ~ConvertOutput() {
-    for (int s : slots_) unregister_temp(s);
-    for (int s : dir_slots_)
-      if (s >= 0) g_dirs[s].used.store(false);
+    for (int s : slots_) io::unregister_cleanup_path(s);
     if (!done_)
       for (size_t k = 0; k < committed_; ++k) std::remove(paths_[k].c_str());
   }
   SafetensorsWriter& writer(const std::string& name) { return *writers_[shard_of_.at(name)]; }
   void write_tensor(const std::string& name, const Tensor& t) {
     writer(name).write_tensor(name, t);
-    started(name);
   }
   void write(const std::string& name, const void* data, size_t n) {
     writer(name).write(name, data, n);
-    started(name);
   }
   void commit() {
     for (; committed_ < writers_.size(); ++committed_) {
       writers_[committed_]->commit();
-      if (!index_path_.empty()) slots_.push_back(register_temp(paths_[committed_]));  // removed if interrupted
+      if (!index_path_.empty()) slots_.push_back(io::register_cleanup_path(paths_[committed_]));  // removed if interrupted
     }
     if (!index_path_.empty()) {
       auto meta = metadata_;
@@ -237,17 +148,7 @@ class ConvertOutput {
   const std::vector<std::string>& paths() const { return paths_; }
 
  private:
-  // After the first bytes of a shard: its temporary file exists; let the signal handler know it.
-  void started(const std::string& name) {
-    const size_t k = shard_of_.at(name);
-    if (registered_.count(k)) return;
-    registered_.insert(k);
-    const std::string tmp = find_own_temp(paths_[k]);
-    if (!tmp.empty()) slots_.push_back(register_temp(tmp));
-  }
-  std::set<size_t> registered_;
   std::vector<int> slots_;
-  std::vector<int> dir_slots_;  // g_dirs entries of the output directories (temporary-name prefix)
   std::string out_, index_path_;
   std::vector<std::string> paths_;
   std::vector<std::unique_ptr<SafetensorsWriter>> writers_;

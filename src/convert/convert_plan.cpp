@@ -630,6 +630,7 @@ FullPlan convert_detail::make_plan(const Checkpoint& ck, const ConvertOptions& o
       throw Error(fmt::format("{}: __metadata__[\"_quantization_metadata\"] is not valid JSON: {}", ck.path(), e.what()));
     }
   }
+  apply_key_style(fp, o.key_style);
   S.tensors_total = fp.outputs.size();
   {
     SafetensorsWriter probe("/dev/null/unused", fp.metadata);  // only for the size computation
