@@ -144,6 +144,14 @@ int main(int argc, char** argv) {
       }
       std::remove(whole.c_str());
     }
+    // zero-element shapes with huge dimensions (K = 2·2^62 used to overflow int64 in bind)
+    const std::string cfg = R"({"format":"awq_w4a16","group_size":64})";
+    const std::string hdr = R"({"blk.weight":{"dtype":"I8","shape":[0,4611686018427387904],"data_offsets":[0,0]},)"
+                            R"("blk.weight_scale":{"dtype":"BF16","shape":[0,0],"data_offsets":[0,0]},)"
+                            R"("blk.weight_zeros":{"dtype":"BF16","shape":[0,0],"data_offsets":[0,0]},)"
+                            R"("blk.comfy_quant":{"dtype":"U8","shape":[)" + std::to_string(cfg.size()) +
+                            R"(],"data_offsets":[0,)" + std::to_string(cfg.size()) + "]}}";
+    write_all(ddir + "/zero_huge.split", std::string(1, '\1') + hdr + std::string(1, '\0') + cfg);
   }
   return 0;
 }

@@ -164,17 +164,19 @@ save_file({k: v.float().numpy() for k, v in sd.items() if k.startswith(("bert.",
 
 calib_path, acts_path = os.path.join(WORK, "calib.safetensors"), os.path.join(WORK, "eval_acts.safetensors")
 torch.set_num_threads(1)
+reuse = os.environ.get("QUALITY_REUSE") == "1" and os.path.exists(calib_path) and os.path.exists(acts_path)
 with torch.no_grad():
+  if not reuse:
     with calib.Recorder(encoder, calib_path, sample_rows=256, prefix="bert.encoder.") as rec:
         for s in cal:
             forward(tokenize(s))
     with calib.Recorder(encoder, None, sample_rows=1024, prefix="bert.encoder.", seed=99) as ev_rec:
         for s in ev:
             forward(tokenize(s))
-calib.write_stats(acts_path, {n: {"sample": st["sample"]} for n, st in ev_rec.stats().items()})
-rows = {n: st.count for n, st in rec.layers.items()}
-print(f"calibration rows per layer: {min(rows.values())}; evaluation rows kept per layer: 1024 of "
-      f"{min(s.count for s in ev_rec.layers.values())}")
+    calib.write_stats(acts_path, {n: {"sample": st["sample"]} for n, st in ev_rec.stats().items()})
+    rows = {n: st.count for n, st in rec.layers.items()}
+    print(f"calibration rows per layer: {min(rows.values())}; evaluation rows kept per layer: 1024 of "
+          f"{min(s.count for s in ev_rec.layers.values())}")
 
 
 # ------------------------------------------------------------------ convert + verify
@@ -197,13 +199,18 @@ def run(fmt, search, rule):
 
 
 results = {}
+only = os.environ.get("QUALITY_ONLY", "")
 for fmt, rule in (("svdquant_w4a4", r"encoder=svdquant_w4a4:rank=32"), ("awq_w4a16", r"encoder=awq_w4a16")):
+    if only and only != fmt:
+        continue
     for search in ("legacy", "full"):
         results[f"{fmt}/{search}"] = run(fmt, search, rule)
         r = results[f"{fmt}/{search}"]
         print(f"{fmt:14} {search:7} layers {r['layers']}  mean SNR {r['mean_snr_db']:6.2f} dB  min {r['min_snr_db']:6.2f} dB"
               f"  convert {r['convert_seconds']:.1f} s  α on grid edge {r['alpha_on_edge']}")
 for fmt in ("svdquant_w4a4", "awq_w4a16"):
+    if only and only != fmt:
+        continue
     a, b = results[f"{fmt}/legacy"], results[f"{fmt}/full"]
     print(f"{fmt}: +{b['mean_snr_db'] - a['mean_snr_db']:.2f} dB mean per-layer output SNR, conversion time "
           f"×{b['convert_seconds'] / max(a['convert_seconds'], 1e-9):.2f}")

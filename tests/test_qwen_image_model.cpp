@@ -27,6 +27,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "nibble/latent.h"
 #include "nibble/qwen_image.h"
 #include "nibble/safetensors.h"
 #include "nibble/thread_pool.h"
@@ -241,15 +242,16 @@ int run(const std::string& cmd) {
 
 TEST(QwenImageModelCli, ForwardMatchesComfyUIAndRejectsBadInput) {
   const std::string bin = cli();
-  if (bin.empty()) GTEST_SKIP() << "nibble CLI not built next to the tests";
+  if (bin.empty()) FAIL() << "the nibble CLI is missing beside the tests (the same build makes both)";
   const fs::path dir = tmpdir();
   auto g = golden();
   const std::string lat = (dir / "lat.safetensors").string(), ctx = (dir / "ctx.safetensors").string();
-  const std::string r0 = (dir / "r0.safetensors").string(), r1 = (dir / "r1.safetensors").string();
+  const std::string r0 = (dir / "r0.latent").string(), r1 = (dir / "r1.safetensors").string();
   const std::string out = (dir / "out.safetensors").string();
   save_safetensors(lat, {{"latent", g->get("refmask.latent")}});
   save_safetensors(ctx, {{"context", g->get("refmask.context")}, {"attention_mask", g->get("refmask.mask")}});
-  save_safetensors(r0, {{"latent_tensor", g->get("refmask.ref0")}});
+  // a ComfyUI .latent (raw VAE space): forward normalises it as ComfyUI's process_latent_in
+  save_latent(r0, latent_process_out(g->get("refmask.ref0")));
   save_safetensors(r1, {{"latent", g->get("refmask.ref1")}});
   const std::string base = bin + " forward " + kCkpt + " --attention fp32 --latent " + lat + " --context " + ctx;
   ASSERT_EQ(run(base + " --ref " + r0 + " --ref " + r1 + " --timestep 0.6 -o " + out), 0);
@@ -265,6 +267,9 @@ TEST(QwenImageModelCli, ForwardMatchesComfyUIAndRejectsBadInput) {
   EXPECT_EQ(run(bin + " forward " + kCkpt + " --latent " + lat + " --context " + wide + " --timestep 0.5 -o " + bad_out), 1);
   EXPECT_EQ(run(bin + " forward " + kCkpt + " --latent " + chans + " --context " + ctx + " --timestep 0.5 -o " + bad_out), 1);
   EXPECT_EQ(run(bin + " forward " + lat + " --latent " + lat + " --context " + ctx + " --timestep 0.5 -o " + bad_out), 1);
+  const std::string nomarker = (dir / "nomarker.latent").string();
+  save_safetensors(nomarker, {{"latent_tensor", g->get("refmask.latent")}});
+  EXPECT_EQ(run(base + " --ref " + nomarker + " --timestep 0.5 -o " + bad_out), 1);  // .latent without its marker
   EXPECT_FALSE(fs::exists(bad_out));
   fs::remove_all(dir);
 }

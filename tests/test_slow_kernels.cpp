@@ -18,6 +18,7 @@
 #include <cstring>
 #include <random>
 
+#include "kernels/awq_w4a16_kernels.h"
 #include "nibble/formats.h"
 #include "nibble/isa.h"
 #include "nibble/ops.h"
@@ -112,8 +113,10 @@ TEST(SlowKernels, AwqFullWidthEveryIsaAgainstOracle) {
         const Tensor y = prepared ? gemv_awq_w4a16(x, *prep, DType::F32) : gemv_awq_w4a16(x, q, sc, z, b, s.G, DType::F32);
         const std::string what = std::string(isa_name(isa)) + (prepared ? " prepared" : "");
         expect_finite(y, what);
-        // the avx512bf16 GEMM tier rounds the dequantized weight to bf16 (M above its GEMV tiers)
-        const bool bf16_w = isa == Isa::Avx512Bf16 && s.M > (prepared ? 48 : 8) && s.G % 8 == 0;
+        // the avx512bf16 GEMM tier rounds the dequantized weight to bf16: read from the driver's plan
+        namespace awq = kernels::awq;
+        const bool bf16_w =
+            awq::plan(isa, s.M, s.G, DType::BF16, DType::BF16, prepared && awq::prepared_has_tiled(s.G)).bf16_weights;
         const double coeff = test::awq_vs_oracle(s.K, s.G, bf16_w);
         int bad = 0;
         for (int64_t i = 0; i < s.M * s.N; ++i) {

@@ -2,18 +2,24 @@
 // call of the whole Qwen-Image transformer (nn::QwenImageTransformer), its prediction written to OUT.
 //
 // Inputs are safetensors files:
-//   --latent X   tensor "latent", or "latent_tensor" (ComfyUI's .latent files), or the file's only
-//                tensor: (B, 16, H, W) or (B, 16, T, H, W), any float dtype, in the model's space
-//                (what ComfyUI passes to the diffusion model, i.e. after process_latent_in)
-//   --context C  tensor "context" (B, L, joint_dim) and, optionally, "attention_mask" (B, L)
+//   --latent X   a ComfyUI .latent file ("latent_tensor" + version marker, raw VAE space: normalised
+//                here with the Wan 2.1 latent format, as ComfyUI's process_latent_in), or a file
+//                with "latent" (or "samples", or a single tensor) already in the model's space:
+//                (B, 16, H, W) or (B, 16, T, H, W), any float dtype
+//   --context C  tensor "context" (B, L, joint_dim), optionally "attention_mask" (B, L) and
+//                "reference_latents.<i>" (raw space; used when no --ref is given) — the
+//                conditioning files of nibble/latent.h
 //   --mask M     tensor "attention_mask" (or "mask", or the only tensor); overrides C's
 //   --ref R      reference latents of edit models (same rules as --latent), in order
+// The prediction is in the model's space (a velocity), not a latent to decode.
 // Output: OUT holds "prediction" (fp32, the latent's shape); written to a temp file and renamed.
 #include <fmt/format.h>
+#include <sys/resource.h>
 
 #include "devtools/bench_util.h"
 #include "command.h"
 #include "nibble/isa.h"
+#include "nibble/latent.h"
 #include "nibble/qwen_image.h"
 #include "nibble/safetensors.h"
 #include "nibble/thread_pool.h"
@@ -31,6 +37,14 @@ Tensor read_tensor(const std::string& path, std::initializer_list<const char*> n
   if (!required) return {};
   throw Error(fmt::format("{}: no {} tensor: expected one named '{}' (or a file with a single tensor); it has {}",
                           path, what, *names.begin(), f->tensors().size()));
+}
+
+// A latent input: a ComfyUI `.latent` file ("latent_tensor" + its version marker; raw VAE space)
+// is read with load_latent and normalised with latent_process_in (what ComfyUI hands the model);
+// any other file's "latent" / "samples" / only tensor is taken as the model's input as is.
+Tensor read_latent(const std::string& path, int64_t channels) {
+  if (SafetensorsFile::open(path)->contains("latent_tensor")) return latent_process_in(load_latent(path, channels));
+  return read_tensor(path, {"latent", "samples"}, "latent");
 }
 
 void check_latent(const Tensor& t, const std::string& path, const nn::QwenImageConfig& c) {
@@ -77,7 +91,7 @@ const CommandRegistration reg(
         const auto model = nn::QwenImageTransformer::load(o->ckpt, lo);
         const nn::QwenImageConfig& c = model.config();
         nn::QwenImageInputs in;
-        in.latent = read_tensor(o->latent, {"latent", "latent_tensor", "samples"}, "latent");
+        in.latent = read_latent(o->latent, c.in_channels / 4);
         check_latent(in.latent, o->latent, c);
         in.context = read_tensor(o->context, {"context"}, "context");
         {
@@ -103,11 +117,19 @@ const CommandRegistration reg(
                                     L, shape_str(m.shape())));
         }
         for (const auto& r : o->refs) {
-          in.ref_latents.push_back(read_tensor(r, {"latent", "latent_tensor", "samples"}, "latent"));
+          in.ref_latents.push_back(read_latent(r, c.in_channels / 4));
           check_latent(in.ref_latents.back(), r, c);
           if (in.ref_latents.back().size(0) != in.latent.size(0))
             throw Error(fmt::format("{}: reference batch {} != latent batch {}", r, in.ref_latents.back().size(0),
                                     in.latent.size(0)));
+        }
+        if (o->refs.empty()) {  // a conditioning file's reference latents (raw space, as ComfyUI stores them)
+          const auto cf = SafetensorsFile::open(o->context);
+          for (int i = 0; cf->contains("reference_latents." + std::to_string(i)); ++i) {
+            Tensor r = cf->get("reference_latents." + std::to_string(i));
+            check_latent(r, o->context + " (reference_latents." + std::to_string(i) + ")", c);
+            in.ref_latents.push_back(latent_process_in(r.to(DType::F32)));
+          }
         }
         in.timestep = Tensor::empty(DType::F32, {1});
         in.timestep.mutable_data<float>()[0] = float(o->timestep);
@@ -129,6 +151,10 @@ const CommandRegistration reg(
                      o->repeats, tm.linear, tm.attention, tm.other);
           fmt::print("attention  {}\n", model.attention_path());
           fmt::print("isa        {} ({} threads)\n", isa_name(active_isa()), num_threads());
+          rusage ru{};
+          getrusage(RUSAGE_SELF, &ru);
+          fmt::print("peak RSS   {:.0f} MiB (weights stored: {:.0f} MiB)\n", double(ru.ru_maxrss) / 1024.0,
+                     double(model.stored_bytes()) / (1 << 20));
           fmt::print("wrote      {} (tensor 'prediction', F32 {})\n", o->output, shape_str(y.shape()));
         }
         return 0;

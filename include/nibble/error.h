@@ -8,8 +8,8 @@
 // is not an OS error, e.g. truncation). Python maps IoError to nibble.FileError (an OSError) and
 // every other Error to nibble.InputError (a ValueError).
 //
-// Thread safety: nibble::Error is an ordinary exception value with no shared state: safe from any
-// thread.
+// Thread safety: nibble::Error and IoError are ordinary exception values with no shared state:
+// safe from any thread.
 #pragma once
 #include <stdexcept>
 #include <string>

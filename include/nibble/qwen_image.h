@@ -84,6 +84,7 @@ class QwenImageTransformer {
 
   const QwenImageConfig& config() const;
   uint64_t stored_bytes() const;  // bytes of the weights as stored in the checkpoint
+  uint64_t block_stored_bytes() const;  // of the transformer blocks only (the repeated part)
   std::string attention_path() const;  // "fp32 (panel GEMM)" or "bf16 vdpbf16ps flash"
 
  private:

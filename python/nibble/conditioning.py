@@ -38,27 +38,27 @@ def _to_numpy(a, what):
     try:
         arr = _np.asarray(a)
     except Exception as e:  # pragma: no cover - exotic inputs
-        raise _core.Error(f"{what}: expected an array or a torch tensor, got {type(a).__name__}") from e
+        raise _core.InputError(f"{what}: expected an array or a torch tensor, got {type(a).__name__}") from e
     if arr.dtype == object:
-        raise _core.Error(f"{what}: expected an array or a torch tensor, got {type(a).__name__}")
+        raise _core.InputError(f"{what}: expected an array or a torch tensor, got {type(a).__name__}")
     return _np.ascontiguousarray(arr)
 
 
 def _float32(arr, what):
     if arr.dtype.kind != "f" and arr.dtype.name != "bfloat16":
-        raise _core.Error(f"{what}: expected a float array, got {arr.dtype}")
+        raise _core.InputError(f"{what}: expected a float array, got {arr.dtype}")
     return _np.ascontiguousarray(arr.astype(_np.float32))
 
 
 def _latent_array(a, what, channels=QWEN_IMAGE_LATENT_CHANNELS):
     arr = _float32(_to_numpy(a, what), what)
     if arr.ndim not in (4, 5):
-        raise _core.Error(f"{what}: expected a latent (B, C, H, W) or (B, C, T, H, W), got shape {arr.shape}")
+        raise _core.InputError(f"{what}: expected a latent (B, C, H, W) or (B, C, T, H, W), got shape {arr.shape}")
     if channels and arr.shape[1] != channels:
-        raise _core.Error(f"{what}: expected {channels} latent channels (dim 1; Qwen-Image uses the 16-channel "
+        raise _core.InputError(f"{what}: expected {channels} latent channels (dim 1; Qwen-Image uses the 16-channel "
                           f"Wan 2.1 VAE), got {arr.shape[1]} in shape {arr.shape}")
     if 0 in arr.shape:
-        raise _core.Error(f"{what}: empty latent, shape {arr.shape}")
+        raise _core.InputError(f"{what}: empty latent, shape {arr.shape}")
     return arr
 
 
@@ -68,7 +68,7 @@ def save_latent(path, latent) -> None:
     (``{"samples": tensor}``), a torch tensor or a numpy array (B, 16, [T,] H, W). Atomic."""
     if isinstance(latent, dict):
         if "samples" not in latent:
-            raise _core.Error(f"save_latent {path}: a LATENT dict needs 'samples', got keys {sorted(latent)}")
+            raise _core.InputError(f"save_latent {path}: a LATENT dict needs 'samples', got keys {sorted(latent)}")
         latent = latent["samples"]
     arr = _latent_array(latent, f"save_latent {path}", channels=0)
     _core.save_file({LATENT_KEY: arr, LATENT_VERSION_KEY: _np.zeros((0,), _np.float32)}, str(path),
@@ -81,10 +81,10 @@ def load_latent(path, channels: int = QWEN_IMAGE_LATENT_CHANNELS):
     (``channels=0`` accepts any)."""
     d = _core.load_file(str(path))
     if LATENT_KEY not in d:
-        raise _core.Error(f"{path}: not a ComfyUI .latent file: no tensor '{LATENT_KEY}' (found: "
+        raise _core.InputError(f"{path}: not a ComfyUI .latent file: no tensor '{LATENT_KEY}' (found: "
                           f"{', '.join(sorted(d)) or 'no tensors'})")
     if LATENT_VERSION_KEY not in d:
-        raise _core.Error(f"{path}: .latent without the version marker '{LATENT_VERSION_KEY}': a pre-2023 (SD1.x) "
+        raise _core.InputError(f"{path}: .latent without the version marker '{LATENT_VERSION_KEY}': a pre-2023 (SD1.x) "
                           "latent that ComfyUI's LoadLatent would rescale by 1/0.18215, not a Qwen-Image latent")
     return _latent_array(d[LATENT_KEY], f"{path}: tensor '{LATENT_KEY}'", channels).copy()
 
@@ -94,11 +94,11 @@ def _split_conditioning(cond):
     """(context, extras dict) from a ComfyUI CONDITIONING ([[tensor, dict], ...]) or a bare tensor."""
     if isinstance(cond, (list, tuple)) and cond and isinstance(cond[0], (list, tuple)):
         if len(cond) != 1:
-            raise _core.Error(f"save_conditioning: a CONDITIONING with {len(cond)} entries (combined or area "
+            raise _core.InputError(f"save_conditioning: a CONDITIONING with {len(cond)} entries (combined or area "
                               "conditionings) is not supported; pass one entry")
         entry = cond[0]
         if len(entry) < 1:
-            raise _core.Error("save_conditioning: empty CONDITIONING entry")
+            raise _core.InputError("save_conditioning: empty CONDITIONING entry")
         extras = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
         return entry[0], extras
     return cond, {}
@@ -119,9 +119,9 @@ def save_conditioning(path, cond, attention_mask=None, reference_latents=None,
     if ctx.ndim == 2:
         ctx = ctx[None]
     if ctx.ndim != 3 or ctx.shape[0] == 0 or ctx.shape[1] == 0:
-        raise _core.Error(f"{what}: context must be (B, L, {joint_dim or 'D'}) or (L, D), got shape {ctx.shape}")
+        raise _core.InputError(f"{what}: context must be (B, L, {joint_dim or 'D'}) or (L, D), got shape {ctx.shape}")
     if joint_dim and ctx.shape[2] != joint_dim:
-        raise _core.Error(f"{what}: context width must be {joint_dim} (Qwen-Image's text encoder), got {ctx.shape[2]} "
+        raise _core.InputError(f"{what}: context width must be {joint_dim} (Qwen-Image's text encoder), got {ctx.shape[2]} "
                           f"in shape {ctx.shape}")
     tensors = {"context": ctx}
     mask = attention_mask if attention_mask is not None else extras.get("attention_mask")
@@ -130,7 +130,7 @@ def save_conditioning(path, cond, attention_mask=None, reference_latents=None,
         if m.ndim == 1:
             m = m[None]
         if m.shape != ctx.shape[:2]:
-            raise _core.Error(f"{what}: attention_mask must be {tuple(ctx.shape[:2])} to match the context, got {m.shape}")
+            raise _core.InputError(f"{what}: attention_mask must be {tuple(ctx.shape[:2])} to match the context, got {m.shape}")
         if m.dtype.kind == "f" or m.dtype.name == "bfloat16":  # additive (ComfyUI's float masks)
             tensors["attention_mask"] = _np.ascontiguousarray(m.astype(_np.float32))
         else:  # integer / bool: nonzero = keep
@@ -146,13 +146,13 @@ def load_conditioning(path, joint_dim: int = QWEN_IMAGE_JOINT_DIM) -> dict:
     (keep mask) or float32 (additive mask) or None, "reference_latents": [float32 arrays]}``."""
     d = _core.load_file(str(path))
     if "context" not in d:
-        raise _core.Error(f"{path}: not a conditioning file: no tensor 'context' (found: "
+        raise _core.InputError(f"{path}: not a conditioning file: no tensor 'context' (found: "
                           f"{', '.join(sorted(d)) or 'no tensors'})")
     ctx = _float32(_np.asarray(d["context"]), f"{path}: context")
     if ctx.ndim == 2:
         ctx = ctx[None]
     if ctx.ndim != 3 or (joint_dim and ctx.shape[2] != joint_dim):
-        raise _core.Error(f"{path}: tensor 'context': expected (B, L, {joint_dim or 'D'}), got {ctx.shape}")
+        raise _core.InputError(f"{path}: tensor 'context': expected (B, L, {joint_dim or 'D'}), got {ctx.shape}")
     mask = d.get("attention_mask")
     refs = []
     i = 0

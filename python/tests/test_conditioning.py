@@ -16,7 +16,7 @@ def test_latent_round_trip_and_marker(tmp_path, rng):
     assert y.dtype == np.float32 and y.shape == x.shape
     np.testing.assert_array_equal(y, x)
     # the safetensors package reads it like ComfyUI does
-    safetensors = pytest.importorskip("safetensors.numpy")
+    import safetensors.numpy as safetensors  # a required test dependency (scripts/test_python.sh)
     d = safetensors.load_file(str(p))
     np.testing.assert_array_equal(d["latent_tensor"], x)
 
@@ -57,7 +57,7 @@ def test_conditioning_from_comfyui_list(tmp_path, rng):
 
 
 def test_conditioning_from_array_2d_and_bf16(tmp_path, rng):
-    ml_dtypes = pytest.importorskip("ml_dtypes")
+    import ml_dtypes  # required by nibble itself (bf16 arrays)
     ctx = rng.standard_normal((5, 3584)).astype(ml_dtypes.bfloat16)
     p = tmp_path / "c.safetensors"
     nibble.save_conditioning(p, ctx)
@@ -86,7 +86,8 @@ def test_conditioning_errors(tmp_path, rng):
 
 def test_torch_tensors(tmp_path):
     """Opt-in: runs only where torch is installed (not in `make test`'s venv)."""
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="torch is optional (several GB, not in `make test`'s venv); "
+                                                "the numpy paths are tested above")
     ctx = torch.randn(1, 4, 3584, dtype=torch.bfloat16)
     nibble.save_conditioning(tmp_path / "t.safetensors", [[ctx, {"attention_mask": torch.ones(1, 4, dtype=torch.bool)}]])
     d = nibble.load_conditioning(tmp_path / "t.safetensors")

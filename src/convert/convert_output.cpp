@@ -27,6 +27,7 @@
 #include <cerrno>
 
 #include "convert_internal.h"
+#include "io/atomic_file.h"
 #include "nibble/safetensors.h"
 #include "nibble/thread_pool.h"
 
@@ -34,48 +35,12 @@ namespace nibble {
 using namespace convert_detail;
 
 // ---- interrupted runs
-// Paths of temporary (and committed-but-unfinished) output files, kept in fixed slots so the signal
-// handler can unlink them with async-signal-safe calls only.
+// Temporary files register themselves with io::AtomicFile's cleanup table before they exist;
+// shards committed before the index is written are registered here. The handler unlinks both.
 namespace {
-constexpr int kTempSlots = 64;
-struct TempSlot {
-  std::atomic<bool> used{false};
-  char path[4096];
-};
-TempSlot g_temp[kTempSlots];
-
-int register_temp(const std::string& p) {
-  if (p.size() >= sizeof(g_temp[0].path)) return -1;
-  for (int i = 0; i < kTempSlots; ++i) {
-    bool expected = false;
-    if (g_temp[i].used.load() || !g_temp[i].used.compare_exchange_strong(expected, true)) continue;
-    std::memcpy(g_temp[i].path, p.c_str(), p.size() + 1);
-    return i;
-  }
-  return -1;
-}
-void unregister_temp(int slot) {
-  if (slot >= 0) g_temp[slot].used.store(false);
-}
-
 extern "C" void convert_signal_handler(int sig) {
-  for (auto& t : g_temp)
-    if (t.used.load()) ::unlink(t.path);
+  io::unlink_registered_paths();
   _exit(128 + sig);
-}
-
-// The writer names its temporary file `.<target>.tmp-<pid>-<n>-<stamp>` in the target directory.
-std::string temp_prefix(const std::string& target, pid_t pid) {
-  return fmt::format(".{}.tmp-{}-", std::filesystem::path(target).filename().string(), pid);
-}
-std::string find_own_temp(const std::string& target) {
-  const std::filesystem::path t(target);
-  const std::filesystem::path dir = t.has_parent_path() ? t.parent_path() : std::filesystem::path(".");
-  const std::string pre = temp_prefix(target, getpid());
-  std::error_code ec;
-  for (const auto& e : std::filesystem::directory_iterator(dir, ec))
-    if (e.path().filename().string().rfind(pre, 0) == 0) return e.path().string();
-  return "";
 }
 }  // namespace
 
@@ -157,23 +122,21 @@ class ConvertOutput {
     metadata_ = fp.metadata;
   }
   ~ConvertOutput() {
-    for (int s : slots_) unregister_temp(s);
+    for (int s : slots_) io::unregister_cleanup_path(s);
     if (!done_)
       for (size_t k = 0; k < committed_; ++k) std::remove(paths_[k].c_str());
   }
   SafetensorsWriter& writer(const std::string& name) { return *writers_[shard_of_.at(name)]; }
   void write_tensor(const std::string& name, const Tensor& t) {
     writer(name).write_tensor(name, t);
-    started(name);
   }
   void write(const std::string& name, const void* data, size_t n) {
     writer(name).write(name, data, n);
-    started(name);
   }
   void commit() {
     for (; committed_ < writers_.size(); ++committed_) {
       writers_[committed_]->commit();
-      if (!index_path_.empty()) slots_.push_back(register_temp(paths_[committed_]));  // removed if interrupted
+      if (!index_path_.empty()) slots_.push_back(io::register_cleanup_path(paths_[committed_]));  // removed if interrupted
     }
     if (!index_path_.empty()) {
       auto meta = metadata_;
@@ -185,15 +148,6 @@ class ConvertOutput {
   const std::vector<std::string>& paths() const { return paths_; }
 
  private:
-  // After the first bytes of a shard: its temporary file exists; let the signal handler know it.
-  void started(const std::string& name) {
-    const size_t k = shard_of_.at(name);
-    if (registered_.count(k)) return;
-    registered_.insert(k);
-    const std::string tmp = find_own_temp(paths_[k]);
-    if (!tmp.empty()) slots_.push_back(register_temp(tmp));
-  }
-  std::set<size_t> registered_;
   std::vector<int> slots_;
   std::string out_, index_path_;
   std::vector<std::string> paths_;

@@ -347,7 +347,7 @@ LoraApplyStats apply_loras_to_checkpoint(const std::string& in, const std::vecto
     QuantizedLayer b = bind_layer(s);
     for (const auto& d : it->second) check_delta_shapes(b, d);
     for (const auto& [canon, t] : b.params) layer_of_key[key_of(s, b, canon)] = {&s, &it->second};
-    if (b.format && b.format->name == "svdquant_w4a4") {
+    if (b.format && b.format->fused == FusedKernel::SvdquantW4A4) {
       int64_t radd = 0;
       for (const auto& d : it->second) radd += d.down.size(0);
       const int64_t R1 = (b.rank + radd + kRankTile - 1) / kRankTile * kRankTile;

@@ -558,6 +558,23 @@ std::vector<float> smooth_for(const std::vector<float>& amax, const std::vector<
   return s;
 }
 
+// Residual R = W·diag(s) − proj_up·(proj_down·s)ᵀ against the current (stored) projections, quantized.
+void requantize_residual(const std::vector<Member>& members, int64_t Ntot, int64_t K, Decomposition& d, DType sd) {
+  std::vector<float> R(size_t(Ntot * K));
+  for (const auto& mb : members) {
+    const float* w = mb.W.data<float>();
+    for (int64_t n = 0; n < mb.N; ++n)
+      for (int64_t k = 0; k < K; ++k) R[size_t((mb.row0 + n) * K + k)] = w[n * K + k] * d.smooth[size_t(k)];
+  }
+  if (d.R > 0) {
+    std::vector<float> Vs(size_t(K * d.R));
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t r = 0; r < d.R; ++r) Vs[size_t(k * d.R + r)] = d.proj_down[size_t(k * d.R + r)] * d.smooth[size_t(k)];
+    convert_detail::matmul_nt(d.proj_up.data(), Vs.data(), Ntot, K, d.R, R.data(), -1);
+  }
+  d.resid = quantize_residual(R.data(), Ntot, K, sd);
+}
+
 // ‖W_eff − W‖² per stacked row, W_eff = R_q·diag(1/s) + proj_up·proj_downᵀ (after a refit of proj_up).
 void recompute_row_err(const std::vector<Member>& members, int64_t Ntot, int64_t K, Decomposition& d) {
   std::vector<float> L(size_t(Ntot * K), 0.f);
@@ -686,8 +703,10 @@ std::vector<SvdquantW4A4Params> quantize_weight_svdquant_w4a4_group(const std::v
       for (int64_t n = 0; n < mb.N; ++n)
         for (int64_t k = 0; k < K; ++k) wmax[size_t(k)] = std::max(wmax[size_t(k)], std::fabs(mb.W.data<float>()[n * K + k]));
     // Smoothing search on unrefined decompositions, scored by the output error of the full forward.
+    // With the refit on, candidates are scored after it (what will be written).
+    const bool refit = o.refit_lowrank && sample.defined() && sample.size(0) >= 4 * std::min<int64_t>(o.rank, K);
     auto score = [&](Decomposition& d) {
-      return sample.defined() ? sample_output_error(members, K, d, sample, o.act_unsigned).rel()
+      return sample.defined() ? sample_output_error(members, K, d, sample, o.act_unsigned, refit, o.dtype).rel()
                               : stats_output_error(members, Ntot, K, d, m2, amax, o.act_unsigned);
     };
     std::map<std::pair<int, int>, double> tried;  // (α, β) in 1/100 → error
@@ -730,10 +749,21 @@ std::vector<SvdquantW4A4Params> quantize_weight_svdquant_w4a4_group(const std::v
     best = decompose(members, Ntot, K, best_s, o, o.refine_iterations);
   }
   if (calibrated && sample.defined()) {
-    SampleError e = sample_output_error(members, K, best, sample, o.act_unsigned, o.refit_lowrank, o.dtype);
-    if (o.refit_lowrank && best.R > 0 && sample.size(0) >= 4 * best.R) {
-      // The refit changed proj_up: recompute the weight error rows; keep the refit only if the
-      // sample error went down (it is a least-squares fit towards the old value, so it should).
+    const bool refit = o.refit_lowrank && best.R > 0 && sample.size(0) >= 4 * best.R;
+    SampleError e = sample_output_error(members, K, best, sample, o.act_unsigned, refit, o.dtype);
+    if (refit) {
+      // Alternate: requantize the residual against the refit proj_up, refit again; keep the best
+      // state on the sample. Then the weight error rows follow the final proj_up.
+      Decomposition cur = best;
+      double best_rel = e.rel();
+      for (int round = 0; round < 2; ++round) {
+        requantize_residual(members, Ntot, K, cur, o.dtype);
+        SampleError e2 = sample_output_error(members, K, cur, sample, o.act_unsigned, true, o.dtype);
+        if (!(e2.rel() < best_rel)) break;
+        best_rel = e2.rel();
+        best = cur;
+        e = e2;
+      }
       recompute_row_err(members, Ntot, K, best);
     }
     for (size_t i = 0; i < members.size(); ++i) infos[i].snr_after_db = snr_db(e.num[i], e.den[i]);

@@ -33,6 +33,39 @@ std::string parent_dir(const std::string& path) {
   return path.substr(0, slash);
 }
 
+namespace {
+constexpr int kCleanupSlots = 64;
+struct CleanupSlot {
+  std::atomic<bool> used{false};
+  std::atomic<bool> armed{false};  // path written, visible to the signal handler
+  char path[4096];
+};
+CleanupSlot g_cleanup[kCleanupSlots];
+}  // namespace
+
+int register_cleanup_path(const std::string& path) {
+  if (path.size() >= sizeof(g_cleanup[0].path)) return -1;
+  for (int i = 0; i < kCleanupSlots; ++i) {
+    bool expected = false;
+    if (!g_cleanup[i].used.compare_exchange_strong(expected, true)) continue;
+    std::memcpy(g_cleanup[i].path, path.c_str(), path.size() + 1);
+    g_cleanup[i].armed.store(true);
+    return i;
+  }
+  return -1;
+}
+
+void unregister_cleanup_path(int slot) {
+  if (slot < 0 || slot >= kCleanupSlots) return;
+  g_cleanup[slot].armed.store(false);
+  g_cleanup[slot].used.store(false);
+}
+
+void unlink_registered_paths() noexcept {
+  for (auto& s : g_cleanup)
+    if (s.armed.load()) ::unlink(s.path);
+}
+
 AtomicFile::AtomicFile(std::string target) : target_(std::move(target)) {
   if (target_.empty() || target_.back() == '/')
     throw Error(fmt::format("cannot write '{}': not a file path", target_));
@@ -43,9 +76,12 @@ AtomicFile::AtomicFile(std::string target) : target_(std::move(target)) {
   int err = 0;
   for (int attempt = 0; attempt < 16; ++attempt) {
     temp_ = fmt::format("{}/.{}.tmp-{}-{}-{:x}", dir, base_name(target_), getpid(), counter++, stamp & 0xffffff);
+    cleanup_slot_ = register_cleanup_path(temp_);  // before the file exists: no unregistered window
     fd_ = ::open(temp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
     if (fd_ >= 0) break;
     err = errno;
+    unregister_cleanup_path(cleanup_slot_);
+    cleanup_slot_ = -1;
     if (err != EEXIST) break;
   }
   if (fd_ < 0) {
@@ -65,6 +101,8 @@ void AtomicFile::discard() noexcept {
   fd_ = -1;
   if (!temp_.empty()) ::unlink(temp_.c_str());
   temp_.clear();
+  unregister_cleanup_path(cleanup_slot_);
+  cleanup_slot_ = -1;
 }
 
 void AtomicFile::write_all(const void* data, size_t n) {
@@ -131,6 +169,8 @@ void AtomicFile::commit() {
   }
   committed_ = true;
   temp_.clear();
+  unregister_cleanup_path(cleanup_slot_);
+  cleanup_slot_ = -1;
   // Make the rename itself durable; failure here cannot un-write the file, so it is not an error.
   const int dfd = ::open(parent_dir(target_).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dfd >= 0) {

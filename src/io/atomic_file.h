@@ -32,12 +32,22 @@ class AtomicFile {
   void discard() noexcept;
   std::string target_, temp_;
   int fd_ = -1;
+  int cleanup_slot_ = -1;
   bool committed_ = false;
   bool failed_ = false;  // an I/O error happened: the temp file is suspect, refuse to go on
   uint64_t written_ = 0;
   std::vector<unsigned char> buf_;
   size_t buf_used_ = 0;
 };
+
+// Paths to unlink if the process is interrupted (SIGINT/SIGTERM handlers of long writers): every
+// AtomicFile registers its temporary file *before* creating it and unregisters it once renamed or
+// removed, so no window exists in which a temp file exists unregistered. Fixed slots, so that
+// unlink_registered_paths() is async-signal-safe. register returns -1 when the table is full or
+// the path too long (the file is then only cleaned up by the normal paths).
+int register_cleanup_path(const std::string& path);
+void unregister_cleanup_path(int slot);
+void unlink_registered_paths() noexcept;  // async-signal-safe
 
 // Directory part of `path` ("." when there is none).
 std::string parent_dir(const std::string& path);

@@ -13,7 +13,8 @@ namespace nibble::kernels::attention {
 bool flash_head_bf16_supported(int64_t hd);
 void flash_head_bf16(const float* q, const float* k, const float* v, int64_t ld, int64_t S, int64_t hd,
                      const float* bias, int64_t n_bias, float scale, float* o, int64_t ldo);
-// The vdpbf16ps peak of this core in GFLOP/s (64 flop per instruction), timed for `seconds`.
+// The vdpbf16ps peak of one core in GFLOP/s (64 flop per instruction), timed for `seconds` of
+// this thread's CPU time (so a preempted thread on a shared host still measures the core).
 double bf16_peak_gflops(double seconds);
 
 }  // namespace nibble::kernels::attention

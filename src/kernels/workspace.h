@@ -16,13 +16,13 @@
 namespace nibble::kernels {
 
 // Slots of the per-thread scratch; one buffer per slot, live until the thread's next request of it.
-enum class Slot : int { Stage = 0, Weights = 1, Acc = 2, Shift = 3, Count = 4 };
+enum class Slot : int { Stage = 0, Weights = 1, Acc = 2, Shift = 3, AttnK = 4, AttnV = 5, AttnBias = 6, Count = 7 };
 
 // At least `bytes` bytes, 64-byte aligned, of this thread's scratch `slot` (contents unspecified,
 // or the test fill value in every float when one is set).
 void* thread_scratch(Slot slot, size_t bytes);
 template <class T>
-T* thread_scratch(Slot slot, int64_t n) {
+static inline T* thread_scratch(Slot slot, int64_t n) {  // static: ISA files call it too (isa_local.h)
   return static_cast<T*>(thread_scratch(slot, size_t(n) * sizeof(T)));
 }
 

@@ -111,7 +111,7 @@ void patchify(const Latent5& l, int64_t index, float* tokens, int64_t S_img, int
 struct QwenImageTransformer::Impl {
   QwenImageConfig cfg;
   std::string path;
-  uint64_t stored = 0;
+  uint64_t stored = 0, block_stored = 0;
   Linear img_in, txt_in, t_lin1, t_lin2, norm_out, proj_out;
   Tensor txt_norm_w;   // fp32 (joint_dim)
   Tensor add_t_emb;    // fp32 (2, D) or undefined
@@ -269,6 +269,7 @@ QwenImageTransformer QwenImageTransformer::from_model(const Model& model, const 
       throw Error(fmt::format("{}: block {}: mlp_hidden {} != block 0's {}", file, b, blk.config().mlp_hidden,
                               c.mlp_hidden));
     im->stored += blk.stored_bytes();
+    im->block_stored += blk.stored_bytes();
     im->blocks.push_back((opt.dequantized_baseline ? blk.dequantized() : blk).with_attention(attn));
   }
   for (Linear* l : {&im->img_in, &im->txt_in, &im->t_lin1, &im->t_lin2, &im->norm_out, &im->proj_out}) {
@@ -301,6 +302,7 @@ QwenImageTransformer QwenImageTransformer::from_model(const Model& model, const 
 
 const QwenImageConfig& QwenImageTransformer::config() const { return impl_->cfg; }
 uint64_t QwenImageTransformer::stored_bytes() const { return impl_->stored; }
+uint64_t QwenImageTransformer::block_stored_bytes() const { return impl_->block_stored; }
 std::string QwenImageTransformer::attention_path() const { return attention_name(impl_->attention); }
 
 Tensor QwenImageTransformer::forward(const QwenImageInputs& in, QwenImageTimings* tm) const {

@@ -2,6 +2,7 @@
 // accumulation, fp32 online softmax. See kernels/attention_kernels.h for the contract.
 //
 // Layouts (per head, built once per call into thread-local buffers):
+// (the buffers are the calling thread's driver scratch, kernels/workspace.h: no STL in ISA files)
 //   kpack[kb][p][j]  = bf16 pair (K[kb·32 + j][2p], K[kb·32 + j][2p+1])   32 keys per block
 //   vpack[jp][d]     = bf16 pair (V[2jp][d], V[2jp+1][d])
 // Scores of 8 query rows × 32 keys live in 16 zmm accumulators (one pair of hd per vdpbf16ps);
@@ -12,9 +13,9 @@
 #include <cstdint>
 #include <ctime>
 #include <cstring>
-#include <vector>
 
 #include "kernels/attention_kernels.h"
+#include "kernels/workspace.h"
 
 namespace nibble::kernels::attention {
 
@@ -53,23 +54,22 @@ bool flash_head_bf16_supported(int64_t hd) { return hd >= 16 && hd <= 256 && hd 
 void flash_head_bf16(const float* q, const float* k, const float* v, int64_t ld, int64_t S, int64_t hd,
                      const float* bias, int64_t n_bias, float scale, float* o, int64_t ldo) {
   const int64_t nkb = (S + kKB - 1) / kKB, Sp = nkb * kKB, hp = hd / 2, dch = hd / 16;
-  thread_local std::vector<uint32_t> kpack, vpack;
-  thread_local std::vector<float> colb;
-  kpack.assign(size_t(nkb * hp * kKB), 0u);
-  vpack.assign(size_t(Sp / 2 * hd), 0u);
-  colb.assign(size_t(Sp), 0.0f);
+  uint32_t* const kpack = thread_scratch<uint32_t>(Slot::AttnK, nkb * hp * kKB);
+  uint32_t* const vpack = thread_scratch<uint32_t>(Slot::AttnV, Sp / 2 * hd);
+  float* const colb = thread_scratch<float>(Slot::AttnBias, Sp);
+  std::memset(kpack, 0, size_t(nkb * hp * kKB) * sizeof(uint32_t));
   for (int64_t j = 0; j < S; ++j) {
     const float* kr = k + j * ld;
-    uint32_t* dst = kpack.data() + (j / kKB) * hp * kKB + (j % kKB);
+    uint32_t* dst = kpack + (j / kKB) * hp * kKB + (j % kKB);
     for (int64_t p = 0; p < hp; ++p) dst[p * kKB] = pair(kr[2 * p], kr[2 * p + 1]);
   }
   for (int64_t jp = 0; jp < Sp / 2; ++jp) {
     const int64_t j0 = 2 * jp, j1 = 2 * jp + 1;
-    uint32_t* dst = vpack.data() + jp * hd;
+    uint32_t* dst = vpack + jp * hd;
     for (int64_t d = 0; d < hd; ++d)
       dst[d] = pair(j0 < S ? v[j0 * ld + d] : 0.0f, j1 < S ? v[j1 * ld + d] : 0.0f);
   }
-  for (int64_t j = 0; j < Sp; ++j) colb[size_t(j)] = j >= S ? -INFINITY : (j < n_bias && bias ? bias[j] : 0.0f);
+  for (int64_t j = 0; j < Sp; ++j) colb[j] = j >= S ? -INFINITY : (j < n_bias && bias ? bias[j] : 0.0f);
 
   alignas(64) uint32_t qp[kR][128];
   alignas(64) float oacc[kR][256];
@@ -89,7 +89,7 @@ void flash_head_bf16(const float* q, const float* k, const float* v, int64_t ld,
     for (int64_t kb = 0; kb < nkb; ++kb) {
       __m512 s0[kR], s1[kR];
       for (int r = 0; r < kR; ++r) s0[r] = s1[r] = _mm512_setzero_ps();
-      const uint32_t* kp = kpack.data() + kb * hp * kKB;
+      const uint32_t* kp = kpack + kb * hp * kKB;
       for (int64_t p = 0; p < hp; ++p) {
         const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kp + p * kKB);
         const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kp + p * kKB + 16);
@@ -99,7 +99,7 @@ void flash_head_bf16(const float* q, const float* k, const float* v, int64_t ld,
           s1[r] = _mm512_dpbf16_ps(s1[r], qb, k1);
         }
       }
-      const __m512 cb0 = _mm512_loadu_ps(colb.data() + kb * kKB), cb1 = _mm512_loadu_ps(colb.data() + kb * kKB + 16);
+      const __m512 cb0 = _mm512_loadu_ps(colb + kb * kKB), cb1 = _mm512_loadu_ps(colb + kb * kKB + 16);
       float alpha[kR];
       for (int r = 0; r < kR; ++r) {
         const __m512 x0 = _mm512_fmadd_ps(s0[r], vscale, cb0), x1 = _mm512_fmadd_ps(s1[r], vscale, cb1);
@@ -117,7 +117,7 @@ void flash_head_bf16(const float* q, const float* k, const float* v, int64_t ld,
         const __m512 r1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)e1), 16));
         l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(_mm512_add_ps(r0, r1));
       }
-      const uint32_t* vp = vpack.data() + kb * (kKB / 2) * hd;
+      const uint32_t* vp = vpack + kb * (kKB / 2) * hd;
       for (int64_t dc = 0; dc < dch; ++dc) {
         __m512 acc[kR];
         for (int r = 0; r < kR; ++r) acc[r] = _mm512_setzero_ps();
@@ -150,7 +150,7 @@ double bf16_peak_gflops(double seconds) {
   const __m512bh x = (__m512bh)_mm512_set1_epi32(0x3F803F80), y = (__m512bh)_mm512_set1_epi32(0x3C003C00);
   const auto now = [] {
     timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);  // CPU time of this thread: robust on a shared host
     return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
   };
   const int64_t iters = 1 << 16;
