@@ -7,7 +7,6 @@ import pytest
 
 import nibble
 import nibble.calib
-from conftest import call_or_skip
 
 
 def test_record_stats_sample_and_mask(tmp_path):
@@ -56,7 +55,7 @@ def test_recorded_file_drives_convert(tmp_path):
     with nibble.calib.Recorder(None, tmp_path / "c.safetensors", sample_rows=64) as rec:
         for _ in range(4):
             rec.record("encoder.layer.0.attention.self.query", rng.standard_normal((32, 128)).astype(np.float32))
-    report = call_or_skip(nibble.convert, src, tmp_path / "o.safetensors", rules=[r"attention\.self=svdquant_w4a4:rank=8"],
+    report = nibble.convert(src, tmp_path / "o.safetensors", rules=[r"attention\.self=svdquant_w4a4:rank=8"],
                           calib=tmp_path / "c.safetensors")
     layers = {l["name"]: l for l in report["layers"]}
     assert len(layers) == 3  # query / key / value, one shared input
@@ -65,7 +64,7 @@ def test_recorded_file_drives_convert(tmp_path):
         assert l["calibration_sample_rows"] == 64
         assert l["snr_db_after"] is not None
     # the catch-all format leaves the embedding table alone
-    plan = call_or_skip(nibble.convert, src, None, format="svdquant_w4a4", dry_run=True)
+    plan = nibble.convert(src, None, format="svdquant_w4a4", dry_run=True)
     assert all("embeddings" not in l["name"] for l in plan["layers"])
     assert any("embedding table" in s["reason"] for s in plan["skipped"])
 
@@ -74,7 +73,7 @@ def test_rule_matching_nothing_raises(tmp_path):
     src = tmp_path / "m.safetensors"
     _bert_like(src)
     with pytest.raises(nibble.Error, match="matches no linear layer"):
-        call_or_skip(nibble.convert, src, tmp_path / "o.safetensors", preset="qwen-image")
+        nibble.convert(src, tmp_path / "o.safetensors", preset="qwen-image")
     assert not (tmp_path / "o.safetensors").exists()
 
 
