@@ -310,7 +310,7 @@ def _check_api():
 
 def _kitchen_ops(api) -> tuple:
     """The int4 ops the installed kitchen declares (torch.ops.comfy_kitchen.*)."""
-    ns = getattr(api.torch.ops, "comfy_kitchen", None)
+    ns = getattr(getattr(api.torch, "ops", None), "comfy_kitchen", None)
     have = []
     for op in OPS:
         try:
