@@ -152,7 +152,7 @@ struct Plan {
   Isa isa = Isa::Scalar;        // the level whose kernel runs (after the G / dtype downgrades)
   const char* name = "reference";
   bool bf16_dot = false;        // x is split into exact bf16 parts for vdpbf16ps (exact products)
-  bool bf16_weights = false;    // the GEMM tier that rounds dequantized weights to bf16 (error 2^-9·A)
+  bool bf16_weights = false;    // the GEMM tier that rounds dequantized weights to bf16 (error ≤ 2^-8·A: the bf16 unit roundoff)
   // exactly one of these is set for the fast families (null: that level was not compiled)
   TiledF32Kernel tiled_f32 = nullptr;
   TiledBf16Kernel tiled_bf16 = nullptr;
