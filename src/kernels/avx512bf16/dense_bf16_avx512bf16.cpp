@@ -1,0 +1,86 @@
+// bf16 dense GEMM micro-kernel and activation packing, AVX-512 BF16 (layouts: kernels/dense_bf16.h).
+//
+// Micro-tile: R ≤ 12 rows × 32 columns (one panel) = 24 fp32 accumulators. Per k pair: two 64-byte
+// weight loads (the panel's pair line, L1-resident for the chunk) and, per row, one broadcast of the
+// row's bf16 pair as an embedded-broadcast memory operand into two vdpbf16ps. No allocation here.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include "kernels/dense_bf16_kernels.h"
+
+namespace nibble::kernels::dense_bf16 {
+
+namespace {
+
+inline __m512 dp_bcast(__m512 acc, __m512i w, const uint32_t* pair) {
+  asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*pair));
+  return acc;
+}
+
+template <int R>
+void tile(const uint32_t* xp, int64_t nq, const uint16_t* wp, bool accumulate, float* y, int64_t ldy,
+          __mmask16 k0, __mmask16 k1) {
+  __m512 a0[R], a1[R];
+  if (accumulate) {
+    for (int r = 0; r < R; ++r) {
+      a0[r] = _mm512_maskz_loadu_ps(k0, y + r * ldy);
+      a1[r] = _mm512_maskz_loadu_ps(k1, y + r * ldy + 16);
+    }
+  } else {
+    for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  }
+  for (int64_t q = 0; q < nq; ++q) {
+    const __m512i w0 = _mm512_load_si512(wp + q * 64), w1 = _mm512_load_si512(wp + q * 64 + 32);
+    for (int r = 0; r < R; ++r) {
+      a0[r] = dp_bcast(a0[r], w0, xp + r * nq + q);
+      a1[r] = dp_bcast(a1[r], w1, xp + r * nq + q);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_mask_storeu_ps(y + r * ldy, k0, a0[r]);
+    _mm512_mask_storeu_ps(y + r * ldy + 16, k1, a1[r]);
+  }
+}
+
+using TileFn = void (*)(const uint32_t*, int64_t, const uint16_t*, bool, float*, int64_t, __mmask16, __mmask16);
+constexpr TileFn kTiles[kMr + 1] = {nullptr,  tile<1>, tile<2>, tile<3>,  tile<4>,  tile<5>, tile<6>,
+                                    tile<7>,  tile<8>, tile<9>, tile<10>, tile<11>, tile<12>};
+
+}  // namespace
+
+void pack_x_avx512bf16(const float* x, int64_t K, int64_t m0, int64_t rows, int64_t q0, int64_t nq, uint32_t* xp) {
+  const int64_t k0 = 2 * q0, nk = 2 * nq;  // k range [k0, k0 + nk), clipped to K (zero padded)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* src = x + (m0 + r) * K + k0;
+    uint32_t* dst = xp + r * nq;
+    const int64_t valid = K - k0 < nk ? K - k0 : nk;
+    for (int64_t k = 0; k < nk; k += 32) {
+      const int64_t n = valid - k;
+      const __mmask16 ma = n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+      const __mmask16 mb = n >= 32 ? __mmask16(0xFFFF) : n <= 16 ? __mmask16(0) : __mmask16((1u << (n - 16)) - 1);
+      const __m512 lo = _mm512_maskz_loadu_ps(ma, src + k), hi = _mm512_maskz_loadu_ps(mb, src + k + 16);
+      // RNE to bf16; element i of the result is lo[i] (i < 16) / hi[i − 16]: pairs stay (2q, 2q+1)
+      const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+      const int64_t words = nk - k < 32 ? (nk - k) / 2 : 16;
+      const __mmask16 ms = words >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << words) - 1);
+      _mm512_mask_storeu_epi32(dst + k / 2, ms, packed);
+    }
+  }
+}
+
+void gemm_chunk_avx512bf16(const uint32_t* xp, int64_t rows, int64_t nq, const PackedBf16Weight& w, int64_t q0,
+                           int64_t p0, int64_t p1, bool accumulate, float* y, int64_t m0) {
+  const int64_t N = w.N;
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint16_t* wp = w.data + (p * w.K2 + q0) * kPanel * 2;
+    const int64_t n0 = p * kPanel, cols = N - n0 < kPanel ? N - n0 : kPanel;
+    const __mmask16 k0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+    const __mmask16 k1 = cols >= 32 ? __mmask16(0xFFFF) : cols <= 16 ? __mmask16(0) : __mmask16((1u << (cols - 16)) - 1);
+    for (int64_t r0 = 0; r0 < rows; r0 += kMr) {
+      const int64_t rr = rows - r0 < kMr ? rows - r0 : kMr;
+      kTiles[rr](xp + r0 * nq, nq, wp, accumulate, y + (m0 + r0) * N + n0, N, k0, k1);
+    }
+  }
+}
+
+}  // namespace nibble::kernels::dense_bf16
