@@ -2,7 +2,8 @@
 //
 // Micro-tile: R ≤ 12 rows × 32 columns (one panel) = 24 fp32 accumulators. Per k pair: two 64-byte
 // weight loads (the panel's pair line, L1-resident for the chunk) and, per row, one broadcast of the
-// row's bf16 pair as an embedded-broadcast memory operand into two vdpbf16ps. No allocation here.
+// row's bf16 pair into two vdpbf16ps (intrinsics: an asm embedded broadcast made GCC 12 spill all
+// 24 accumulators every step). No allocation here.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
@@ -12,10 +13,6 @@ namespace nibble::kernels::dense_bf16 {
 
 namespace {
 
-inline __m512 dp_bcast(__m512 acc, __m512i w, const uint32_t* pair) {
-  asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*pair));
-  return acc;
-}
 
 template <int R>
 void tile(const uint32_t* xp, int64_t nq, const uint16_t* wp, bool accumulate, float* y, int64_t ldy,
@@ -30,10 +27,12 @@ void tile(const uint32_t* xp, int64_t nq, const uint16_t* wp, bool accumulate, f
     for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
   }
   for (int64_t q = 0; q < nq; ++q) {
-    const __m512i w0 = _mm512_load_si512(wp + q * 64), w1 = _mm512_load_si512(wp + q * 64 + 32);
+    const __m512bh w0 = (__m512bh)_mm512_load_si512(wp + q * 64), w1 = (__m512bh)_mm512_load_si512(wp + q * 64 + 32);
+#pragma GCC unroll 12
     for (int r = 0; r < R; ++r) {
-      a0[r] = dp_bcast(a0[r], w0, xp + r * nq + q);
-      a1[r] = dp_bcast(a1[r], w1, xp + r * nq + q);
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(int(xp[r * nq + q]));
+      a0[r] = _mm512_dpbf16_ps(a0[r], xb, w0);
+      a1[r] = _mm512_dpbf16_ps(a1[r], xb, w1);
     }
   }
   for (int r = 0; r < R; ++r) {
