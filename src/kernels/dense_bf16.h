@@ -9,9 +9,9 @@
 // when it was not bf16). vdpbf16ps treats bf16 denormal inputs as zero and flushes denormal results.
 //
 // Layouts:
-//  * packed weight: column panels of kPanel (32) output columns; panel p holds, for every k pair
-//    q < K2 = ceil(K/2), 32 columns × 2 bf16 (k = 2q, 2q+1) = one 128-byte line pair:
-//    data[((p·K2 + q)·32 + j)·2 + e] = bf16(W[p·32 + j, 2q + e]), zero padded (n ≥ N, k ≥ K).
+//  * packed weight: column panels of kPanel (64) output columns; panel p holds, for every k pair
+//    q < K2 = ceil(K/2), 64 columns × 2 bf16 (k = 2q, 2q+1) = four 64-byte lines:
+//    data[((p·K2 + q)·64 + j)·2 + e] = bf16(W[p·64 + j, 2q + e]), zero padded (n ≥ N, k ≥ K).
 //  * packed activations (per task, thread scratch): rows of K2 uint32 bf16 pairs, same k pairing.
 // Dispatch: plan(isa) in dense_bf16_kernels.h. Work split: tasks are fixed (row block of kMc rows) × (column block of kPanelsPerTask panels)
 // output tiles, independent of the thread count; inside a task k walks fixed chunks of kKcPairs
@@ -25,11 +25,11 @@
 
 namespace nibble::kernels::dense_bf16 {
 
-inline constexpr int64_t kPanel = 32;         // output columns per packed panel (2 zmm)
-inline constexpr int64_t kPanelsPerTask = 4;  // 128 output columns per task
-inline constexpr int64_t kMc = 192;           // rows per task (16 micro-tiles of kMr)
-inline constexpr int64_t kMr = 12;            // rows of the micro-tile (24 accumulators)
-inline constexpr int64_t kKcPairs = 128;      // k pairs per chunk: a panel's chunk is 16 KiB (L1)
+inline constexpr int64_t kPanel = 64;         // output columns per packed panel (4 zmm)
+inline constexpr int64_t kPanelsPerTask = 2;  // 128 output columns per task
+inline constexpr int64_t kMc = 192;           // rows per task (32 micro-tiles of kMr)
+inline constexpr int64_t kMr = 6;             // rows of the micro-tile (24 accumulators)
+inline constexpr int64_t kKcPairs = 128;      // k pairs per chunk: a panel's chunk is 32 KiB (L1)
 
 struct PackedBf16Weight {
   int64_t N = 0, K = 0, K2 = 0, panels = 0;
