@@ -36,7 +36,7 @@ if ! "$VENV/bin/python" -c "import torch, comfy_kitchen, packaging, safetensors,
   echo "test_comfyui: installing comfy-kitchen packaging and ComfyUI's requirements"
   "$VENV/bin/python" -m pip install -q comfy-kitchen packaging safetensors einops
 fi
-if ! "$VENV/bin/python" -c "import transformers, torchsde, scipy, yaml, PIL, av" 2>/dev/null && [ -f "$COMFYUI_DIR/requirements.txt" ]; then
+if ! "$VENV/bin/python" -c "import transformers, torchsde, scipy, yaml, PIL, av, comfy_aimdo, torchvision, torchaudio" 2>/dev/null && [ -f "$COMFYUI_DIR/requirements.txt" ]; then
   # ComfyUI's essential requirements except the front end / templates / docs packages, torch and
   # its audio/vision wheels (torch is there; they would pull another torch build) and its pinned
   # comfy-kitchen (the int4 layouts need >= 0.2.31).
@@ -46,6 +46,10 @@ if ! "$VENV/bin/python" -c "import transformers, torchsde, scipy, yaml, PIL, av"
     > "$VENV/comfyui-requirements.txt"
   "$VENV/bin/python" -m pip install -q -r "$VENV/comfyui-requirements.txt"
   "$VENV/bin/python" -m pip install -q --no-deps torchsde trampoline
+  # imported by comfy.sd's model modules; --no-deps keeps the torch that is there (PyPI may not have
+  # a torchvision built for it yet: ComfyUI only needs the Python parts here)
+  "$VENV/bin/python" -c "import torchvision" 2>/dev/null || "$VENV/bin/python" -m pip install -q --no-deps torchvision
+  "$VENV/bin/python" -c "import torchaudio" 2>/dev/null || "$VENV/bin/python" -m pip install -q --no-deps torchaudio
 fi
 "$VENV/bin/python" -m pip install -q numpy ml_dtypes nanobind scikit-build-core
 EXTRA=()

@@ -47,7 +47,13 @@ int interrupt(const std::string& cli, const fs::path& dir, const std::string& in
   *saw_temp = false;
   const auto t0 = std::chrono::steady_clock::now();
   while (std::chrono::steady_clock::now() - t0 < std::chrono::seconds(120)) {
-    if (temp_present(dir)) { *saw_temp = true; break; }
+    if (temp_present(dir)) {
+      // The converter registers its temporary file for the handler right after creating it; a
+      // signal inside that instant leaves the file to the next run's stale-file cleanup.
+      *saw_temp = true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      break;
+    }
     int st = 0;
     if (waitpid(pid, &st, WNOHANG) == pid) return st;  // finished before we could interrupt it
     std::this_thread::sleep_for(std::chrono::milliseconds(5));

@@ -70,11 +70,20 @@ def _default_cache_limit() -> int:
         return 16 << 30
 
 
+def _version(t):
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors (ComfyUI runs under torch.inference_mode) have none
+        return "inference"
+
+
 def _sig(t):
-    """What must not change for a prepared entry to stay valid (None for an absent tensor)."""
+    """What must not change for a prepared entry to stay valid (None for an absent tensor).
+    Inference tensors track no version counter: an in-place write to one under inference mode is
+    not seen (call clear_cache() after such a write)."""
     if t is None:
         return None
-    return (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), str(t.dtype), str(t.device))
+    return (t.data_ptr(), _version(t), tuple(t.shape), tuple(t.stride()), str(t.dtype), str(t.device))
 
 
 class _Entry:
@@ -195,7 +204,7 @@ def clear_cache() -> None:
 
 def _cacheable(*tensors) -> bool:
     # the scalar ISA runs the reference oracles on the stored layout: nothing to prepare
-    return all(t is None or hasattr(t, "_version") for t in tensors) and nibble.isa() != "scalar"
+    return all(t is None or hasattr(t, "data_ptr") for t in tensors) and nibble.isa() != "scalar"
 
 
 # ---------------------------------------------------------------- the backend object
@@ -301,7 +310,7 @@ def _check_api():
 
 def _kitchen_ops(api) -> tuple:
     """The int4 ops the installed kitchen declares (torch.ops.comfy_kitchen.*)."""
-    ns = getattr(api.torch.ops, "comfy_kitchen", None)
+    ns = getattr(getattr(api.torch, "ops", None), "comfy_kitchen", None)
     have = []
     for op in OPS:
         try:

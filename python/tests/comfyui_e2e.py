@@ -53,7 +53,7 @@ ckpt = WORK / "qwen_image_1block_int4.safetensors"
 if not ckpt.exists():
     synth = WORK / "qwen_image_1block_bf16.safetensors"
     if not synth.exists():
-        subprocess.run([CLI, "synth", str(synth), "--blocks", "1"], check=True)
+        subprocess.run([CLI, "synth", str(synth), "--blocks", "1", "--joint-dim", "3584"], check=True)
     t = time.time()
     nibble.convert(synth, ckpt, preset="qwen-image")
     print(f"[comfyui] converted {synth.name} → {ckpt.name} in {time.time() - t:.0f} s")

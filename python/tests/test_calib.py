@@ -56,7 +56,7 @@ def test_recorded_file_drives_convert(tmp_path):
         for _ in range(4):
             rec.record("encoder.layer.0.attention.self.query", rng.standard_normal((32, 128)).astype(np.float32))
     report = nibble.convert(src, tmp_path / "o.safetensors", rules=[r"attention\.self=svdquant_w4a4:rank=8"],
-                            calib=tmp_path / "c.safetensors")
+                          calib=tmp_path / "c.safetensors")
     layers = {l["name"]: l for l in report["layers"]}
     assert len(layers) == 3  # query / key / value, one shared input
     for l in layers.values():
@@ -78,8 +78,7 @@ def test_rule_matching_nothing_raises(tmp_path):
 
 
 def test_torch_hooks(tmp_path):
-    torch = pytest.importorskip("torch", reason="torch is optional (several GB, not in the default test "
-                                                "venv); the numpy-driven Recorder path is tested above")
+    torch = pytest.importorskip("torch")
 
     class Block(torch.nn.Module):
         def __init__(self):

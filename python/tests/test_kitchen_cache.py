@@ -220,3 +220,19 @@ def test_awq_cache_entry(kitchen_cache):
                                                 _core.prepare_gemv_awq_w4a16(qw, ws, wz, 64)), x)
         assert torch.equal(y, ref)
     assert nk.cache_info()["entries"] == 1 and nk.cache_info()["hits"] >= 1
+
+
+def test_inference_tensors(kitchen_cache):
+    """ComfyUI runs under torch.inference_mode: its tensors have no version counter."""
+    torch = _torch()
+    nk = kitchen_cache
+    with torch.inference_mode():
+        x, smooth, down, w, ws, up, b = _tcase(torch)
+        q, asc, la = nibble.quantize_svdquant_w4a4(x, smooth, down, 256, False, lora_act_dtype="float32")
+        be = nk._Backend()
+        h0 = nk.cache_info()["hits"]
+        y1 = be.scaled_mm_svdquant_w4a4(q, w, asc, ws, la, up, b)
+        y2 = be.scaled_mm_svdquant_w4a4(q, w, asc, ws, la, up, b)
+        assert torch.equal(y1, nibble.scaled_mm_svdquant_w4a4(q, w, asc, ws, la, up, b))
+        assert torch.equal(y1, y2) and nk.cache_info()["hits"] == h0 + 1
+
