@@ -18,6 +18,7 @@
 #include <random>
 
 #include "bench_registry.h"
+#include "devtools/bench_dnnl.h"
 #include "devtools/bench_util.h"
 #include "nibble/formats.h"
 #include "nibble/isa.h"
@@ -88,6 +89,24 @@ int run_w4a4(const BenchOptions& o) {
       yb = Tensor::empty(DType::F32, {M, N});
     }
     const double gop = 2.0 * double(M) * double(N) * double(K) / 1e9;
+    // oneDNN peers (when built with libdnnl-dev): bf16 matmul on bf16(W_eff) with bf16 x (torch's
+    // bf16 linear), and the plain int8 matmul u8 x · s8 W → s32 (no scales, no low-rank: a floor).
+    const bool dnnl = bench::dnnl_available();
+    std::vector<std::unique_ptr<bench::DnnlBf16Matmul>> dnnl_bf16;
+    std::vector<std::unique_ptr<bench::DnnlS8Matmul>> dnnl_s8;
+    Tensor xb, yd, x8, w8, y32;
+    if (dnnl) {
+      const Tensor wb = dequantize(layer).to(DType::BF16);
+      xb = x.to(DType::BF16), yd = Tensor::empty(DType::F32, {M, N});
+      x8 = Tensor::empty(DType::U8, {M, K}), w8 = Tensor::empty(DType::I8, {N, K}), y32 = Tensor::empty(DType::I32, {M, N});
+      for (int64_t j = 0; j < x8.numel(); ++j) x8.mutable_data<uint8_t>()[j] = uint8_t(rng() & 15);
+      for (int64_t j = 0; j < w8.numel(); ++j) w8.mutable_data<int8_t>()[j] = int8_t(int(rng() & 15) - 8);
+      for (int c = 0, n = bench::copies_to_defeat_cache(size_t(N * K) * 2); c < n; ++c)
+        dnnl_bf16.push_back(std::make_unique<bench::DnnlBf16Matmul>(M, N, K, wb.data<uint16_t>()));
+      for (int c = 0, n = bench::copies_to_defeat_cache(size_t(N * K)); c < n; ++c)
+        dnnl_s8.push_back(std::make_unique<bench::DnnlS8Matmul>(M, N, K, w8.data<int8_t>()));
+    }
+    int c_db = 0, c_d8 = 0;
 
     int c_f = 0, c_s = 0, c_b = 0;
     std::vector<bench::StageTimes> stages;  // one per timed repetition of the staged case
@@ -110,6 +129,11 @@ int run_w4a4(const BenchOptions& o) {
                          bench::sgemm_nt(M, N, K, x.data<float>(), W->at(c_b++)[0].data<float>(), yb.mutable_data<float>());
                        },
                        true});
+    const size_t i_dnnl = cases.size();
+    if (dnnl) {
+      cases.push_back({[&](int) { dnnl_bf16[size_t(c_db++) % dnnl_bf16.size()]->run(xb.data<uint16_t>(), yd.mutable_data<float>()); }, true});
+      cases.push_back({[&](int) { dnnl_s8[size_t(c_d8++) % dnnl_s8.size()]->run(x8.data<uint8_t>(), y32.mutable_data<int32_t>()); }, true});
+    }
     const std::vector<bench::Timing> T = bench::time_interleaved(r, cases);
     const bench::Timing &T_probe = T[0], &T_fused = T[1], &T_peak = T[3];
     const size_t n = T_fused.runs.size();
@@ -145,6 +169,10 @@ int run_w4a4(const BenchOptions& o) {
     rec.n("fused_pct_vnni_peak", bench::median(r_fused_pct));
     rec.n("pct_peak_sample", bench::median(r_peak_probe)).n("peak_exceeded", bench::median(r_peak_probe) > 100.0 ? 1 : 0);
     rec.n("sgemm_ms", blas ? T[4].median * 1e3 : NAN).n("speedup_vs_sgemm", blas ? bench::paired_ratio(T[4], T_fused) : NAN);
+    rec.n("dnnl_bf16_ms", dnnl ? T[i_dnnl].median * 1e3 : NAN)
+        .n("speedup_vs_dnnl_bf16", dnnl ? bench::paired_ratio(T[i_dnnl], T_fused) : NAN);
+    rec.n("dnnl_s8_ms", dnnl ? T[i_dnnl + 1].median * 1e3 : NAN)
+        .n("speedup_vs_dnnl_s8", dnnl ? bench::paired_ratio(T[i_dnnl + 1], T_fused) : NAN);
     rec.n("vnni_peak_GOPs", bench::median(peak)).n("read_GBps", bench::median(bw)).n("ceiling_GBps", bench::median(ceiling));
     rec.n("weight_copies", double(preps.size())).n("loadavg", bench::load_average());
     recs.push_back(rec);
@@ -156,7 +184,8 @@ int run_w4a4(const BenchOptions& o) {
     fmt::print("{}", bench::records_to_table(recs, {"M", "K", "N", "isa", "threads", "fused_ms", "fused_GOPs",
                                                     "staged_ms", "quant_ms", "pct_read_bw", "pct_probe", "lowrank_ms",
                                                     "gemm_ms", "gemm_GOPs", "pct_vnni_peak", "pct_peak_sample", "fused_pct_vnni_peak",
-                                                    "sgemm_ms", "speedup_vs_sgemm", "loadavg"}));
+                                                    "sgemm_ms", "speedup_vs_sgemm", "speedup_vs_dnnl_bf16",
+                                                    "speedup_vs_dnnl_s8", "loadavg"}));
     fmt::print("# stages run split (staged_ms >= fused_ms); every case reads weights that are not cache resident\n");
     for (const auto& r : recs)
       for (const auto& [k, v] : r.num) {

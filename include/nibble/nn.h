@@ -146,6 +146,15 @@ using DenseGemmFn = void (*)(int64_t M, int64_t N, int64_t K, const float* x, co
 void set_dense_gemm(DenseGemmFn fn);
 DenseGemmFn dense_gemm();
 
+// The math of the built-in dense GEMM (M >= 8) of Float layers with BF16/F16 stored weights and of
+// Dequantized layers (docs/dense.md). F32 (default): fp32 inputs, the fp32 kernels. Bf16: x and W
+// rounded to bf16 (RNE), exact products, fp32 sums (vdpbf16ps) — only where the CPU has AVX-512 BF16,
+// elsewhere F32 is used. fp32-stored float weights always use F32. Default from env NIBBLE_DENSE=
+// f32|bf16 (read at first use; another value throws nibble::Error). Set before running layers.
+enum class DenseMath { F32, Bf16 };
+void set_dense_math(DenseMath m);
+DenseMath dense_math();
+
 // Receives the one-time notices (eager fallback per format, act_unsigned inferred ...). Default:
 // print to stderr. Set to an empty function to silence.
 void set_notice_handler(std::function<void(const std::string&)> handler);

@@ -90,5 +90,8 @@ Tensor scaled_mm_svdquant_w4a4_prepared(const Tensor& act, const Tensor& wgt, co
 // y = x·Wᵀ + b in fp32 (x (..., K) any float dtype, W (N, K) F32|BF16|F16). The float baseline and
 // the eager fallback of formats without a fused kernel. Threaded, ISA dispatched.
 Tensor linear_f32(const Tensor& x, const Tensor& weight, const Tensor& bias = {});
+// The same with bf16 inputs and fp32 accumulation (docs/dense.md): x and W rounded to bf16 (RNE),
+// exact products, fp32 sums, fp32 bias. vdpbf16ps on AVX-512 BF16, a scalar loop elsewhere.
+Tensor linear_bf16(const Tensor& x, const Tensor& weight, const Tensor& bias = {});
 
 }  // namespace nibble

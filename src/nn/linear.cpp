@@ -9,6 +9,7 @@
 #include <mutex>
 #include <set>
 
+#include "kernels/dense_bf16.h"
 #include "kernels/linear_f32.h"
 #include "nibble/isa.h"
 #include "nibble/nn.h"
@@ -84,6 +85,26 @@ struct ScratchF32 {
 void set_dense_gemm(DenseGemmFn fn) { g_dense_gemm = fn; }
 DenseGemmFn dense_gemm() { return g_dense_gemm; }
 
+namespace {
+// -1: not read yet; then int(DenseMath). Read from NIBBLE_DENSE once, or set by set_dense_math().
+std::atomic<int> g_dense_math{-1};
+}  // namespace
+static DenseMath dense_math_from_env() {
+  const char* v = std::getenv("NIBBLE_DENSE");
+  if (!v || !*v || std::strcmp(v, "f32") == 0) return DenseMath::F32;
+  if (std::strcmp(v, "bf16") == 0) return DenseMath::Bf16;
+  throw Error(fmt::format("NIBBLE_DENSE='{}': expected 'f32' (the default) or 'bf16'", v));
+}
+void set_dense_math(DenseMath m) { g_dense_math.store(int(m)); }
+DenseMath dense_math() {
+  int v = g_dense_math.load();
+  if (v < 0) {
+    v = int(dense_math_from_env());
+    g_dense_math.store(v);
+  }
+  return DenseMath(v);
+}
+
 void set_notice_handler(std::function<void(const std::string&)> handler) {
   std::lock_guard<std::mutex> lock(g_notice_mutex);
   notice_handler() = std::move(handler);
@@ -114,6 +135,8 @@ struct Linear::Impl {
   mutable std::atomic<bool> noticed{false};
   mutable std::once_flag pack_once, f32_once;
   mutable kernels::linear::PackedF32Weight packed;
+  mutable std::once_flag bf16_once;
+  mutable kernels::dense_bf16::PackedBf16Weight packed_bf16;  // DenseMath::Bf16 (16-bit / dequantized weights)
   mutable Tensor weight_f32;  // contiguous fp32 copy for an external dense GEMM
   // Streamed dense path: the stored bytes stay as they are (mmap) and blocks of kStreamRows output
   // rows are decoded to fp32 inside the GEMM task that uses them (row-separable formats: fp8, int8 /
@@ -133,6 +156,15 @@ struct Linear::Impl {
 
   void ensure_packed() const {
     std::call_once(pack_once, [&] { packed = kernels::linear::pack_weight(weight.raw(), weight.dtype(), N, K); });
+  }
+  void ensure_bf16() const {
+    std::call_once(bf16_once, [&] { packed_bf16 = kernels::dense_bf16::pack_weight(weight.raw(), weight.dtype(), N, K); });
+  }
+  // The bf16 dense GEMM serves this layer: asked for (DenseMath::Bf16), run by the CPU, no external
+  // GEMM plugged in, and a weight that is 16-bit as stored or dequantized (fp32 float weights stay fp32).
+  bool use_bf16() const {
+    return !g_dense_gemm && dense_math() == DenseMath::Bf16 && kernels::dense_bf16::supported() &&
+           (path == LinearPath::Dequantized || weight.dtype() == DType::BF16 || weight.dtype() == DType::F16);
   }
   void ensure_f32() const {
     std::call_once(f32_once, [&] { weight_f32 = weight.dtype() == DType::F32 ? weight : weight.to(DType::F32); });
@@ -344,6 +376,8 @@ void Linear::prepare_dense() const {
   if (impl_->streamed) return;
   if (g_dense_gemm)
     impl_->ensure_f32();
+  else if (impl_->use_bf16())
+    impl_->ensure_bf16();
   else
     impl_->ensure_packed();
 }
@@ -364,6 +398,9 @@ void Linear::forward_rows(const float* x, int64_t M, float* y) const {
       const float* b = im.bias_f32.defined() ? im.bias_f32.data<float>() : nullptr;
       if (active_isa() == Isa::Scalar || M < kernels::linear::kGemmMinRows) {
         kernels::linear::run_rows(x, M, im.K, im.weight.raw(), im.weight.dtype(), im.N, b, y);
+      } else if (im.use_bf16()) {
+        im.ensure_bf16();
+        kernels::dense_bf16::run_packed(x, M, im.packed_bf16, b, y);
       } else if (g_dense_gemm) {
         im.ensure_f32();
         g_dense_gemm(M, im.N, im.K, x, im.weight_f32.data<float>(), y);

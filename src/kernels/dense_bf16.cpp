@@ -1,0 +1,154 @@
+// The bf16 dense GEMM driver (contract and layouts: kernels/dense_bf16.h) and linear_bf16 (ops.h).
+//
+// Paths: active ISA ≥ Avx512Bf16 → per task, activation chunks rounded into thread scratch and the
+// vdpbf16ps micro-kernel (kernels/avx512bf16/dense_bf16_avx512bf16.cpp); otherwise a portable loop
+// over the same packed weight with the same rounding (slow; nn::Linear only offers this path where
+// the kernel runs). The oracle of the tests is kernels/reference/dense_bf16_ref.cpp.
+#include <fmt/format.h>
+
+#include <cstdlib>
+
+#include "kernels/dense_bf16_kernels.h"
+#include "kernels/workspace.h"
+#include "nibble/isa.h"
+#include "nibble/ops.h"
+#include "nibble/thread_pool.h"
+
+namespace nibble {
+namespace kernels::dense_bf16 {
+
+namespace {
+inline uint16_t weight_bf16(const void* w, DType wdt, int64_t i) {
+  switch (wdt) {
+    case DType::F32: return f32_to_bf16(static_cast<const float*>(w)[i]);
+    case DType::BF16: return static_cast<const uint16_t*>(w)[i];
+    default: return f32_to_bf16(f16_to_f32(static_cast<const uint16_t*>(w)[i]));
+  }
+}
+
+// Portable path: the same packed weight, the same sums per output (pairs ascending, 2q then 2q+1).
+void gemm_portable(const float* x, int64_t M, const PackedBf16Weight& w, float* y, int64_t p0, int64_t p1) {
+  const int64_t K = w.K;
+  for (int64_t p = p0; p < p1; ++p)
+    for (int64_t j = 0; j < kPanel; ++j) {
+      const int64_t n = p * kPanel + j;
+      if (n >= w.N) break;
+      for (int64_t m = 0; m < M; ++m) {
+        float s = 0.0f;
+        for (int64_t q = 0; q < w.K2; ++q)
+          for (int e = 0; e < 2; ++e) {
+            const int64_t k = 2 * q + e;
+            if (k >= K) break;
+            const float xv = bf16_to_f32(f32_to_bf16(x[m * K + k]));
+            s += xv * bf16_to_f32(w.data[((p * w.K2 + q) * kPanel + j) * 2 + e]);
+          }
+        y[m * w.N + n] = s;
+      }
+    }
+}
+}  // namespace
+
+Plan plan(Isa isa) {
+  Plan pl;
+  pl.isa = isa;
+#if defined(NIBBLE_HAVE_AVX512)
+  if (isa >= Isa::Avx512Bf16) {
+    pl.name = "avx512bf16";
+    pl.reference = false;
+    pl.pack_x = &pack_x_avx512bf16;
+    pl.gemm = &gemm_chunk_avx512bf16;
+  }
+#endif
+  return pl;
+}
+
+bool supported() { return !plan(active_isa()).reference; }
+
+PackedBf16Weight pack_weight(const void* w, DType wdt, int64_t N, int64_t K) {
+  PackedBf16Weight p;
+  p.N = N;
+  p.K = K;
+  p.K2 = (K + 1) / 2;
+  p.panels = (N + kPanel - 1) / kPanel;
+  const size_t bytes = p.bytes();
+  void* mem = std::aligned_alloc(64, (bytes + 63) / 64 * 64 + 64);
+  if (!mem) throw Error(fmt::format("linear_bf16: out of memory packing a ({}, {}) weight", N, K));
+  p.storage = std::shared_ptr<void>(mem, [](void* q) { std::free(q); });
+  p.data = static_cast<uint16_t*>(mem);
+  uint16_t* dst = p.data;
+  const int64_t K2 = p.K2;
+  parallel_for(p.panels, [&](int64_t panel) {
+    uint16_t* out = dst + panel * K2 * kPanel * 2;
+    for (int64_t j = 0; j < kPanel; ++j) {
+      const int64_t n = panel * kPanel + j;
+      for (int64_t k = 0; k < 2 * K2; ++k)
+        out[((k / 2) * kPanel + j) * 2 + (k & 1)] = (n < N && k < K) ? weight_bf16(w, wdt, n * K + k) : uint16_t(0);
+    }
+  });
+  return p;
+}
+
+void run_packed(const float* x, int64_t M, const PackedBf16Weight& w, const float* bias, float* y) {
+  const int64_t nblocks = (w.panels + kPanelsPerTask - 1) / kPanelsPerTask;
+  const int64_t mblocks = (M + kMc - 1) / kMc;
+  const Plan pl = plan(active_isa());
+  parallel_for(mblocks * nblocks, [&](int64_t t) {
+    const int64_t mb = t / nblocks, nb = t % nblocks;
+    const int64_t m0 = mb * kMc, rows = M - m0 < kMc ? M - m0 : kMc;
+    const int64_t p0 = nb * kPanelsPerTask, p1 = p0 + kPanelsPerTask < w.panels ? p0 + kPanelsPerTask : w.panels;
+    const int64_t n0 = p0 * kPanel, n1 = p1 * kPanel < w.N ? p1 * kPanel : w.N;
+    if (!pl.reference) {
+      uint32_t* xp = thread_scratch<uint32_t>(Slot::Stage, kMc * kKcPairs);
+      for (int64_t q0 = 0; q0 < w.K2; q0 += kKcPairs) {
+        const int64_t nq = w.K2 - q0 < kKcPairs ? w.K2 - q0 : kKcPairs;
+        pl.pack_x(x, w.K, m0, rows, q0, nq, xp);
+        pl.gemm(xp, rows, nq, w, q0, p0, p1, q0 > 0, y, m0);
+      }
+    } else {
+      gemm_portable(x + m0 * w.K, rows, w, y + m0 * w.N, p0, p1);
+    }
+    if (bias)
+      for (int64_t m = m0; m < m0 + rows; ++m)
+        for (int64_t n = n0; n < n1; ++n) y[m * w.N + n] += bias[n];
+  });
+}
+
+}  // namespace kernels::dense_bf16
+
+Tensor linear_bf16(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  using namespace kernels::dense_bf16;
+  constexpr const char* op = "linear_bf16";
+  if (!x.defined() || !weight.defined()) throw Error(fmt::format("{}: x and weight must be defined", op));
+  check_dtype(x, {DType::F32, DType::BF16, DType::F16, DType::F64}, fmt::format("{}: x", op));
+  check_dtype(weight, {DType::F32, DType::BF16, DType::F16}, fmt::format("{}: weight", op));
+  if (weight.dim() != 2)
+    throw Error(fmt::format("{}: weight: expected 2-D (N, K), got shape {}", op, shape_str(weight.shape())));
+  if (x.dim() < 1) throw Error(fmt::format("{}: x: expected shape (..., K), got a scalar", op));
+  const int64_t N = weight.size(0), K = weight.size(1);
+  if (x.size(-1) != K)
+    throw Error(fmt::format("{}: x's last dimension ({}) must equal the weight's in_features ({})", op, x.size(-1), K));
+  Tensor b;
+  if (bias.defined()) {
+    check_dtype(bias, {DType::F32, DType::BF16, DType::F16}, fmt::format("{}: bias", op));
+    check_shape(bias, {N}, fmt::format("{}: bias", op));
+    b = bias.to_f32();
+  }
+  const Tensor xf = x.to_f32();
+  const int64_t M = K == 0 ? 0 : x.numel() / K;
+  Shape out_shape = x.shape();
+  out_shape.back() = N;
+  Tensor y = Tensor::empty(DType::F32, out_shape);
+  if (M == 0 || N == 0) return y;
+  float* yp = y.mutable_data<float>();
+  kernels::test_fill(yp, M * N);
+  if (K == 0) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) yp[m * N + n] = b.defined() ? b.data<float>()[n] : 0.0f;
+    return y;
+  }
+  const PackedBf16Weight packed = pack_weight(weight.raw(), weight.dtype(), N, K);
+  run_packed(xf.data<float>(), M, packed, b.defined() ? b.data<float>() : nullptr, yp);
+  return y;
+}
+
+}  // namespace nibble
