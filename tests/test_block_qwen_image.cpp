@@ -322,8 +322,10 @@ Linear bind_params(const std::string& name, const std::vector<std::pair<std::str
 QwenImageBlock synth_quantized_block(int64_t D, bool awq_only, uint64_t seed) {
   std::map<std::string, Linear> lin;
   std::map<std::string, std::pair<Tensor, Tensor>> wb;
-  for (const auto& [n, nk] : qwen_image_block_linears(D, 4 * D))
-    wb[n] = {synth_weight(nk.first, nk.second, seed++).to(DType::BF16), synth_bias(nk.first, seed++).to(DType::BF16)};
+  for (const auto& [n, nk] : qwen_image_block_linears(D, 4 * D)) {
+    const uint64_t ws = seed++, bs = seed++;  // apart: GCC 12 warns on two seed++ in one braced list
+    wb[n] = {synth_weight(nk.first, nk.second, ws).to(DType::BF16), synth_bias(nk.first, bs).to(DType::BF16)};
+  }
   for (const char* n : {"img_mod.1", "txt_mod.1"})
     lin[n] = bind_params(n, layer_tensors(quantize_awq_w4a16(wb[n].first, wb[n].second)), awq_quant_config());
   if (awq_only) {

@@ -33,10 +33,15 @@ using bench::Shape3;
 
 // The pool's vdpbf16ps peak in GFLOP/s: the best per-core sample × threads (NaN without AVX-512 BF16).
 double pool_bf16_peak(int samples) {
+#if defined(NIBBLE_HAVE_AVX512)  // the peak kernel is compiled with the AVX-512 kernels only
   if (!isa_supported(Isa::Avx512Bf16)) return NAN;
   double best = 0;
   for (int s = 0; s < samples; ++s) best = std::max(best, kernels::attention::bf16_peak_gflops(0.2));
   return best * num_threads();
+#else
+  (void)samples;
+  return NAN;
+#endif
 }
 
 int run_dense(const BenchOptions& o) {

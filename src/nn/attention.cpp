@@ -12,6 +12,7 @@
 #include "kernels/attention_kernels.h"
 #include "kernels/linear_f32.h"
 #include "nibble/error.h"
+#include "nn/fast_exp.h"
 #include "nibble/isa.h"
 #include "nibble/thread_pool.h"
 
@@ -19,26 +20,6 @@ namespace nibble::nn {
 
 namespace {
 
-// exp(x) in fp32 (see qwen_image_block.cpp): degree-6 polynomial, relative error < 2e-7.
-inline float fast_exp(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float t = x * 1.44269504088896341f + 12582912.0f;
-  const float n = t - 12582912.0f;
-  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t bits;
-  std::memcpy(&bits, &p, 4);
-  bits += int32_t(n) << 23;
-  float out;
-  std::memcpy(&out, &bits, 4);
-  return out;
-}
 
 struct AlignedBuf {
   float* p = nullptr;
