@@ -17,6 +17,8 @@
 #include "nibble/nn.h"
 #include "nibble/safetensors.h"
 
+#include "tmp_dir.h"
+
 using namespace nibble;
 namespace fs = std::filesystem;
 
@@ -24,16 +26,8 @@ namespace {
 
 const fs::path kData = fs::path(__FILE__).parent_path() / "data";
 
-struct TmpDir {
-  fs::path p;
-  TmpDir() {
-    p = fs::temp_directory_path() / ("nibble_test_import_" + std::to_string(::getpid()) + "_" +
-                                     ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(p);
-    fs::create_directories(p);
-  }
-  ~TmpDir() { std::error_code ec; fs::remove_all(p, ec); }
-  std::string operator/(const std::string& n) const { return (p / n).string(); }
+struct TmpDir : testing_tmp::TmpDir {
+  TmpDir() : testing_tmp::TmpDir("import") {}
 };
 
 float f16v(const Tensor& t, int64_t i) {
