@@ -11,8 +11,8 @@
 //                          so vdpbf16ps products are exact and only fp32 sums are rounded).
 //   M > gemv_max_m(isa)    GEMM: a block of weight rows is dequantized once per task and reused by
 //                          every row of x. avx2/avx512 dequantize to fp32 (same numerics as the
-//                          reference); avx512bf16 rounds the dequantized weight to bf16 like the
-//                          kitchen's MMA tier (8 < M), x again split exactly into bf16 parts.
+//                          reference); avx512bf16 rounds the dequantized weight and x to bf16 like
+//                          the kitchen's MMA tier (8 < M; x in the model dtype), fp32 accumulation.
 // Column blocks have a fixed width, so the work split — and every bit of the result — does not
 // depend on the thread count.
 #include <fmt/format.h>
@@ -307,7 +307,7 @@ void run_gemm(const Impl& im, const Plan& pl, const float* x, void* yp) {
   std::vector<uint32_t> xp16;
   int parts = 1;
   if (pl.bf16_dot) {
-    parts = bf16_parts(im.xdt);
+    parts = pl.bf16_x ? 1 : bf16_parts(im.xdt);  // one part = x rounded to bf16 (RNE)
     a.Mp = (M * parts + kGemmMvAvx512 - 1) / kGemmMvAvx512 * kGemmMvAvx512;
     xp16.assign(size_t(K / 2 * a.Mp), 0u);
     for (int64_t m = 0; m < M; ++m)
@@ -452,7 +452,7 @@ Plan plan(Isa isa, int64_t M, int64_t G, DType xdt, DType sdt, bool tiled) {
   if (isa == Isa::Avx512Bf16 && sdt == DType::F16) isa = Isa::Avx512;
   pl.family = Family::Gemm;
   pl.isa = isa;
-  pl.bf16_dot = pl.bf16_weights = isa == Isa::Avx512Bf16;
+  pl.bf16_dot = pl.bf16_weights = pl.bf16_x = isa == Isa::Avx512Bf16;
   pl.name = pl.bf16_weights ? "gemm-bf16w" : "gemm-fp32";
   pl.gemm = isa == Isa::Avx2 ? NIBBLE_K2(awq_gemm_avx2)
             : pl.bf16_weights ? NIBBLE_K512(awq_gemm_avx512bf16)

@@ -153,6 +153,9 @@ struct Plan {
   const char* name = "reference";
   bool bf16_dot = false;        // x is split into exact bf16 parts for vdpbf16ps (exact products)
   bool bf16_weights = false;    // the GEMM tier that rounds dequantized weights to bf16 (error ≤ 2^-8·A: the bf16 unit roundoff)
+  bool bf16_x = false;          // that tier also rounds fp32/fp16 x to bf16 (RNE) instead of splitting it into
+                                // exact parts: the kitchen's MMA tier multiplies x in the model dtype, and three
+                                // parts made fp32 x (nn::Linear) 2.3× slower than bf16 x at M = 64 and 512
   // exactly one of these is set for the fast families (null: that level was not compiled)
   TiledF32Kernel tiled_f32 = nullptr;
   TiledBf16Kernel tiled_bf16 = nullptr;
