@@ -27,7 +27,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const fs::path kData = fs::path(__FILE__).parent_path() / "data";
+const fs::path kData = fs::path(NIBBLE_SOURCE_DIR) / "tests" / "data";  // not __FILE__: ccache may make it relative
 const std::string kIn = (kData / "import_nunchaku_flux.safetensors").string();
 const std::string kTruth = (kData / "import_nunchaku_flux_truth.safetensors").string();
 constexpr int64_t D = 128, F = 512;

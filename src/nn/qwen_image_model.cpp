@@ -99,6 +99,7 @@ struct QwenImageTransformer::Impl {
   Tensor add_t_emb;    // fp32 (2, D) or undefined
   std::vector<QwenImageBlock> blocks;
   AttentionPrecision attention = AttentionPrecision::Fp32;
+  bool deq_per_block = false;  // dequantized baseline decoded block by block in forward()
 };
 
 namespace {
@@ -232,6 +233,23 @@ QwenImageTransformer QwenImageTransformer::from_model(const Model& model, const 
     throw Error(fmt::format("qwen_image: attention '{}': expected auto, fp32 or bf16", opt.attention));
   attn = resolve_attention(attn, c.head_dim);
   im->attention = attn;
+  // The dequantized baseline: at load, or block by block in forward() when the fp32 copies (weights
+  // and their packed panels, 8 bytes per weight of every quantized block linear) would not fit.
+  bool deq_per_block = false;
+  if (opt.dequantized_baseline) {
+    uint64_t deq_bytes = 0;
+    for (int64_t b = 0; b < c.blocks; ++b)
+      for (const auto& n : QwenImageBlock::linear_names()) {
+        const std::string ln = fmt::format("transformer_blocks.{}.{}", b, n);
+        if (!model.contains(ln)) continue;
+        const Linear& l = model.linear(ln);
+        if (l.path() != LinearPath::Float) deq_bytes += uint64_t(l.out_features()) * uint64_t(l.in_features()) * 8;
+      }
+    const long pages = sysconf(_SC_PHYS_PAGES), psize = sysconf(_SC_PAGE_SIZE);
+    const uint64_t ram = pages > 0 && psize > 0 ? uint64_t(pages) * uint64_t(psize) : 0;
+    deq_per_block = opt.dequantize_per_block > 0 || (opt.dequantize_per_block < 0 && ram && deq_bytes > ram / 2);
+  }
+  im->deq_per_block = deq_per_block;
   im->blocks.reserve(size_t(c.blocks));
   for (int64_t b = 0; b < c.blocks; ++b) {
     const std::string bp = fmt::format("transformer_blocks.{}", b);
@@ -252,7 +270,7 @@ QwenImageTransformer QwenImageTransformer::from_model(const Model& model, const 
                               c.mlp_hidden));
     im->stored += blk.stored_bytes();
     im->block_stored += blk.stored_bytes();
-    im->blocks.push_back((opt.dequantized_baseline ? blk.dequantized() : blk).with_attention(attn));
+    im->blocks.push_back((opt.dequantized_baseline && !deq_per_block ? blk.dequantized() : blk).with_attention(attn));
   }
   for (Linear* l : {&im->img_in, &im->txt_in, &im->t_lin1, &im->t_lin2, &im->norm_out, &im->proj_out}) {
     im->stored += l->stored_bytes();
@@ -440,7 +458,7 @@ Tensor QwenImageTransformer::forward(const QwenImageInputs& in, QwenImageTimings
   double other = now_s() - t0 - t_lin;
 
   // ---- blocks
-  double blk_lin = 0, blk_attn = 0, blk_total = 0;
+  double blk_lin = 0, blk_attn = 0, blk_total = 0, t_deq = 0;
   for (const QwenImageBlock& blk : m.blocks) {
     QwenBlockInputs bi;
     bi.img = img;
@@ -454,7 +472,14 @@ Tensor QwenImageTransformer::forward(const QwenImageInputs& in, QwenImageTimings
       bi.img_zero_from = n_img;
     }
     QwenBlockTimings bt;
-    blk.forward_inplace(bi, &bt);  // img and txt are this call's own fp32 tensors
+    if (m.deq_per_block) {  // the baseline's block, dequantized now and dropped after it ran
+      const double a = now_s();
+      const QwenImageBlock d = blk.dequantized();
+      t_deq += now_s() - a;
+      d.forward_inplace(bi, &bt);
+    } else {
+      blk.forward_inplace(bi, &bt);  // img and txt are this call's own fp32 tensors
+    }
     blk_lin += bt.linear;
     blk_attn += bt.attention_core;
     blk_total += bt.total;
@@ -493,8 +518,9 @@ Tensor QwenImageTransformer::forward(const QwenImageInputs& in, QwenImageTimings
   if (tm) {
     tm->linear += t_lin + blk_lin;
     tm->attention += blk_attn;
+    tm->dequantize += t_deq;
     tm->total += now_s() - t_start;
-    tm->other = tm->total - tm->linear - tm->attention;
+    tm->other = tm->total - tm->linear - tm->attention - tm->dequantize;
   }
   (void)other;
   (void)blk_total;
