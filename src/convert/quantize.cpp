@@ -750,10 +750,8 @@ ResidualTarget residual_target(const Tensor& sample, const std::vector<float>& s
     }
     if (want_gptq) t.gptq = convert_detail::gptq_factor(Hn, 0.0);
   };
-  if (o.gptq) {
-    if (noise) { t.block = K; t.S.resize(size_t(K * K)); }
-    solve_block(0, K, noise ? t.S.data() : nullptr, true);
-  } else if (noise) {
+  if (o.gptq) solve_block(0, K, nullptr, true);
+  if (noise) {
     int64_t B = std::max<int64_t>(kGroup, o.noise_block / kGroup * kGroup);
     while (K % B != 0) B -= kGroup;
     t.block = B;
@@ -988,7 +986,7 @@ std::vector<SvdquantW4A4Params> quantize_weight_svdquant_w4a4_group(const std::v
       // state on the sample. Then the weight error rows follow the final proj_up.
       Decomposition cur = best;
       double best_rel = e.rel();
-      for (int round = 0; round < 2; ++round) {
+      for (int round = 0; round < 1; ++round) {
         requantize_residual(members, Ntot, K, cur, o.dtype, &target);
         SampleError e2 = sample_output_error(members, K, cur, sample, yrefs, o.act_unsigned, true, o.dtype);
         if (!(e2.rel() < best_rel)) break;
