@@ -155,6 +155,14 @@ Found find_layers(const Checkpoint& ck) {
     const std::string p = is_weight ? name.substr(0, name.size() - 7) : name;
     if (is_weight && quantized.count(p)) continue;
     if (!is_weight) {
+      if (ends_with(name, ".in_proj_weight") && ti.shape.size() == 2 && ti.shape[0] == 3 * ti.shape[1] && is_float(ti.dtype)) {
+        // torch.nn.MultiheadAttention's fused q/k/v (3E, E): it is not an nn.Linear, so no quantized
+        // ComfyUI op reads it; ComfyUI's SAM3 loader splits the float tensor into q/k/v_proj itself.
+        skip(name, name.substr(0, name.size() - 7),  // "P.in_proj": what a rule would name
+             "nn.MultiheadAttention fused q/k/v (in_proj_weight, 3E×E): not an nn.Linear, no ComfyUI loader reads it "
+             "quantized (SAM3 splits the float tensor into q/k/v_proj at load)");
+        continue;
+      }
       if (ti.shape.size() >= 2 && is_float(ti.dtype))
         skip(name, p, fmt::format("{}-D parameter, not a layer weight", ti.shape.size()));
       continue;
