@@ -32,9 +32,11 @@ uint16_t encode16(DType d, float v) { return d == DType::F16 ? f32_to_f16(v) : f
 
 // Round half to even for |v| ≤ 2^22 (codes are clamped to ±16 before): adding and subtracting
 // 1.5·2^23 leaves the integer part under the default rounding mode. std::nearbyint is a libm call
-// in the baseline x86-64 build, and this loop runs over every weight three times.
+// in the baseline x86-64 build, and the searches run this over every weight dozens of times. The
+// project builds without -ffast-math, so the compiler may not fold (v + m) − m (IEEE semantics);
+// the byte-identity of outputs across builds is checked by the converter tests.
 inline float round_even(float v) {
-  volatile float magic = 12582912.0f;  // volatile: keep the compiler from folding (v + m) − m
+  constexpr float magic = 12582912.0f;
   return (v + magic) - magic;
 }
 
@@ -364,8 +366,7 @@ QuantResidual quantize_residual(const float* R, int64_t N, int64_t K, DType sd, 
             const float inv = 1.0f / sc;
             double e = 0;
             for (int64_t j = 0; j < kGroup; ++j) {
-              // (x + 1.5·2^23) − 1.5·2^23 rounds half to even (IEEE arithmetic, no reassociation here)
-              const float c = std::clamp((std::clamp(v[j] * inv, -8.0f, 8.0f) + 12582912.0f) - 12582912.0f, -7.0f, 7.0f);
+              const float c = std::clamp(round_even(std::clamp(v[j] * inv, -8.0f, 8.0f)), -7.0f, 7.0f);
               const double d = double(c * sc) - v[j];
               e += double(w[j]) * d * d;
             }
