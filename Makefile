@@ -7,7 +7,7 @@ BUILD_SCALAR ?= build-scalar
 JOBS       ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: all setup configure build test test-slow test-asan test-tsan test-isa test-noavx512 test-scalar-build test-isa-builds demo bench fuzz clean test-kitchen quality-convert golden-comfyui fixtures-import test-comfyui test-tsan-pool
+.PHONY: all setup configure build test test-slow test-asan test-tsan test-isa test-noavx512 test-scalar-build test-isa-builds demo bench fuzz clean test-kitchen quality-convert golden-comfyui fixtures-import test-comfyui test-tsan-pool psnr-full
 
 all: build
 
@@ -92,6 +92,14 @@ demo: build
 
 bench: build
 	@./$(BUILD)/nibble bench
+
+# Full-depth PSNR (issue 11): 60 true-width blocks (4 distinct converted blocks, cycled), 256 image
+# + 32 text tokens, 8 steps, CFG 2.5, vs --baseline dequantized (tests/test_slow_model_psnr_full.cpp).
+# ~12 GiB of disk in PSNR_DIR, ~16 GiB RAM, long (the baseline dequantizes every block per step).
+PSNR_DIR ?= $(if $(TMPDIR),$(TMPDIR),/tmp)/nibble_psnr_full
+psnr-full: configure
+	@cmake --build $(BUILD) -j $(JOBS) --target test_slow_model_psnr_full
+	@cd $(BUILD) && NIBBLE_PSNR_FULL=1 NIBBLE_PSNR_DIR=$(PSNR_DIR) ./tests/test_slow_model_psnr_full
 
 # libFuzzer targets over the reader, the config parser and reader → bind → dequantize (clang-14);
 # FUZZ_SECONDS per target.

@@ -99,10 +99,11 @@ def autoawq_layers(WQLinear_GEMM, g):
 
 
 # ------------------------------------------------------------------------------------------ nunchaku
-def nunchaku_w4a4(P, packer, name, N, K, R, g, tensors, truth, v0_keys=False, smooth_ones=False):
+def nunchaku_w4a4(P, packer, name, N, K, R, g, tensors, truth, v0_keys=False, smooth_ones=False, smooth=None):
     codes = torch.randint(-8, 8, (N, K), generator=g, dtype=torch.int32)
     wscales = (torch.rand((N, K // 64), generator=g) * 0.05 + 0.001).to(torch.bfloat16)
-    smooth = torch.ones(K, dtype=torch.bfloat16) if smooth_ones else bf16((K,), g, 0.25, 4.0)
+    if smooth is None:
+        smooth = torch.ones(K, dtype=torch.bfloat16) if smooth_ones else bf16((K,), g, 0.25, 4.0)
     down = bf16((R, K), g, -0.1, 0.1)   # low-rank down as (R, K), raw-input basis
     up = bf16((N, R), g, -0.1, 0.1)
     bias = bf16((N,), g, -0.5, 0.5)
@@ -123,7 +124,7 @@ def nunchaku_w4a4(P, packer, name, N, K, R, g, tensors, truth, v0_keys=False, sm
     tensors[name + ".bias"] = bi.contiguous()
     truth[name + ".codes"] = kitchen_pack(codes)
     truth[name + ".wscales"] = wscales.t().contiguous()       # kitchen (K/64, N)
-    truth[name + ".smooth"] = smooth
+    truth[name + ".smooth"] = smooth.clone()
     truth[name + ".proj_down"] = down.t().contiguous()          # kitchen (K, R)
     truth[name + ".proj_up"] = up
     truth[name + ".bias"] = bias
@@ -192,6 +193,48 @@ def main():
             "source": "nunchaku NunchakuWeightPacker (packer.py) + AutoAWQ pack_intweight"}
     save_file(t, os.path.join(a.out, "import_nunchaku_qwen.safetensors"), metadata=meta)
     save_file(tr, os.path.join(a.out, "import_nunchaku_qwen_truth.safetensors"))
+    # A one-double-block, one-single-block nunchaku FLUX.1 checkpoint in the module names and key
+    # generation of nunchaku's FLUX files (the C++ runtime's names: qkv_proj, mlp_fc1, norm1.linear,
+    # …; v0 suffixes smooth/lora_down/lora_up, one layer with the v1 suffixes), D = 128 (2 heads of
+    # 64), MLP 4·D, rank 12 (pads to 16); the float rest under diffusers' names as nunchaku keeps them.
+    g = torch.Generator().manual_seed(20261201)
+    D, F, R = 128, 512, 12
+    t, tr = {}, {}
+    b = "transformer_blocks.0."
+    for ctx in ("", "_context"):
+        nunchaku_w4a4(None, Packer, b + "qkv_proj" + ctx, 3 * D, D, R, g, t, tr, v0_keys=ctx == "")
+        nunchaku_w4a4(None, Packer, b + "out_proj" + ctx, D, D, R, g, t, tr, v0_keys=True, smooth_ones=True)
+        nunchaku_w4a4(None, Packer, b + "mlp" + ctx + "_fc1", F, D, R, g, t, tr, v0_keys=True)
+        nunchaku_w4a4(None, Packer, b + "mlp" + ctx + "_fc2", D, F, R, g, t, tr, v0_keys=True)
+    nunchaku_awq_mod(pack_intweight, b + "norm1.linear", D, D, g, t, tr, S=6)
+    nunchaku_awq_mod(pack_intweight, b + "norm1_context.linear", D, D, g, t, tr, S=6)
+    for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+        t[b + n + ".weight"] = bf16((64,), g, 0.5, 1.5)
+    s1 = "single_transformer_blocks.0."
+    shared = bf16((D,), g, 0.25, 4.0)  # DC smooths qkv_proj and mlp_fc1 of a single block together
+    nunchaku_w4a4(None, Packer, s1 + "qkv_proj", 3 * D, D, R, g, t, tr, v0_keys=True, smooth=shared)
+    nunchaku_w4a4(None, Packer, s1 + "mlp_fc1", F, D, R, g, t, tr, v0_keys=True, smooth=shared)
+    nunchaku_w4a4(None, Packer, s1 + "out_proj", D, D, R, g, t, tr, v0_keys=True)
+    nunchaku_w4a4(None, Packer, s1 + "mlp_fc2", D, F, R, g, t, tr, v0_keys=True)
+    nunchaku_awq_mod(pack_intweight, s1 + "norm.linear", D, D, g, t, tr, S=3)
+    for n in ("norm_q", "norm_k"):
+        t[s1 + n + ".weight"] = bf16((64,), g, 0.5, 1.5)
+    for name, shape in [("x_embedder", (D, 64)), ("context_embedder", (D, 32)),
+                        ("time_text_embed.timestep_embedder.linear_1", (D, 32)),
+                        ("time_text_embed.timestep_embedder.linear_2", (D, D)),
+                        ("time_text_embed.guidance_embedder.linear_1", (D, 32)),
+                        ("time_text_embed.guidance_embedder.linear_2", (D, D)),
+                        ("time_text_embed.text_embedder.linear_1", (D, 48)),
+                        ("time_text_embed.text_embedder.linear_2", (D, D)),
+                        ("norm_out.linear", (2 * D, D)), ("proj_out", (64, D))]:
+        t[name + ".weight"] = bf16(shape, g, -0.1, 0.1)
+        t[name + ".bias"] = bf16((shape[0],), g, -0.1, 0.1)
+    cfg = '{"num_attention_heads": 2, "attention_head_dim": 64, "num_layers": 1, "num_single_layers": 1}'
+    meta = {"quantization_config": '{"method": "svdquant", "weight": {"dtype": "int4"}, "rank": 16}', "config": cfg,
+            "model_class": "NunchakuFluxTransformer2dModel",
+            "source": "nunchaku NunchakuWeightPacker (packer.py) + AutoAWQ pack_intweight"}
+    save_file(t, os.path.join(a.out, "import_nunchaku_flux.safetensors"), metadata=meta)
+    save_file(tr, os.path.join(a.out, "import_nunchaku_flux_truth.safetensors"))
     total = sum(os.path.getsize(os.path.join(a.out, f)) for f in os.listdir(a.out) if f.startswith("import_"))
     print(f"wrote tests/data/import_* ({total} bytes)")
 

@@ -101,6 +101,11 @@ bool is_bf16_gemm_tier(Isa isa, int64_t M, int64_t G, DType sdt, bool prepared =
   namespace awq = kernels::awq;
   return awq::plan(isa, M, G, DType::BF16, sdt, prepared && awq::prepared_has_tiled(G)).bf16_weights;
 }
+// Whether that tier also rounds x (of dtype xdt) to bf16: only fp32/fp16 x change by it.
+bool rounds_x_to_bf16(Isa isa, int64_t M, int64_t G, DType xdt, DType sdt, bool prepared = false) {
+  namespace awq = kernels::awq;
+  return xdt != DType::BF16 && awq::plan(isa, M, G, xdt, sdt, prepared && awq::prepared_has_tiled(G)).bf16_x;
+}
 
 // The tight bound (against the exact evaluation) must stay far below the signal. The signal scale
 // is sqrt(mean Σ_k (x·W)²), y's rms under random signs (a single output can cancel to ~0 by luck).
@@ -113,7 +118,8 @@ double signal_fraction(int64_t K) { return K <= 1536 ? 1e-2 : 4e-2; }
 // Compares y against the oracle with the derived bound; returns the number of violations.
 int compare(const Case& c, const Tensor& y, const Tensor& ref, Isa isa, const std::vector<double>& A,
             const std::string& label, bool prepared = false) {
-  const double coeff = test::awq_vs_oracle(c.K, c.G, is_bf16_gemm_tier(isa, c.M, c.G, c.s.dtype(), prepared));
+  const double coeff = test::awq_vs_oracle(c.K, c.G, is_bf16_gemm_tier(isa, c.M, c.G, c.s.dtype(), prepared),
+                                           rounds_x_to_bf16(isa, c.M, c.G, c.x.dtype(), c.s.dtype(), prepared));
   const double u = test::kUnitRoundoffF32;
   int bad = 0;
   for (int64_t i = 0; i < c.M * c.N; ++i) {
@@ -131,13 +137,14 @@ int compare(const Case& c, const Tensor& y, const Tensor& ref, Isa isa, const st
 }
 
 // y and A evaluated exactly (double) from the weight a path documents: the oracle's fp32
-// W = (q−8)·s + z, or with bf16_w its bf16 rounding (RNE), as the avx512bf16 GEMM tier uses.
+// W = (q−8)·s + z, or with bf16_w its bf16 rounding (RNE), as the avx512bf16 GEMM tier uses (bf16_x:
+// x rounded to bf16 too).
 struct Exact {
   std::vector<double> y, A;
   double signal = 0;  // sqrt(mean over outputs of Σ_k (x·W)²): y's scale, free of lucky cancellation
 };
-Exact exact_eval(const Case& c, bool bf16_w) {
-  const Tensor x = c.x.to_f32(), s = c.s.to_f32(), z = c.z.to_f32();
+Exact exact_eval(const Case& c, bool bf16_w, bool bf16_x = false) {
+  const Tensor x = bf16_x ? c.x.to(DType::BF16).to_f32() : c.x.to_f32(), s = c.s.to_f32(), z = c.z.to_f32();
   const Tensor b = c.bias.defined() ? c.bias.to_f32() : Tensor();
   std::vector<float> W(size_t(c.N * c.K));
   for (int64_t n = 0; n < c.N; ++n)
@@ -200,7 +207,7 @@ void check_all_paths(const Case& c, const std::string& label, const Tensor* want
   const auto A = magnitudes(c);
   const Exact e32 = exact_eval(c, false);
   ASSERT_EQ(compare_exact(c, ref, e32, test::gamma(test::awq_oracle_terms(c.K)), label + " oracle vs exact"), 0);
-  std::optional<Exact> e16;
+  std::optional<Exact> e16, e16x;
   for (Isa isa : supported_isas())
     for (bool prepared : {false, true}) {
       const Tensor y = prepared ? run_prepared(c, isa) : run(c, isa);
@@ -209,8 +216,10 @@ void check_all_paths(const Case& c, const std::string& label, const Tensor* want
       for (int64_t i = 0; i < y.numel(); ++i) ASSERT_FALSE(std::isnan(y.data<float>()[i])) << l << " NaN at " << i;
       ASSERT_EQ(compare(c, y, want_external ? *want_external : ref, isa, A, l, prepared), 0);
       const bool bf16_w = is_bf16_gemm_tier(isa, c.M, c.G, c.s.dtype(), prepared);
-      if (bf16_w && !e16) e16 = exact_eval(c, true);
-      ASSERT_EQ(compare_exact(c, y, bf16_w ? *e16 : e32, test::awq_vs_exact(c.K, c.G), l + " vs exact"), 0);
+      const bool bf16_x = rounds_x_to_bf16(isa, c.M, c.G, c.x.dtype(), c.s.dtype(), prepared);
+      if (bf16_w && !bf16_x && !e16) e16 = exact_eval(c, true);
+      if (bf16_x && !e16x) e16x = exact_eval(c, true, true);
+      ASSERT_EQ(compare_exact(c, y, bf16_x ? *e16x : bf16_w ? *e16 : e32, test::awq_vs_exact(c.K, c.G), l + " vs exact"), 0);
     }
 }
 
@@ -264,7 +273,10 @@ TEST(AwqW4A16, OddGroupSizesAndLargerM) {
                       {1, 13, 320, 160},  {40, 50, 160, 160}, {70, 31, 96, 32}, {17, 7, 24, 8},
                       {12, 130, 128, 64}, {9, 13, 48, 24},    {20, 21, 256, 128}, {35, 60, 384, 64},
                       // prepared tiled GEMV: one or three lines per group (odd chain tails), ragged N
-                      {1, 5, 24, 8},      {3, 33, 72, 24},   {2, 20, 120, 40}, {8, 47, 16, 8}};
+                      {1, 5, 24, 8},      {3, 33, 72, 24},   {2, 20, 120, 40}, {8, 47, 16, 8},
+                      // the bf16 GEMM tier on decoded panels (stored: gathers; prepared: the tiled
+                      // stream) with several k chunks (a partial last one) and a ragged last panel
+                      {52, 130, 640, 64}, {64, 70, 1152, 128}, {49, 64, 264, 8}};
   for (const S& sh : shapes)
     for (DType xdt : {DType::F32, DType::BF16}) {
       const Case c = make_case(rng, sh.M, sh.N, sh.K, sh.G, xdt, DType::BF16, true);
@@ -276,7 +288,7 @@ TEST(AwqW4A16, OddGroupSizesAndLargerM) {
 TEST(AwqW4A16, BitIdenticalForAnyThreadCount) {
   IsaGuard guard;
   std::mt19937 rng(test_seed() + 2);
-  for (int64_t M : {1, 3, 8, 40}) {
+  for (int64_t M : {1, 3, 8, 40, 64}) {
     const Case c = make_case(rng, M, 777, 256, 64, DType::BF16, DType::BF16, true);
     for (Isa isa : supported_isas()) {
       for (bool prepared : {false, true}) {

@@ -27,7 +27,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstring>
+
+#include "nibble/convert.h"
 #include "nibble/latent.h"
+#include "nibble/sample.h"
+#include "nibble/synth.h"
 #include "nibble/qwen_image.h"
 #include "nibble/safetensors.h"
 #include "nibble/thread_pool.h"
@@ -38,7 +43,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const fs::path kData = fs::path(__FILE__).parent_path() / "data";
+const fs::path kData = fs::path(NIBBLE_SOURCE_DIR) / "tests" / "data";  // not __FILE__: ccache may make it relative
 const std::string kCkpt = (kData / "qwen_image_golden_ckpt.safetensors").string();
 const std::string kGolden = (kData / "qwen_image_golden.safetensors").string();
 constexpr double kMaxAbs = 5e-5, kMaxRms = 1e-5;
@@ -341,4 +346,84 @@ TEST(QwenImageModel, StreamedFloatLayersMatch) {
   const Linear l = model.linear("transformer_blocks.1.img_mlp.net.0.proj").streamed();
   EXPECT_TRUE(l.is_streamed());
   for (int64_t M : {2, 17}) check_linear(l, M, 40 + uint64_t(M));
+}
+
+// The other kitchen formats (nvfp4, mxfp8, convrot, asym_w4a8: not row-separable) are decoded to
+// bf16 at load and run on the bf16 dense GEMM (or a bf16 weight on the fp32 kernels). Bound
+// (kernels/dense_bf16.h): the activation and the weight each rounded to bf16 (u = 2⁻⁸ each) and an
+// fp32 sum of K exact products: |Δ| ≤ (2·2⁻⁸ + γ_K)·Σ|x·w| + 2⁻²⁴·|bias|; effective_weight() is
+// the format's exact fp32 decode (not the bf16 copy).
+TEST(QwenImageModel, OtherFormatsDecodedToBf16) {
+  const fs::path dir = fs::temp_directory_path() / ("nibble_test_bf16dec_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  const std::string path = (dir / "s.safetensors").string();
+  write_sample_checkpoint(path, SampleOptions{});
+  set_notice_handler(nullptr);
+  const Model model = load_checkpoint(path);
+  set_notice_handler([](const std::string& s) { std::fprintf(stderr, "nibble: note: %s\n", s.c_str()); });
+  int checked = 0;
+  for (const auto& name : model.names()) {
+    const Linear& l = model.linear(name);
+    if (l.path() != LinearPath::Dequantized || l.is_streamed()) continue;
+    ++checked;
+    const int64_t N = l.out_features(), K = l.in_features();
+    const Tensor w = l.effective_weight(), b = l.effective_bias();
+    ASSERT_EQ(w.dtype(), DType::F32) << name;
+    for (int64_t M : {1, 5, 9, 40}) {
+      const Tensor x = synth_activations(M, K, 7 + uint64_t(M));
+      const Tensor y = l.forward(x);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          double ref = b.defined() ? b.data<float>()[n] : 0.0, mag = 0;
+          for (int64_t k = 0; k < K; ++k) {
+            const double t = double(x.data<float>()[m * K + k]) * w.data<float>()[n * K + k];
+            ref += t;
+            mag += std::fabs(t);
+          }
+          const double tol = (2 * std::ldexp(1.0, -8) + double(K) * std::ldexp(1.0, -24)) * mag +
+                             std::ldexp(1.0, -24) * std::fabs(ref) + 1e-30;
+          ASSERT_NEAR(y.data<float>()[m * N + n], ref, tol) << name << " (" << l.format_name() << ") M " << M;
+        }
+    }
+  }
+  EXPECT_GE(checked, 3) << "the sample checkpoint should hold nvfp4 / mxfp8 / convrot / asym layers";
+  std::error_code ec;
+  fs::remove_all(dir, ec);
+}
+
+// The dequantized baseline dequantized block by block in forward() (what a 60-block model needs)
+// gives the same bits as the blocks dequantized at load.
+TEST(QwenImageModel, DequantizedBaselinePerBlockMatchesAtLoad) {
+  const fs::path dir = fs::temp_directory_path() / ("nibble_test_deqblk_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  const std::string flt = (dir / "bf16.safetensors").string(), q = (dir / "q.safetensors").string();
+  SynthCheckpointOptions so;
+  so.blocks = 2;
+  so.hidden = 256;
+  so.joint_dim = 64;
+  write_synth_qwen_image_checkpoint(flt, so);
+  ConvertOptions co;
+  co.preset = "qwen-image";
+  co.rank = 16;
+  convert_checkpoint(flt, q, co);
+  QwenImageLoadOptions a, b;
+  a.dequantized_baseline = b.dequantized_baseline = true;
+  a.dequantize_per_block = 0;
+  b.dequantize_per_block = 1;
+  const auto ma = QwenImageTransformer::load(q, a), mb = QwenImageTransformer::load(q, b);
+  const auto mq = QwenImageTransformer::load(q);
+  QwenImageInputs in;
+  in.latent = synth_activations(16, 6 * 10, 3).reshape({1, 16, 6, 10});
+  in.context = synth_activations(5, 64, 4).reshape({1, 5, 64});
+  in.timestep = Tensor::empty(DType::F32, {1});
+  in.timestep.mutable_data<float>()[0] = 0.7f;
+  QwenImageTimings tb;
+  const Tensor ya = ma.forward(in), yb = mb.forward(in, &tb), yq = mq.forward(in);
+  ASSERT_EQ(0, std::memcmp(ya.raw(), yb.raw(), ya.nbytes()));
+  EXPECT_GT(tb.dequantize, 0.0);
+  double d = 0;
+  for (int64_t i = 0; i < ya.numel(); ++i) d = std::max(d, double(std::fabs(ya.data<float>()[i] - yq.data<float>()[i])));
+  EXPECT_GT(d, 0.0) << "the baseline should differ from the quantized model";
+  std::error_code ec;
+  fs::remove_all(dir, ec);
 }

@@ -4,6 +4,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <string>
@@ -113,4 +114,63 @@ TEST(SamplerCli, RunMatchesTheLibraryAndRejectsBadInput) {
   EXPECT_FALSE(fs::exists(bad));
   for (const auto& e : fs::directory_iterator(f.dir))
     EXPECT_EQ(e.path().string().find(".tmp"), std::string::npos) << "temp file left: " << e.path();
+}
+
+// `nibble run --lora FILE[:S]` (repeatable): the same result as the library's Model::load with the
+// LoRAs, a different one than without them; a missing file or an unmatched module exits 1.
+TEST(SamplerCli, LoraOptionMatchesTheLibrary) {
+  const std::string bin = cli();
+  if (bin.empty()) FAIL() << "the nibble CLI is missing beside the tests (the same build makes both)";
+  Fixture f;
+  auto write_lora = [&](const std::string& file, const std::vector<std::string>& modules, uint64_t seed, int64_t r) {
+    std::vector<std::pair<std::string, Tensor>> t;
+    uint64_t s = seed;
+    for (const auto& m : modules) {  // 256-wide layers of the fixture (to_q, to_out.0, add_q_proj)
+      t.emplace_back("transformer." + m + ".lora_A.weight",
+                     synth_activations(r, 256, s++).to(DType::BF16));
+      Tensor up = synth_activations(256, r, s++);
+      float* u = up.mutable_data<float>();
+      for (int64_t i = 0; i < up.numel(); ++i) u[i] *= 0.05f;
+      t.emplace_back("transformer." + m + ".lora_B.weight", up.to(DType::BF16));
+    }
+    save_safetensors(file, t);
+  };
+  const std::string la = f.p("a.safetensors"), lb = f.p("b.safetensors"), lbad = f.p("bad_lora.safetensors");
+  write_lora(la, {"transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_out.0"}, 10, 4);
+  write_lora(lb, {"transformer_blocks.0.attn.add_q_proj"}, 20, 8);
+  write_lora(lbad, {"transformer_blocks.7.attn.to_q"}, 30, 4);
+  const std::string base = bin + " -q run " + f.ckpt + " --context " + f.pos + " --width 32 --height 32 --seed 3 --steps 2";
+  const std::string out = f.p("lora.latent"), plain = f.p("plain.latent");
+  ASSERT_EQ(run(base + " --lora " + la + ":0.7 --lora " + lb + " -o " + out), 0);
+  ASSERT_EQ(run(base + " -o " + plain), 0);
+  const Tensor got = load_latent(out), without = load_latent(plain);
+
+  const std::vector<LoraSpec> specs = {parse_lora_spec(la + ":0.7"), parse_lora_spec(lb)};
+  const nn::QwenImageTransformer model = nn::QwenImageTransformer::from_model(nn::Model::load(f.ckpt, specs));
+  const Conditioning pos = load_conditioning(f.pos, 64);
+  nn::SamplerOptions so;
+  so.steps = 2;
+  const Tensor latent = Tensor::zeros(DType::F32, {1, 16, 1, 4, 4});
+  nn::DenoiseFn fn = [&](const Tensor& x, double sigma, bool) {
+    nn::QwenImageInputs in;
+    in.latent = x;
+    in.context = pos.context;
+    in.timestep = Tensor::empty(DType::F32, {1});
+    in.timestep.mutable_data<float>()[0] = float(sigma);
+    return model.forward(in);
+  };
+  const Tensor want = nn::sample_flow(fn, latent, nn::flow_noise(latent.shape(), 3), so, false);
+  ASSERT_EQ(got.shape(), want.shape());
+  double diff = 0;
+  for (int64_t i = 0; i < want.numel(); ++i) {
+    ASSERT_EQ(got.data<float>()[i], want.data<float>()[i]) << i;
+    diff = std::max(diff, double(std::fabs(got.data<float>()[i] - without.data<float>()[i])));
+  }
+  EXPECT_GT(diff, 1e-3) << "the LoRAs changed nothing";
+
+  const std::string bad = f.p("bad.latent");
+  EXPECT_EQ(run(base + " --lora " + f.p("missing.safetensors") + " -o " + bad), 1) << "missing LoRA file";
+  EXPECT_EQ(run(base + " --lora " + lbad + " -o " + bad), 1) << "unmatched LoRA module";
+  EXPECT_EQ(run(base + " --lora " + la + ":x1 -o " + bad), 1) << "bad strength";
+  EXPECT_FALSE(fs::exists(bad));
 }

@@ -113,11 +113,10 @@ TEST(SlowKernels, AwqFullWidthEveryIsaAgainstOracle) {
         const Tensor y = prepared ? gemv_awq_w4a16(x, *prep, DType::F32) : gemv_awq_w4a16(x, q, sc, z, b, s.G, DType::F32);
         const std::string what = std::string(isa_name(isa)) + (prepared ? " prepared" : "");
         expect_finite(y, what);
-        // the avx512bf16 GEMM tier rounds the dequantized weight to bf16: read from the driver's plan
+        // the avx512bf16 GEMM tier rounds the dequantized weight (and fp32/fp16 x) to bf16: read from the plan
         namespace awq = kernels::awq;
-        const bool bf16_w =
-            awq::plan(isa, s.M, s.G, DType::BF16, DType::BF16, prepared && awq::prepared_has_tiled(s.G)).bf16_weights;
-        const double coeff = test::awq_vs_oracle(s.K, s.G, bf16_w);
+        const awq::Plan pl = awq::plan(isa, s.M, s.G, s.xdt, DType::BF16, prepared && awq::prepared_has_tiled(s.G));
+        const double coeff = test::awq_vs_oracle(s.K, s.G, pl.bf16_weights, pl.bf16_x && s.xdt != DType::BF16);
         int bad = 0;
         for (int64_t i = 0; i < s.M * s.N; ++i) {
           const double v = y.data<float>()[i], r = ref.data<float>()[i];

@@ -44,13 +44,17 @@ inline double awq_fast_terms(int64_t K, int64_t G) {
 // |fast − oracle| ≤ awq_vs_oracle(K, G, bf16_weights)·A, plus the bias add (one fp32 rounding of
 // |y| in each: 2u·|y|, added by the caller). bf16_weights: the avx512bf16 GEMM tier rounds the
 // dequantized fp32 weight to bf16 (like the kitchen's MMA tier), a relative error ≤ 2^-8 of |W|.
-inline double awq_vs_oracle(int64_t K, int64_t G, bool bf16_weights) {
-  const double fp32 = gamma(awq_oracle_terms(K) + awq_fast_terms(K, G));
-  return fp32 + (bf16_weights ? kUnitRoundoffBf16 * (1.0 + kUnitRoundoffF32) : 0.0);
+// bf16_x: that tier also rounds x to bf16 (for fp32/fp16 x): with x̂ = x(1+δ), ŵ the rounded weight,
+// |x̂ŵ − xw| ≤ |x̂|·|ŵ − w| + |x̂ − x|·|w|, so the weight term grows by (1 + 2^-8), x adds 2^-8, and
+// the fp32 sums run over |x̂||ŵ| ≤ (1 + 2^-8)²·A.
+inline double awq_vs_oracle(int64_t K, int64_t G, bool bf16_weights, bool bf16_x = false) {
+  const double ub = kUnitRoundoffBf16, xs = bf16_x ? 1.0 + ub : 1.0;
+  const double fp32 = gamma(awq_oracle_terms(K) + awq_fast_terms(K, G)) * xs * xs;
+  return fp32 + (bf16_weights ? ub * (1.0 + kUnitRoundoffF32) * xs : 0.0) + (bf16_x ? ub : 0.0);
 }
 
 // The same, for a path compared with an exact (double) evaluation of its own documented weight
-// rounding — the oracle's fp32 W, or for the bf16 tier W_bf16 = RNE_bf16(fp32 W) — where only the
+// rounding — the oracle's fp32 W, or for the bf16 tier W_bf16 = RNE_bf16(fp32 W) and x_bf16 — where only the
 // fp32 sums remain: γ_(fast terms + 1), relative to A computed from that weight (+1: the GEMV
 // paths never form W, and the fp32 W is one rounding away from the exact one).
 inline double awq_vs_exact(int64_t K, int64_t G) { return gamma(awq_fast_terms(K, G) + 1.0); }

@@ -14,6 +14,7 @@
 #include <random>
 
 #include "bench_registry.h"
+#include "kernels/dense_bf16.h"
 #include "devtools/bench_util.h"
 #include "nibble/isa.h"
 #include "nibble/ops.h"
@@ -65,11 +66,21 @@ int run_block(const BenchOptions& opt) {
   // (not one GEMM) charges OpenBLAS for sharing the 2 cores with nibble's pool, which runs the
   // block's attention and norms; the pools are settled around the OpenBLAS case (bench_timing.h).
   nn::QwenBlockOutputs y_nib, y_flt, y_tmp;
-  nn::QwenBlockTimings tn, tf, tf_lin, tf_blas;
+  nn::QwenBlockTimings tn, tf, tf_lin, tf_blas, tf_bf16;
   const bool blas = bench::openblas_available();
+  const nn::DenseMath math0 = nn::dense_math();
   std::vector<bench::InterleavedCase> cases = {
       {[&](int) { y_nib = nib.forward(in, &tn); }},
-      {[&](int) { y_flt = flt.forward(in, &tf_lin); }}};
+      {[&](int) {
+         nn::set_dense_math(nn::DenseMath::F32);
+         y_flt = flt.forward(in, &tf_lin);
+         nn::set_dense_math(math0);
+       }},
+      {[&](int) {  // the bf16 dense GEMM (vdpbf16ps) on the same bf16 weights
+         nn::set_dense_math(nn::DenseMath::Bf16);
+         y_tmp = flt.forward(in, &tf_bf16);
+         nn::set_dense_math(math0);
+       }}};
   if (blas)  // OpenBLAS runs on its own threads: the pools are settled around it (bench_timing.h)
     cases.push_back({[&](int) {
                        nn::set_dense_gemm(&bench::sgemm_nt);
@@ -79,14 +90,20 @@ int run_block(const BenchOptions& opt) {
                      true});
   bench::settle_pools(true);
   const std::vector<bench::Timing> T = bench::time_interleaved(reps, cases);
-  const double t_nib = T[0].median, t_lin = T[1].median, t_blas = blas ? T[2].median : 0;
+  const double t_nib = T[0].median, t_lin = T[1].median, t_bf16 = T[2].median, t_blas = blas ? T[3].median : 0;
   std::string kernel = "linear_f32";
   tf = tf_lin;
   if (blas && t_blas < t_lin) kernel = "openblas_sgemm", tf = tf_blas;
   const double t_flt = kernel == "openblas_sgemm" ? t_blas : t_lin;
-  const double speedup = bench::paired_ratio(kernel == "openblas_sgemm" ? T[2] : T[1], T[0]);
-  log(fmt::format("fp32 block: linear_f32 {:.1f} ms, openblas {}; baseline: {}", t_lin * 1e3,
-                  blas ? fmt::format("{:.1f} ms", t_blas * 1e3) : "n/a (" + bench::openblas_info() + ")", kernel));
+  const double speedup = bench::paired_ratio(kernel == "openblas_sgemm" ? T[3] : T[1], T[0]);
+  // The float baseline of the issue: the same bf16 weights on nibble's fastest dense kernel.
+  const bool bf16_fastest = kernels::dense_bf16::supported() && t_bf16 < t_flt;
+  const std::string float_kernel = bf16_fastest ? "linear_bf16" : kernel;
+  const double t_float = bf16_fastest ? t_bf16 : t_flt;
+  const double speedup_float = bf16_fastest ? bench::paired_ratio(T[2], T[0]) : speedup;
+  log(fmt::format("float block: linear_f32 {:.1f} ms, linear_bf16 {:.1f} ms{}, openblas {}; baseline: {}", t_lin * 1e3,
+                  t_bf16 * 1e3, kernels::dense_bf16::supported() ? "" : " (no AVX-512 BF16: scalar reference)",
+                  blas ? fmt::format("{:.1f} ms", t_blas * 1e3) : "n/a (" + bench::openblas_info() + ")", float_kernel));
   const auto deq = nib.dequantized();
   deq.prepare_dense();
   const auto y_deq = deq.forward(in);
@@ -104,6 +121,8 @@ int run_block(const BenchOptions& opt) {
   r.n("threads", num_threads()).n("hidden", double(D)).n("img_tokens", double(Si)).n("txt_tokens", double(St));
   r.n("nibble_ms", t_nib * 1e3).n("fp32_ms", t_flt * 1e3).n("speedup_vs_fp32", speedup);
   r.n("fp32_linear_f32_ms", t_lin * 1e3).n("fp32_openblas_ms", t_blas > 0 ? t_blas * 1e3 : NAN);
+  r.s("float_kernel", float_kernel).n("float_ms", t_float * 1e3).n("speedup_vs_float", speedup_float);
+  r.n("bf16_linear_bf16_ms", t_bf16 * 1e3);
   r.n("nibble_attention_ms", tn.attention / runs * 1e3).n("fp32_attention_ms", tf.attention / runs * 1e3);
   r.n("weight_bytes_nibble", double(nib_bytes)).n("weight_bytes_fp32", double(fp32_bytes));
   r.n("weight_bytes_bf16", double(bf16_bytes)).n("weight_bytes_ratio", double(fp32_bytes) / double(nib_bytes));
@@ -119,7 +138,7 @@ int run_block(const BenchOptions& opt) {
     fmt::print("{}\n", bench::records_to_json({r}));
   } else {
     fmt::print("{}", bench::records_to_table({r}, {"op", "img_tokens", "txt_tokens", "nibble_ms", "fp32_ms",
-                                                   "fp32_kernel", "speedup_vs_fp32", "weight_bytes_ratio",
+                                                   "fp32_kernel", "speedup_vs_fp32", "float_kernel", "speedup_vs_float", "weight_bytes_ratio",
                                                    "weight_bytes_ratio_vs_bf16", "resident_ratio_vs_fp32", "psnr_vs_dequantized_db",
                                                    "snr_vs_float_db"}));
     fmt::print("# per phase (s, summed over {} runs) nibble: mod {:.3f} norms {:.3f} qkv {:.3f} attn {:.3f} out {:.3f} mlp {:.3f}\n",

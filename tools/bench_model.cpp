@@ -4,8 +4,10 @@
 // Qwen-Image rules (`convert --preset qwen-image`). Reports the shares of the step in the linears,
 // in attention (the kernel proper) and in everything else; attention's FLOP rate as a share of the
 // vdpbf16ps peak measured in this process on all threads; the speed-up over the same model with
-// its bf16 weights on nibble's fastest dense kernel (linear_f32 packed panels or OpenBLAS sgemm,
-// whichever runs the float model faster here); weight bytes bf16 / nibble; peak RSS.
+// its bf16 weights on nibble's fastest dense kernel (the bf16 dense GEMM linear_bf16, linear_f32
+// packed panels, or OpenBLAS sgemm in the full run, whichever runs the float model faster here);
+// weight bytes bf16 / nibble; peak RSS. All cases are warmed up first, then timed in interleaved
+// rounds (bench::time_interleaved), medians.
 #include <fmt/format.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -19,6 +21,7 @@
 #include "bench_registry.h"
 #include "devtools/bench_util.h"
 #include "kernels/attention_kernels.h"
+#include "kernels/dense_bf16.h"
 #include "nn/attention.h"
 #include "nibble/convert.h"
 #include "nibble/isa.h"
@@ -42,10 +45,12 @@ double process_cpu_seconds() {
   return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
 }
 
-// The joint attention alone at the model's shape (24 heads × 128, S tokens), rated per core in
-// CPU time (process CPU seconds over the call, so preemption on a shared host does not count;
-// idle pool threads that spin would count against it), and the vdpbf16ps peak of one core in
-// thread CPU time. Returns GFLOP/s per core; *peak gets the peak (0 without AVX-512 BF16).
+// The joint attention alone at the model's shape (24 heads × 128, S tokens) on all threads, rated
+// per core in CPU time (process CPU seconds over the call, so preemption on a shared host does not
+// count; idle pool threads that spin count against it), and the vdpbf16ps peak measured the same
+// way: the probe runs on every thread at once (so both figures see the same sharing of the cores)
+// and its per-thread CPU-time rates are averaged. Returns GFLOP/s per core; *peak gets the peak
+// per core (0 without AVX-512 BF16).
 double attention_gflops_per_core(int64_t S, double* peak) {
   *peak = 0;
 #if defined(NIBBLE_HAVE_AVX512)
@@ -58,15 +63,21 @@ double attention_gflops_per_core(int64_t S, double* peak) {
                         nn::AttentionPrecision::Bf16);
   };
   run();
-  double best = 0;
-  for (int i = 0; i < 3; ++i) {
+  std::vector<double> rates;
+  const int reps = S < 1024 ? 7 : 3;  // short calls: more of them
+  for (int i = 0; i < reps; ++i) {
     const double c0 = process_cpu_seconds();
     run();
     const double c = process_cpu_seconds() - c0;
-    best = std::max(best, double(D / hd) * 4.0 * double(S) * double(S) * double(hd) / c * 1e-9);
+    rates.push_back(double(D / hd) * 4.0 * double(S) * double(S) * double(hd) / c * 1e-9);
   }
-  *peak = kernels::attention::bf16_peak_gflops(0.3);
-  return best;
+  const int nt = num_threads();
+  std::vector<double> probe(static_cast<size_t>(nt), 0.0);
+  parallel_for(nt, [&](int64_t t) { probe[size_t(t)] = kernels::attention::bf16_peak_gflops(0.25); });
+  double sum = 0;
+  for (double p : probe) sum += p;
+  *peak = sum / nt;
+  return bench::median(rates);
 #else
   (void)S;
   return 0;
@@ -115,24 +126,46 @@ int run_model(const BenchOptions& opt) {
   in.timestep = Tensor::empty(DType::F32, {1});
   in.timestep.mutable_data<float>()[0] = 0.5f;
 
-  nn::QwenImageTimings tn, tl, tb;
+  // Cases: nibble (the process's dense math for its bf16 top-level layers), the float model on the
+  // bf16 dense GEMM, on linear_f32, and (full run) on OpenBLAS. One warm-up round packs every
+  // layout, then interleaved timed rounds; shares come from the timed rounds only.
+  nn::QwenImageTimings tn, tl, t16, tb;
   Tensor y;
+  const nn::DenseMath math0 = nn::dense_math();
+  const bool bf16_gemm = kernels::dense_bf16::supported();
+  const bool blas = !opt.quick && bench::openblas_available();
+  auto timed = [](int i, nn::QwenImageTimings& t) { return i > 0 ? &t : nullptr; };
+  std::vector<bench::InterleavedCase> cases = {
+      {[&](int i) { y = nib.forward(in, timed(i, tn)); }},
+      {[&](int i) {
+         nn::set_dense_math(nn::DenseMath::F32);
+         y = flt.forward(in, timed(i, tl));
+         nn::set_dense_math(math0);
+       }}};
+  if (bf16_gemm)
+    cases.push_back({[&](int i) {
+      nn::set_dense_math(nn::DenseMath::Bf16);
+      y = flt.forward(in, timed(i, t16));
+      nn::set_dense_math(math0);
+    }});
+  if (blas)
+    cases.push_back({[&](int i) {
+                       nn::set_dense_gemm(&bench::sgemm_nt);
+                       y = flt.forward(in, timed(i, tb));
+                       nn::set_dense_gemm(nullptr);
+                     },
+                     true});
   bench::settle_pools(true);
-  const double t_nib = bench::median_seconds(reps, [&] { y = nib.forward(in, &tn); });
-  const double runs = double(reps + 1);
-  nn::set_dense_gemm(nullptr);
-  const double t_lin = bench::median_seconds(reps, [&] { y = flt.forward(in, &tl); });
-  double t_blas = 0;
+  const std::vector<bench::Timing> T = bench::time_interleaved(reps, cases);
+  const double runs = double(reps);
+  const double t_nib = T[0].median, t_lin = T[1].median;
+  const double t_b16 = bf16_gemm ? T[2].median : 0, t_blas = blas ? T.back().median : 0;
   std::string kernel = "linear_f32";
-  if (bench::openblas_available()) {
-    nn::set_dense_gemm(&bench::sgemm_nt);
-    bench::settle_pools(false);
-    t_blas = bench::median_seconds(reps, [&] { y = flt.forward(in, &tb); });
-    nn::set_dense_gemm(nullptr);
-    bench::settle_pools(true);
-    if (t_blas < t_lin) kernel = "openblas_sgemm";
-  }
-  const double t_flt = kernel == "openblas_sgemm" ? t_blas : t_lin;
+  size_t kcase = 1;
+  if (bf16_gemm && t_b16 < T[kcase].median) kernel = "linear_bf16", kcase = 2;
+  if (blas && t_blas < T[kcase].median) kernel = "openblas_sgemm", kcase = T.size() - 1;
+  const double t_flt = T[kcase].median;
+  const double speedup = bench::paired_ratio(T[kcase], T[0]);
   const double S = double(Si + St), H = double(D / 128);
   double peak = 0;
   const double attn_core = attention_gflops_per_core(Si + St, &peak);
@@ -152,7 +185,9 @@ int run_model(const BenchOptions& opt) {
   r.n("pct_other", 100.0 * tn.other / tn.total);
   r.n("attention_ms", attn_s * 1e3).n("bf16_peak_gflops_per_core", peak).n("attention_gflops_per_core", attn_core);
   r.n("attention_pct_bf16_peak", pct_peak).n("attention_pct_bf16_peak_wall", pct_peak_wall);
-  r.n("speedup_vs_float", t_flt / t_nib);
+  r.n("speedup_vs_float", speedup);
+  r.n("float_linear_f32_ms", t_lin * 1e3).n("float_linear_bf16_ms", bf16_gemm ? t_b16 * 1e3 : NAN);
+  r.n("float_openblas_ms", blas ? t_blas * 1e3 : NAN).n("load_average", bench::load_average());
   r.n("weight_bytes_nibble", double(nib.stored_bytes())).n("weight_bytes_bf16", double(flt.stored_bytes()));
   // The ratio of the transformer blocks (what a 60-block model is made of: the top-level layers,
   // kept bf16 by the preset, are ~1 % of it), and of the whole reduced-depth files.
@@ -176,10 +211,14 @@ int run_model(const BenchOptions& opt) {
                                                    "attention_pct_bf16_peak", "speedup_vs_float", "weight_bytes_ratio",
                                                    "peak_rss_mib"}));
     fmt::print("# attention_pct_bf16_peak: the attention alone at {} tokens in CPU time per core ({:.1f} GFLOP/s) vs "
-               "the vdpbf16ps peak of a core ({:.1f}); from the step's wall clock: {:.1f} %\n",
+               "the vdpbf16ps peak per core, probed on all threads at once ({:.1f}); from the step's wall clock "
+               "against all threads' peak: {:.1f} %\n",
                Si + St, attn_core, peak, pct_peak_wall);
-    fmt::print("# attention: {}; float model: linear_f32 {:.1f} ms, openblas {}; shared host: ratios only\n",
-               nib.attention_path(), t_lin * 1e3, t_blas > 0 ? fmt::format("{:.1f} ms", t_blas * 1e3) : "n/a");
+    fmt::print("# attention: {}; float model (bf16 weights): linear_bf16 {}, linear_f32 {:.1f} ms, openblas {}; "
+               "baseline {}; speedup = median of per-round ratios; load average {:.1f}: ratios only\n",
+               nib.attention_path(), bf16_gemm ? fmt::format("{:.1f} ms", t_b16 * 1e3) : "n/a (no AVX-512 BF16)",
+               t_lin * 1e3, blas ? fmt::format("{:.1f} ms", t_blas * 1e3) : (opt.quick ? "skipped (--quick)" : "n/a"),
+               kernel, bench::load_average());
     fmt::print("# weight_bytes_ratio = bf16 / nibble bytes of the blocks; whole reduced-depth files {:.2f}, "
                "a 60-block model {:.2f}\n", double(flt.stored_bytes()) / double(nib.stored_bytes()), ratio_60);
     fmt::print("# peak_rss_mib covers the whole process (both models are loaded; the float one packs fp32 panels)\n");

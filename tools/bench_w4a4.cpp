@@ -165,6 +165,8 @@ int run_w4a4(const BenchOptions& o) {
     rec.n("quant_ms", bench::median(tq) * 1e3).n("pct_read_bw", bench::median(r_read));
     rec.n("pct_probe", bench::median(r_probe)).n("probe_exceeded", bench::median(r_probe) > 100.0 ? 1 : 0);
     rec.n("lowrank_ms", bench::median(tl) * 1e3);
+    // the activation stages' share of the staged layer (the target: <= 8 %)
+    rec.n("pct_quant_lowrank", 100.0 * (bench::median(tq) + bench::median(tl)) / T[2].median);
     rec.n("gemm_ms", t_g * 1e3).n("gemm_GOPs", gop / t_g).n("pct_vnni_peak", bench::median(r_gemm_pct));
     rec.n("fused_pct_vnni_peak", bench::median(r_fused_pct));
     rec.n("pct_peak_sample", bench::median(r_peak_probe)).n("peak_exceeded", bench::median(r_peak_probe) > 100.0 ? 1 : 0);
@@ -182,7 +184,7 @@ int run_w4a4(const BenchOptions& o) {
     fmt::print("{}", bench::records_to_json(recs));
   } else {
     fmt::print("{}", bench::records_to_table(recs, {"M", "K", "N", "isa", "threads", "fused_ms", "fused_GOPs",
-                                                    "staged_ms", "quant_ms", "pct_read_bw", "pct_probe", "lowrank_ms",
+                                                    "staged_ms", "quant_ms", "pct_read_bw", "pct_probe", "lowrank_ms", "pct_quant_lowrank",
                                                     "gemm_ms", "gemm_GOPs", "pct_vnni_peak", "pct_peak_sample", "fused_pct_vnni_peak",
                                                     "sgemm_ms", "speedup_vs_sgemm", "speedup_vs_dnnl_bf16",
                                                     "speedup_vs_dnnl_s8", "loadavg"}));

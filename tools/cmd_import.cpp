@@ -26,10 +26,13 @@ const CommandRegistration kImport{
       app.add_option("--out-group-size", a->o.out_group_size,
                      "autoawq: output group size (default 64 when the source group is a multiple of 64: exact)");
       app.add_option("--scale-dtype", a->o.scale_dtype, "autoawq: bf16|f16 for weight_scale/weight_zeros (default: the source's)");
-      app.add_option("--arch", a->o.arch, "nunchaku: qwen-image (default: detected from the names)");
+      app.add_option("--arch", a->o.arch, "nunchaku: qwen-image | flux (default: detected from the names)");
       app.add_option("--hidden", a->o.hidden, "nunchaku: model width D (default: metadata config, else img_in rows)");
       app.add_flag("--keep-mod-scale-shift", a->keep_shift,
                    "nunchaku: keep the +1 folded into the modulation scale chunks' bias (default: subtract it, ComfyUI adds it)");
+      app.add_option("--flux-linear2", a->o.flux_linear2,
+                     "nunchaku FLUX: single blocks' linear2 = [out_proj | mlp_fc2] as svdquant (default: int4, the mlp part's "
+                     "activations requantized signed) or bf16 (dense effective weight, ~2.5 GB larger for FLUX.1)");
       app.add_option("--json", a->json, "write a JSON report");
       return [a]() {
         ImportOptions o = a->o;
@@ -41,6 +44,7 @@ const CommandRegistration kImport{
                        l.R ? fmt::format("R={} ", l.R) : fmt::format("G={} ", l.group_size), l.note);
           fmt::print("imported {} layers ({} {}), {} tensors copied, {} tensors written → {} ({} bytes)\n", r.layers.size(),
                      r.format, r.arch, r.tensors_copied, r.tensors_written, a->out, r.file_size);
+          for (const auto& n : r.notes) fmt::print("note: {}\n", n);
           if (r.zeros.total)
             fmt::print("awq zeros z′: {} of {} rounded when stored (max |Δ| {:.3g} = {:.3g} of the group's scale); exact in fp32\n",
                        r.zeros.rounded, r.zeros.total, r.zeros.max_abs, r.zeros.max_rel_scale);

@@ -1,6 +1,6 @@
 // `nibble run CKPT --context C [--negative N] [--latent X | --width W --height H] [--seed S] [--ref R]...
 //  [--steps S] [--cfg G] [--shift F | --model-sampling-default] [--scheduler simple|normal]
-//  [--denoise D] [--baseline dequantized] -o OUT.latent`
+//  [--denoise D] [--baseline dequantized] [--lora FILE[:S]]... -o OUT.latent`
 // ComfyUI's KSampler (euler) with a Qwen-Image(-Edit) model: sample_flow (qwen_image.h) around
 // QwenImageTransformer::forward; latents and conditioning in the files of latent.h. Every input is
 // read and checked before the first step; the output is written atomically at the end.
@@ -44,7 +44,8 @@ const CommandRegistration reg(
     [](CLI::App& app) -> RunFn {
       struct Opts {
         std::string ckpt, context, negative, latent, out, baseline, scheduler = "simple";
-        std::vector<std::string> refs;
+        std::vector<std::string> refs, loras;
+        bool lora_partial = false;
         int64_t width = 0, height = 0, batch = 1;
         uint64_t seed = 0;
         int steps = 20;
@@ -71,6 +72,9 @@ const CommandRegistration reg(
       app.add_option("--scheduler", o->scheduler, "simple (default) | normal");
       app.add_option("--denoise", o->denoise, "denoise strength in (0, 1] (default 1)");
       app.add_option("--baseline", o->baseline, "'dequantized': every quantized layer replaced by its dequantized float layer");
+      app.add_option("--lora", o->loras, "LoRA applied at load, FILE[:STRENGTH] (default 1); repeatable, in order "
+                                         "(nothing is written: docs/lora.md)");
+      app.add_flag("--lora-partial", o->lora_partial, "skip LoRA modules that match no layer (default: an error)");
       app.add_option("-o,--output", o->out, "output .latent (written atomically)")->required();
       return [o]() -> int {
         const bool quiet = globals().quiet;
@@ -93,6 +97,12 @@ const CommandRegistration reg(
         so.scheduler = o->scheduler;
         so.model_sampling_default = o->model_default;
         const std::vector<float> sigmas = nn::flow_sigmas(so);  // validates the sampler options
+        std::vector<LoraSpec> lora_specs;
+        for (const auto& l : o->loras) {
+          lora_specs.push_back(parse_lora_spec(l));
+          if (!fs::is_regular_file(lora_specs.back().path))
+            throw Error(fmt::format("--lora {}: no such file '{}'", l, lora_specs.back().path));
+        }
         {
           const fs::path parent = fs::absolute(fs::path(o->out)).parent_path();
           if (!fs::is_directory(parent))
@@ -102,7 +112,11 @@ const CommandRegistration reg(
         nn::QwenImageLoadOptions lo;
         lo.dequantized_baseline = o->baseline == "dequantized";
         const double t_load = now_s();
-        const nn::QwenImageTransformer model = nn::QwenImageTransformer::load(o->ckpt, lo);
+        LoraApplyStats lora_stats;
+        const nn::QwenImageTransformer model =
+            lora_specs.empty() ? nn::QwenImageTransformer::load(o->ckpt, lo)
+                               : nn::QwenImageTransformer::from_model(
+                                     nn::Model::load(o->ckpt, lora_specs, o->lora_partial, &lora_stats), lo);
         const nn::QwenImageConfig& cfg = model.config();
         const double load_s = now_s() - t_load;
         Tensor latent;
@@ -135,6 +149,11 @@ const CommandRegistration reg(
           fmt::print("model      {}: {} blocks, hidden {}, {:.1f} MiB of weights{} (loaded in {:.1f} s)\n", o->ckpt,
                      cfg.blocks, cfg.hidden, double(model.stored_bytes()) / (1 << 20),
                      lo.dequantized_baseline ? ", dequantized baseline" : "", load_s);
+          for (const auto& l : lora_specs)
+            fmt::print("lora       {} (strength {})\n", l.path, l.strength);
+          if (!lora_specs.empty())
+            fmt::print("lora       {} layers changed ({} svdquant, {} awq requantized, {} float)\n", lora_stats.layers,
+                       lora_stats.svdquant_layers, lora_stats.awq_layers, lora_stats.float_layers);
           fmt::print("latent     {} ({}), context {} tokens{}{}, {} reference latent(s)\n", shape_str(latent.shape()),
                      o->latent.empty() ? "empty" : o->latent, pos.context.size(1),
                      pos.attention_mask.defined() ? " (masked)" : "",

@@ -6,12 +6,14 @@
 //               z′ = (8 − z)·s: exact in fp32, one rounding when stored in the scale dtype (the
 //               report counts and bounds it). G = 128 is split into two identical 64-groups by
 //               default (exact; the kitchen's CUDA MMA tier reads only G = 64, spec §2.3).
-//  * nunchaku — nunchaku SVDQuant INT4 checkpoints (Qwen-Image; FLUX.1 double blocks), both key
+//  * nunchaku — nunchaku SVDQuant INT4 checkpoints (Qwen-Image, FLUX.1 dev/schnell), both key
 //               generations → svdquant_w4a4 natural layout with ComfyUI names: codes copied
-//               bit-exactly out of the MMA-fragment packing (spec §9.1), fused qkv split into
-//               q/k/v (shared smooth_factor and proj_down), padding dropped; the AWQ W4A16
-//               modulation linears → awq_w4a16 with ComfyUI's [S, D] chunk order and the +1 of the
-//               scale chunks taken out of the bias (spec §9.2); the float rest renamed.
+//               bit-exactly out of the MMA-fragment packing (spec §9.1), padding dropped; Qwen's
+//               fused qkv split into q/k/v (shared smooth_factor and proj_down); FLUX's single-block
+//               parts joined into ComfyUI's linear1 (rows, exact) and linear2 (K, see
+//               `flux_linear2`); the AWQ W4A16 modulation linears → awq_w4a16 with ComfyUI's [S, D]
+//               chunk order and the +1 of the scale chunks taken out of the bias (spec §9.2); the
+//               float rest renamed.
 // Output goes through the atomic writer: a failure leaves nothing at the target. docs/import.md.
 //
 // Thread safety: The importers are functions of their arguments only (read inputs, write one
@@ -20,6 +22,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "nibble/formats.h"
@@ -64,6 +67,26 @@ AwqW4A16Params import_nunchaku_awq(const Tensor& qweight, const Tensor& wscales,
                                    const Tensor& bias, int chunks, bool scale_chunks_minus_one,
                                    ZeroRounding* rounding = nullptr, const std::string& what = "nunchaku");
 
+// ---- FLUX single blocks: ComfyUI fuses what nunchaku keeps apart (natural-layout params in, out).
+// Rows stacked along N (linear1 = [qkv; mlp_fc1]): the parts must share K, act_unsigned and a
+// bit-identical smooth_factor (else an error); codes, scale columns and bias concatenated,
+// proj_down = [down_1 | down_2 | …], proj_up block-diagonal (rank R1 + R2 + …). Exact.
+SvdquantW4A4Params concat_svdquant_rows(const std::vector<SvdquantW4A4Params>& parts, const std::string& what);
+// Inputs joined along K (linear2 = [out_proj | mlp_fc2], y = Σ parts(x_part)): codes copied along K,
+// scale rows and smooth concatenated, proj_down block-diagonal, proj_up = [up_1 | up_2 | …]; one
+// signed activation grid (act_unsigned = false). The bias is Σ biases + every act_unsigned part's
+// shift term 0.171875·Σ_k q·s/smooth (svdquant_unsigned_shift_term), in double, rounded once to the
+// first part's bias dtype. Not exact for act_unsigned parts: their activations are requantized on
+// the signed grid at run time (docs/import.md gives the measured error).
+SvdquantW4A4Params concat_svdquant_k(const std::vector<SvdquantW4A4Params>& parts, const std::string& what);
+// The same join as a dense float layer: W_eff[n, k] = q·s/smooth[k] + Σ_r up[n, r]·down[k, r] per part
+// (double, one rounding to `dtype`), bias as in concat_svdquant_k. Returns {weight (N, ΣK), bias}.
+std::pair<Tensor, Tensor> dense_svdquant_k(const std::vector<SvdquantW4A4Params>& parts, DType dtype,
+                                           const std::string& what);
+// 0.171875·Σ_k q[n, k]·wscale[k/64, n]/smooth[k]: what the +shift of an act_unsigned layer adds to
+// output n (the low-rank branch sees the unshifted input).
+double svdquant_unsigned_shift_term(const SvdquantW4A4Params& p, int64_t n);
+
 // ---- whole checkpoints
 struct ImportOptions {
   std::string format;               // "autoawq" | "nunchaku"
@@ -73,6 +96,7 @@ struct ImportOptions {
   std::string arch;                 // nunchaku: "" = detect, "qwen-image", "flux"
   int64_t hidden = 0;               // nunchaku: model width D (0 = from metadata / img_in)
   bool mod_scale_shift = true;      // nunchaku: take the folded +1 out of the scale chunks' bias
+  std::string flux_linear2 = "svdquant";  // nunchaku FLUX single blocks' linear2: "svdquant" | "bf16"
 };
 
 struct ImportLayer {

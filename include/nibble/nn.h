@@ -11,7 +11,8 @@
 // `full_precision_matrix_mult` run the eager fallback, densely in fp32 (linear_f32); a one-time
 // notice names the format. Row-separable formats (float8_e4m3fn/e5m2, int8/int4_tensorwise) keep
 // their stored bytes and are decoded in blocks of rows inside the GEMM (streamed()); the others
-// (nvfp4, mxfp8, convrot, asym_w4a8) are dequantized to fp32 at load.
+// (nvfp4, mxfp8, convrot, asym_w4a8) are decoded once at load to bf16 and run on the bf16 dense
+// GEMM (2 bytes per weight; a bf16 weight on the fp32 kernels without AVX-512 BF16).
 //
 // Model / load_checkpoint(): every linear of a (possibly sharded) checkpoint by name. ComfyUI's
 // detection (spec §4.1): any `.comfy_quant` key (or `_quantization_metadata`) makes the model

@@ -56,10 +56,16 @@ struct QwenImageInputs {
 
 struct QwenImageTimings {  // seconds accumulated by forward()
   double linear = 0, attention = 0, other = 0, total = 0;
+  double dequantize = 0;  // the dequantized baseline decoding its blocks per call (not in `other`)
 };
 
 struct QwenImageLoadOptions {
   bool dequantized_baseline = false;  // every quantized linear replaced by its dequantized float layer
+  // With dequantized_baseline: when the blocks are dequantized to fp32. 0 = all at load (fast, 4 bytes
+  // per weight plus fp32 panels), 1 = each block just before it runs, dropped after it (one block's
+  // fp32 weights resident: a 60-block model fits in RAM; costs a decode per block and call),
+  // -1 = per block when the at-load copies would exceed half the physical memory.
+  int dequantize_per_block = -1;
   int64_t head_dim = 128;  // used when the checkpoint has no attn.norm_q.weight to read it from
   // RoPE axes (sum = head_dim). Empty: (16, 56, 56) for head_dim 128, else scaled the same way
   // (head_dim/8, 7·head_dim/16, 7·head_dim/16), which needs head_dim % 32 == 0.

@@ -155,15 +155,16 @@ def load(path, loras=None, partial=False) -> Model:
 
 
 def import_checkpoint(format, input, output, *, group_size=0, out_group_size=0, scale_dtype="",
-                      arch="", hidden=0, mod_scale_shift=True) -> dict:
+                      arch="", hidden=0, mod_scale_shift=True, flux_linear2="svdquant") -> dict:
     """``nibble import FORMAT IN -o OUT``: AutoAWQ (``"autoawq"``, GEMM packing) or nunchaku
-    (``"nunchaku"``, SVDQuant INT4 Qwen-Image) → kitchen-native awq_w4a16 / svdquant_w4a4, codes
-    copied bit-exactly (docs/import.md). Returns the report (dict). Written atomically."""
+    (``"nunchaku"``, SVDQuant INT4 Qwen-Image and FLUX.1) → kitchen-native awq_w4a16 / svdquant_w4a4,
+    codes copied bit-exactly (docs/import.md). ``flux_linear2``: ``"svdquant"`` or ``"bf16"`` for
+    FLUX single blocks' linear2. Returns the report (dict). Written atomically."""
     import json
 
     return json.loads(_core.import_checkpoint(str(format), str(input), str(output), int(group_size),
                                               int(out_group_size), str(scale_dtype), str(arch),
-                                              int(hidden), bool(mod_scale_shift)))
+                                              int(hidden), bool(mod_scale_shift), str(flux_linear2)))
 
 
 def apply_loras(ckpt, loras, output, *, partial=False) -> dict:

@@ -18,7 +18,7 @@ void bind_import(nb::module_& m) {
       "import_checkpoint",
       [](const std::string& format, const std::string& in, const std::string& out, int64_t group_size,
          int64_t out_group_size, const std::string& scale_dtype, const std::string& arch, int64_t hidden,
-         bool mod_scale_shift) {
+         bool mod_scale_shift, const std::string& flux_linear2) {
         nibble::ImportOptions o;
         o.format = format;
         o.group_size = group_size;
@@ -27,11 +27,13 @@ void bind_import(nb::module_& m) {
         o.arch = arch;
         o.hidden = hidden;
         o.mod_scale_shift = mod_scale_shift;
+        o.flux_linear2 = flux_linear2;
         nb::gil_scoped_release unlocked;
         return nibble::import_report_json(nibble::import_checkpoint(in, out, o));
       },
       nb::arg("format"), nb::arg("input"), nb::arg("output"), nb::arg("group_size") = 0, nb::arg("out_group_size") = 0,
-      nb::arg("scale_dtype") = "", nb::arg("arch") = "", nb::arg("hidden") = 0, nb::arg("mod_scale_shift") = true);
+      nb::arg("scale_dtype") = "", nb::arg("arch") = "", nb::arg("hidden") = 0, nb::arg("mod_scale_shift") = true,
+      nb::arg("flux_linear2") = "svdquant");
   m.def(
       "apply_loras",
       [](const std::string& ckpt, const std::vector<std::pair<std::string, float>>& loras, const std::string& out,

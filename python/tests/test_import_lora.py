@@ -24,6 +24,23 @@ def test_import_autoawq_and_nunchaku(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_import_nunchaku_flux(tmp_path):
+    src = os.path.join(DATA, "import_nunchaku_flux.safetensors")
+    for linear2, fmt in (("svdquant", "svdquant_w4a4"), ("bf16", "bf16")):
+        out = tmp_path / (linear2 + ".safetensors")
+        r = nibble.import_checkpoint("nunchaku", src, out, flux_linear2=linear2)
+        assert r["arch"] == "flux"
+        layers = {l["name"]: l for l in r["layers"]}
+        assert layers["single_blocks.0.linear1"]["out_features"] == 896
+        assert layers["single_blocks.0.linear2"]["format"] == fmt
+        m = nibble.load(out)
+        x = np.ones((2, 640), np.float32) / 64
+        assert m.layers["single_blocks.0.linear2"](x).shape == (2, 128)
+    with pytest.raises(nibble.Error, match="svdquant or bf16"):
+        nibble.import_checkpoint("nunchaku", src, tmp_path / "x.safetensors", flux_linear2="fp8")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_lora_at_load_and_baked(tmp_path, rng):
     nibble.import_checkpoint("nunchaku", os.path.join(DATA, "import_nunchaku_qwen.safetensors"), tmp_path / "n.safetensors")
     down = (rng.standard_normal((16, 192)) * 0.05).astype(np.float32)

@@ -3,6 +3,8 @@
 // produce one unit (a layer, or a fused layer's q/k/v) at a time and stream it out. Nothing is
 // written at OUT unless every layer imported.
 #include <algorithm>
+#include <cctype>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -198,6 +200,381 @@ struct NkLayer {
 };
 
 
+// ============================================================================ nunchaku FLUX.1
+// nunchaku's FLUX files use its C++ runtime's module names (transformer_blocks.N.qkv_proj, …,
+// single_transformer_blocks.N.mlp_fc1, norm1.linear) with the v0 or v1 suffixes; its v2 Python model
+// uses diffusers' names (attn.to_qkv, ff.net.0.proj, …). Both map to ComfyUI's FLUX (BFL) names.
+struct Alias {
+  const char* out;
+  std::vector<const char*> in;
+};
+const std::vector<Alias> kFluxDoubleW4A4 = {
+    {"img_attn.qkv", {"qkv_proj", "attn.to_qkv"}},
+    {"txt_attn.qkv", {"qkv_proj_context", "attn.add_qkv_proj"}},
+    {"img_attn.proj", {"out_proj", "attn.to_out.0"}},
+    {"txt_attn.proj", {"out_proj_context", "attn.to_add_out"}},
+    {"img_mlp.0", {"mlp_fc1", "ff.net.0.proj"}},
+    {"img_mlp.2", {"mlp_fc2", "ff.net.2"}},
+    {"txt_mlp.0", {"mlp_context_fc1", "ff_context.net.0.proj"}},
+    {"txt_mlp.2", {"mlp_context_fc2", "ff_context.net.2"}},
+};
+const std::vector<Alias> kFluxDoubleMod = {{"img_mod.lin", {"norm1.linear"}}, {"txt_mod.lin", {"norm1_context.linear"}}};
+const std::vector<Alias> kFluxDoubleFloat = {
+    {"img_attn.norm.query_norm.scale", {"norm_q.weight", "attn.norm_q.weight"}},
+    {"img_attn.norm.key_norm.scale", {"norm_k.weight", "attn.norm_k.weight"}},
+    {"txt_attn.norm.query_norm.scale", {"norm_added_q.weight", "attn.norm_added_q.weight"}},
+    {"txt_attn.norm.key_norm.scale", {"norm_added_k.weight", "attn.norm_added_k.weight"}},
+};
+const std::vector<Alias> kFluxSingleFloat = {
+    {"norm.query_norm.scale", {"norm_q.weight", "attn.norm_q.weight"}},
+    {"norm.key_norm.scale", {"norm_k.weight", "attn.norm_k.weight"}},
+};
+// Top level: diffusers → BFL (comfy/utils.py flux_to_diffusers). `required`: the weight must exist.
+struct TopAlias {
+  const char* out;
+  const char* in;
+  bool required;
+};
+const std::vector<TopAlias> kFluxTop = {
+    {"img_in", "x_embedder", true},
+    {"txt_in", "context_embedder", true},
+    {"time_in.in_layer", "time_text_embed.timestep_embedder.linear_1", true},
+    {"time_in.out_layer", "time_text_embed.timestep_embedder.linear_2", true},
+    {"vector_in.in_layer", "time_text_embed.text_embedder.linear_1", true},
+    {"vector_in.out_layer", "time_text_embed.text_embedder.linear_2", true},
+    {"guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1", false},  // dev only
+    {"guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2", false},
+    {"final_layer.linear", "proj_out", true},
+    {"final_layer.adaLN_modulation.1", "norm_out.linear", true},  // halves swapped: (scale, shift) → (shift, scale)
+};
+
+// Halves of dim 0 swapped (diffusers' norm_out.linear is [scale; shift], BFL's [shift; scale]).
+Unit swap_halves_unit(const Checkpoint& ck, const std::string& from, const std::string& to, const std::string& in) {
+  const TensorInfo& ti = ck.info(from);
+  if (ti.shape.empty() || ti.shape[0] % 2)
+    throw Error(fmt::format("{}: '{}' {} has no even first dimension to split into (scale, shift)", in, from,
+                            shape_str(ti.shape)));
+  Unit u;
+  u.outs.push_back({to, ti.dtype, ti.shape});
+  u.make = [&ck, from, to] {
+    Tensor t = ck.get(from);
+    Tensor o = Tensor::empty(t.dtype(), t.shape());
+    const size_t half = t.nbytes() / 2;
+    std::memcpy(o.mutable_raw(), static_cast<const uint8_t*>(t.raw()) + half, half);
+    std::memcpy(static_cast<uint8_t*>(o.mutable_raw()) + half, t.raw(), half);
+    return TensorList{{to, o}};
+  };
+  return u;
+}
+
+// One nunchaku SVDQuant layer with its logical size and rank (planned before the output is written).
+struct FluxPart {
+  NunchakuW4A4Source src;
+  int64_t N, K, R;
+  bool act_unsigned;
+  std::string P;
+  DType dt;
+};
+SvdquantW4A4Params run_part(const FluxPart& p) {
+  return import_nunchaku_w4a4(p.src, p.N, p.K, {}, p.R, p.act_unsigned, p.P).front();
+}
+
+using Decls = std::vector<std::pair<std::string, std::pair<DType, Shape>>>;
+Decls svdquant_decls(int64_t N, int64_t K, int64_t R, DType dt, bool bias, DType bd) {
+  Decls d = {{"weight", {DType::I8, {N, K / 2}}}, {"weight_scale", {dt, {K / 64, N}}}, {"smooth_factor", {dt, {K}}},
+             {"proj_down", {dt, {K, R}}},          {"proj_up", {dt, {N, R}}}};
+  if (bias) d.push_back({"bias", {bd, {N}}});
+  return d;
+}
+QuantConfig svdquant_config(bool act_unsigned) {
+  QuantConfig cfg;
+  cfg.format = "svdquant_w4a4";
+  cfg.lowrank_branch_input_basis = "raw";
+  cfg.proj_down_smooth_folded = true;
+  if (act_unsigned) cfg.act_unsigned = true;
+  return cfg;
+}
+
+ImportReport import_nunchaku_flux(const Checkpoint& ck, const std::string& in, const std::string& out,
+                                  const ImportOptions& o, const std::map<std::string, NkLayer>& layers, ImportReport& r) {
+  const std::string l2 = o.flux_linear2.empty() ? "svdquant" : o.flux_linear2;
+  if (l2 != "svdquant" && l2 != "bf16")
+    throw Error(fmt::format("import: --flux-linear2 '{}': expected svdquant or bf16", o.flux_linear2));
+  // Blocks present.
+  std::set<int64_t> doubles, singles;
+  auto block_index = [](const std::string& n, const std::string& pre, int64_t* idx) {
+    if (n.compare(0, pre.size(), pre) != 0) return false;
+    size_t e = pre.size();
+    while (e < n.size() && std::isdigit(static_cast<unsigned char>(n[e]))) ++e;
+    if (e == pre.size() || e >= n.size() || n[e] != '.') return false;
+    *idx = std::stoll(n.substr(pre.size(), e - pre.size()));
+    return true;
+  };
+  for (const auto& n : ck.names()) {
+    int64_t i;
+    if (block_index(n, "transformer_blocks.", &i)) doubles.insert(i);
+    else if (block_index(n, "single_transformer_blocks.", &i)) singles.insert(i);
+  }
+  if (doubles.empty() && singles.empty())
+    throw Error(fmt::format("{}: no transformer_blocks.N / single_transformer_blocks.N in a FLUX nunchaku checkpoint", in));
+  // Model width D.
+  int64_t D = o.hidden;
+  if (!D && ck.metadata().count("config")) {
+    try {
+      auto j = nlohmann::json::parse(ck.metadata().at("config"));
+      if (j.contains("num_attention_heads") && j.contains("attention_head_dim"))
+        D = j["num_attention_heads"].get<int64_t>() * j["attention_head_dim"].get<int64_t>();
+    } catch (const std::exception&) {
+    }
+  }
+  if (!D && ck.contains("x_embedder.weight")) D = ck.info("x_embedder.weight").shape[0];
+  if (!D) throw Error(fmt::format("{}: cannot tell the FLUX model width (no metadata config, no x_embedder.weight); pass --hidden", in));
+  if (D % 64) throw Error(fmt::format("{}: FLUX model width {} is not a multiple of 64", in, D));
+
+  std::set<std::string> consumed;  // input tensors accounted for
+  auto layer_of = [&](const std::string& blk, const std::vector<const char*>& names, bool awq, const std::string& role) {
+    for (const char* nm : names) {
+      auto it = layers.find(blk + nm);
+      if (it == layers.end()) continue;
+      if (it->second.awq != awq)
+        throw Error(fmt::format("{}: '{}' is a nunchaku {} layer; {} expects {}", in, it->first,
+                                it->second.awq ? "AWQ W4A16" : "SVDQuant INT4", role, awq ? "AWQ W4A16" : "SVDQuant INT4"));
+      return &it->second;
+    }
+    std::vector<std::string> alts;
+    for (const char* nm : names) alts.push_back(blk + nm + ".qweight");
+    throw Error(fmt::format("{}: FLUX {} is missing: expected {} (a nunchaku {} layer)", in, role, fmt::join(alts, " or "),
+                            awq ? "AWQ W4A16 modulation" : "SVDQuant INT4"));
+  };
+  auto float_of = [&](const std::string& blk, const std::vector<const char*>& names, const std::string& role) {
+    for (const char* nm : names)
+      if (ck.contains(blk + nm)) return blk + nm;
+    std::vector<std::string> alts;
+    for (const char* nm : names) alts.push_back(blk + nm);
+    throw Error(fmt::format("{}: FLUX {} is missing: expected the tensor {}", in, role, fmt::join(alts, " or ")));
+  };
+  auto mark_layer = [&](const NkLayer& l) {
+    for (const char* s : {"qweight", "wscales", "wzeros", "smooth_factor", "smooth", "smooth_factor_orig", "smooth_orig",
+                          "proj_down", "proj_up", "lora_down", "lora_up", "bias"})
+      if (ck.contains(l.P + "." + s)) consumed.insert(l.P + "." + s);
+  };
+  auto source_of = [&ck](const NkLayer& l) {
+    return NunchakuW4A4Source{ck.get(l.key.at("qweight")), ck.get(l.key.at("wscales")), ck.get(l.key.at("smooth")),
+                              ck.get(l.key.at("proj_down")), ck.get(l.key.at("proj_up")),
+                              l.key.count("bias") ? ck.get(l.key.at("bias")) : Tensor()};
+  };
+  // Logical (N, K) of a FLUX SVDQuant layer: qkv 3D×D, proj D×D, fc1 F×D, fc2 D×F with F = 4D when it
+  // fits the stored padding (FLUX.1's mlp_ratio), else the stored size.
+  enum Kind { kQkv, kProj, kFc1, kFc2 };
+  auto logical = [&](const NkLayer& l, Kind kind) {
+    const TensorInfo& qi = ck.info(l.key.at("qweight"));
+    const int64_t Np = qi.shape[0], Kp = qi.shape[1] * 2;
+    auto fits = [](int64_t stored, int64_t want) { return stored - want >= 0 && stored - want < 128; };
+    switch (kind) {
+      case kQkv: return std::pair<int64_t, int64_t>{3 * D, D};
+      case kProj: return std::pair<int64_t, int64_t>{D, D};
+      case kFc1: return std::pair<int64_t, int64_t>{fits(Np, 4 * D) ? 4 * D : Np, D};
+      case kFc2: return std::pair<int64_t, int64_t>{D, fits(Kp, 4 * D) ? 4 * D : Kp};
+    }
+    return std::pair<int64_t, int64_t>{Np, Kp};
+  };
+  auto probe = [&](const NkLayer& l, Kind kind) {
+    auto [N, K] = logical(l, kind);
+    FluxPart p{source_of(l), N, K, 0, kind == kFc2, l.P, DType::BF16};
+    p.dt = p.src.wscales.dtype();
+    p.R = import_nunchaku_w4a4(p.src, N, K, {}, 0, p.act_unsigned, l.P).front().R;  // dry run: checks and rank
+    return p;
+  };
+  std::vector<Unit> units;
+  auto add_svdquant_unit = [&](const std::string& outP, std::vector<FluxPart> parts, bool rows, const std::string& note,
+                               const std::string& source) {
+    // Shapes as import_nunchaku_w4a4 / concat_svdquant_rows / concat_svdquant_k will produce them.
+    const bool one = parts.size() == 1;
+    int64_t N = one || !rows ? parts[0].N : 0, K = one || rows ? parts[0].K : 0, R = 0;
+    bool bias = false;
+    DType bd = parts[0].dt;
+    bool bd_set = false;
+    for (const auto& p : parts) {
+      if (!one && rows) N += p.N;
+      if (!one && !rows) K += p.K;
+      R += p.R;
+      bias = bias || p.src.bias.defined() || (!one && !rows && p.act_unsigned);
+      if (p.src.bias.defined() && !bd_set) {
+        bd = p.src.bias.dtype();
+        bd_set = true;
+      }
+    }
+    const bool unsigned_ = one && parts[0].act_unsigned;
+    const QuantConfig cfg = svdquant_config(unsigned_);
+    Unit u;
+    add_layer_decls(u, outP, svdquant_decls(N, K, R, parts[0].dt, bias, bd), cfg);
+    u.make = [parts, rows, outP, cfg] {
+      std::vector<SvdquantW4A4Params> ps;
+      for (const auto& p : parts) ps.push_back(run_part(p));
+      SvdquantW4A4Params m = ps.size() == 1 ? ps[0] : rows ? concat_svdquant_rows(ps, outP) : concat_svdquant_k(ps, outP);
+      TensorList t;
+      append_layer(t, outP, layer_tensors(m), cfg);
+      return t;
+    };
+    units.push_back(std::move(u));
+    r.layers.push_back({source, outP, "svdquant_w4a4", N, K, R, 64, note});
+  };
+  auto add_mod_unit = [&](const NkLayer& l, const std::string& outP, int S) {
+    const TensorInfo& qi = ck.info(l.key.at("qweight"));
+    const int64_t N = qi.shape[0] * 4, K = qi.shape[1] * int64_t(dtype_size(qi.dtype)) / 2;
+    if (N != S * D || K != D)
+      throw Error(fmt::format("{}: '{}' is {}x{}, expected {}x{} ({} modulation chunks of D = {})", in, l.P, N, K, S * D, D, S, D));
+    // nunchaku's GEMV_AWQ may carry an optional low-rank branch (lora_down/lora_up); awq_w4a16 has
+    // none, so a non-zero one cannot be imported exactly.
+    for (const char* s : {"lora_down", "lora_up", "proj_down", "proj_up"}) {
+      if (!ck.contains(l.P + "." + s)) continue;
+      const Tensor t = ck.get(l.P + "." + s);
+      const auto* b = static_cast<const uint8_t*>(t.raw());
+      const size_t es = dtype_size(t.dtype());
+      for (size_t i = 0; i < t.nbytes(); ++i)
+        if (b[i] != 0 && !(es == 2 && i % 2 == 1 && b[i] == 0x80))  // ±0 of a 16-bit float
+          throw Error(fmt::format("{}: modulation layer '{}' has a non-zero low-rank branch '{}.{}'; awq_w4a16 has none "
+                                  "(merge it into the weight first)",
+                                  in, l.P, l.P, s));
+    }
+    const DType sd = ck.info(l.key.at("wscales")).dtype;
+    const bool has_bias = l.key.count("bias") != 0;
+    const DType bd = has_bias ? (ck.info(l.key.at("bias")).dtype == DType::F32 ? sd : ck.info(l.key.at("bias")).dtype) : sd;
+    QuantConfig cfg;
+    cfg.format = "awq_w4a16";
+    cfg.group_size = 64;
+    Unit u;
+    Decls decl = {{"weight", {DType::I8, {N, K / 2}}}, {"weight_scale", {sd, {K / 64, N}}}, {"weight_zeros", {sd, {K / 64, N}}}};
+    if (has_bias) decl.push_back({"bias", {bd, {N}}});
+    add_layer_decls(u, outP, decl, cfg);
+    const bool minus_one = o.mod_scale_shift;
+    auto* rep = &r;
+    u.make = [&ck, l, S, minus_one, cfg, rep, outP] {
+      ZeroRounding zr;
+      AwqW4A16Params p = import_nunchaku_awq(ck.get(l.key.at("qweight")), ck.get(l.key.at("wscales")), ck.get(l.key.at("wzeros")),
+                                             l.key.count("bias") ? ck.get(l.key.at("bias")) : Tensor(), S, minus_one, &zr, l.P);
+      rep->zeros.merge(zr);
+      TensorList t;
+      append_layer(t, outP, layer_tensors(p), cfg);
+      return t;
+    };
+    units.push_back(std::move(u));
+    mark_layer(l);
+    r.layers.push_back({l.P, outP, "awq_w4a16", N, K, 0, 64,
+                        fmt::format("chunks [D,{}]→[{},D]{}", S, S, minus_one ? ", bias of scale chunks −1" : "")});
+  };
+  auto add_float = [&](const std::string& from, const std::string& to) {
+    units.push_back(copy_unit(ck, from, to));
+    consumed.insert(from);
+    ++r.tensors_copied;
+  };
+
+  // Top level.
+  for (const auto& t : kFluxTop) {
+    const std::string w = std::string(t.in) + ".weight", b = std::string(t.in) + ".bias";
+    if (!ck.contains(w)) {
+      if (!t.required) continue;
+      throw Error(fmt::format("{}: FLUX top-level tensor '{}' (ComfyUI {}.weight) is missing{}", in, w, t.out,
+                              doubles.empty() || ck.contains("x_embedder.weight")
+                                  ? ""
+                                  : "; a split nunchaku model (transformer_blocks.safetensors + unquantized_layers.safetensors) "
+                                    "must be merged first: python -m nunchaku.merge_safetensors"));
+    }
+    const bool swap = std::string(t.in) == "norm_out.linear";
+    for (const auto& [from, suffix] : {std::pair{w, ".weight"}, std::pair{b, ".bias"}}) {
+      if (!ck.contains(from)) continue;
+      const std::string to = std::string(t.out) + suffix;
+      if (swap) {
+        units.push_back(swap_halves_unit(ck, from, to, in));
+        consumed.insert(from);
+        ++r.tensors_copied;
+      } else {
+        add_float(from, to);
+      }
+    }
+  }
+  // Double blocks.
+  for (int64_t i : doubles) {
+    const std::string blk = fmt::format("transformer_blocks.{}.", i), ob = fmt::format("double_blocks.{}.", i);
+    for (const auto& a : kFluxDoubleMod)
+      add_mod_unit(*layer_of(blk, a.in, true, fmt::format("double block {} {}", i, a.out)), ob + a.out, 6);
+    for (const auto& a : kFluxDoubleW4A4) {
+      const NkLayer& l = *layer_of(blk, a.in, false, fmt::format("double block {} {}", i, a.out));
+      const std::string out_name = a.out;
+      const Kind kind = ends_with(out_name, ".qkv") ? kQkv : ends_with(out_name, ".proj") ? kProj
+                        : ends_with(out_name, ".0") ? kFc1 : kFc2;
+      mark_layer(l);
+      add_svdquant_unit(ob + a.out, {probe(l, kind)}, true, kind == kFc2 ? "act_unsigned" : "", l.P);
+    }
+    for (const auto& a : kFluxDoubleFloat) add_float(float_of(blk, a.in, fmt::format("double block {} {}", i, a.out)), ob + a.out);
+  }
+  // Single blocks: linear1 = [qkv; mlp_fc1] (rows), linear2 = [out_proj | mlp_fc2] (K).
+  for (int64_t i : singles) {
+    const std::string blk = fmt::format("single_transformer_blocks.{}.", i), ob = fmt::format("single_blocks.{}.", i);
+    add_mod_unit(*layer_of(blk, {"norm.linear"}, true, fmt::format("single block {} modulation.lin", i)), ob + "modulation.lin", 3);
+    const NkLayer& qkv = *layer_of(blk, {"qkv_proj", "attn.to_qkv"}, false, fmt::format("single block {} linear1 (qkv part)", i));
+    const NkLayer& fc1 = *layer_of(blk, {"mlp_fc1", "proj_mlp"}, false, fmt::format("single block {} linear1 (mlp part)", i));
+    const NkLayer& prj = *layer_of(blk, {"out_proj", "attn.to_out", "attn.to_out.0"}, false,
+                                   fmt::format("single block {} linear2 (attention part)", i));
+    const NkLayer& fc2 = *layer_of(blk, {"mlp_fc2", "proj_out.linears.1"}, false, fmt::format("single block {} linear2 (mlp part)", i));
+    for (const NkLayer* l : {&qkv, &fc1, &prj, &fc2}) mark_layer(*l);
+    FluxPart pq = probe(qkv, kQkv), pf = probe(fc1, kFc1);
+    {
+      // The rows can only be stacked exactly when both parts were smoothed together (DC does so).
+      const Tensor a = pq.src.smooth, b = pf.src.smooth;
+      if (a.nbytes() != b.nbytes() || std::memcmp(a.raw(), b.raw(), a.nbytes()) != 0)
+        throw Error(fmt::format("{}: '{}' and '{}' have different smoothing vectors, so ComfyUI's fused linear1 cannot hold "
+                                "them exactly (nunchaku's converter smooths both with one vector)",
+                                in, qkv.P, fc1.P));
+    }
+    add_svdquant_unit(ob + "linear1", {pq, pf}, true, fmt::format("rows [qkv {}; mlp {}], rank {}+{}", pq.N, pf.N, pq.R, pf.R),
+                      qkv.P + "+" + fc1.P);
+    FluxPart pp = probe(prj, kProj), p2 = probe(fc2, kFc2);
+    if (l2 == "svdquant") {
+      add_svdquant_unit(ob + "linear2", {pp, p2}, false,
+                        fmt::format("K [attn {} | mlp {}], rank {}+{}, mlp part requantized signed (was act_unsigned), shift "
+                                    "folded into bias",
+                                    pp.K, p2.K, pp.R, p2.R),
+                        prj.P + "+" + fc2.P);
+    } else {
+      const std::string outP = ob + "linear2";
+      const int64_t N = pp.N, K = pp.K + p2.K;
+      Unit u;
+      u.outs.push_back({outP + ".weight", DType::BF16, {N, K}});
+      u.outs.push_back({outP + ".bias", DType::BF16, {N}});
+      u.make = [pp, p2, outP] {
+        auto wb = dense_svdquant_k({run_part(pp), run_part(p2)}, DType::BF16, outP);
+        return TensorList{{outP + ".weight", wb.first}, {outP + ".bias", wb.second}};
+      };
+      units.push_back(std::move(u));
+      r.layers.push_back({prj.P + "+" + fc2.P, outP, "bf16", N, K, 0, 0,
+                          "dense effective weight W = q·s/smooth + up·downᵀ, shift folded into bias"});
+    }
+    for (const auto& a : kFluxSingleFloat) add_float(float_of(blk, a.in, fmt::format("single block {} {}", i, a.out)), ob + a.out);
+  }
+  // Anything else: copied under its own name (ComfyUI ignores unknown keys), listed in the notes.
+  std::vector<std::string> extra;
+  for (const auto& n : ck.names())
+    if (!consumed.count(n)) {
+      units.push_back(copy_unit(ck, n, n));
+      ++r.tensors_copied;
+      extra.push_back(n);
+    }
+  if (!extra.empty()) {
+    const std::vector<std::string> shown(extra.begin(), extra.begin() + std::min<size_t>(extra.size(), 8));
+    r.notes.push_back(fmt::format("{} tensor(s) not part of FLUX.1 copied under their own names: {}{}", extra.size(),
+                                  fmt::join(shown, ", "), extra.size() > 8 ? ", …" : ""));
+  }
+  if (l2 == "bf16") r.notes.push_back("single blocks' linear2 written as dense bf16 (--flux-linear2 bf16)");
+  std::map<std::string, std::string> meta;
+  for (auto& [k, v] : ck.metadata())
+    if (k == "config") meta[k] = v;
+  meta["nibble_import"] = "nunchaku";
+  meta["nibble_import_arch"] = "flux";
+  return write_units(out, units, meta, r);
+}
+
+
 ImportReport import_nunchaku(const std::string& in, const std::string& out, const ImportOptions& o) {
   Checkpoint ck = Checkpoint::open(in);
   ImportReport r;
@@ -251,21 +628,22 @@ ImportReport import_nunchaku(const std::string& in, const std::string& out, cons
   // Architecture.
   std::string arch = o.arch;
   if (arch.empty()) {
+    // FLUX first: nunchaku's FLUX v2 names reuse Qwen's attn.to_qkv, but only FLUX has single blocks
+    // and norm1.linear modulation.
     for (auto& [P, l] : layers)
-      if (ends_with(P, "img_mod.1") || ends_with(P, "attn.to_qkv") || ends_with(P, "img_mlp.net.0.proj")) arch = "qwen-image";
+      if (P.find("single_transformer_blocks.") != std::string::npos || ends_with(P, "norm1.linear") ||
+          ends_with(P, ".qkv_proj") || ends_with(P, ".mlp_fc1"))
+        arch = "flux";
     if (arch.empty())
       for (auto& [P, l] : layers)
-        if (P.find("single_transformer_blocks") != std::string::npos || ends_with(P, "norm1.linear") ||
-            ends_with(P, ".qkv_proj") || ends_with(P, ".mlp_fc1"))
-          arch = "flux";
+        if (ends_with(P, "img_mod.1") || ends_with(P, "attn.to_qkv") || ends_with(P, "img_mlp.net.0.proj"))
+          arch = "qwen-image";
     if (arch.empty()) throw Error(fmt::format("{}: cannot tell the architecture from the layer names; pass --arch", in));
   }
-  if (arch != "qwen-image")
-    throw Error(fmt::format("{}: nunchaku architecture '{}' is not supported yet (supported: qwen-image). FLUX needs ComfyUI's "
-                            "fused single-block linear1/linear2, which mix differently smoothed and act_unsigned inputs "
-                            "(docs/import.md)",
-                            in, arch));
+  if (arch != "qwen-image" && arch != "flux")
+    throw Error(fmt::format("{}: nunchaku architecture '{}' is not supported (supported: qwen-image, flux)", in, arch));
   r.arch = arch;
+  if (arch == "flux") return import_nunchaku_flux(ck, in, out, o, layers, r);
   // Model width D: metadata config, else img_in rows, else to_out.0's stored N.
   int64_t D = o.hidden;
   if (!D && ck.metadata().count("config")) {
@@ -422,6 +800,7 @@ std::string import_report_json(const ImportReport& r) {
   j["file_size"] = r.file_size;
   j["zeros"] = {{"total", r.zeros.total}, {"rounded", r.zeros.rounded}, {"max_abs", r.zeros.max_abs},
                 {"max_rel_scale", r.zeros.max_rel_scale}};
+  j["notes"] = r.notes;
   auto& L = j["layers"] = nlohmann::ordered_json::array();
   for (const auto& l : r.layers)
     L.push_back({{"source", l.source}, {"name", l.name}, {"format", l.format}, {"out_features", l.N},

@@ -11,6 +11,7 @@
 #include <fmt/format.h>
 
 #include "nibble/import.h"
+#include "nibble/thread_pool.h"
 
 namespace nibble {
 
@@ -165,8 +166,8 @@ AwqW4A16Params import_nunchaku_awq(const Tensor& qweight, const Tensor& wscales,
        fmt::format("{}.wzeros: expected {}, got {}", what, shape_str(wscales.shape()), shape_str(wzeros.shape())));
   for (int64_t g = NG; g < wscales.size(0); ++g)
     for (int64_t n = 0; n < N; ++n)
-      need(load_f(wscales, g * N + n) == 0 && load_f(wzeros, g * N + n) == 0,
-           fmt::format("{}: padding group row {} of wscales/wzeros is not zero (K = {} has {} groups)", what, g, K, NG));
+      if (load_f(wscales, g * N + n) != 0 || load_f(wzeros, g * N + n) != 0)
+        throw Error(fmt::format("{}: padding group row {} of wscales/wzeros is not zero (K = {} has {} groups)", what, g, K, NG));
   need(S >= 1 && N % S == 0, fmt::format("{}: {} outputs do not split into {} chunks", what, N, S));
   if (bias.defined()) {
     need_dtype(bias, {DType::F16, DType::BF16, DType::F32}, what + ".bias");
@@ -279,9 +280,9 @@ std::vector<SvdquantW4A4Params> import_nunchaku_w4a4(const NunchakuW4A4Source& s
     for (int j = 0; j < 8; ++j) {
       const int nib = int((v >> (4 * j)) & 0xF);
       if (n < N && k0 + j < K) codes[size_t(n * K + k0 + j)] = uint8_t(nib);
-      else
-        need(nib == 0, fmt::format("{}.qweight: padding code at ({}, {}) is {}, expected 0 (wrong logical size?)", what, n,
-                                   k0 + j, nib));
+      else if (nib != 0)  // (not need(): the message would be formatted for every padding code)
+        throw Error(fmt::format("{}.qweight: padding code at ({}, {}) is {}, expected 0 (wrong logical size?)", what, n,
+                                k0 + j, nib));
     }
   }
   // Low-rank: find the last rank column that is non-zero in proj_down or proj_up (pad columns are 0).
@@ -353,6 +354,219 @@ std::vector<SvdquantW4A4Params> import_nunchaku_w4a4(const NunchakuW4A4Source& s
     n0 += Nm;
   }
   return outs;
+}
+
+// ============================================================================ FLUX single-block fusions
+namespace {
+
+// Natural-layout svdquant params only (what import_nunchaku_w4a4 returns).
+void need_natural(const SvdquantW4A4Params& p, const std::string& what) {
+  need(!p.tile_packed && !p.proj_up_tile, fmt::format("{}: expected natural-layout svdquant params", what));
+  validate(p, what);
+}
+int nibble_at(const uint8_t* row, int64_t k) { return k % 2 ? unpack_hi_signed(row[k / 2]) : unpack_lo_signed(row[k / 2]); }
+double inv_smooth(const Tensor& sm, int64_t k) {
+  const double v = load_f(sm, k);
+  return std::fabs(v) > 1e-10 ? 1.0 / double(float(v)) : 0.0;  // the kitchen's guard (spec §3.3)
+}
+
+}  // namespace
+
+double svdquant_unsigned_shift_term(const SvdquantW4A4Params& p, int64_t n) {
+  const uint8_t* q = reinterpret_cast<const uint8_t*>(p.qweight.raw()) + n * (p.K / 2);
+  double acc = 0;
+  for (int64_t k = 0; k < p.K; ++k)
+    acc += double(nibble_at(q, k)) * double(load_f(p.wscales, (k / 64) * p.N + n)) * inv_smooth(p.smooth, k);
+  return double(kSvdquantUnsignedShift) * acc;
+}
+
+SvdquantW4A4Params concat_svdquant_rows(const std::vector<SvdquantW4A4Params>& parts, const std::string& what) {
+  need(!parts.empty(), fmt::format("{}: nothing to concatenate", what));
+  const SvdquantW4A4Params& f = parts.front();
+  const DType dt = f.wscales.dtype();
+  int64_t N = 0, R = 0;
+  bool any_bias = false;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const auto& p = parts[i];
+    const std::string wi = fmt::format("{} (part {})", what, i);
+    need_natural(p, wi);
+    need(p.K == f.K, fmt::format("{}: input sizes differ ({} vs {}): rows can only be stacked for one input", wi, p.K, f.K));
+    need(p.act_unsigned == f.act_unsigned, fmt::format("{}: parts differ in act_unsigned", wi));
+    need(p.wscales.dtype() == dt && p.smooth.dtype() == dt && p.proj_down.dtype() == dt && p.proj_up.dtype() == dt,
+         fmt::format("{}: parts differ in dtype", wi));
+    need(p.smooth.nbytes() == f.smooth.nbytes() && std::memcmp(p.smooth.raw(), f.smooth.raw(), p.smooth.nbytes()) == 0,
+         fmt::format("{}: the parts' smooth_factor differ; one layer has one smoothing vector, so the rows cannot be "
+                     "stacked exactly",
+                     wi));
+    N += p.N;
+    R += p.R;
+    any_bias = any_bias || p.bias.defined();
+  }
+  const int64_t K = f.K;
+  SvdquantW4A4Params o;
+  o.N = N;
+  o.K = K;
+  o.R = R;
+  o.act_unsigned = f.act_unsigned;
+  o.smooth = f.smooth;
+  o.qweight = Tensor::empty(DType::I8, {N, K / 2});
+  o.wscales = Tensor::empty(dt, {K / 64, N});
+  o.proj_down = Tensor::zeros(dt, {K, R});
+  o.proj_up = Tensor::zeros(dt, {N, R});
+  DType bd = dt;
+  for (const auto& p : parts)
+    if (p.bias.defined()) { bd = p.bias.dtype(); break; }
+  if (any_bias) o.bias = Tensor::zeros(bd, {N});
+  int64_t n0 = 0, r0 = 0;
+  for (const auto& p : parts) {
+    std::memcpy(static_cast<uint8_t*>(o.qweight.mutable_raw()) + n0 * (K / 2), p.qweight.raw(), size_t(p.N * K / 2));
+    for (int64_t g = 0; g < K / 64; ++g)
+      std::memcpy(o.wscales.mutable_data<uint16_t>() + g * N + n0, p.wscales.data<uint16_t>() + g * p.N, size_t(p.N) * 2);
+    for (int64_t k = 0; k < K; ++k)
+      std::memcpy(o.proj_down.mutable_data<uint16_t>() + k * R + r0, p.proj_down.data<uint16_t>() + k * p.R, size_t(p.R) * 2);
+    for (int64_t n = 0; n < p.N; ++n)
+      std::memcpy(o.proj_up.mutable_data<uint16_t>() + (n0 + n) * R + r0, p.proj_up.data<uint16_t>() + n * p.R,
+                  size_t(p.R) * 2);
+    if (p.bias.defined()) {
+      if (p.bias.dtype() == bd) {
+        std::memcpy(static_cast<uint8_t*>(o.bias.mutable_raw()) + n0 * dtype_size(bd), p.bias.raw(), p.bias.nbytes());
+      } else {
+        for (int64_t n = 0; n < p.N; ++n) {
+          const double v = load_f(p.bias, n);
+          if (bd == DType::F32) o.bias.mutable_data<float>()[n0 + n] = float(v);
+          else o.bias.mutable_data<uint16_t>()[n0 + n] = enc16(bd, v);
+        }
+      }
+    }
+    n0 += p.N;
+    r0 += p.R;
+  }
+  validate(o, what);
+  return o;
+}
+
+namespace {
+struct KConcatPlan {
+  int64_t N = 0, K = 0, R = 0;
+  DType dt = DType::BF16, bd = DType::BF16;
+};
+KConcatPlan plan_k_concat(const std::vector<SvdquantW4A4Params>& parts, const std::string& what) {
+  need(!parts.empty(), fmt::format("{}: nothing to concatenate", what));
+  KConcatPlan pl;
+  pl.N = parts.front().N;
+  pl.dt = parts.front().wscales.dtype();
+  pl.bd = pl.dt;
+  bool bias_seen = false;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const auto& p = parts[i];
+    const std::string wi = fmt::format("{} (part {})", what, i);
+    need_natural(p, wi);
+    need(p.N == pl.N, fmt::format("{}: output sizes differ ({} vs {}): inputs can only be joined for one output", wi, p.N, pl.N));
+    need(p.K % 64 == 0, fmt::format("{}: K = {} is not a multiple of 64 (groups would straddle the parts)", wi, p.K));
+    need(p.wscales.dtype() == pl.dt && p.smooth.dtype() == pl.dt && p.proj_down.dtype() == pl.dt &&
+             p.proj_up.dtype() == pl.dt,
+         fmt::format("{}: parts differ in dtype", wi));
+    if (p.bias.defined() && !bias_seen) {
+      pl.bd = p.bias.dtype();
+      bias_seen = true;
+    }
+    pl.K += p.K;
+    pl.R += p.R;
+  }
+  return pl;
+}
+// Σ of the parts' biases plus each act_unsigned part's shift term, in double.
+std::vector<double> folded_bias(const std::vector<SvdquantW4A4Params>& parts, int64_t N) {
+  std::vector<double> b(size_t(N), 0.0);
+  for (const auto& p : parts) {
+    if (p.bias.defined())
+      for (int64_t n = 0; n < N; ++n) b[size_t(n)] += load_f(p.bias, n);
+    if (p.act_unsigned)
+      parallel_for_range(N, 16, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n) b[size_t(n)] += svdquant_unsigned_shift_term(p, n);
+      });
+  }
+  return b;
+}
+Tensor store_vector(const std::vector<double>& v, DType d) {
+  Tensor t = Tensor::empty(d, {int64_t(v.size())});
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (d == DType::F32) t.mutable_data<float>()[i] = float(v[i]);
+    else t.mutable_data<uint16_t>()[i] = enc16(d, v[i]);
+  }
+  return t;
+}
+}  // namespace
+
+SvdquantW4A4Params concat_svdquant_k(const std::vector<SvdquantW4A4Params>& parts, const std::string& what) {
+  const KConcatPlan pl = plan_k_concat(parts, what);
+  const int64_t N = pl.N, K = pl.K, R = pl.R;
+  SvdquantW4A4Params o;
+  o.N = N;
+  o.K = K;
+  o.R = R;
+  o.act_unsigned = false;  // one activation grid for the whole input: the signed one
+  o.qweight = Tensor::empty(DType::I8, {N, K / 2});
+  o.wscales = Tensor::empty(pl.dt, {K / 64, N});
+  o.smooth = Tensor::empty(pl.dt, {K});
+  o.proj_down = Tensor::zeros(pl.dt, {K, R});
+  o.proj_up = Tensor::empty(pl.dt, {N, R});
+  int64_t k0 = 0, r0 = 0;
+  for (const auto& p : parts) {
+    for (int64_t n = 0; n < N; ++n)
+      std::memcpy(static_cast<uint8_t*>(o.qweight.mutable_raw()) + n * (K / 2) + k0 / 2,
+                  static_cast<const uint8_t*>(p.qweight.raw()) + n * (p.K / 2), size_t(p.K / 2));
+    std::memcpy(o.wscales.mutable_data<uint16_t>() + (k0 / 64) * N, p.wscales.raw(), p.wscales.nbytes());
+    std::memcpy(o.smooth.mutable_data<uint16_t>() + k0, p.smooth.raw(), p.smooth.nbytes());
+    for (int64_t k = 0; k < p.K; ++k)
+      std::memcpy(o.proj_down.mutable_data<uint16_t>() + (k0 + k) * R + r0, p.proj_down.data<uint16_t>() + k * p.R,
+                  size_t(p.R) * 2);
+    for (int64_t n = 0; n < N; ++n)
+      std::memcpy(o.proj_up.mutable_data<uint16_t>() + n * R + r0, p.proj_up.data<uint16_t>() + n * p.R, size_t(p.R) * 2);
+    k0 += p.K;
+    r0 += p.R;
+  }
+  bool any_bias = false;
+  for (const auto& p : parts) any_bias = any_bias || p.bias.defined() || p.act_unsigned;
+  if (any_bias) o.bias = store_vector(folded_bias(parts, N), pl.bd);
+  validate(o, what);
+  return o;
+}
+
+std::pair<Tensor, Tensor> dense_svdquant_k(const std::vector<SvdquantW4A4Params>& parts, DType dtype,
+                                           const std::string& what) {
+  need(dtype == DType::BF16 || dtype == DType::F16 || dtype == DType::F32,
+       fmt::format("{}: dense dtype must be bf16, f16 or f32", what));
+  const KConcatPlan pl = plan_k_concat(parts, what);
+  const int64_t N = pl.N, K = pl.K;
+  Tensor w = Tensor::empty(dtype, {N, K});
+  int64_t k0 = 0;
+  for (const auto& p : parts) {
+    std::vector<double> inv(size_t(p.K));
+    for (int64_t k = 0; k < p.K; ++k) inv[size_t(k)] = inv_smooth(p.smooth, k);
+    std::vector<double> down(size_t(p.K * p.R));
+    for (int64_t i = 0; i < p.K * p.R; ++i) down[size_t(i)] = load_f(p.proj_down, i);
+    parallel_for_range(N, 8, [&](int64_t n0, int64_t n1) {
+      std::vector<double> up(size_t(p.R));
+      for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t* q = reinterpret_cast<const uint8_t*>(p.qweight.raw()) + n * (p.K / 2);
+        for (int64_t r = 0; r < p.R; ++r) up[size_t(r)] = load_f(p.proj_up, n * p.R + r);
+        for (int64_t k = 0; k < p.K; ++k) {
+          double v = double(nibble_at(q, k)) * double(load_f(p.wscales, (k / 64) * N + n)) * inv[size_t(k)];
+          const double* dk = down.data() + k * p.R;
+          for (int64_t r = 0; r < p.R; ++r) v += up[size_t(r)] * dk[r];
+          const int64_t o = n * K + k0 + k;
+          if (dtype == DType::F32) w.mutable_data<float>()[o] = float(v);
+          else w.mutable_data<uint16_t>()[o] = enc16(dtype, v);
+        }
+      }
+    });
+    k0 += p.K;
+  }
+  bool any_bias = false;
+  for (const auto& p : parts) any_bias = any_bias || p.bias.defined() || p.act_unsigned;
+  Tensor b = any_bias ? store_vector(folded_bias(parts, N), dtype) : Tensor();
+  return {w, b};
 }
 
 }  // namespace nibble

@@ -142,6 +142,10 @@ struct Linear::Impl {
   // rows are decoded to fp32 inside the GEMM task that uses them (row-separable formats: fp8, int8 /
   // int4 tensorwise; and float weights when streaming is asked for). `weight`/`packed` stay unset.
   bool streamed = false;
+  // Block-swizzled / rotated kitchen formats (nvfp4, mxfp8, convrot, asym_w4a8): decoded once at
+  // load and rounded to bf16 (the "at most to bf16"): packed bf16 panels only (`weight`
+  // dropped) where the bf16 dense GEMM runs, else a bf16 `weight` on the fp32 kernels.
+  bool decoded_bf16 = false;
 
   // The layer restricted to output rows [n0, n1): params whose first dim is N are row-sliced.
   QuantizedLayer rows(int64_t n0, int64_t n1) const {
@@ -166,6 +170,8 @@ struct Linear::Impl {
     return !g_dense_gemm && dense_math() == DenseMath::Bf16 && kernels::dense_bf16::supported() &&
            (path == LinearPath::Dequantized || weight.dtype() == DType::BF16 || weight.dtype() == DType::F16);
   }
+  // Decoded-to-bf16 layer packed at load: every call runs the bf16 dense GEMM (any M).
+  bool bf16_only() const { return decoded_bf16 && !weight.defined(); }
   void ensure_f32() const {
     std::call_once(f32_once, [&] { weight_f32 = weight.dtype() == DType::F32 ? weight : weight.to(DType::F32); });
   }
@@ -247,8 +253,25 @@ Linear Linear::from_layer(const QuantizedLayer& layer, bool force_dequantize) {
   if (im->path == LinearPath::Dequantized) {
     try {
       Tensor w = out.effective_weight(), b = out.effective_bias();  // both before `weight` is set
-      im->weight = w;
       im->bias_f32 = b;
+      if (force_dequantize) {
+        im->weight = w;  // the dequantized baseline: fp32 weights, fp32 math
+      } else if (kernels::dense_bf16::supported()) {
+        im->decoded_bf16 = true;  // bf16 panels only: 2 bytes per weight
+        im->packed_bf16 = kernels::dense_bf16::pack_weight(w.raw(), DType::F32, im->N, im->K);
+        std::call_once(im->bf16_once, [] {});
+        im->fallback_notice = fmt::format(
+            "format {} ({}): decoded to bf16 at load, bf16 dense GEMM (vdpbf16ps), first on layer '{}'", im->format,
+            layer.config.full_precision_matrix_mult ? "full_precision_matrix_mult is set" : "no fused kernel here",
+            layer.name);
+      } else {
+        im->decoded_bf16 = true;  // no AVX-512 BF16: a bf16 weight on the fp32 kernels
+        im->weight = w.to(DType::BF16);
+        im->fallback_notice = fmt::format(
+            "format {} ({}): decoded to bf16 at load, dense fp32 math, first on layer '{}'", im->format,
+            layer.config.full_precision_matrix_mult ? "full_precision_matrix_mult is set" : "no fused kernel here",
+            layer.name);
+      }
     } catch (const Error& e) {
       throw Error(with_layer(layer.name, e.what()));
     }
@@ -274,7 +297,7 @@ uint64_t Linear::stored_bytes() const {
 Tensor Linear::effective_weight() const {
   const Impl& im = *impl_;
   if (!im.layer.format) return im.weight.to(DType::F32).clone();
-  if (im.path == LinearPath::Dequantized && im.weight.defined()) return im.weight;
+  if (im.path == LinearPath::Dequantized && im.weight.defined() && !im.decoded_bf16) return im.weight;
   Tensor w = dequantize(im.layer);
   if (w.dtype() != DType::F32) w = w.to(DType::F32);
   return w;
@@ -283,7 +306,7 @@ Tensor Linear::effective_weight() const {
 Tensor Linear::effective_bias() const {
   const Impl& im = *impl_;
   if (!im.layer.format) return im.bias_f32;
-  if (im.path == LinearPath::Dequantized && im.weight.defined()) return im.bias_f32;
+  if (im.path == LinearPath::Dequantized && (im.weight.defined() || im.decoded_bf16)) return im.bias_f32;
   Tensor b = Tensor::zeros(DType::F32, {im.N});
   float* bp = b.mutable_data<float>();
   if (im.layer.bias.defined()) {
@@ -373,7 +396,7 @@ bool Linear::is_streamed() const { return impl_->streamed; }
 
 void Linear::prepare_dense() const {
   if (impl_->path != LinearPath::Float && impl_->path != LinearPath::Dequantized) return;
-  if (impl_->streamed) return;
+  if (impl_->streamed || impl_->bf16_only()) return;
   if (g_dense_gemm)
     impl_->ensure_f32();
   else if (impl_->use_bf16())
@@ -396,7 +419,9 @@ void Linear::forward_rows(const float* x, int64_t M, float* y) const {
         return;
       }
       const float* b = im.bias_f32.defined() ? im.bias_f32.data<float>() : nullptr;
-      if (active_isa() == Isa::Scalar || M < kernels::linear::kGemmMinRows) {
+      if (im.bf16_only()) {
+        kernels::dense_bf16::run_packed(x, M, im.packed_bf16, b, y);
+      } else if (active_isa() == Isa::Scalar || M < kernels::linear::kGemmMinRows) {
         kernels::linear::run_rows(x, M, im.K, im.weight.raw(), im.weight.dtype(), im.N, b, y);
       } else if (im.use_bf16()) {
         im.ensure_bf16();

@@ -13,96 +13,19 @@
 #include "nibble/isa.h"
 #include "nibble/thread_pool.h"
 #include "nn/attention.h"
-#include "nn/fast_exp.h"
+#include "nn/elementwise.h"
 
 namespace nibble::nn {
 
 namespace {
 
-// A scratch buffer of n floats, left uninitialised (every buffer of the block is written in full
-// before it is read; zeroing ~250 MB per block at 1280 tokens was measurable).
-struct Buf {
-  std::unique_ptr<float[]> p;
-  size_t n = 0;
-  explicit Buf(size_t count) : p(new float[count]), n(count) {}
-  float* data() { return p.get(); }
-  const float* data() const { return p.get(); }
-  float& operator[](size_t i) { return p[i]; }
-  const float& operator[](size_t i) const { return p[i]; }
-  size_t size() const { return n; }
-};
-
 double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-
-// GELU, tanh approximation: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), tanh(u) = 1 − 2/(e^{2u} + 1).
-inline float gelu_tanh(float x) {
-  const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-  const float th = 1.0f - 2.0f / (fast_exp(2.0f * u) + 1.0f);
-  return 0.5f * x * (1.0f + th);
-}
-
-// LayerNorm (no affine) then modulation: out = norm(x)·(1 + scale) + shift, rows of D.
-void layernorm_modulate(const float* x, int64_t rows, int64_t D, float eps, const float* shift, const float* scale,
-                        float* out) {
-  parallel_for_range(rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = x + r * D;
-      double mean = 0;
-      for (int64_t i = 0; i < D; ++i) mean += xr[i];
-      mean /= double(D);
-      double var = 0;
-      for (int64_t i = 0; i < D; ++i) {
-        const double d = xr[i] - mean;
-        var += d * d;
-      }
-      var /= double(D);
-      const float inv = float(1.0 / std::sqrt(var + double(eps))), mu = float(mean);
-      float* o = out + r * D;
-      for (int64_t i = 0; i < D; ++i) o[i] = (xr[i] - mu) * inv * (1.0f + scale[i]) + shift[i];
-    }
-  });
-}
-
-// RMSNorm per head (learnable weight) over rows [r0, r1) of a (rows, D) buffer, in place.
-void rmsnorm_heads(float* x, int64_t r0, int64_t r1, int64_t D, int64_t hd, float eps, const float* w) {
-  for (int64_t r = r0; r < r1; ++r)
-    for (int64_t h = 0; h < D / hd; ++h) {
-      float* v = x + r * D + h * hd;
-      double ss = 0;
-      for (int64_t i = 0; i < hd; ++i) ss += double(v[i]) * v[i];
-      const float inv = float(1.0 / std::sqrt(ss / double(hd) + double(eps)));
-      for (int64_t i = 0; i < hd; ++i) v[i] = v[i] * inv * w[i];
-    }
-}
-
-// RoPE on one joint row: pairs (2i, 2i+1) of every head rotated by (cos_i, sin_i).
-void rope_row(float* v, int64_t D, int64_t hd, const float* cs, const float* sn) {
-  for (int64_t h = 0; h < D / hd; ++h) {
-    float* p = v + h * hd;
-    for (int64_t i = 0; i < hd / 2; ++i) {
-      const float a = p[2 * i], b = p[2 * i + 1];
-      p[2 * i] = cs[i] * a - sn[i] * b;
-      p[2 * i + 1] = sn[i] * a + cs[i] * b;
-    }
-  }
-}
-
-// x (rows, D) += gate[b] ⊙ y, rows grouped by batch (rows_per_batch each); rows at or after
-// zero_from within their batch take the gate of mod row B + b (B = rows / rows_per_batch).
-void gated_residual(float* x, const float* y, int64_t rows, int64_t rows_per_batch, int64_t D, const float* mod,
-                    int64_t mod_stride, int64_t gate_offset, int64_t zero_from) {
-  const int64_t B = rows / rows_per_batch;
-  parallel_for_range(rows, 32, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / rows_per_batch, mrow = (r % rows_per_batch) < zero_from ? b : B + b;
-      const float* g = mod + mrow * mod_stride + gate_offset;
-      for (int64_t i = 0; i < D; ++i) x[r * D + i] += g[i] * y[r * D + i];
-    }
-  });
-}
+// Scratch slots of the block's activations (ew::scratch: grow-only per calling thread, so a step
+// neither allocates nor faults in pages; every buffer is written in full before it is read).
+enum : int { kSt = 0, kImgMod, kTxtMod, kXi, kXt, kQ, kK, kV, kO, kTmp, kYi, kYt, kH, kRopeC, kRopeS };
 
 struct Shapes {
   int64_t B, S_img, S_txt;
@@ -252,8 +175,19 @@ void QwenImageBlock::prepare_dense() const {
 }
 
 QwenBlockOutputs QwenImageBlock::forward(const QwenBlockInputs& in, QwenBlockTimings* tm) const {
+  check_inputs(in, cfg_);
+  QwenBlockInputs w = in;
+  w.img = in.img.to(DType::F32).clone();
+  w.txt = in.txt.to(DType::F32).clone();
+  forward_inplace(w, tm);
+  return {w.img.reshape(in.img.shape()), w.txt.reshape(in.txt.shape())};
+}
+
+void QwenImageBlock::forward_inplace(QwenBlockInputs& in, QwenBlockTimings* tm) const {
   const QwenBlockConfig& c = cfg_;
   const Shapes sh = check_inputs(in, c);
+  if (in.img.dtype() != DType::F32 || in.txt.dtype() != DType::F32)
+    throw Error("qwen_image_block: forward_inplace needs fp32 img and txt");
   const int64_t D = c.hidden, F = c.mlp_hidden, hd = c.head_dim, B = sh.B, Si = sh.S_img, St = sh.S_txt;
   const int64_t S = Si + St, Ri = B * Si, Rt = B * St;
   QwenBlockTimings local;
@@ -265,7 +199,6 @@ QwenBlockOutputs QwenImageBlock::forward(const QwenBlockInputs& in, QwenBlockTim
     slot += t1 - t0;
     t0 = t1;
   };
-
   auto fwd = [&](const std::string& name, const float* x, int64_t M, float* y) {
     const double a = now_s();
     lin_.at(name).forward_rows(x, M, y);
@@ -274,120 +207,133 @@ QwenBlockOutputs QwenImageBlock::forward(const QwenBlockInputs& in, QwenBlockTim
   // ---- modulation: SiLU(temb) → (B, 6D) per stream
   const bool zero_mode = in.img_zero_from >= 0;
   const int64_t Bm = zero_mode ? 2 * B : B;  // img_mod rows: [temb ; temb_zero]
-  Buf st(size_t(Bm * D)), img_mod(size_t(Bm * 6 * D)), txt_mod(size_t(B * 6 * D));
+  float* st = ew::scratch(kSt, Bm * D);
+  float* img_mod = ew::scratch(kImgMod, Bm * 6 * D);
+  float* txt_mod = ew::scratch(kTxtMod, B * 6 * D);
   {
     const Tensor temb = in.temb.to_f32();
-    const Tensor tz = zero_mode ? in.temb_zero.to_f32() : Tensor();
-    for (int64_t i = 0; i < Bm * D; ++i) {
-      const float v = i < B * D ? temb.data<float>()[i] : tz.data<float>()[i - B * D];
-      st[size_t(i)] = v / (1.0f + std::exp(-v));
-    }
+    ew::silu(temb.data<float>(), B * D, st);
+    if (zero_mode) ew::silu(in.temb_zero.to_f32().data<float>(), B * D, st + B * D);
   }
-  fwd("img_mod.1", st.data(), Bm, img_mod.data());
-  fwd("txt_mod.1", st.data(), B, txt_mod.data());
+  fwd("img_mod.1", st, Bm, img_mod);
+  fwd("txt_mod.1", st, B, txt_mod);
   lap(t.modulation);
   // Image rows from img_zero_from on use the second half of img_mod (batch b → row B + b).
   const int64_t zf = zero_mode ? in.img_zero_from : Si;
 
-  Tensor img_t = in.img.to(DType::F32).clone(), txt_t = in.txt.to(DType::F32).clone();
-  float* img = img_t.mutable_data<float>();
-  float* txt = txt_t.mutable_data<float>();
-  Buf xi(size_t(Ri * D)), xt(size_t(Rt * D));
+  float* img = in.img.mutable_data<float>();
+  float* txt = in.txt.mutable_data<float>();
+  float* xi = ew::scratch(kXi, Ri * D);
+  float* xt = ew::scratch(kXt, Rt * D);
   // Per-batch modulation: rows of batch b use mod row b (chunk offsets: shift 0, scale D, gate 2D; +3D for the MLP).
   // zero_from < rows_per_b: rows [zero_from, rows_per_b) of batch b use mod row B + b.
-  auto modulate = [&](const float* x, int64_t rows_per_b, const Buf& mod, int64_t off, float* out, int64_t zero_from) {
+  auto modulate = [&](const float* x, int64_t rows_per_b, const float* mod, int64_t off, float* out, int64_t zero_from) {
     for (int64_t b = 0; b < B; ++b) {
-      const float* m = mod.data() + b * 6 * D + off;
-      layernorm_modulate(x + b * rows_per_b * D, zero_from, D, c.eps, m, m + D, out + b * rows_per_b * D);
+      const float* m = mod + b * 6 * D + off;
+      ew::layernorm_modulate(x + b * rows_per_b * D, zero_from, D, c.eps, m, m + D, out + b * rows_per_b * D);
       if (zero_from < rows_per_b) {
-        const float* mz = mod.data() + (B + b) * 6 * D + off;
-        layernorm_modulate(x + (b * rows_per_b + zero_from) * D, rows_per_b - zero_from, D, c.eps, mz, mz + D,
-                           out + (b * rows_per_b + zero_from) * D);
+        const float* mz = mod + (B + b) * 6 * D + off;
+        ew::layernorm_modulate(x + (b * rows_per_b + zero_from) * D, rows_per_b - zero_from, D, c.eps, mz, mz + D,
+                               out + (b * rows_per_b + zero_from) * D);
       }
     }
   };
-  modulate(img, Si, img_mod, 0, xi.data(), zf);
-  modulate(txt, St, txt_mod, 0, xt.data(), St);
+  modulate(img, Si, img_mod, 0, xi, zf);
+  modulate(txt, St, txt_mod, 0, xt, St);
   lap(t.norms);
 
-  // ---- projections into joint buffers (B, S, D), txt rows first
-  Buf q(size_t(B * S * D)), k(size_t(B * S * D)), v(size_t(B * S * D)), tmp(size_t((Ri > Rt ? Ri : Rt) * D));
-  auto project = [&](const char* name, const float* x, int64_t rows_per_b, int64_t joint_off, Buf& dst) {
-    fwd(name, x, B * rows_per_b, tmp.data());
+  // ---- projections into joint buffers (B, S, D), txt rows first (batch 1: written in place)
+  float* q = ew::scratch(kQ, B * S * D);
+  float* k = ew::scratch(kK, B * S * D);
+  float* v = ew::scratch(kV, B * S * D);
+  auto project = [&](const char* name, const float* x, int64_t rows_per_b, int64_t joint_off, float* dst) {
+    if (B == 1) {
+      fwd(name, x, rows_per_b, dst + joint_off * D);
+      return;
+    }
+    float* tmp = ew::scratch(kTmp, B * rows_per_b * D);
+    fwd(name, x, B * rows_per_b, tmp);
     for (int64_t b = 0; b < B; ++b)
-      std::memcpy(dst.data() + (b * S + joint_off) * D, tmp.data() + b * rows_per_b * D,
-                  size_t(rows_per_b * D) * sizeof(float));
+      std::memcpy(dst + (b * S + joint_off) * D, tmp + b * rows_per_b * D, size_t(rows_per_b * D) * sizeof(float));
   };
-  project("attn.add_q_proj", xt.data(), St, 0, q);
-  project("attn.add_k_proj", xt.data(), St, 0, k);
-  project("attn.add_v_proj", xt.data(), St, 0, v);
-  project("attn.to_q", xi.data(), Si, St, q);
-  project("attn.to_k", xi.data(), Si, St, k);
-  project("attn.to_v", xi.data(), Si, St, v);
+  project("attn.add_q_proj", xt, St, 0, q);
+  project("attn.add_k_proj", xt, St, 0, k);
+  project("attn.add_v_proj", xt, St, 0, v);
+  project("attn.to_q", xi, Si, St, q);
+  project("attn.to_k", xi, Si, St, k);
+  project("attn.to_v", xi, Si, St, v);
   lap(t.qkv);
 
-  // ---- RMSNorm on q/k per head (txt rows: norm_added_*), RoPE, attention
+  // ---- RMSNorm on q/k per head (txt rows: norm_added_*) fused with RoPE, then attention
   const float* nq = norms_.at("attn.norm_q.weight").data<float>();
   const float* nk = norms_.at("attn.norm_k.weight").data<float>();
   const float* naq = norms_.at("attn.norm_added_q.weight").data<float>();
   const float* nak = norms_.at("attn.norm_added_k.weight").data<float>();
-  const Tensor rc = in.rope_cos.defined() ? in.rope_cos.to_f32() : Tensor();
-  const Tensor rs = in.rope_sin.defined() ? in.rope_sin.to_f32() : Tensor();
-  parallel_for_range(B * S, 16, [&](int64_t r0, int64_t r1) {
+  float* c2 = nullptr;
+  float* s2 = nullptr;
+  if (in.rope_cos.defined()) {
+    const Tensor rc = in.rope_cos.to_f32(), rs = in.rope_sin.to_f32();
+    c2 = ew::scratch(kRopeC, S * hd);
+    s2 = ew::scratch(kRopeS, S * hd);
+    ew::rope_expand(rc.data<float>(), rs.data<float>(), S, hd, c2, s2);
+  }
+  parallel_for_range(B * S, 8, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const bool is_txt = (r % S) < St;
-      rmsnorm_heads(q.data(), r, r + 1, D, hd, c.eps, is_txt ? naq : nq);
-      rmsnorm_heads(k.data(), r, r + 1, D, hd, c.eps, is_txt ? nak : nk);
-      if (rc.defined()) {
-        const int64_t pos = r % S;
-        rope_row(q.data() + r * D, D, hd, rc.data<float>() + pos * (hd / 2), rs.data<float>() + pos * (hd / 2));
-        rope_row(k.data() + r * D, D, hd, rc.data<float>() + pos * (hd / 2), rs.data<float>() + pos * (hd / 2));
-      }
+      const int64_t pos = r % S;
+      const bool is_txt = pos < St;
+      const float* pc = c2 ? c2 + pos * hd : nullptr;
+      const float* ps = s2 ? s2 + pos * hd : nullptr;
+      ew::rmsnorm_rope_row(q + r * D, D, hd, c.eps, is_txt ? naq : nq, pc, ps);
+      ew::rmsnorm_rope_row(k + r * D, D, hd, c.eps, is_txt ? nak : nk, pc, ps);
     }
   });
-  Buf o(size_t(B * S * D));
+  float* o = ew::scratch(kO, B * S * D);
   const Tensor kb = in.txt_key_bias.defined() ? in.txt_key_bias.to_f32() : Tensor();
   {
     const double a = now_s();
-    joint_attention(q.data(), k.data(), v.data(), B, S, D, hd, kb.defined() ? kb.data<float>() : nullptr, St,
-                    o.data(), attention_);
+    joint_attention(q, k, v, B, S, D, hd, kb.defined() ? kb.data<float>() : nullptr, St, o, attention_);
     t.attention_core += now_s() - a;
   }
   lap(t.attention);
 
   // ---- output projections + gated residuals (gate1 at offset 2D)
   {
-    Buf oi(size_t(Ri * D)), ot(size_t(Rt * D)), yi(size_t(Ri * D)), yt(size_t(Rt * D));
-    for (int64_t b = 0; b < B; ++b) {
-      std::memcpy(ot.data() + b * St * D, o.data() + b * S * D, size_t(St * D) * sizeof(float));
-      std::memcpy(oi.data() + b * Si * D, o.data() + (b * S + St) * D, size_t(Si * D) * sizeof(float));
+    const float* oi = o + St * D;  // batch 1: the joint rows are [txt ; img] already
+    const float* ot = o;
+    if (B > 1) {  // split into xi / xt (free after the projections)
+      for (int64_t b = 0; b < B; ++b) {
+        std::memcpy(xt + b * St * D, o + b * S * D, size_t(St * D) * sizeof(float));
+        std::memcpy(xi + b * Si * D, o + (b * S + St) * D, size_t(Si * D) * sizeof(float));
+      }
+      oi = xi;
+      ot = xt;
     }
-    fwd("attn.to_out.0", oi.data(), Ri, yi.data());
-    fwd("attn.to_add_out", ot.data(), Rt, yt.data());
-    gated_residual(img, yi.data(), Ri, Si, D, img_mod.data(), 6 * D, 2 * D, zf);
-    gated_residual(txt, yt.data(), Rt, St, D, txt_mod.data(), 6 * D, 2 * D, St);
+    float* yi = ew::scratch(kYi, Ri * D);
+    float* yt = ew::scratch(kYt, Rt * D);
+    fwd("attn.to_out.0", oi, Ri, yi);
+    fwd("attn.to_add_out", ot, Rt, yt);
+    ew::gated_residual(img, yi, Ri, Si, D, img_mod, 6 * D, 2 * D, zf);
+    ew::gated_residual(txt, yt, Rt, St, D, txt_mod, 6 * D, 2 * D, St);
   }
   lap(t.out_proj);
 
   // ---- MLPs: modulation chunk 2 (shift 3D, scale 4D, gate 5D)
   {
-    auto mlp = [&](float* x, int64_t rows_per_b, const Buf& mod, const char* fc1, const char* fc2, int64_t zero_from) {
+    auto mlp = [&](float* x, int64_t rows_per_b, const float* mod, const char* fc1, const char* fc2, int64_t zero_from,
+                   float* xm, float* y) {
       const int64_t R = B * rows_per_b;
-      Buf xm(size_t(R * D)), h(size_t(R * F)), y(size_t(R * D));
-      modulate(x, rows_per_b, mod, 3 * D, xm.data(), zero_from);
-      fwd(fc1, xm.data(), R, h.data());
-      parallel_for_range(R * F, 1 << 14, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) h[size_t(i)] = gelu_tanh(h[size_t(i)]);
-      });
-      fwd(fc2, h.data(), R, y.data());
-      gated_residual(x, y.data(), R, rows_per_b, D, mod.data(), 6 * D, 5 * D, zero_from);
+      float* h = ew::scratch(kH, R * F);
+      modulate(x, rows_per_b, mod, 3 * D, xm, zero_from);
+      fwd(fc1, xm, R, h);
+      ew::gelu_tanh_inplace(h, R * F);
+      fwd(fc2, h, R, y);
+      ew::gated_residual(x, y, R, rows_per_b, D, mod, 6 * D, 5 * D, zero_from);
     };
-    mlp(img, Si, img_mod, "img_mlp.net.0.proj", "img_mlp.net.2", zf);
-    mlp(txt, St, txt_mod, "txt_mlp.net.0.proj", "txt_mlp.net.2", St);
+    mlp(img, Si, img_mod, "img_mlp.net.0.proj", "img_mlp.net.2", zf, xi, ew::scratch(kYi, Ri * D));
+    mlp(txt, St, txt_mod, "txt_mlp.net.0.proj", "txt_mlp.net.2", St, xt, ew::scratch(kYt, Rt * D));
   }
   lap(t.mlp);
   t.total += now_s() - t_start;
-  return {img_t.reshape(in.img.shape()), txt_t.reshape(in.txt.shape())};
 }
 
 }  // namespace nibble::nn

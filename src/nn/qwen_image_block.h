@@ -71,6 +71,9 @@ class QwenImageBlock {
   // The same block with its float / row-separable layers on the streamed path (Linear::streamed()).
   QwenImageBlock streamed() const;
   QwenBlockOutputs forward(const QwenBlockInputs& in, QwenBlockTimings* timings = nullptr) const;
+  // The same, updating in.img and in.txt in place (both fp32 and writable: the caller's working
+  // tensors, as the whole model passes them); no copies of the streams.
+  void forward_inplace(QwenBlockInputs& in, QwenBlockTimings* timings = nullptr) const;
 
   // Attention path (nn/attention.h); default Fp32. Auto picks bf16 vdpbf16ps where available.
   QwenImageBlock with_attention(AttentionPrecision p) const {

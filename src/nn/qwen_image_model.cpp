@@ -26,6 +26,7 @@
 
 #include "nibble/qwen_image.h"
 #include "nibble/thread_pool.h"
+#include "nn/elementwise.h"
 #include "nn/qwen_image_block.h"
 
 namespace nibble::nn {
@@ -34,25 +35,6 @@ namespace {
 
 double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
-
-// LayerNorm without affine (eps) then x·(1 + scale) + shift, rows of D.
-void layernorm_mod_rows(const float* x, int64_t rows, int64_t D, float eps, const float* scale, const float* shift,
-                        float* out) {
-  parallel_for_range(rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = x + r * D;
-      double mean = 0, var = 0;
-      for (int64_t i = 0; i < D; ++i) mean += xr[i];
-      mean /= double(D);
-      for (int64_t i = 0; i < D; ++i) var += (xr[i] - mean) * (xr[i] - mean);
-      var /= double(D);
-      const float inv = float(1.0 / std::sqrt(var + double(eps))), mu = float(mean);
-      for (int64_t i = 0; i < D; ++i) out[r * D + i] = (xr[i] - mu) * inv * (1.0f + scale[i]) + shift[i];
-    }
-  });
 }
 
 struct Latent5 {  // a latent as (B, C, T, H, W) fp32
@@ -117,6 +99,7 @@ struct QwenImageTransformer::Impl {
   Tensor add_t_emb;    // fp32 (2, D) or undefined
   std::vector<QwenImageBlock> blocks;
   AttentionPrecision attention = AttentionPrecision::Fp32;
+  bool deq_per_block = false;  // dequantized baseline decoded block by block in forward()
 };
 
 namespace {
@@ -250,6 +233,23 @@ QwenImageTransformer QwenImageTransformer::from_model(const Model& model, const 
     throw Error(fmt::format("qwen_image: attention '{}': expected auto, fp32 or bf16", opt.attention));
   attn = resolve_attention(attn, c.head_dim);
   im->attention = attn;
+  // The dequantized baseline: at load, or block by block in forward() when the fp32 copies (weights
+  // and their packed panels, 8 bytes per weight of every quantized block linear) would not fit.
+  bool deq_per_block = false;
+  if (opt.dequantized_baseline) {
+    uint64_t deq_bytes = 0;
+    for (int64_t b = 0; b < c.blocks; ++b)
+      for (const auto& n : QwenImageBlock::linear_names()) {
+        const std::string ln = fmt::format("transformer_blocks.{}.{}", b, n);
+        if (!model.contains(ln)) continue;
+        const Linear& l = model.linear(ln);
+        if (l.path() != LinearPath::Float) deq_bytes += uint64_t(l.out_features()) * uint64_t(l.in_features()) * 8;
+      }
+    const long pages = sysconf(_SC_PHYS_PAGES), psize = sysconf(_SC_PAGE_SIZE);
+    const uint64_t ram = pages > 0 && psize > 0 ? uint64_t(pages) * uint64_t(psize) : 0;
+    deq_per_block = opt.dequantize_per_block > 0 || (opt.dequantize_per_block < 0 && ram && deq_bytes > ram / 2);
+  }
+  im->deq_per_block = deq_per_block;
   im->blocks.reserve(size_t(c.blocks));
   for (int64_t b = 0; b < c.blocks; ++b) {
     const std::string bp = fmt::format("transformer_blocks.{}", b);
@@ -270,7 +270,7 @@ QwenImageTransformer QwenImageTransformer::from_model(const Model& model, const 
                               c.mlp_hidden));
     im->stored += blk.stored_bytes();
     im->block_stored += blk.stored_bytes();
-    im->blocks.push_back((opt.dequantized_baseline ? blk.dequantized() : blk).with_attention(attn));
+    im->blocks.push_back((opt.dequantized_baseline && !deq_per_block ? blk.dequantized() : blk).with_attention(attn));
   }
   for (Linear* l : {&im->img_in, &im->txt_in, &im->t_lin1, &im->t_lin2, &im->norm_out, &im->proj_out}) {
     im->stored += l->stored_bytes();
@@ -391,22 +391,26 @@ Tensor QwenImageTransformer::forward(const QwenImageInputs& in, QwenImageTimings
   // RoPE cos/sin (S, hd/2), joint order: text then image.
   Tensor rc = Tensor::empty(DType::F32, {S, hd / 2}), rs = Tensor::empty(DType::F32, {S, hd / 2});
   {
-    const int64_t txt_start = std::max(wl / 2, hl / 2);
+    const int64_t txt_start = std::max(wl / 2, hl / 2), h2 = hd / 2;
     float* pc = rc.mutable_data<float>();
     float* ps = rs.mutable_data<float>();
-    for (int64_t p = 0; p < S; ++p) {
-      int64_t col = 0;
-      for (int a = 0; a < 3; ++a) {
-        const float pos = p < L ? float(txt_start + p) : img_ids[size_t((p - L) * 3 + a)];
-        const int64_t da = c.axes_dim[size_t(a)];
-        for (int64_t j = 0; j < da / 2; ++j, ++col) {
-          const double omega = 1.0 / std::pow(c.theta, double(2 * j) / double(da));
-          const double ang = double(pos) * omega;
-          pc[p * (hd / 2) + col] = float(std::cos(ang));
-          ps[p * (hd / 2) + col] = float(std::sin(ang));
-        }
+    std::vector<double> omega(static_cast<size_t>(h2));  // column → (axis, θ^(−2j/d_a))
+    std::vector<int> axis(static_cast<size_t>(h2));
+    for (int64_t a = 0, col = 0; a < 3; ++a)
+      for (int64_t j = 0; j < c.axes_dim[size_t(a)] / 2; ++j, ++col) {
+        omega[size_t(col)] = 1.0 / std::pow(c.theta, double(2 * j) / double(c.axes_dim[size_t(a)]));
+        axis[size_t(col)] = int(a);
       }
-    }
+    parallel_for_range(S, 64, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p)
+        for (int64_t col = 0; col < h2; ++col) {
+          const int a = axis[size_t(col)];
+          const float pos = p < L ? float(txt_start + p) : img_ids[size_t((p - L) * 3 + a)];
+          const double ang = double(pos) * omega[size_t(col)];
+          pc[p * h2 + col] = float(std::cos(ang));
+          ps[p * h2 + col] = float(std::sin(ang));
+        }
+    });
   }
   double t_lin = 0, t0 = now_s();
   auto lin = [&](const Linear& l, const float* src, int64_t M, float* dst) {
@@ -423,18 +427,8 @@ Tensor QwenImageTransformer::forward(const QwenImageInputs& in, QwenImageTimings
   {
     const Tensor cf = ctx.to(DType::F32);
     Tensor normed = Tensor::empty(DType::F32, {B * L, c.joint_dim});
-    const float* w = m.txt_norm_w.data<float>();
-    const int64_t J = c.joint_dim;
-    parallel_for_range(B * L, 8, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const float* src = cf.data<float>() + r * J;
-        double ss = 0;
-        for (int64_t i = 0; i < J; ++i) ss += double(src[i]) * src[i];
-        const float inv = float(1.0 / std::sqrt(ss / double(J) + 1e-6));
-        float* dst = normed.mutable_data<float>() + r * J;
-        for (int64_t i = 0; i < J; ++i) dst[i] = src[i] * inv * w[i];
-      }
-    });
+    ew::rmsnorm_rows(cf.data<float>(), B * L, c.joint_dim, 1e-6f, m.txt_norm_w.data<float>(),
+                     normed.mutable_data<float>());
     lin(m.txt_in, normed.data<float>(), B * L, txt.mutable_data<float>());
   }
   // temb rows: [t_b] (B) and, with index_timestep_zero, [0] (B) after them.
@@ -454,7 +448,7 @@ Tensor QwenImageTransformer::forward(const QwenImageInputs& in, QwenImageTimings
       }
     }
     lin(m.t_lin1, sinus.data(), Bt, h.data());
-    for (auto& v : h) v = silu(v);
+    ew::silu(h.data(), Bt * D, h.data());
     float* te = temb.mutable_data<float>();
     lin(m.t_lin2, h.data(), Bt, te);
     if (m.add_t_emb.defined())  // additional_t_cond defaults to 0
@@ -464,7 +458,7 @@ Tensor QwenImageTransformer::forward(const QwenImageInputs& in, QwenImageTimings
   double other = now_s() - t0 - t_lin;
 
   // ---- blocks
-  double blk_lin = 0, blk_attn = 0, blk_total = 0;
+  double blk_lin = 0, blk_attn = 0, blk_total = 0, t_deq = 0;
   for (const QwenImageBlock& blk : m.blocks) {
     QwenBlockInputs bi;
     bi.img = img;
@@ -478,9 +472,14 @@ Tensor QwenImageTransformer::forward(const QwenImageInputs& in, QwenImageTimings
       bi.img_zero_from = n_img;
     }
     QwenBlockTimings bt;
-    QwenBlockOutputs o = blk.forward(bi, &bt);
-    img = o.img;
-    txt = o.txt;
+    if (m.deq_per_block) {  // the baseline's block, dequantized now and dropped after it ran
+      const double a = now_s();
+      const QwenImageBlock d = blk.dequantized();
+      t_deq += now_s() - a;
+      d.forward_inplace(bi, &bt);
+    } else {
+      blk.forward_inplace(bi, &bt);  // img and txt are this call's own fp32 tensors
+    }
     blk_lin += bt.linear;
     blk_attn += bt.attention_core;
     blk_total += bt.total;
@@ -493,13 +492,13 @@ Tensor QwenImageTransformer::forward(const QwenImageInputs& in, QwenImageTimings
   Tensor out;
   {
     std::vector<float> st(size_t(B * D)), emb(size_t(B * 2 * D));
-    for (int64_t i = 0; i < B * D; ++i) st[size_t(i)] = silu(temb.data<float>()[i]);
+    ew::silu(temb.data<float>(), B * D, st.data());
     lin(m.norm_out, st.data(), B, emb.data());
     std::vector<float> xn(size_t(B * n_img * D)), y(size_t(B * n_img * F));
     for (int64_t b = 0; b < B; ++b) {
       const float* scale = emb.data() + b * 2 * D;  // ComfyUI's LastLayer: scale first, then shift
       const float* shift = scale + D;
-      layernorm_mod_rows(img.data<float>() + b * S_img * D, n_img, D, 1e-6f, scale, shift, xn.data() + b * n_img * D);
+      ew::layernorm_modulate(img.data<float>() + b * S_img * D, n_img, D, 1e-6f, shift, scale, xn.data() + b * n_img * D);
     }
     lin(m.proj_out, xn.data(), B * n_img, y.data());
     Shape oshape = in.latent.dim() == 5 ? Shape{B, Cl, x.T, x.H, x.W} : Shape{B, Cl, x.H, x.W};
@@ -519,8 +518,9 @@ Tensor QwenImageTransformer::forward(const QwenImageInputs& in, QwenImageTimings
   if (tm) {
     tm->linear += t_lin + blk_lin;
     tm->attention += blk_attn;
+    tm->dequantize += t_deq;
     tm->total += now_s() - t_start;
-    tm->other = tm->total - tm->linear - tm->attention;
+    tm->other = tm->total - tm->linear - tm->attention - tm->dequantize;
   }
   (void)other;
   (void)blk_total;
