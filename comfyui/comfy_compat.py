@@ -241,6 +241,16 @@ def _load_int4(module, super_load, state_dict, prefix, local_metadata, strict, m
     for k, v in list(kwargs.items()):
         if hasattr(v, "to"):
             kwargs[k] = v.to(device=device)
+    up = kwargs.get("proj_up")
+    floats = [getattr(torch, n, None) for n in ("float32", "float16", "bfloat16")]
+    if up is not None and compute_dtype is not None and compute_dtype in floats \
+            and up.dtype != compute_dtype:
+        # The kitchen's svdquant layer returns proj_up's dtype. On CPU ComfyUI computes in fp32
+        # (manual cast) while checkpoints store proj_up in bf16: left as is, every svdquant
+        # output is bf16, the next linear sees an input dtype other than its orig_dtype and
+        # ComfyUI's QuantizedTensor.to() clones all its params on every call. proj_up in the
+        # compute dtype keeps the block in that dtype like any other ComfyUI linear (N×R: small).
+        kwargs["proj_up"] = up.to(dtype=compute_dtype)
     module.quant_format = fmt
     module._full_precision_mm_config = bool(conf.get("full_precision_matrix_mult", False))
     if not module._full_precision_mm:

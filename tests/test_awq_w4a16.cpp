@@ -273,7 +273,10 @@ TEST(AwqW4A16, OddGroupSizesAndLargerM) {
                       {1, 13, 320, 160},  {40, 50, 160, 160}, {70, 31, 96, 32}, {17, 7, 24, 8},
                       {12, 130, 128, 64}, {9, 13, 48, 24},    {20, 21, 256, 128}, {35, 60, 384, 64},
                       // prepared tiled GEMV: one or three lines per group (odd chain tails), ragged N
-                      {1, 5, 24, 8},      {3, 33, 72, 24},   {2, 20, 120, 40}, {8, 47, 16, 8}};
+                      {1, 5, 24, 8},      {3, 33, 72, 24},   {2, 20, 120, 40}, {8, 47, 16, 8},
+                      // the bf16 GEMM tier on decoded panels (stored: gathers; prepared: the tiled
+                      // stream) with several k chunks (a partial last one) and a ragged last panel
+                      {52, 130, 640, 64}, {64, 70, 1152, 128}, {49, 64, 264, 8}};
   for (const S& sh : shapes)
     for (DType xdt : {DType::F32, DType::BF16}) {
       const Case c = make_case(rng, sh.M, sh.N, sh.K, sh.G, xdt, DType::BF16, true);
@@ -285,7 +288,7 @@ TEST(AwqW4A16, OddGroupSizesAndLargerM) {
 TEST(AwqW4A16, BitIdenticalForAnyThreadCount) {
   IsaGuard guard;
   std::mt19937 rng(test_seed() + 2);
-  for (int64_t M : {1, 3, 8, 40}) {
+  for (int64_t M : {1, 3, 8, 40, 64}) {
     const Case c = make_case(rng, M, 777, 256, 64, DType::BF16, DType::BF16, true);
     for (Isa isa : supported_isas()) {
       for (bool prepared : {false, true}) {

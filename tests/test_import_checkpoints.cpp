@@ -24,7 +24,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const fs::path kData = fs::path(__FILE__).parent_path() / "data";
+const fs::path kData = fs::path(NIBBLE_SOURCE_DIR) / "tests" / "data";  // not __FILE__: ccache may make it relative
 
 struct TmpDir : testing_tmp::TmpDir {
   TmpDir() : testing_tmp::TmpDir("import") {}

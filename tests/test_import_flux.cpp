@@ -27,7 +27,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const fs::path kData = fs::path(__FILE__).parent_path() / "data";
+const fs::path kData = fs::path(NIBBLE_SOURCE_DIR) / "tests" / "data";  // not __FILE__: ccache may make it relative
 const std::string kIn = (kData / "import_nunchaku_flux.safetensors").string();
 const std::string kTruth = (kData / "import_nunchaku_flux_truth.safetensors").string();
 constexpr int64_t D = 128, F = 512;
@@ -503,10 +503,12 @@ TEST(ImportFlux, EveryLayerLoads) {
 // ---------------------------------------------------------------------------- names and bad input
 // Rewrites the fixture with `edit` (return "" to drop a key, or the new name).
 std::string rewrite(const TmpDir& dir, const std::string& name, const std::function<std::string(const std::string&)>& edit,
-                    const std::function<Tensor(const std::string&, const Tensor&)>& value = nullptr) {
+                    const std::function<Tensor(const std::string&, const Tensor&)>& value = nullptr,
+                    const std::vector<std::pair<std::string, Tensor>>& extra = {}) {
   Checkpoint in = Checkpoint::open(kIn);
   const std::string path = dir / name;
   SafetensorsWriter w(path, in.metadata());
+  for (const auto& [n, t] : extra) w.add(n, t.dtype(), t.shape());
   std::vector<std::pair<std::string, std::string>> keep;
   for (const auto& n : in.names()) {
     const std::string to = edit(n);
@@ -515,6 +517,7 @@ std::string rewrite(const TmpDir& dir, const std::string& name, const std::funct
     const TensorInfo& ti = in.info(n);
     w.add(to, ti.dtype, ti.shape);
   }
+  for (const auto& [n, t] : extra) w.write_tensor(n, t);  // in declaration order
   for (const auto& [from, to] : keep) w.write_tensor(to, value ? value(from, in.get(from)) : in.get(from));
   w.commit();
   return path;
@@ -606,6 +609,17 @@ TEST(ImportFlux, BadInputNamesTheKeyAndLeavesNothing) {
                      return c;
                    }),
                out, nk(), {"single_transformer_blocks.0.qkv_proj", "single_transformer_blocks.0.mlp_fc1", "smooth"});
+  // A modulation layer with a non-zero low-rank branch (GEMV_AWQ's optional lora_down/lora_up):
+  // awq_w4a16 has none. An all-zero one (what nunchaku's loader fills in) is fine.
+  Tensor lora = Tensor::zeros(DType::BF16, {D, 16});
+  const auto same = [](const std::string& n) { return n; };
+  EXPECT_NO_THROW(import_checkpoint(rewrite(d, "zero_lora.safetensors", same, nullptr,
+                                            {{"single_transformer_blocks.0.norm.linear.lora_down", lora}}),
+                                    out, nk()));
+  fs::remove(out);
+  lora.mutable_data<uint16_t>()[5] = f32_to_bf16(0.25f);
+  expect_error(rewrite(d, "mod_lora.safetensors", same, nullptr, {{"single_transformer_blocks.0.norm.linear.lora_down", lora}}),
+               out, nk(), {"single_transformer_blocks.0.norm.linear.lora_down", "low-rank"});
   // Not a nunchaku checkpoint at all.
   ImportOptions flux = nk();
   flux.arch = "flux";

@@ -9,7 +9,9 @@
 //                        kitchen adapter gives on a hit): bf16 x, prepared, bf16 out.
 // Every row carries the same bias and is timed in one interleaved loop with its yardsticks: the same
 // product on bf16 weights (bench::gemv_bf16_weights), OpenBLAS sgemv/sgemm on the dequantized fp32
-// weights, and a read-bandwidth sweep. All weights rotate among copies larger than 2x the L3.
+// weights, oneDNN's bf16 matmul on the same bf16 weights (torch's bf16 linear; when built with
+// libdnnl-dev: speedup_vs_dnnl_bf16) and a read-bandwidth sweep. All weights rotate among copies
+// larger than 2x the L3.
 //
 // Share of read bandwidth: in every repetition the ceiling is the fastest read rate seen — the probe
 // sweep or any case's weight bytes / time (a kernel can stream faster than the probe) — and a row's
@@ -21,6 +23,7 @@
 #include <random>
 
 #include "bench_registry.h"
+#include "devtools/bench_dnnl.h"
 #include "devtools/bench_util.h"
 #include "kernels/awq_w4a16_kernels.h"
 #include "nibble/isa.h"
@@ -110,6 +113,7 @@ int run_awq(const BenchOptions& o) {
     bench::RotatingCopies wbf({Wb}, bench::copies_to_defeat_cache(Wb.nbytes()));
     std::unique_ptr<bench::RotatingCopies> wf32;
     if (blas) wf32 = std::make_unique<bench::RotatingCopies>(std::vector<Tensor>{Wf}, bench::copies_to_defeat_cache(Wf.nbytes()));
+    const bool dnnl = bench::dnnl_available();
 
     for (; i < shapes.size() && shapes[i].K == K && shapes[i].N == N; ++i) {
       const int64_t M = shapes[i].M;
@@ -142,13 +146,25 @@ int run_awq(const BenchOptions& o) {
                                          yf.mutable_data<float>());
                        },
                        true});
+      // oneDNN bf16 matmul (per shape: its primitive is built for M), weights reordered once per copy
+      std::vector<std::unique_ptr<bench::DnnlBf16Matmul>> dnnl_bf16;
+      int c_dn = 0;
+      if (dnnl) {
+        for (int c = 0, n = bench::copies_to_defeat_cache(Wb.nbytes()); c < n; ++c)
+          dnnl_bf16.push_back(std::make_unique<bench::DnnlBf16Matmul>(M, N, K, Wb.data<uint16_t>()));
+        fns.push_back({[&](int) {
+                         dnnl_bf16[size_t(c_dn++) % dnnl_bf16.size()]->run(xb.data<uint16_t>(), yf.mutable_data<float>());
+                       },
+                       true});
+      }
       const std::vector<bench::Timing> T = bench::time_interleaved(r, fns);
-      const size_t P = std::size(kPaths), i_bf = 1 + P, i_bl = 2 + P;
+      const size_t P = std::size(kPaths), i_bf = 1 + P, i_bl = 2 + P, i_dn = blas ? 3 + P : 2 + P;
       // bytes each case streams (its weights), for the per-repetition ceiling
       std::vector<double> case_bytes = {double(probe.bytes())};
       for (size_t p = 0; p < P; ++p) case_bytes.push_back(double(int4_bytes));
       case_bytes.push_back(double(Wb.nbytes()));
       if (blas) case_bytes.push_back(double(Wf.nbytes()));
+      if (dnnl) case_bytes.push_back(double(Wb.nbytes()));
       const size_t R = T[0].runs.size();
       std::vector<double> ceiling(R), probe_rate(R);
       for (size_t k = 0; k < R; ++k) {
@@ -176,9 +192,13 @@ int run_awq(const BenchOptions& o) {
         rec.n("probe_exceeded", probe_pct > 100.0 ? 1 : 0);
         rec.n("speedup_vs_bf16", bench::paired_ratio(T[i_bf], t));
         rec.n("speedup_vs_sgemm", blas ? bench::paired_ratio(T[i_bl], t) : NAN);
+        rec.n("speedup_vs_dnnl_bf16", dnnl ? bench::paired_ratio(T[i_dn], t) : NAN);
+        rec.n("dnnl_bf16_ms", dnnl ? T[i_dn].median * 1e3 : NAN);
         rec.n("gflops", 2.0 * double(M) * double(N) * double(K) / t.median / 1e9);
         rec.n("ceiling_GBps", bench::median(ceiling)).n("probe_GBps", bench::median(probe_rate));
         rec.n("bf16_ms", T[i_bf].median * 1e3).n("bf16_GBps", double(Wb.nbytes()) / T[i_bf].median / 1e9);
+        // weight bytes per second over those of nibble's bf16 GEMV (1.0 = the same stream rate)
+        rec.n("weight_rate_vs_bf16", (double(int4_bytes) / t.median) / (double(Wb.nbytes()) / T[i_bf].median));
         rec.n("sgemm_ms", blas ? T[i_bl].median * 1e3 : NAN);
         rec.n("loadavg", bench::load_average());
         recs.push_back(rec);
@@ -190,7 +210,7 @@ int run_awq(const BenchOptions& o) {
     fmt::print("{}", bench::records_to_json(recs));
   } else {
     fmt::print("{}", bench::records_to_table(recs, {"M", "K", "N", "path", "kernel", "op_ms", "weight_GBps",
-                                                    "pct_ceiling", "pct_probe", "speedup_vs_bf16", "speedup_vs_sgemm",
+                                                    "pct_ceiling", "pct_probe", "speedup_vs_bf16", "speedup_vs_sgemm", "speedup_vs_dnnl_bf16",
                                                     "ceiling_GBps", "probe_GBps", "bf16_ms", "sgemm_ms", "op_best_ms",
                                                     "loadavg"}));
     for (const CallerPath& p : kPaths) fmt::print("# {:<15} {}\n", p.name, p.caller);

@@ -71,6 +71,10 @@ const CommandRegistration kConvert{
       app.add_option("--search", a->o.search,
                      "calibrated search: full (α/β grid, proj_up refit, awq asymmetric clip + scale refit) or legacy "
                      "(the earlier searches, for comparisons)")->capture_default_str();
+      app.add_flag("--gptq", a->o.gptq,
+                   "GPTQ on the int4 weights from the calibration sample rows (svdquant: on the residual W_s - L; "
+                   "awq: on W): column-by-column rounding with error feedback through H = X^T X");
+      app.add_option("--gptq-damp", a->o.gptq_damp, "ridge of the calibration Gram matrices (GPTQ, noise-aware residual): lambda = max(damp * K / sample_rows, 0.01) * mean(diag H)")->capture_default_str();
       app.add_flag("--strict", a->o.strict, "calibration coverage warnings (layers without statistics, statistics without a layer) are errors");
       app.add_flag("--force", a->o.force, "accept act_unsigned on layers whose calibration shows inputs below -0.171875 (warning only)");
       app.add_option("--tensor-type", a->rules,

@@ -71,6 +71,10 @@ struct AwqQuantOptions {
   // high end searched in turn after the symmetric ratio) and a weighted least-squares refit of
   // (scale, zero) for the chosen codes. false = the original symmetric search.
   bool improved_search = true;
+  // GPTQ (needs calib->sample): columns rounded in turn with error feedback through H = XᵀX of the
+  // sample rows; each group's (scale, zero) searched as above on its values after the feedback.
+  bool gptq = false;
+  double gptq_damp = 0.1;               // ridge: λ = max(damp·K/S, 0.01)·mean(diag H), S sample rows
   double* weight_rel_error = nullptr;   // out (optional): ‖W_eff − W‖_F / ‖W‖_F
   QuantInfo* info = nullptr;            // out (optional)
 };
@@ -100,6 +104,20 @@ struct SvdquantQuantOptions {
   // Refit proj_up on the sample after the residual is quantized (least squares of the output error
   // the int4 main path leaves, ridge-regularised; proj_down kept). Needs sample rows ≥ 4·rank.
   bool refit_lowrank = true;
+  // Noise-aware residual (needs calib->sample): the residual is rounded towards r·H·(H + D)⁻¹, the
+  // row that minimises the main path's output error once the int4 activation noise D (measured on
+  // the sample) is added to x_s (H = X_sᵀX_s, block diagonal in blocks of noise_block channels).
+  bool noise_aware = true;
+  int64_t noise_block = 128;
+  // Per-group weight scale search (needs calib->sample): absmax·r/7, r ∈ [0.8, 1], weighted by the
+  // main path's input energy per channel (diag of H + D).
+  bool scale_search = true;
+  // GPTQ on the int4 residual W_s − L after the low-rank branch (needs calib->sample): columns are
+  // rounded in turn with error feedback through H (+ D) over all K channels.
+  bool gptq = false;
+  // Ridge of the sample Gram matrices: λ = max(damp·B/S, 0.01)·mean(diag H), B the channels solved
+  // together, S the sample rows (the estimate's noise grows with B/S).
+  double gptq_damp = 0.1;
   uint64_t seed = 0x5eed;               // randomized SVD test matrix
   int oversample = 8, power_iterations = 2;
   std::vector<double>* weight_rel_errors = nullptr;  // out (optional): ‖W_eff − W‖_F/‖W‖_F per member
@@ -157,6 +175,8 @@ struct ConvertOptions {
   // "full": the searches documented in docs/convert.md; "legacy": the earlier ones (svdquant α on
   // {0.3 … 0.7} with β = 1 − α, no refit; awq symmetric clipping on mean|x|²) — for comparisons.
   std::string search = "full";
+  bool gptq = false;                    // GPTQ on the int4 weights from the calibration sample rows
+  double gptq_damp = 0.1;
   bool strict = false;                  // warnings about calibration coverage become errors
   bool force = false;                   // act_unsigned on inputs the calibration shows negative: warn only
   uint64_t mem_budget = 2ull << 30;     // bytes of working memory for in-flight layers

@@ -20,6 +20,8 @@ import numpy as np
 
 class T(np.ndarray):
     def to(self, device=None, dtype=None):
+        if dtype in ("float32", "float16"):  # the stand-in torch's dtypes are their names
+            return self.astype(dtype).view(T)
         return self
 
 
@@ -96,6 +98,7 @@ def install(monkeypatch, tmp_path, knows=(), registered=True, loader_sig_changed
             algos_not_dict=False):
     torch = types.ModuleType("torch")
     torch.int8, torch.float8_e4m3fn = "int8", "float8_e4m3fn"
+    torch.float32, torch.float16, torch.bfloat16 = "float32", "float16", "bfloat16"
     torch.nn = types.SimpleNamespace(Parameter=lambda x, requires_grad=False: x)
     torch.get_num_threads = lambda: 2
 

@@ -159,6 +159,18 @@ def test_svdquant_key_spellings(loader, names):
     assert p.act_unsigned is False
 
 
+def test_svdquant_proj_up_in_compute_dtype(loader):
+    # the kitchen layer returns proj_up's dtype: an fp32 ComfyUI (CPU manual cast) gets proj_up in
+    # fp32 so svdquant outputs stay fp32; the other side tensors keep their stored dtype
+    sd = svd_sd("f.")
+    sd["f.proj_up"] = sd["f.proj_up"].astype(np.float16).view(cs.T)
+    sd["f.proj_down"] = sd["f.proj_down"].astype(np.float16).view(cs.T)
+    lin = cs.Linear(8, 128, dtype="float32")
+    assert not lin.load(loader.ops, sd, "f.")
+    assert lin.weight._params.proj_up.dtype == np.float32
+    assert lin.weight._params.proj_down.dtype == np.float16
+
+
 def test_svdquant_errors(loader):
     sd = svd_sd("z.")
     sd["z.weight_proj_up"] = sd["z.proj_up"]

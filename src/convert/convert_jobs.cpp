@@ -76,6 +76,8 @@ JobResult run_job_impl(const Checkpoint& ck, const Job& job, const ConvertOption
     ao.scale_dtype = kStoreDtype;
     ao.calib = stats;
     ao.improved_search = o.search != "legacy";
+    ao.gptq = o.gptq;
+    ao.gptq_damp = o.gptq_damp;
     double err = 0;
     QuantInfo info;
     ao.weight_rel_error = &err;
@@ -95,10 +97,14 @@ JobResult run_job_impl(const Checkpoint& ck, const Job& job, const ConvertOption
     so.refine_iterations = r.refine;
     so.dtype = kStoreDtype;
     so.calib = stats;
+    so.gptq = o.gptq;
+    so.gptq_damp = o.gptq_damp;
     if (o.search == "legacy") {
       so.alpha_grid = {0.3f, 0.4f, 0.5f, 0.6f, 0.7f};
       so.fine_search = false;
       so.refit_lowrank = false;
+      so.noise_aware = false;
+      so.scale_search = false;
     }
     std::vector<double> errs;
     std::vector<QuantInfo> infos;

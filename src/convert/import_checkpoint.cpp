@@ -424,6 +424,19 @@ ImportReport import_nunchaku_flux(const Checkpoint& ck, const std::string& in, c
     const int64_t N = qi.shape[0] * 4, K = qi.shape[1] * int64_t(dtype_size(qi.dtype)) / 2;
     if (N != S * D || K != D)
       throw Error(fmt::format("{}: '{}' is {}x{}, expected {}x{} ({} modulation chunks of D = {})", in, l.P, N, K, S * D, D, S, D));
+    // nunchaku's GEMV_AWQ may carry an optional low-rank branch (lora_down/lora_up); awq_w4a16 has
+    // none, so a non-zero one cannot be imported exactly.
+    for (const char* s : {"lora_down", "lora_up", "proj_down", "proj_up"}) {
+      if (!ck.contains(l.P + "." + s)) continue;
+      const Tensor t = ck.get(l.P + "." + s);
+      const auto* b = static_cast<const uint8_t*>(t.raw());
+      const size_t es = dtype_size(t.dtype());
+      for (size_t i = 0; i < t.nbytes(); ++i)
+        if (b[i] != 0 && !(es == 2 && i % 2 == 1 && b[i] == 0x80))  // ±0 of a 16-bit float
+          throw Error(fmt::format("{}: modulation layer '{}' has a non-zero low-rank branch '{}.{}'; awq_w4a16 has none "
+                                  "(merge it into the weight first)",
+                                  in, l.P, l.P, s));
+    }
     const DType sd = ck.info(l.key.at("wscales")).dtype;
     const bool has_bias = l.key.count("bias") != 0;
     const DType bd = has_bias ? (ck.info(l.key.at("bias")).dtype == DType::F32 ? sd : ck.info(l.key.at("bias")).dtype) : sd;

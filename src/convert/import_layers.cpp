@@ -166,8 +166,8 @@ AwqW4A16Params import_nunchaku_awq(const Tensor& qweight, const Tensor& wscales,
        fmt::format("{}.wzeros: expected {}, got {}", what, shape_str(wscales.shape()), shape_str(wzeros.shape())));
   for (int64_t g = NG; g < wscales.size(0); ++g)
     for (int64_t n = 0; n < N; ++n)
-      need(load_f(wscales, g * N + n) == 0 && load_f(wzeros, g * N + n) == 0,
-           fmt::format("{}: padding group row {} of wscales/wzeros is not zero (K = {} has {} groups)", what, g, K, NG));
+      if (load_f(wscales, g * N + n) != 0 || load_f(wzeros, g * N + n) != 0)
+        throw Error(fmt::format("{}: padding group row {} of wscales/wzeros is not zero (K = {} has {} groups)", what, g, K, NG));
   need(S >= 1 && N % S == 0, fmt::format("{}: {} outputs do not split into {} chunks", what, N, S));
   if (bias.defined()) {
     need_dtype(bias, {DType::F16, DType::BF16, DType::F32}, what + ".bias");
@@ -280,9 +280,9 @@ std::vector<SvdquantW4A4Params> import_nunchaku_w4a4(const NunchakuW4A4Source& s
     for (int j = 0; j < 8; ++j) {
       const int nib = int((v >> (4 * j)) & 0xF);
       if (n < N && k0 + j < K) codes[size_t(n * K + k0 + j)] = uint8_t(nib);
-      else
-        need(nib == 0, fmt::format("{}.qweight: padding code at ({}, {}) is {}, expected 0 (wrong logical size?)", what, n,
-                                   k0 + j, nib));
+      else if (nib != 0)  // (not need(): the message would be formatted for every padding code)
+        throw Error(fmt::format("{}.qweight: padding code at ({}, {}) is {}, expected 0 (wrong logical size?)", what, n,
+                                k0 + j, nib));
     }
   }
   // Low-rank: find the last rank column that is non-zero in proj_down or proj_up (pad columns are 0).

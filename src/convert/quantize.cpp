@@ -8,12 +8,14 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 
 #include <fmt/format.h>
 
 #include "nibble/convert.h"
 #include "nibble/ops.h"
 #include "nibble/thread_pool.h"
+#include "gptq.h"
 #include "svd.h"
 
 #include <Eigen/Dense>
@@ -30,9 +32,11 @@ uint16_t encode16(DType d, float v) { return d == DType::F16 ? f32_to_f16(v) : f
 
 // Round half to even for |v| ≤ 2^22 (codes are clamped to ±16 before): adding and subtracting
 // 1.5·2^23 leaves the integer part under the default rounding mode. std::nearbyint is a libm call
-// in the baseline x86-64 build, and this loop runs over every weight three times.
+// in the baseline x86-64 build, and the searches run this over every weight dozens of times. The
+// project builds without -ffast-math, so the compiler may not fold (v + m) − m (IEEE semantics);
+// the byte-identity of outputs across builds is checked by the converter tests.
 inline float round_even(float v) {
-  volatile float magic = 12582912.0f;  // volatile: keep the compiler from folding (v + m) − m
+  constexpr float magic = 12582912.0f;
   return (v + magic) - magic;
 }
 
@@ -88,6 +92,75 @@ std::vector<float> stat_vec(const Tensor& t, int64_t K, const char* what) {
   return v;
 }
 
+// One AWQ group (G values v): the (scale, zero) pair, rounded as stored, and its nearest codes that
+// minimise the importance-weighted error (imp: G weights, or null = unweighted) over the clipping
+// ratios; with `improved`, asymmetric clipping and a weighted least-squares refit follow.
+struct AwqGroupChoice { float s, z, r; };
+AwqGroupChoice awq_choose_group(const float* v, int64_t G, const float* imp, const std::vector<float>& ratios,
+                                bool improved, DType sd, int* best_codes) {
+  std::vector<int> codes(static_cast<size_t>(G));
+  float lo = v[0], hi = v[0];
+  for (int64_t j = 1; j < G; ++j) { lo = std::min(lo, v[j]); hi = std::max(hi, v[j]); }
+  // Error of the (s, z) pair (rounded as stored) with its nearest codes, importance-weighted.
+  auto eval = [&](float s, float z, std::vector<int>& c) {
+    double err = 0;
+    for (int64_t j = 0; j < G; ++j) {
+      int q = 8;
+      if (s > 0) q = int(round_even(std::clamp((v[j] - z) / s + 8.0f, -1.0f, 16.0f)));
+      q = std::clamp(q, 0, 15);
+      c[size_t(j)] = q;
+      const float e = (float(q - 8) * s + z) - v[j];
+      err += (imp ? double(imp[j]) : 1.0) * double(e) * double(e);
+    }
+    return err;
+  };
+  auto pair_for = [&](float clo, float chi) {
+    const float s = round_to(sd, (chi - clo) / 15.0f);
+    // constant group: every code 8, value in the zero
+    const float z = s > 0 ? round_to(sd, clo + 8.0f * s) : round_to(sd, 0.5f * (lo + hi));
+    return std::pair<float, float>{s, z};
+  };
+  double best_err = std::numeric_limits<double>::infinity();
+  float best_s = 0, best_z = 0, best_r = 1;
+  auto consider = [&](float s, float z, float r) {
+    const double err = eval(s, z, codes);
+    if (err < best_err) { best_err = err; best_s = s; best_z = z; best_r = r; std::copy(codes.begin(), codes.end(), best_codes); }
+  };
+  for (float r : ratios) {
+    auto [s, z] = pair_for(lo * r, hi * r);
+    consider(s, z, r);
+  }
+  if (improved && ratios.size() > 1) {
+    // Asymmetric clipping: the low end with the high end fixed, then the other way round.
+    const float r0 = best_r;
+    float rl = r0;
+    for (float r : ratios) {
+      auto [s, z] = pair_for(lo * r, hi * r0);
+      const double before = best_err;
+      consider(s, z, best_r);
+      if (best_err < before) rl = r;
+    }
+    for (float r : ratios) { auto [s, z] = pair_for(lo * rl, hi * r); consider(s, z, best_r); }
+    // Weighted least-squares refit of (s, z) for the chosen codes, re-rounded (2 rounds).
+    for (int it = 0; it < 2 && best_s > 0; ++it) {
+      double saa = 0, sa = 0, s1 = 0, saw = 0, sw = 0;
+      for (int64_t j = 0; j < G; ++j) {
+        const double a = imp ? double(imp[j]) : 1.0;
+        const double c = double(best_codes[j] - 8);
+        saa += a * c * c, sa += a * c, s1 += a, saw += a * c * v[j], sw += a * v[j];
+      }
+      const double det = saa * s1 - sa * sa;
+      if (!(std::fabs(det) > 1e-30)) break;
+      const double ns = (saw * s1 - sa * sw) / det, nz = (saa * sw - sa * saw) / det;
+      if (!(ns > 0) || !std::isfinite(nz)) break;
+      const double before = best_err;
+      consider(round_to(sd, float(ns)), round_to(sd, float(nz)), best_r);
+      if (!(best_err < before)) break;
+    }
+  }
+  return {best_s, best_z, best_r};
+}
+
 }  // namespace
 
 // ====================================================================== awq_w4a16
@@ -125,70 +198,54 @@ AwqW4A16Params quantize_awq_w4a16(const Tensor& Win, const Tensor& bias, const A
   const DType sd = o.scale_dtype;
   std::vector<double> row_err(static_cast<size_t>(N), 0.0), row_norm(static_cast<size_t>(N), 0.0);
   std::vector<double> ratio_sum(static_cast<size_t>(N), 0.0);
+  const Tensor* gX = o.gptq && o.calib && o.calib->sample.defined() ? &o.calib->sample : nullptr;
+  if (gX && (gX->dim() != 2 || gX->size(1) != K))
+    throw Error(fmt::format("calibration sample: expected (M, {}), got {}", K, shape_str(gX->shape())));
+  if (gX) {
+    // GPTQ: columns rounded in turn with error feedback through H = XᵀX of the sample rows; each
+    // group's (scale, zero) is searched as below, on the group's values after the feedback.
+    Tensor Xs = gX->to_f32();
+    const convert_detail::GptqFactor U = convert_detail::gptq_factor(
+        convert_detail::gram(Xs.data<float>(), Xs.size(0), K), std::max(o.gptq_damp * double(K) / double(Xs.size(0)), 0.01));
+    std::vector<float> Wq(w, w + N * K);
+    std::vector<float> ratio_of(size_t(NG * N), 1.0f);
+    convert_detail::gptq_sweep(
+        Wq.data(), N, K, G, U,
+        [&](int64_t n, int64_t g, const float* v) {
+          std::vector<int> c(static_cast<size_t>(G));
+          const AwqGroupChoice ch = awq_choose_group(v, G, imp.empty() ? nullptr : imp.data() + g * G, ratios,
+                                                     o.improved_search, sd, c.data());
+          scales[size_t(g * N + n)] = ch.s, zeros[size_t(g * N + n)] = ch.z, ratio_of[size_t(g * N + n)] = ch.r;
+        },
+        [&](int64_t n, int64_t g, float x) {
+          const float s = scales[size_t(g * N + n)], z = zeros[size_t(g * N + n)];
+          int q = 8;
+          if (s > 0) q = std::clamp(int(round_even(std::clamp((x - z) / s + 8.0f, -1.0f, 16.0f))), 0, 15);
+          return float(q - 8) * s + z;
+        });
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t g = 0; g < NG; ++g) {
+        const float s = scales[size_t(g * N + n)], z = zeros[size_t(g * N + n)];
+        ratio_sum[size_t(n)] += ratio_of[size_t(g * N + n)];
+        uint8_t* row = qw + n * (K / 2) + g * (G / 2);
+        for (int64_t j = 0; j < G; ++j) {
+          const int64_t k = g * G + j;
+          const int q = s > 0 ? std::clamp(int(std::lrint((Wq[size_t(n * K + k)] - z) / s + 8.0f)), 0, 15) : 8;
+          row[j / 2] = j % 2 == 0 ? uint8_t(q) : uint8_t(row[j / 2] | (q << 4));
+          const double e = double(float(q - 8) * s + z) - w[n * K + k];
+          row_err[size_t(n)] += e * e;
+          row_norm[size_t(n)] += double(w[n * K + k]) * w[n * K + k];
+        }
+      }
+  } else
   parallel_for_range(N, 8, [&](int64_t n0, int64_t n1) {
-    std::vector<int> codes(static_cast<size_t>(G)), best_codes(static_cast<size_t>(G));
+    std::vector<int> best_codes(static_cast<size_t>(G));
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t g = 0; g < NG; ++g) {
         const float* v = w + n * K + g * G;
-        float lo = v[0], hi = v[0];
-        for (int64_t j = 1; j < G; ++j) { lo = std::min(lo, v[j]); hi = std::max(hi, v[j]); }
-        // Error of the (s, z) pair (rounded as stored) with its nearest codes, importance-weighted.
-        auto eval = [&](float s, float z, std::vector<int>& c) {
-          double err = 0;
-          for (int64_t j = 0; j < G; ++j) {
-            int q = 8;
-            if (s > 0) q = int(round_even(std::clamp((v[j] - z) / s + 8.0f, -1.0f, 16.0f)));
-            q = std::clamp(q, 0, 15);
-            c[size_t(j)] = q;
-            const float e = (float(q - 8) * s + z) - v[j];
-            err += (imp.empty() ? 1.0 : imp[size_t(g * G + j)]) * double(e) * double(e);
-          }
-          return err;
-        };
-        auto pair_for = [&](float clo, float chi) {
-          const float s = round_to(sd, (chi - clo) / 15.0f);
-          // constant group: every code 8, value in the zero
-          const float z = s > 0 ? round_to(sd, clo + 8.0f * s) : round_to(sd, 0.5f * (lo + hi));
-          return std::pair<float, float>{s, z};
-        };
-        double best_err = std::numeric_limits<double>::infinity();
-        float best_s = 0, best_z = 0, best_r = 1;
-        auto consider = [&](float s, float z, float r) {
-          const double err = eval(s, z, codes);
-          if (err < best_err) { best_err = err; best_s = s; best_z = z; best_r = r; best_codes.swap(codes); }
-        };
-        for (float r : ratios) {
-          auto [s, z] = pair_for(lo * r, hi * r);
-          consider(s, z, r);
-        }
-        if (o.improved_search && ratios.size() > 1) {
-          // Asymmetric clipping: the low end with the high end fixed, then the other way round.
-          const float r0 = best_r;
-          float rl = r0;
-          for (float r : ratios) {
-            auto [s, z] = pair_for(lo * r, hi * r0);
-            const double before = best_err;
-            consider(s, z, best_r);
-            if (best_err < before) rl = r;
-          }
-          for (float r : ratios) { auto [s, z] = pair_for(lo * rl, hi * r); consider(s, z, best_r); }
-          // Weighted least-squares refit of (s, z) for the chosen codes, re-rounded (2 rounds).
-          for (int it = 0; it < 2 && best_s > 0; ++it) {
-            double saa = 0, sa = 0, s1 = 0, saw = 0, sw = 0;
-            for (int64_t j = 0; j < G; ++j) {
-              const double a = imp.empty() ? 1.0 : imp[size_t(g * G + j)];
-              const double c = double(best_codes[size_t(j)] - 8);
-              saa += a * c * c, sa += a * c, s1 += a, saw += a * c * v[j], sw += a * v[j];
-            }
-            const double det = saa * s1 - sa * sa;
-            if (!(std::fabs(det) > 1e-30)) break;
-            const double ns = (saw * s1 - sa * sw) / det, nz = (saa * sw - sa * saw) / det;
-            if (!(ns > 0) || !std::isfinite(nz)) break;
-            const double before = best_err;
-            consider(round_to(sd, float(ns)), round_to(sd, float(nz)), best_r);
-            if (!(best_err < before)) break;
-          }
-        }
+        const AwqGroupChoice ch = awq_choose_group(v, G, imp.empty() ? nullptr : imp.data() + g * G, ratios,
+                                                   o.improved_search, sd, best_codes.data());
+        const float best_s = ch.s, best_z = ch.z, best_r = ch.r;
         ratio_sum[size_t(n)] += best_r;
         for (int64_t j = 0; j < G; ++j) {
           const double e = double(float(best_codes[size_t(j)] - 8) * best_s + best_z) - v[j];
@@ -290,7 +347,9 @@ struct QuantResidual {
   std::vector<int8_t> codes;   // (N, K)
   std::vector<float> scales;   // (K/64, N), already rounded to the storage dtype
 };
-QuantResidual quantize_residual(const float* R, int64_t N, int64_t K, DType sd) {
+// With `imp` (K channel weights): the scale is searched per group among absmax·r/7, r ∈ {1, 0.95,
+// …, 0.8} (r < 1 clips the largest values), minimising Σ_k imp_k·(q_k·s − r_k)².
+QuantResidual quantize_residual(const float* R, int64_t N, int64_t K, DType sd, const float* imp = nullptr) {
   QuantResidual q;
   q.codes.resize(size_t(N * K));
   q.scales.resize(size_t(K / kGroup * N));
@@ -300,7 +359,27 @@ QuantResidual quantize_residual(const float* R, int64_t N, int64_t K, DType sd) 
         const float* v = R + n * K + g * kGroup;
         float amax = 0;
         for (int64_t j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(v[j]));
-        const float s = amax > 0 ? round_up_to(sd, amax / 7.0f) : 0.0f;
+        float s = amax > 0 ? round_up_to(sd, amax / 7.0f) : 0.0f;
+        if (imp && s > 0) {
+          const float* w = imp + g * kGroup;
+          auto err = [&](float sc) {
+            const float inv = 1.0f / sc;
+            double e = 0;
+            for (int64_t j = 0; j < kGroup; ++j) {
+              const float c = std::clamp(round_even(std::clamp(v[j] * inv, -8.0f, 8.0f)), -7.0f, 7.0f);
+              const double d = double(c * sc) - v[j];
+              e += double(w[j]) * d * d;
+            }
+            return e;
+          };
+          double best = err(s);
+          for (int i = 1; i <= 4; ++i) {
+            const float c = round_to(sd, amax * (1.0f - 0.05f * float(i)) / 7.0f);
+            if (!(c > 0)) continue;
+            const double e = err(c);
+            if (e < best) best = e, s = c;
+          }
+        }
         q.scales[size_t(g * N + n)] = s;
         int8_t* c = q.codes.data() + n * K + g * kGroup;
         if (s == 0) { std::fill(c, c + kGroup, int8_t(0)); continue; }
@@ -311,6 +390,33 @@ QuantResidual quantize_residual(const float* R, int64_t N, int64_t K, DType sd) 
   });
   return q;
 }
+// The same grid (per-64 absmax/7 rounded up, codes in [−7, 7]) chosen by GPTQ: the group's scale
+// from its values after the feedback of the earlier columns. R is consumed.
+QuantResidual gptq_residual(float* R, int64_t N, int64_t K, const convert_detail::GptqFactor& U, DType sd) {
+  QuantResidual q;
+  q.codes.resize(size_t(N * K));
+  q.scales.resize(size_t(K / kGroup * N));
+  const int64_t NG = K / kGroup;
+  convert_detail::gptq_sweep(
+      R, N, K, kGroup, U,
+      [&](int64_t n, int64_t g, const float* v) {
+        float amax = 0;
+        for (int64_t j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(v[j]));
+        q.scales[size_t(g * N + n)] = amax > 0 ? round_up_to(sd, amax / 7.0f) : 0.0f;
+      },
+      [&](int64_t n, int64_t g, float x) {
+        (void)NG;
+        const float s = q.scales[size_t(g * N + n)];
+        return s > 0 ? std::clamp(round_even(std::clamp(x / s, -8.0f, 8.0f)), -7.0f, 7.0f) * s : 0.0f;
+      });
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) {
+      const float s = q.scales[size_t((k / kGroup) * N + n)];
+      q.codes[size_t(n * K + k)] = s > 0 ? int8_t(std::lrint(R[n * K + k] / s)) : int8_t(0);
+    }
+  return q;
+}
+
 void dequantize_residual(const QuantResidual& q, int64_t N, int64_t K, float* out) {
   for (int64_t n = 0; n < N; ++n)
     for (int64_t k = 0; k < K; ++k) out[n * K + k] = float(q.codes[size_t(n * K + k)]) * q.scales[size_t((k / kGroup) * N + n)];
@@ -401,8 +507,15 @@ struct SampleError {
     return d > 0 ? n / d : n;
   }
 };
+// x·Wᵀ of each member on the sample rows (the reference outputs, computed once per layer).
+std::vector<Tensor> reference_outputs(const std::vector<Member>& members, const Tensor& X) {
+  std::vector<Tensor> y;
+  for (const auto& mb : members) y.push_back(linear_f32(X, mb.W).clone());
+  return y;
+}
 SampleError sample_output_error(const std::vector<Member>& members, int64_t K, Decomposition& d, const Tensor& X,
-                                bool act_unsigned, bool refit = false, DType sd = DType::BF16) {
+                                const std::vector<Tensor>& yrefs, bool act_unsigned, bool refit = false,
+                                DType sd = DType::BF16) {
   const int64_t M = X.size(0);
   const float* x = X.data<float>();
   const float shift = act_unsigned ? kSvdquantUnsignedShift : 0.0f;
@@ -421,7 +534,7 @@ SampleError sample_output_error(const std::vector<Member>& members, int64_t K, D
       }
       const float scale = std::max(amax / qmax, 1e-10f);
       for (int64_t j = 0; j < kGroup; ++j) {
-        float q = std::nearbyint(y[j] * (1.0f / scale));
+        float q = round_even(std::clamp(y[j] * (1.0f / scale), -16.0f, 16.0f));
         q = act_unsigned ? std::clamp(q, 0.0f, 15.0f) : std::clamp(q, -7.0f, 7.0f);
         xq[m * K + g * kGroup + j] = q * scale;
       }
@@ -446,7 +559,7 @@ SampleError sample_output_error(const std::vector<Member>& members, int64_t K, D
         Rq[size_t(n * K + k)] = float(d.resid.codes[size_t(row * K + k)]) * d.resid.scales[size_t((k / kGroup) * Ntot + row)];
       }
     Tensor y = linear_f32(Xq, Tensor::view(DType::F32, {N, K}, Rq.data(), nullptr));
-    Tensor yref = linear_f32(Xt, mb.W);
+    const Tensor& yref = yrefs[size_t(&mb - members.data())];
     const float* yp = y.data<float>();
     const float* rp = yref.data<float>();
     // Unsigned: the stored bias removes shift·Σ_k R_raw[n,k]; do the same here.
@@ -459,22 +572,21 @@ SampleError sample_output_error(const std::vector<Member>& members, int64_t K, D
       }
     if (refit && R > 0 && M >= 4 * R) {
       // min_U ‖A·U − T‖² + λ‖U − U0‖², A = X·proj_down (M, R), T = y_ref − y_main (M, N).
-      const float* A = lora.data<float>();
-      Eigen::MatrixXd G = Eigen::MatrixXd::Zero(R, R);
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t i = 0; i < R; ++i)
-          for (int64_t j = 0; j <= i; ++j) G(i, j) += double(A[m * R + i]) * A[m * R + j];
-      for (int64_t i = 0; i < R; ++i) for (int64_t j = i + 1; j < R; ++j) G(i, j) = G(j, i);
-      const double lambda = 0.05 * G.trace() / double(R) + 1e-12;
+      // (ridge λ = 0.2·tr(AᵀA)/R: the target T carries the activation noise of the main path, which
+      // no function of X·proj_down explains; the fit stays near the SVD solution.)
+      using RowMatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+      const RowMatD A = Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(
+                            lora.data<float>(), M, R).cast<double>();
+      const Eigen::MatrixXd G = A.transpose() * A;
+      const double lambda = 0.2 * G.trace() / double(R) + 1e-12;
       Eigen::MatrixXd rhs(R, N);
       float* pu = d.proj_up.data() + mb.row0 * R;
       for (int64_t n = 0; n < N; ++n)
         for (int64_t r = 0; r < R; ++r) rhs(r, n) = lambda * double(pu[n * R + r]);
+      RowMatD T(M, N);
       for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = 0; n < N; ++n) {
-          const double t = double(rp[m * N + n]) - (double(yp[m * N + n]) - corr[size_t(n)]);
-          for (int64_t r = 0; r < R; ++r) rhs(r, n) += double(A[m * R + r]) * t;
-        }
+        for (int64_t n = 0; n < N; ++n) T(m, n) = double(rp[m * N + n]) - (double(yp[m * N + n]) - corr[size_t(n)]);
+      rhs.noalias() += A.transpose() * T;
       Eigen::MatrixXd Greg = G;
       Greg.diagonal().array() += lambda;
       const Eigen::MatrixXd U = Greg.ldlt().solve(rhs);
@@ -559,7 +671,101 @@ std::vector<float> smooth_for(const std::vector<float>& amax, const std::vector<
 }
 
 // Residual R = W·diag(s) − proj_up·(proj_down·s)ᵀ against the current (stored) projections, quantized.
-void requantize_residual(const std::vector<Member>& members, int64_t Ntot, int64_t K, Decomposition& d, DType sd) {
+// What the residual is rounded to, beyond plain round-to-nearest (from the calibration sample):
+// * noise-aware target. The main path computes Q(x_s)·R_qᵀ: activation quantization adds a noise e
+//   to x_s (per channel energy d_k = Σ_m e_mk² on the sample). The residual row minimising
+//   Σ_m ((x_s + e)·r*ᵀ − x_s·rᵀ)² with e uncorrelated to x_s is r* = r·H·(H + D)⁻¹ (H = X_sᵀX_s,
+//   D = diag(d)): a Wiener shrinkage of the residual along directions the int4 activations drown in
+//   noise. H is estimated on S sample rows, so both H and H + D get a ridge λ = damp·B/S·mean(diag H)
+//   (B = the size of the block solved: the estimate's noise grows with B/S); without GPTQ, S is
+//   block diagonal (blocks of noise_block channels: cost K·B², no K×K matrix).
+// * GPTQ: columns rounded in turn with error feedback through H + D + λ (the full K×K).
+struct ResidualTarget {
+  int64_t block = 0;                   // block size of the shrinkage (0: none)
+  std::vector<float> S;                // per block B×B row-major (r_blk ← r_blk·S_b), concatenated
+  std::optional<convert_detail::GptqFactor> gptq;
+  std::vector<float> imp;              // (K) diag(H + D): weights of the per-group scale search
+};
+
+ResidualTarget residual_target(const Tensor& sample, const std::vector<float>& smooth, const SvdquantQuantOptions& o,
+                               int64_t K) {
+  const int64_t M = sample.size(0);
+  const float shift = o.act_unsigned ? kSvdquantUnsignedShift : 0.0f;
+  const float qmax = o.act_unsigned ? 15.0f : 7.0f;
+  // Main-path inputs x_s = (x + shift)/s and the energy of their int4 quantization error.
+  std::vector<float> xs(size_t(M * K));
+  std::vector<double> D(size_t(K), 0.0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < K / kGroup; ++g) {
+      float* v = xs.data() + m * K + g * kGroup;
+      float amax = 0;
+      for (int64_t j = 0; j < kGroup; ++j) {
+        const int64_t k = g * kGroup + j;
+        v[j] = (sample.data<float>()[m * K + k] + shift) / smooth[size_t(k)];
+        amax = std::max(amax, std::fabs(v[j]));
+      }
+      const float sc = std::max(amax / qmax, 1e-10f);
+      for (int64_t j = 0; j < kGroup; ++j) {
+        float q = std::nearbyint(v[j] * (1.0f / sc));
+        q = o.act_unsigned ? std::clamp(q, 0.0f, 15.0f) : std::clamp(q, -7.0f, 7.0f);
+        const double e = double(q * sc) - v[j];
+        D[size_t(g * kGroup + j)] += e * e;
+      }
+    }
+  const bool noise = o.noise_aware;
+  ResidualTarget t;
+  if (o.scale_search) {
+    t.imp.assign(size_t(K), 0.f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) t.imp[size_t(k)] += xs[size_t(m * K + k)] * xs[size_t(m * K + k)];
+    for (int64_t k = 0; k < K; ++k) t.imp[size_t(k)] += float(D[size_t(k)]);
+  }
+  // One block [k0, k0 + B): shrinkage matrix (into S) and, for GPTQ, the factor of H + D + λ.
+  auto solve_block = [&](int64_t k0, int64_t B, float* S, bool want_gptq) {
+    Eigen::MatrixXd H;
+    if (k0 == 0 && B == K) {
+      H = convert_detail::gram(xs.data(), M, K);
+    } else {
+      std::vector<float> xb(size_t(M * B));
+      for (int64_t m = 0; m < M; ++m) std::copy(xs.data() + m * K + k0, xs.data() + m * K + k0 + B, xb.data() + m * B);
+      H = convert_detail::gram(xb.data(), M, B);
+    }
+    double md = 0;
+    for (int64_t k = 0; k < B; ++k) {
+      if (!(H(k, k) > 0)) H(k, k) = 1e-12;
+      md += H(k, k);
+    }
+    md /= double(B);
+    const double lambda = std::max(o.gptq_damp * double(B) / double(M), 0.01) * md;
+    Eigen::MatrixXd Hr = H;
+    Hr.diagonal().array() += lambda;
+    Eigen::MatrixXd Hn = Hr;
+    if (noise)
+      for (int64_t k = 0; k < B; ++k) Hn(k, k) += D[size_t(k0 + k)];
+    if (S && noise) {
+      Eigen::LLT<Eigen::MatrixXd> llt(Hn);
+      if (llt.info() != Eigen::Success) throw Error("svdquant: calibration Gram matrix not positive definite after the ridge");
+      const Eigen::MatrixXd St = llt.solve(Hr);  // (H + D + λ)⁻¹(H + λ) = Sᵀ
+      for (int64_t i = 0; i < B; ++i)
+        for (int64_t j = 0; j < B; ++j) S[i * B + j] = float(St(j, i));
+    }
+    if (want_gptq) t.gptq = convert_detail::gptq_factor(Hn, 0.0);
+  };
+  if (o.gptq) solve_block(0, K, nullptr, true);
+  if (noise) {
+    int64_t B = std::max<int64_t>(kGroup, o.noise_block / kGroup * kGroup);
+    while (K % B != 0) B -= kGroup;
+    t.block = B;
+    t.S.resize(size_t(K * B));
+    parallel_for_range(K / B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) solve_block(b * B, B, t.S.data() + b * B * B, false);
+    });
+  }
+  return t;
+}
+
+void requantize_residual(const std::vector<Member>& members, int64_t Ntot, int64_t K, Decomposition& d, DType sd,
+                         const ResidualTarget* target = nullptr) {
   std::vector<float> R(size_t(Ntot * K));
   for (const auto& mb : members) {
     const float* w = mb.W.data<float>();
@@ -572,7 +778,23 @@ void requantize_residual(const std::vector<Member>& members, int64_t Ntot, int64
       for (int64_t r = 0; r < d.R; ++r) Vs[size_t(k * d.R + r)] = d.proj_down[size_t(k * d.R + r)] * d.smooth[size_t(k)];
     convert_detail::matmul_nt(d.proj_up.data(), Vs.data(), Ntot, K, d.R, R.data(), -1);
   }
-  d.resid = quantize_residual(R.data(), Ntot, K, sd);
+  if (target && target->block > 0) {
+    using RowMatF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    const int64_t B = target->block;
+    parallel_for_range(Ntot, 64, [&](int64_t n0, int64_t n1) {
+      for (int64_t b = 0; b < K / B; ++b) {
+        Eigen::Map<RowMatF, 0, Eigen::OuterStride<>> Rb(R.data() + n0 * K + b * B, n1 - n0, B, Eigen::OuterStride<>(K));
+        Eigen::Map<const RowMatF> Sb(target->S.data() + b * B * B, B, B);
+        const RowMatF t = Rb * Sb;
+        Rb = t;
+      }
+    });
+  }
+  if (target && target->gptq) {
+    d.resid = gptq_residual(R.data(), Ntot, K, *target->gptq, sd);
+  } else {
+    d.resid = quantize_residual(R.data(), Ntot, K, sd, target && !target->imp.empty() ? target->imp.data() : nullptr);
+  }
 }
 
 // ‖W_eff − W‖² per stacked row, W_eff = R_q·diag(1/s) + proj_up·proj_downᵀ (after a refit of proj_up).
@@ -673,6 +895,7 @@ std::vector<SvdquantW4A4Params> quantize_weight_svdquant_w4a4_group(const std::v
   const bool calibrated = cs && (cs->max_abs.defined() || cs->sample.defined());
   std::vector<QuantInfo> infos(members.size());
   Tensor sample;
+  std::vector<Tensor> yrefs;
   if (!calibrated) {
     best = decompose(members, Ntot, K, ones, o, o.refine_iterations);
   } else {
@@ -682,6 +905,7 @@ std::vector<SvdquantW4A4Params> quantize_weight_svdquant_w4a4_group(const std::v
       if (cs->sample.dim() != 2 || cs->sample.size(1) != K)
         throw Error(fmt::format("calibration sample: expected (M, {}), got {}", K, shape_str(cs->sample.shape())));
       sample = cs->sample.to_f32();
+      yrefs = reference_outputs(members, sample);
     }
     for (auto& inf : infos) {
       inf.calibrated = true;
@@ -706,7 +930,7 @@ std::vector<SvdquantW4A4Params> quantize_weight_svdquant_w4a4_group(const std::v
     // With the refit on, candidates are scored after it (what will be written).
     const bool refit = o.refit_lowrank && sample.defined() && sample.size(0) >= 4 * std::min<int64_t>(o.rank, K);
     auto score = [&](Decomposition& d) {
-      return sample.defined() ? sample_output_error(members, K, d, sample, o.act_unsigned, refit, o.dtype).rel()
+      return sample.defined() ? sample_output_error(members, K, d, sample, yrefs, o.act_unsigned, refit, o.dtype).rel()
                               : stats_output_error(members, Ntot, K, d, m2, amax, o.act_unsigned);
     };
     std::map<std::pair<int, int>, double> tried;  // (α, β) in 1/100 → error
@@ -716,7 +940,7 @@ std::vector<SvdquantW4A4Params> quantize_weight_svdquant_w4a4_group(const std::v
       Decomposition d = decompose(members, Ntot, K, ones, o, 0);
       best_err = score(d);
       if (sample.defined()) {  // the low-rank-only figure (no smoothing) for the report
-        SampleError e = sample_output_error(members, K, d, sample, o.act_unsigned);
+        SampleError e = sample_output_error(members, K, d, sample, yrefs, o.act_unsigned);
         for (size_t i = 0; i < members.size(); ++i) infos[i].snr_lowrank_db = snr_db(e.num[i], e.den[i]);
       }
     }
@@ -748,17 +972,24 @@ std::vector<SvdquantW4A4Params> quantize_weight_svdquant_w4a4_group(const std::v
     }
     best = decompose(members, Ntot, K, best_s, o, o.refine_iterations);
   }
+  ResidualTarget target;
+  const bool noise_aware = o.noise_aware && o.noise_block > 0;
+  if (calibrated && sample.defined() && (o.gptq || noise_aware || o.scale_search)) {
+    target = residual_target(sample, best.smooth, o, K);
+    requantize_residual(members, Ntot, K, best, o.dtype, &target);
+    recompute_row_err(members, Ntot, K, best);
+  }
   if (calibrated && sample.defined()) {
     const bool refit = o.refit_lowrank && best.R > 0 && sample.size(0) >= 4 * best.R;
-    SampleError e = sample_output_error(members, K, best, sample, o.act_unsigned, refit, o.dtype);
+    SampleError e = sample_output_error(members, K, best, sample, yrefs, o.act_unsigned, refit, o.dtype);
     if (refit) {
       // Alternate: requantize the residual against the refit proj_up, refit again; keep the best
       // state on the sample. Then the weight error rows follow the final proj_up.
       Decomposition cur = best;
       double best_rel = e.rel();
-      for (int round = 0; round < 2; ++round) {
-        requantize_residual(members, Ntot, K, cur, o.dtype);
-        SampleError e2 = sample_output_error(members, K, cur, sample, o.act_unsigned, true, o.dtype);
+      for (int round = 0; round < 1; ++round) {
+        requantize_residual(members, Ntot, K, cur, o.dtype, &target);
+        SampleError e2 = sample_output_error(members, K, cur, sample, yrefs, o.act_unsigned, true, o.dtype);
         if (!(e2.rel() < best_rel)) break;
         best_rel = e2.rel();
         best = cur;
@@ -771,7 +1002,7 @@ std::vector<SvdquantW4A4Params> quantize_weight_svdquant_w4a4_group(const std::v
     SvdquantQuantOptions plain = o;
     plain.rank = 0;
     Decomposition d0 = decompose(members, Ntot, K, ones, plain, 0);
-    SampleError e0 = sample_output_error(members, K, d0, sample, o.act_unsigned);
+    SampleError e0 = sample_output_error(members, K, d0, sample, yrefs, o.act_unsigned);
     for (size_t i = 0; i < members.size(); ++i) infos[i].snr_before_db = snr_db(e0.num[i], e0.den[i]);
   }
   if (o.info) *o.info = infos;

@@ -26,6 +26,8 @@
 
 #include "core/shape_math.h"
 #include "kernels/awq_w4a16_kernels.h"
+#include "kernels/dense_bf16.h"
+#include "kernels/dense_bf16_kernels.h"
 #include "kernels/workspace.h"
 #include "nibble/isa.h"
 #include "nibble/ops.h"
@@ -296,32 +298,51 @@ void run_gemv(const Impl& im, const Plan& pl, const float* x, void* yp) {
   });
 }
 
-// GEMM: the bf16 tier rounds the dequantized weight to bf16, as the kitchen's MMA tier rounds it
-// to the model dtype (the plan keeps fp16 models on the fp32 GEMM: exact dequantized weights).
-void run_gemm(const Impl& im, const Plan& pl, const float* x, void* yp) {
+// GEMM, bf16 tier (avx512bf16, bf16 models): the dense bf16 GEMM's micro-kernel (kernels/dense_bf16.h)
+// on panels decoded from int4 per task: x rounded once to bf16 pairs (chunk-major: chunk c of kKcPairs
+// pairs holds the M rows), then per task (one 64-column panel) and k chunk: decode the panel chunk
+// into L1-sized scratch, run every row of x over it, the fp32 partial sums kept in acc. Each output
+// is one fp32 chain over k pairs ascending, whatever the thread count.
+void run_gemm_panels(const Impl& im, const Plan& pl, const float* x, const Tensor& tiled, void* yp) {
+  namespace db = kernels::dense_bf16;
+  const int64_t M = im.p.M, N = im.p.N, K = im.p.K, K2 = K / 2;
+  if (!pl.decode_panel || !pl.pack_x || !pl.gemm_panel) not_built(pl);
+  const int64_t chunks = (K2 + db::kKcPairs - 1) / db::kKcPairs;
+  std::vector<uint32_t> xp(size_t(M * K2));
+  const int64_t row_blocks = (M + db::kMc - 1) / db::kMc;
+  parallel_for(row_blocks * chunks, [&](int64_t t) {
+    const int64_t rb = t / chunks, c = t % chunks;
+    const int64_t m0 = rb * db::kMc, rows = std::min(db::kMc, M - m0);
+    const int64_t q0 = c * db::kKcPairs, nq = std::min(db::kKcPairs, K2 - q0);
+    pl.pack_x(x, K, m0, rows, q0, nq, xp.data() + M * q0 + m0 * nq);
+  });
+  const AccBuffer acc = acc_buffer(M * N);
+  const int64_t panels = (N + db::kPanel - 1) / db::kPanel;
+  parallel_for(panels, [&](int64_t pn) {
+    const int64_t n0 = pn * db::kPanel, cols = std::min(db::kPanel, N - n0);
+    uint16_t* panel = thread_scratch<uint16_t>(Slot::Weights, db::kKcPairs * db::kPanel * 2);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t q0 = c * db::kKcPairs, nq = std::min(db::kKcPairs, K2 - q0);
+      pl.decode_panel(im.p, tiled.defined() ? tiled.data<uint8_t>() : nullptr, n0, cols, q0, nq, panel);
+      pl.gemm_panel(xp.data() + M * q0, M, nq, panel, cols, c > 0, acc.data() + n0, N);
+    }
+    epilogue(im, acc.data(), N, 1, yp, n0, n0 + cols, 1);
+  });
+}
+
+// GEMM, fp32 tiers (avx2 / avx512, and fp16 models on avx512bf16: exact dequantized weights).
+void run_gemm(const Impl& im, const Plan& pl, const float* x, const Tensor& tiled, void* yp) {
   const int64_t M = im.p.M, N = im.p.N, K = im.p.K;
+  if (pl.bf16_weights) {
+    run_gemm_panels(im, pl, x, tiled, yp);
+    return;
+  }
   if (!pl.gemm) not_built(pl);
   GemmArgs a;
   a.p = im.p;
   std::vector<float> xp32;
-  std::vector<uint32_t> xp16;
-  int parts = 1;
-  if (pl.bf16_dot) {
-    parts = pl.bf16_x ? 1 : bf16_parts(im.xdt);  // one part = x rounded to bf16 (RNE)
-    a.Mp = (M * parts + kGemmMvAvx512 - 1) / kGemmMvAvx512 * kGemmMvAvx512;
-    xp16.assign(size_t(K / 2 * a.Mp), 0u);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t c = 0; c < K / 2; ++c) {
-        uint16_t e[3], o[3];
-        split_bf16(x[m * K + 2 * c], parts, e);
-        split_bf16(x[m * K + 2 * c + 1], parts, o);
-        for (int p = 0; p < parts; ++p) {
-          const int64_t row = m * parts + p, m0 = row / 32 * 32, bw = std::min<int64_t>(32, a.Mp - m0);
-          xp16[size_t(m0 * (K / 2) + c * bw + (row - m0))] = uint32_t(e[p]) | (uint32_t(o[p]) << 16);
-        }
-      }
-    a.xp = xp16.data();
-  } else {
+  const int parts = 1;
+  {
     const int mv = pl.isa == Isa::Avx2 ? kGemmMvAvx2 : kGemmMvAvx512;
     a.Mp = (M + mv - 1) / mv * mv;
     xp32.assign(size_t(K * a.Mp), 0.0f);
@@ -375,7 +396,7 @@ Tensor run(const Tensor& x_in, const AwqW4A16Params& w, std::optional<DType> out
     }
     case Family::Tiled: run_tiled(im, pl, x, tiled, yp); break;
     case Family::Gemv: run_gemv(im, pl, x, yp); break;
-    case Family::Gemm: run_gemm(im, pl, x, yp); break;
+    case Family::Gemm: run_gemm(im, pl, x, tiled, yp); break;
   }
   return y;
 }
@@ -454,9 +475,13 @@ Plan plan(Isa isa, int64_t M, int64_t G, DType xdt, DType sdt, bool tiled) {
   pl.isa = isa;
   pl.bf16_dot = pl.bf16_weights = pl.bf16_x = isa == Isa::Avx512Bf16;
   pl.name = pl.bf16_weights ? "gemm-bf16w" : "gemm-fp32";
-  pl.gemm = isa == Isa::Avx2 ? NIBBLE_K2(awq_gemm_avx2)
-            : pl.bf16_weights ? NIBBLE_K512(awq_gemm_avx512bf16)
-                              : NIBBLE_K512(awq_gemm_avx512);
+  if (pl.bf16_weights) {
+    pl.decode_panel = NIBBLE_K512(awq_decode_panel_avx512bf16);
+    pl.pack_x = NIBBLE_K512(kernels::dense_bf16::pack_x_avx512bf16);
+    pl.gemm_panel = NIBBLE_K512(kernels::dense_bf16::gemm_panel_avx512bf16);
+    return pl;
+  }
+  pl.gemm = isa == Isa::Avx2 ? NIBBLE_K2(awq_gemm_avx2) : NIBBLE_K512(awq_gemm_avx512);
   return pl;
 }
 #undef NIBBLE_K2

@@ -243,98 +243,80 @@ void awq_gemv_avx512bf16(const GemvArgs& a, int64_t n0, int64_t n1, float* ws) {
   }
 }
 
-// ---------------------------------------------------------------- GEMM
-namespace {
-
-constexpr int kNr = 6;  // weight rows per register tile
-
-// Dequantizes weight rows [n0, n1) into wb[row][K/2] dwords of bf16 pairs (w[2c], w[2c+1]).
-void dequant_rows_bf16(const Problem& p, int64_t n0, int64_t n1, uint32_t* wb, float* sz) {
-  const int64_t K = p.K, G = p.G, groups = K / G, rows = n1 - n0;
-  float* sblk = sz;
-  float* zblk = sz + groups * kSub;
+// ---------------------------------------------------------------- GEMM (decoded panels)
+// Per 16 columns and 4 k pairs, one dword per column holding its 4 stored bytes (4 pairs): a line of
+// the prepared tiled stream when there is one, else a gather from the stored rows. Per pair the low /
+// high nibbles index the code table (vpermps reads the low 4 bits of an index: no masking), ŵ =
+// fma(q − 8, s, z) rounded to bf16 (RNE, as the kitchen's MMA tier), interleaved into (ŵ[2q], ŵ[2q+1])
+// dwords: one 64-byte line of the panel. Scales: 16 contiguous columns of wscales/wzeros, or the
+// tiled stream's scale line, once per group.
+void awq_decode_panel_avx512bf16(const Problem& p, const uint8_t* tiled, int64_t n0, int64_t cols, int64_t q0,
+                                 int64_t nq, uint16_t* panel) {
+  const int64_t K2 = p.K / 2, pairs_per_group = p.G / 2, L = p.G / 8;
   const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-  __m512i ilv;
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i ilv;  // words (w_lo[j], w_hi[j]) from cvtne2ps_pbh(hi, lo) = [lo0..lo15, hi0..hi15]
   {
     alignas(64) uint16_t idx[32];
-    for (int j = 0; j < 16; ++j) idx[2 * j] = uint16_t(j), idx[2 * j + 1] = uint16_t(32 + j);
+    for (int j = 0; j < 16; ++j) idx[2 * j] = uint16_t(j), idx[2 * j + 1] = uint16_t(16 + j);
     ilv = _mm512_load_si512(idx);
   }
-  for (int64_t nb0 = n0; nb0 < n1; nb0 += kSub) {
-    const int cols = int(kmin<int64_t>(kSub, n1 - nb0));
-    stage_scales(p, nb0, cols, nullptr, 0, sblk, zblk, nullptr);
-    for (int j = 0; j < cols; ++j) {
-      const int64_t n = nb0 + j;
-      const uint8_t* qrow = p.qweight + n * (K / 2);
-      uint32_t* out = wb + (n - n0) * (K / 2);
-      for (int64_t g = 0; g < groups; ++g) {
-        const __m512 s = _mm512_set1_ps(sblk[g * kSub + j]), z = _mm512_set1_ps(zblk[g * kSub + j]);
-        for (int64_t c = 0; c < G / 2; c += 16) {  // 16 bytes = 32 columns per step
-          const int64_t cnt = kmin<int64_t>(16, G / 2 - c);
-          const __mmask16 m = cnt == 16 ? __mmask16(0xFFFF) : __mmask16((1u << cnt) - 1);
-          const __m512i b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, qrow + g * (G / 2) + c));
-          const __m512 lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(b, table), s, z);
-          const __m512 hi = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table), s, z);
-          const __m512i l16 = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(lo));
-          const __m512i h16 = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(hi));
-          _mm512_mask_storeu_epi32(out + g * (G / 2) + c, m, _mm512_permutex2var_epi16(l16, ilv, h16));
+  const __m512i offs = _mm512_mullo_epi32(lane, _mm512_set1_epi32(int32_t(K2)));
+  uint32_t* out = reinterpret_cast<uint32_t*>(panel);
+  for (int v = 0; v < 4; ++v) {
+    const int64_t c = cols - 16 * v;
+    const __mmask16 m = c >= 16 ? __mmask16(0xFFFF) : c <= 0 ? __mmask16(0) : __mmask16((1u << c) - 1);
+    const int cnt = c >= 16 ? 16 : c <= 0 ? 0 : int(c);
+    const int64_t nv = n0 + 16 * v;  // first column of these 16 (a tile of the stream: n0 % 64 == 0)
+    const uint8_t* base = p.qweight + nv * K2;                                          // if cnt > 0
+    const uint8_t* tile = tiled ? tiled + (nv / kTileCols) * tiled_tile_bytes(p.K, p.G) : nullptr;
+    int64_t g_loaded = -1;
+    __m512 s = _mm512_setzero_ps(), z = _mm512_setzero_ps();
+    for (int64_t q = q0; q < q0 + nq; q += 4) {
+      const int64_t g = q / pairs_per_group;
+      __m512i raw = _mm512_setzero_si512();
+      if (cnt > 0) {
+        const uint8_t* blk = tile ? tile + g * tiled_lines_per_group(p.G) * 64 : nullptr;
+        if (g != g_loaded) {
+          s = tile ? load_halves(reinterpret_cast<const uint16_t*>(blk + L * 64), cnt, p.sdtype)
+                   : load_halves(p.wscales + g * p.N + nv, cnt, p.sdtype);
+          z = tile ? load_halves(reinterpret_cast<const uint16_t*>(blk + L * 64 + 32), cnt, p.sdtype)
+                   : load_halves(p.wzeros + g * p.N + nv, cnt, p.sdtype);
+          g_loaded = g;
         }
+        raw = tile ? _mm512_maskz_loadu_epi32(m, blk + (q - g * pairs_per_group) / 4 * 64)
+                   : _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, offs, base + q, 1);
+      }
+      for (int b = 0; b < 4; ++b) {
+        const __m512i by = b ? _mm512_srli_epi32(raw, 8 * b) : raw;
+        const __m512 lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(by, table), s, z);
+        const __m512 hi = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(by, 4), table), s, z);
+        const __m512i w = _mm512_permutexvar_epi16(ilv, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        // columns ≥ cols: s = z = 0, so ŵ = (q − 8)·0 + 0 = +0
+        _mm512_store_si512(out + (q + b - q0) * 64 + 16 * v, w);
       }
     }
   }
-  (void)rows;
-}
-
-template <int MV, int NR>
-void tile(const uint32_t* xp, int64_t ldx, int64_t Mp, int64_t m0, const uint32_t* wb, int64_t K2, float* accT) {
-  __m512 acc[NR][MV];
-  for (int r = 0; r < NR; ++r)
-    for (int v = 0; v < MV; ++v) acc[r][v] = _mm512_setzero_ps();
-  const uint32_t* xr = xp;  // this row block, packed [k][ldx]
-  for (int64_t c = 0; c < K2; ++c) {
-    __m512i xv[MV];
-    for (int v = 0; v < MV; ++v) xv[v] = _mm512_loadu_si512(xr + c * ldx + 16 * v);
-    for (int r = 0; r < NR; ++r) {
-      const __m512i b = _mm512_set1_epi32(int(wb[r * K2 + c]));
-      for (int v = 0; v < MV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)xv[v], (__m512bh)b);
+  // The next chunk's source, while the micro-kernel runs over this one: the lines of a chunk are
+  // first touches (weights stream once per call), and decoding waited on them (half of the tier's
+  // time at M = 64 went to exposed load latency).
+  const int64_t q1 = q0 + nq, q2 = q1 + nq < K2 ? q1 + nq : K2;
+  if (q1 >= K2) return;
+  const int64_t g1 = q1 / pairs_per_group, g2 = (q2 - 1) / pairs_per_group;
+  if (tiled) {
+    for (int64_t nv = n0; nv < n0 + cols; nv += kTileCols) {
+      const uint8_t* tile = tiled + (nv / kTileCols) * tiled_tile_bytes(p.K, p.G);
+      for (int64_t b = g1 * tiled_lines_per_group(p.G) * 64; b < (g2 + 1) * tiled_lines_per_group(p.G) * 64; b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(tile + b), _MM_HINT_T0);
     }
-  }
-  for (int r = 0; r < NR; ++r)
-    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(accT + r * Mp + m0 + 16 * v, acc[r][v]);
-}
-
-template <int MV>
-void tile_nr(int nr, const uint32_t* xp, int64_t ldx, int64_t Mp, int64_t m0, const uint32_t* wb, int64_t K2, float* accT) {
-  switch (nr) {
-    case 1: tile<MV, 1>(xp, ldx, Mp, m0, wb, K2, accT); break;
-    case 2: tile<MV, 2>(xp, ldx, Mp, m0, wb, K2, accT); break;
-    case 3: tile<MV, 3>(xp, ldx, Mp, m0, wb, K2, accT); break;
-    case 4: tile<MV, 4>(xp, ldx, Mp, m0, wb, K2, accT); break;
-    case 5: tile<MV, 5>(xp, ldx, Mp, m0, wb, K2, accT); break;
-    default: tile<MV, 6>(xp, ldx, Mp, m0, wb, K2, accT); break;
-  }
-}
-
-}  // namespace
-
-void awq_gemm_avx512bf16(const GemmArgs& a, int64_t n0, int64_t n1, float* ws) {
-  const Problem& p = a.p;
-  const int64_t K2 = p.K / 2, groups = p.K / p.G;
-  (void)groups;
-  // gemm_ws_floats(p, n1 - n0): bf16 pair rows (half the fp32 space), then staged scales
-  uint32_t* wb = reinterpret_cast<uint32_t*>(ws);
-  float* sz = ws + (n1 - n0) * p.K;
-  dequant_rows_bf16(p, n0, n1, wb, sz);
-  const uint32_t* xp = static_cast<const uint32_t*>(a.xp);
-  for (int64_t m0 = 0; m0 < a.Mp; m0 += 32) {
-    const bool two = m0 + 32 <= a.Mp;
-    for (int64_t r0 = n0; r0 < n1; r0 += kNr) {
-      const int nr = int(kmin<int64_t>(kNr, n1 - r0));
-      const uint32_t* w = wb + (r0 - n0) * K2;
-      float* out = a.accT + r0 * a.Mp;
-      if (two) tile_nr<2>(nr, xp + m0 * K2, two ? 32 : 16, a.Mp, m0, w, K2, out);
-      else tile_nr<1>(nr, xp + m0 * K2, two ? 32 : 16, a.Mp, m0, w, K2, out);
-    }
+  } else {
+    for (int64_t n = n0; n < n0 + cols; ++n)
+      for (int64_t b = q1; b < q2; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p.qweight + n * K2 + b), _MM_HINT_T0);
+    for (int64_t g = g1; g <= g2; ++g)
+      for (int64_t j = 0; j < cols; j += 32) {
+        _mm_prefetch(reinterpret_cast<const char*>(p.wscales + g * p.N + n0 + j), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(p.wzeros + g * p.N + n0 + j), _MM_HINT_T0);
+      }
   }
 }
 
