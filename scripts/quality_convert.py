@@ -7,7 +7,7 @@ masked language model over chemical reaction SMILES, not a sentence-embedding mo
 SMILES built from named reaction types over real reagents, tokenized with the package's vocabulary.
 Calibration and evaluation use disjoint reactions. Per linear layer (72 of them) the output SNR is
 measured by `nibble verify --against FLOAT --inputs EVAL` (the nibble kernels, W4A4 with quantized
-activations for svdquant), for the earlier searches (`--search legacy`) and the current ones.
+activations for svdquant), for the earlier searches (`--search legacy`), the current ones, and with `--gptq`.
 
 Usage: quality_convert.py NIBBLE_CLI WORKDIR   (torch + numpy + safetensors in this interpreter)
 """
@@ -180,12 +180,13 @@ with torch.no_grad():
 
 
 # ------------------------------------------------------------------ convert + verify
-def run(fmt, search, rule):
-    out = os.path.join(WORK, f"q_{fmt}_{search}.safetensors")
-    rep = os.path.join(WORK, f"q_{fmt}_{search}.json")
+def run(fmt, variant, rule):
+    out = os.path.join(WORK, f"q_{fmt}_{variant}.safetensors")
+    rep = os.path.join(WORK, f"q_{fmt}_{variant}.json")
+    flags = ["--search", "legacy"] if variant == "legacy" else ["--gptq"] if variant == "gptq" else []
     t0 = time.time()
     sh(NIBBLE, "-q", "convert", float_path, "-o", out, "--tensor-type", rule, "--calib", calib_path,
-       "--search", search, "--json", rep)
+       "--json", rep, *flags)
     wall = time.time() - t0
     v = json.loads(sh(NIBBLE, "verify", out, "--against", float_path, "--inputs", acts_path, "--json"))
     recs = [r for r in v if not r.get("summary")]
@@ -203,7 +204,7 @@ only = os.environ.get("QUALITY_ONLY", "")
 for fmt, rule in (("svdquant_w4a4", r"encoder=svdquant_w4a4:rank=32"), ("awq_w4a16", r"encoder=awq_w4a16")):
     if only and only != fmt:
         continue
-    for search in ("legacy", "full"):
+    for search in ("legacy", "full", "gptq"):
         results[f"{fmt}/{search}"] = run(fmt, search, rule)
         r = results[f"{fmt}/{search}"]
         print(f"{fmt:14} {search:7} layers {r['layers']}  mean SNR {r['mean_snr_db']:6.2f} dB  min {r['min_snr_db']:6.2f} dB"
@@ -211,8 +212,10 @@ for fmt, rule in (("svdquant_w4a4", r"encoder=svdquant_w4a4:rank=32"), ("awq_w4a
 for fmt in ("svdquant_w4a4", "awq_w4a16"):
     if only and only != fmt:
         continue
-    a, b = results[f"{fmt}/legacy"], results[f"{fmt}/full"]
-    print(f"{fmt}: +{b['mean_snr_db'] - a['mean_snr_db']:.2f} dB mean per-layer output SNR, conversion time "
-          f"×{b['convert_seconds'] / max(a['convert_seconds'], 1e-9):.2f}")
+    a = results[f"{fmt}/legacy"]
+    for v in ("full", "gptq"):
+        b = results[f"{fmt}/{v}"]
+        print(f"{fmt} {v}: {b['mean_snr_db'] - a['mean_snr_db']:+.2f} dB mean per-layer output SNR over legacy, "
+              f"conversion time ×{b['convert_seconds'] / max(a['convert_seconds'], 1e-9):.2f}")
 json.dump(results, open(os.path.join(WORK, "quality_convert.json"), "w"), indent=1)
 print("details:", os.path.join(WORK, "quality_convert.json"))

@@ -187,3 +187,36 @@ TEST(ConvertGptq, WithoutSampleRowsIsPlainRounding) {
   EXPECT_TRUE(same_bytes(a.qweight, b.qweight));
   EXPECT_TRUE(same_bytes(a.wscales, b.wscales));
 }
+
+// The converter: --gptq without --calib is an error; statistics without sample rows are a warning
+// (an error with --strict) naming the layers rounded without GPTQ.
+#include <functional>
+
+#include "nibble/safetensors.h"
+#include "nibble/synth.h"
+#include "tmp_dir.h"
+
+TEST(ConvertGptq, ConverterSaysWhenItCannotApply) {
+  testing_tmp::TmpDir d("gptq");
+  const std::string in = d / "m.safetensors";
+  save_safetensors(in, {{"blk.fc.weight", synth_weight(64, 128, 1).to(DType::BF16)}});
+  ConvertOptions o;
+  o.rules = {parse_convert_rule("fc=svdquant_w4a4:rank=8")};
+  o.gptq = true;
+  auto error_of = [](const std::function<void()>& f) {
+    try { f(); } catch (const Error& e) { return std::string(e.what()); }
+    return std::string();
+  };
+  EXPECT_NE(error_of([&] { plan_conversion(in, o); }).find("--gptq needs --calib"), std::string::npos);
+  CalibAccumulator acc;
+  acc.add("blk.fc", correlated_inputs(64, 128, 3));
+  const std::string stats = d / "stats.safetensors";
+  acc.save(stats, 0);  // no sample rows
+  o.calib_path = stats;
+  const ConvertPlan p = plan_conversion(in, o);
+  bool warned = false;
+  for (const auto& w : p.warnings) warned |= w.find("rounded without GPTQ: blk.fc") != std::string::npos;
+  EXPECT_TRUE(warned);
+  o.strict = true;
+  EXPECT_NE(error_of([&] { plan_conversion(in, o); }).find("without GPTQ"), std::string::npos);
+}

@@ -155,6 +155,14 @@ Found find_layers(const Checkpoint& ck) {
     const std::string p = is_weight ? name.substr(0, name.size() - 7) : name;
     if (is_weight && quantized.count(p)) continue;
     if (!is_weight) {
+      if (ends_with(name, ".in_proj_weight") && ti.shape.size() == 2 && ti.shape[0] == 3 * ti.shape[1] && is_float(ti.dtype)) {
+        // torch.nn.MultiheadAttention's fused q/k/v (3E, E): it is not an nn.Linear, so no quantized
+        // ComfyUI op reads it; ComfyUI's SAM3 loader splits the float tensor into q/k/v_proj itself.
+        skip(name, name.substr(0, name.size() - 7),  // "P.in_proj": what a rule would name
+             "nn.MultiheadAttention fused q/k/v (in_proj_weight, 3E×E): not an nn.Linear, no ComfyUI loader reads it "
+             "quantized (SAM3 splits the float tensor into q/k/v_proj at load)");
+        continue;
+      }
       if (ti.shape.size() >= 2 && is_float(ti.dtype))
         skip(name, p, fmt::format("{}-D parameter, not a layer weight", ti.shape.size()));
       continue;
@@ -472,10 +480,13 @@ FullPlan convert_detail::make_plan(const Checkpoint& ck, const ConvertOptions& o
     for (const auto& m : job.members) { job_of[m] = int64_t(fp.jobs.size()); ntot += by_name[m]->N; }
     // Working set: the fp32 weights, the stacked smoothed copy, the SVD target and a residual buffer.
     job.mem_estimate = uint64_t(ntot) * uint64_t(K) * 4 * (job.format == "awq_w4a16" ? 2 : 5) + (64u << 20);
+    if (o.gptq) job.mem_estimate += uint64_t(K) * uint64_t(K) * (3 * 8 + 4);  // H, its factors (double), GPTQ's U
     fp.jobs.push_back(std::move(job));
   }
 
   // ---- calibration: every statistic must belong to a layer; every quantized layer should have some
+  if (o.gptq && o.calib_path.empty())
+    throw Error("--gptq needs --calib with sample rows (GPTQ's Hessian XᵀX comes from the calibration sample)");
   if (!o.calib_path.empty()) {
     fp.calib = load_calib_stats(o.calib_path);
     std::set<std::string> used;
@@ -512,6 +523,19 @@ FullPlan convert_detail::make_plan(const Checkpoint& ck, const ConvertOptions& o
         if (t->defined() && t->size(-1) != K)
           throw Error(fmt::format("{}: the statistics {} have {} input channels, but layer {} has K = {}", o.calib_path,
                                   job.calib_key, t->size(-1), job.members.front(), K));
+    }
+    if (o.gptq) {  // GPTQ needs the sample rows (its Hessian XᵀX)
+      std::vector<std::string> no_rows;
+      for (const auto& job : fp.jobs)
+        if (!job.calib_key.empty() && !fp.calib.at(job.calib_key).sample.defined())
+          for (const auto& m : job.members) no_rows.push_back(m);
+      if (!no_rows.empty()) {
+        const std::string msg = fmt::format("--gptq: {} quantized layers have statistics without sample rows in {} "
+                                            "and are rounded without GPTQ: {}", no_rows.size(), o.calib_path,
+                                            join(no_rows, 8));
+        if (o.strict) throw Error(msg + " (--strict)");
+        S.warnings.push_back(msg);
+      }
     }
     if (!uncalibrated.empty()) {
       const std::string msg = fmt::format("{} of {} quantized layers have no calibration statistics in {} and are "

@@ -32,9 +32,11 @@ uint16_t encode16(DType d, float v) { return d == DType::F16 ? f32_to_f16(v) : f
 
 // Round half to even for |v| ≤ 2^22 (codes are clamped to ±16 before): adding and subtracting
 // 1.5·2^23 leaves the integer part under the default rounding mode. std::nearbyint is a libm call
-// in the baseline x86-64 build, and this loop runs over every weight three times.
+// in the baseline x86-64 build, and the searches run this over every weight dozens of times. The
+// project builds without -ffast-math, so the compiler may not fold (v + m) − m (IEEE semantics);
+// the byte-identity of outputs across builds is checked by the converter tests.
 inline float round_even(float v) {
-  volatile float magic = 12582912.0f;  // volatile: keep the compiler from folding (v + m) − m
+  constexpr float magic = 12582912.0f;
   return (v + magic) - magic;
 }
 
@@ -364,8 +366,7 @@ QuantResidual quantize_residual(const float* R, int64_t N, int64_t K, DType sd, 
             const float inv = 1.0f / sc;
             double e = 0;
             for (int64_t j = 0; j < kGroup; ++j) {
-              // (x + 1.5·2^23) − 1.5·2^23 rounds half to even (IEEE arithmetic, no reassociation here)
-              const float c = std::clamp((std::clamp(v[j] * inv, -8.0f, 8.0f) + 12582912.0f) - 12582912.0f, -7.0f, 7.0f);
+              const float c = std::clamp(round_even(std::clamp(v[j] * inv, -8.0f, 8.0f)), -7.0f, 7.0f);
               const double d = double(c * sc) - v[j];
               e += double(w[j]) * d * d;
             }
@@ -750,10 +751,8 @@ ResidualTarget residual_target(const Tensor& sample, const std::vector<float>& s
     }
     if (want_gptq) t.gptq = convert_detail::gptq_factor(Hn, 0.0);
   };
-  if (o.gptq) {
-    if (noise) { t.block = K; t.S.resize(size_t(K * K)); }
-    solve_block(0, K, noise ? t.S.data() : nullptr, true);
-  } else if (noise) {
+  if (o.gptq) solve_block(0, K, nullptr, true);
+  if (noise) {
     int64_t B = std::max<int64_t>(kGroup, o.noise_block / kGroup * kGroup);
     while (K % B != 0) B -= kGroup;
     t.block = B;
@@ -988,7 +987,7 @@ std::vector<SvdquantW4A4Params> quantize_weight_svdquant_w4a4_group(const std::v
       // state on the sample. Then the weight error rows follow the final proj_up.
       Decomposition cur = best;
       double best_rel = e.rel();
-      for (int round = 0; round < 2; ++round) {
+      for (int round = 0; round < 1; ++round) {
         requantize_residual(members, Ntot, K, cur, o.dtype, &target);
         SampleError e2 = sample_output_error(members, K, cur, sample, yrefs, o.act_unsigned, true, o.dtype);
         if (!(e2.rel() < best_rel)) break;
