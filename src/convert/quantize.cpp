@@ -275,6 +275,7 @@ AwqW4A16Params quantize_awq_w4a16(const Tensor& Win, const Tensor& bias, const A
     QuantInfo& inf = *o.info;
     inf = QuantInfo{};
     inf.calibrated = !imp.empty();
+    inf.gptq = gX != nullptr;
     double rs = 0;
     for (double v : ratio_sum) rs += v;
     inf.clip_ratio_mean = rs / double(N * NG);
@@ -976,6 +977,7 @@ std::vector<SvdquantW4A4Params> quantize_weight_svdquant_w4a4_group(const std::v
   const bool noise_aware = o.noise_aware && o.noise_block > 0;
   if (calibrated && sample.defined() && (o.gptq || noise_aware || o.scale_search)) {
     target = residual_target(sample, best.smooth, o, K);
+    for (auto& inf : infos) inf.gptq = bool(target.gptq), inf.noise_aware = target.block > 0;
     requantize_residual(members, Ntot, K, best, o.dtype, &target);
     recompute_row_err(members, Ntot, K, best);
   }
