@@ -101,8 +101,9 @@ AwqGroupChoice awq_choose_group(const float* v, int64_t G, const float* imp, con
   std::vector<int> codes(static_cast<size_t>(G));
   float lo = v[0], hi = v[0];
   for (int64_t j = 1; j < G; ++j) { lo = std::min(lo, v[j]); hi = std::max(hi, v[j]); }
-  // Error of the (s, z) pair (rounded as stored) with its nearest codes, importance-weighted.
-  auto eval = [&](float s, float z, std::vector<int>& c) {
+  // Error of the (s, z) pair (rounded as stored) with its nearest codes, importance-weighted. The
+  // sum only grows: once it reaches `bound` (the best so far) the pair cannot win, and it stops.
+  auto eval = [&](float s, float z, std::vector<int>& c, double bound) {
     double err = 0;
     for (int64_t j = 0; j < G; ++j) {
       int q = 8;
@@ -111,6 +112,7 @@ AwqGroupChoice awq_choose_group(const float* v, int64_t G, const float* imp, con
       c[size_t(j)] = q;
       const float e = (float(q - 8) * s + z) - v[j];
       err += (imp ? double(imp[j]) : 1.0) * double(e) * double(e);
+      if ((j & 15) == 15 && err >= bound) return err;
     }
     return err;
   };
@@ -123,7 +125,7 @@ AwqGroupChoice awq_choose_group(const float* v, int64_t G, const float* imp, con
   double best_err = std::numeric_limits<double>::infinity();
   float best_s = 0, best_z = 0, best_r = 1;
   auto consider = [&](float s, float z, float r) {
-    const double err = eval(s, z, codes);
+    const double err = eval(s, z, codes, best_err);
     if (err < best_err) { best_err = err; best_s = s; best_z = z; best_r = r; std::copy(codes.begin(), codes.end(), best_codes); }
   };
   for (float r : ratios) {
