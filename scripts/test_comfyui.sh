@@ -8,6 +8,8 @@
 # outputs vs nibble.load, block times. Work files go to $NIBBLE_COMFYUI_WORK (default
 # build-comfyui/). $NIBBLE_COMFYUI_TORCH_SITE: site-packages of an existing torch venv to reuse
 # (added through a .pth file instead of installing torch; here /work/.venv-torch).
+# $NIBBLE_COMFYUI_ROUNDS: interleaved timing rounds per case (default 3); $NIBBLE_COMFYUI_S_IMG /
+# $NIBBLE_COMFYUI_S_TXT: token counts (default 1024 / 64).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD

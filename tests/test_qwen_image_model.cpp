@@ -43,7 +43,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const fs::path kData = fs::path(NIBBLE_SOURCE_DIR) / "tests" / "data";  // not __FILE__: ccache may make it relative
+// NIBBLE_SOURCE_DIR (absolute), not __FILE__: ccache with CCACHE_BASEDIR makes __FILE__ relative.
+const fs::path kData = fs::path(NIBBLE_SOURCE_DIR) / "tests" / "data";
 const std::string kCkpt = (kData / "qwen_image_golden_ckpt.safetensors").string();
 const std::string kGolden = (kData / "qwen_image_golden.safetensors").string();
 constexpr double kMaxAbs = 5e-5, kMaxRms = 1e-5;

@@ -10,7 +10,8 @@
 namespace nibble::bench {
 
 struct StageTimes {
-  double quantize = 0, lowrank = 0, gemm = 0;  // seconds
+  double quantize = 0, lowrank = 0, gemm = 0;  // seconds (wall clock)
+  double gemm_cpu = 0;  // process CPU seconds of the GEMM stage (all threads): robust on a shared host
 };
 Tensor svdquant_linear_timed(const Tensor& x, const SvdquantW4A4Prepared& w, StageTimes* t);
 
