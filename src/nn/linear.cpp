@@ -146,6 +146,9 @@ struct Linear::Impl {
   // load and rounded to bf16 (the "at most to bf16"): packed bf16 panels only (`weight`
   // dropped) where the bf16 dense GEMM runs, else a bf16 `weight` on the fp32 kernels.
   bool decoded_bf16 = false;
+  // Set only while from_layer() builds the layer: the fp32 weight just decoded, so the bias of an
+  // act_unsigned layer does not decode it a second time.
+  Tensor pending_weight;
 
   // The layer restricted to output rows [n0, n1): params whose first dim is N are row-sliced.
   QuantizedLayer rows(int64_t n0, int64_t n1) const {
@@ -252,7 +255,10 @@ Linear Linear::from_layer(const QuantizedLayer& layer, bool force_dequantize) {
   }
   if (im->path == LinearPath::Dequantized) {
     try {
-      Tensor w = out.effective_weight(), b = out.effective_bias();  // both before `weight` is set
+      Tensor w = out.effective_weight();  // both before `weight` is set
+      im->pending_weight = w;
+      Tensor b = out.effective_bias();
+      im->pending_weight = Tensor();
       im->bias_f32 = b;
       if (force_dequantize) {
         im->weight = w;  // the dequantized baseline: fp32 weights, fp32 math
@@ -318,7 +324,7 @@ Tensor Linear::effective_bias() const {
     // −shift·Σ_k R_raw[n,k]. R_raw = W_eff − proj_up·proj_downᵀ, so add shift·rowsum(R_raw) back.
     SvdquantW4A4Params p = svdquant_params(im.layer);
     if (p.tile_packed || p.proj_up_tile) p = svdquant_to_natural(p);
-    const Tensor w = effective_weight();
+    const Tensor w = im.pending_weight.defined() ? im.pending_weight : effective_weight();
     const Tensor up = p.proj_up.to_f32(), down = p.proj_down.to_f32();
     const int64_t K = im.K, N = im.N, R = p.R;
     std::vector<double> down_colsum(size_t(R), 0.0);
