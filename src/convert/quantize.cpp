@@ -352,6 +352,34 @@ struct QuantResidual {
 };
 // With `imp` (K channel weights): the scale is searched per group among absmax·r/7, r ∈ {1, 0.95,
 // …, 0.8} (r < 1 clips the largest values), minimising Σ_k imp_k·(q_k·s − r_k)².
+// The scale of one group of 64 values v: absmax/7 rounded up (nothing clips), or with `w` (64
+// weights) the best of absmax·r/7, r ∈ {1, 0.95, …, 0.8}, on Σ_j w_j·(q_j·s − v_j)².
+float residual_scale(const float* v, const float* w, DType sd) {
+  float amax = 0;
+  for (int64_t j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(v[j]));
+  float s = amax > 0 ? round_up_to(sd, amax / 7.0f) : 0.0f;
+  if (w && s > 0) {
+    auto err = [&](float sc) {
+      const float inv = 1.0f / sc;
+      double e = 0;
+      for (int64_t j = 0; j < kGroup; ++j) {
+        const float c = std::clamp(round_even(std::clamp(v[j] * inv, -8.0f, 8.0f)), -7.0f, 7.0f);
+        const double d = double(c * sc) - v[j];
+        e += double(w[j]) * d * d;
+      }
+      return e;
+    };
+    double best = err(s);
+    for (int i = 1; i <= 4; ++i) {
+      const float c = round_to(sd, amax * (1.0f - 0.05f * float(i)) / 7.0f);
+      if (!(c > 0)) continue;
+      const double e = err(c);
+      if (e < best) best = e, s = c;
+    }
+  }
+  return s;
+}
+
 QuantResidual quantize_residual(const float* R, int64_t N, int64_t K, DType sd, const float* imp = nullptr) {
   QuantResidual q;
   q.codes.resize(size_t(N * K));
@@ -360,29 +388,7 @@ QuantResidual quantize_residual(const float* R, int64_t N, int64_t K, DType sd, 
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t g = 0; g < K / kGroup; ++g) {
         const float* v = R + n * K + g * kGroup;
-        float amax = 0;
-        for (int64_t j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(v[j]));
-        float s = amax > 0 ? round_up_to(sd, amax / 7.0f) : 0.0f;
-        if (imp && s > 0) {
-          const float* w = imp + g * kGroup;
-          auto err = [&](float sc) {
-            const float inv = 1.0f / sc;
-            double e = 0;
-            for (int64_t j = 0; j < kGroup; ++j) {
-              const float c = std::clamp(round_even(std::clamp(v[j] * inv, -8.0f, 8.0f)), -7.0f, 7.0f);
-              const double d = double(c * sc) - v[j];
-              e += double(w[j]) * d * d;
-            }
-            return e;
-          };
-          double best = err(s);
-          for (int i = 1; i <= 4; ++i) {
-            const float c = round_to(sd, amax * (1.0f - 0.05f * float(i)) / 7.0f);
-            if (!(c > 0)) continue;
-            const double e = err(c);
-            if (e < best) best = e, s = c;
-          }
-        }
+        const float s = residual_scale(v, imp ? imp + g * kGroup : nullptr, sd);
         q.scales[size_t(g * N + n)] = s;
         int8_t* c = q.codes.data() + n * K + g * kGroup;
         if (s == 0) { std::fill(c, c + kGroup, int8_t(0)); continue; }
@@ -393,9 +399,11 @@ QuantResidual quantize_residual(const float* R, int64_t N, int64_t K, DType sd, 
   });
   return q;
 }
-// The same grid (per-64 absmax/7 rounded up, codes in [−7, 7]) chosen by GPTQ: the group's scale
-// from its values after the feedback of the earlier columns. R is consumed.
-QuantResidual gptq_residual(float* R, int64_t N, int64_t K, const convert_detail::GptqFactor& U, DType sd) {
+// The same grid (per-64 scales, codes in [−7, 7]) chosen by GPTQ: the group's scale (residual_scale,
+// with `imp` the weighted search) from its values after the feedback of the earlier columns. R is
+// consumed.
+QuantResidual gptq_residual(float* R, int64_t N, int64_t K, const convert_detail::GptqFactor& U, DType sd,
+                            const float* imp = nullptr) {
   QuantResidual q;
   q.codes.resize(size_t(N * K));
   q.scales.resize(size_t(K / kGroup * N));
@@ -403,9 +411,7 @@ QuantResidual gptq_residual(float* R, int64_t N, int64_t K, const convert_detail
   convert_detail::gptq_sweep(
       R, N, K, kGroup, U,
       [&](int64_t n, int64_t g, const float* v) {
-        float amax = 0;
-        for (int64_t j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(v[j]));
-        q.scales[size_t(g * N + n)] = amax > 0 ? round_up_to(sd, amax / 7.0f) : 0.0f;
+        q.scales[size_t(g * N + n)] = residual_scale(v, imp ? imp + g * kGroup : nullptr, sd);
       },
       [&](int64_t n, int64_t g, float x) {
         (void)NG;
@@ -805,7 +811,7 @@ void requantize_residual(const std::vector<Member>& members, int64_t Ntot, int64
     });
   }
   if (target && target->gptq) {
-    d.resid = gptq_residual(R.data(), Ntot, K, *target->gptq, sd);
+    d.resid = gptq_residual(R.data(), Ntot, K, *target->gptq, sd, target->imp.empty() ? nullptr : target->imp.data());
   } else {
     d.resid = quantize_residual(R.data(), Ntot, K, sd, target && !target->imp.empty() ? target->imp.data() : nullptr);
   }
