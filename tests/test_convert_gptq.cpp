@@ -107,6 +107,26 @@ TEST(ConvertGptq, SvdquantLowerErrorOnCalibrationInputs) {
   }
 }
 
+TEST(ConvertGptq, SvdquantActUnsignedLowerError) {
+  // Post-GELU-like inputs (≥ −0.17): the main path sees x + 0.171875, the bias carries the shift.
+  Layer l = make_layer(64, 128, 384, 51);
+  float* x = l.X.mutable_data<float>();
+  for (int64_t i = 0; i < l.X.numel(); ++i) x[i] = x[i] > 0 ? x[i] : -0.17f * (1 - std::exp(x[i]));
+  CalibAccumulator acc(l.X.size(0));
+  acc.add("l", l.X);
+  const auto st = acc.finish();
+  SvdquantQuantOptions o;
+  o.rank = 8;
+  o.act_unsigned = true;
+  o.calib = &st.at("l");
+  SvdquantQuantOptions g = o;
+  g.gptq = true;
+  const auto p0 = quantize_weight_svdquant_w4a4(l.W, Tensor(), o), p1 = quantize_weight_svdquant_w4a4(l.W, Tensor(), g);
+  const double e0 = act_error(l.X, effective_weight(p0), l.W), e1 = act_error(l.X, effective_weight(p1), l.W);
+  std::printf("svdquant act_unsigned: without %.4g, GPTQ %.4g\n", e0, e1);
+  EXPECT_LT(e1, e0);
+}
+
 TEST(ConvertGptq, SvdquantWithRefitAndGroupLowerError) {
   // The full calibrated path (α search, proj_up refit) and a q/k/v-style group sharing the input.
   const Layer l = make_layer(64, 128, 384, 11);

@@ -58,6 +58,8 @@ struct QuantInfo {
   bool alpha_on_edge = false;           // α (or β) is the largest or smallest value of its grid
   double snr_before_db = NAN, snr_lowrank_db = NAN, snr_after_db = NAN;
   double clip_ratio_mean = 1;           // awq: mean clipping ratio chosen
+  bool gptq = false;                    // rounded by GPTQ (--gptq with sample rows)
+  bool noise_aware = false;             // svdquant: residual rounded towards the noise-aware target
 };
 
 // ---------------------------------------------------------------- awq_w4a16

@@ -191,7 +191,7 @@ def inspect(path, filter: str = "", as_text: bool = False):
 def convert(input, output=None, *, format=None, preset="", rules=(), exclude=(), rank=32,
             group_size=64, tile=False, svd="randomized", refine=2, calib=None,
             allow_requantize=False, mem_budget=0, shard_size=0, threads=0, dry_run=False,
-            progress=None, share=(), strict=False, force=False):
+            progress=None, share=(), strict=False, force=False, gptq=False):
     """Convert float linears of a checkpoint to awq_w4a16 / svdquant_w4a4 (``nibble convert``).
 
     ``format``: quantize every eligible linear to this format (the rule ``.*=FORMAT``);
@@ -200,7 +200,7 @@ def convert(input, output=None, *, format=None, preset="", rules=(), exclude=(),
     of layers copied unchanged. ``rank`` / ``group_size`` / ``tile`` (tile-packed svdquant) /
     ``svd`` ("randomized" | "exact") / ``refine`` / ``calib`` (statistics file, see
     ``nibble.calib.Recorder``) / ``share`` (regexes of layers reading one input) / ``strict`` /
-    ``force`` as in the CLI. Embedding tables, norms, convolutions and the pooler are never
+    ``force`` / ``gptq`` (GPTQ from the statistics' sample rows) as in the CLI. Embedding tables, norms, convolutions and the pooler are never
     quantized by ``format``; a rule or preset matching nothing raises nibble.Error.
     ``progress(dict)`` is called per written tensor. Returns the report (dict, as ``--json``),
     or with ``dry_run=True`` the plan, writing nothing. The output is written atomically.
@@ -210,7 +210,7 @@ def convert(input, output=None, *, format=None, preset="", rules=(), exclude=(),
                            svd, int(refine), None if calib is None else str(calib),
                            bool(allow_requantize), int(mem_budget), int(shard_size),
                            int(threads), bool(dry_run), progress, list(share), bool(strict),
-                           bool(force))
+                           bool(force), bool(gptq))
     if isinstance(result, str):
         import json
 

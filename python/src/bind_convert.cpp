@@ -71,7 +71,8 @@ nb::object convert(const std::string& in, const std::optional<std::string>& out,
                    int64_t rank, int64_t group_size, bool tile, const std::string& svd, int refine,
                    const std::optional<std::string>& calib, bool allow_requantize,
                    uint64_t mem_budget, uint64_t shard_size, int threads, bool dry_run,
-                   nb::object progress, const std::vector<std::string>& share, bool strict, bool force) {
+                   nb::object progress, const std::vector<std::string>& share, bool strict, bool force,
+                   bool gptq) {
   nibble::ConvertOptions o;
   o.preset = preset;
   for (const auto& r : rules) o.rules.push_back(nibble::parse_convert_rule(r));
@@ -90,6 +91,7 @@ nb::object convert(const std::string& in, const std::optional<std::string>& out,
   o.share = share;
   o.strict = strict;
   o.force = force;
+  o.gptq = gptq;
   if (dry_run) {
     nibble::ConvertPlan plan;
     {
@@ -136,7 +138,8 @@ void bind_convert(nb::module_& m) {
         nb::arg("svd") = "randomized", nb::arg("refine") = 2, nb::arg("calib").none() = nb::none(),
         nb::arg("allow_requantize") = false, nb::arg("mem_budget") = 0, nb::arg("shard_size") = 0,
         nb::arg("threads") = 0, nb::arg("dry_run") = false, nb::arg("progress").none() = nb::none(),
-        nb::arg("share") = std::vector<std::string>{}, nb::arg("strict") = false, nb::arg("force") = false);
+        nb::arg("share") = std::vector<std::string>{}, nb::arg("strict") = false, nb::arg("force") = false,
+        nb::arg("gptq") = false);
 }
 
 }  // namespace nibble_py

@@ -61,3 +61,22 @@ def test_convert_errors(sample, tmp_path):
                        format="awq_w4a16")
     assert isinstance(ei.value, OSError) and ei.value.errno == errno.ENOENT
     assert not (tmp_path / "o2.safetensors").exists()
+
+
+def test_convert_gptq_from_recorded_sample(sample, tmp_path, rng):
+    # statistics with sample rows recorded by the numpy path of nibble.calib.Recorder; --gptq rounds
+    # by GPTQ and says so per layer in the report
+    import nibble.calib
+    src = nibble.load(sample)
+    name = next(n for n in src.names() if n.endswith("txt_mod.1"))
+    k = src[name].in_features
+    stats = tmp_path / "calib.safetensors"
+    with nibble.calib.Recorder(None, stats, sample_rows=2 * k) as rec:
+        mix = rng.standard_normal((k, k)).astype(np.float32) / np.sqrt(k)
+        rec.record(name, rng.standard_normal((4 * k, k)).astype(np.float32) @ mix)
+    report = nibble.convert(sample, tmp_path / "o.safetensors", rules=["txt_mod\\.1=awq_w4a16"],
+                            calib=stats, gptq=True)
+    layer = next(l for l in report["layers"] if l["name"].endswith("txt_mod.1"))
+    assert layer["gptq"] is True and layer["calibration_sample_rows"] == 2 * k
+    with pytest.raises(nibble.InputError):
+        nibble.convert(sample, tmp_path / "o2.safetensors", rules=["txt_mod\\.1=awq_w4a16"], gptq=True)

@@ -315,6 +315,8 @@ std::string convert_report_json(const ConvertReport& r) {
         e["clip_ratio_mean"] = l.info.clip_ratio_mean;
       }
       e["calibration_sample_rows"] = l.info.sample_rows;
+      e["gptq"] = l.info.gptq;
+      if (lp.format == "svdquant_w4a4") e["noise_aware_residual"] = l.info.noise_aware;
       e["snr_db_before"] = num(l.info.snr_before_db);
       if (lp.format == "svdquant_w4a4") e["snr_db_lowrank_only"] = num(l.info.snr_lowrank_db);
       e["snr_db_after"] = num(l.info.snr_after_db);

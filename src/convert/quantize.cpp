@@ -101,8 +101,9 @@ AwqGroupChoice awq_choose_group(const float* v, int64_t G, const float* imp, con
   std::vector<int> codes(static_cast<size_t>(G));
   float lo = v[0], hi = v[0];
   for (int64_t j = 1; j < G; ++j) { lo = std::min(lo, v[j]); hi = std::max(hi, v[j]); }
-  // Error of the (s, z) pair (rounded as stored) with its nearest codes, importance-weighted.
-  auto eval = [&](float s, float z, std::vector<int>& c) {
+  // Error of the (s, z) pair (rounded as stored) with its nearest codes, importance-weighted. The
+  // sum only grows: once it reaches `bound` (the best so far) the pair cannot win, and it stops.
+  auto eval = [&](float s, float z, std::vector<int>& c, double bound) {
     double err = 0;
     for (int64_t j = 0; j < G; ++j) {
       int q = 8;
@@ -111,6 +112,7 @@ AwqGroupChoice awq_choose_group(const float* v, int64_t G, const float* imp, con
       c[size_t(j)] = q;
       const float e = (float(q - 8) * s + z) - v[j];
       err += (imp ? double(imp[j]) : 1.0) * double(e) * double(e);
+      if ((j & 15) == 15 && err >= bound) return err;
     }
     return err;
   };
@@ -123,7 +125,7 @@ AwqGroupChoice awq_choose_group(const float* v, int64_t G, const float* imp, con
   double best_err = std::numeric_limits<double>::infinity();
   float best_s = 0, best_z = 0, best_r = 1;
   auto consider = [&](float s, float z, float r) {
-    const double err = eval(s, z, codes);
+    const double err = eval(s, z, codes, best_err);
     if (err < best_err) { best_err = err; best_s = s; best_z = z; best_r = r; std::copy(codes.begin(), codes.end(), best_codes); }
   };
   for (float r : ratios) {
@@ -275,6 +277,7 @@ AwqW4A16Params quantize_awq_w4a16(const Tensor& Win, const Tensor& bias, const A
     QuantInfo& inf = *o.info;
     inf = QuantInfo{};
     inf.calibrated = !imp.empty();
+    inf.gptq = gX != nullptr;
     double rs = 0;
     for (double v : ratio_sum) rs += v;
     inf.clip_ratio_mean = rs / double(N * NG);
@@ -349,6 +352,34 @@ struct QuantResidual {
 };
 // With `imp` (K channel weights): the scale is searched per group among absmax·r/7, r ∈ {1, 0.95,
 // …, 0.8} (r < 1 clips the largest values), minimising Σ_k imp_k·(q_k·s − r_k)².
+// The scale of one group of 64 values v: absmax/7 rounded up (nothing clips), or with `w` (64
+// weights) the best of absmax·r/7, r ∈ {1, 0.95, …, 0.8}, on Σ_j w_j·(q_j·s − v_j)².
+float residual_scale(const float* v, const float* w, DType sd) {
+  float amax = 0;
+  for (int64_t j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(v[j]));
+  float s = amax > 0 ? round_up_to(sd, amax / 7.0f) : 0.0f;
+  if (w && s > 0) {
+    auto err = [&](float sc) {
+      const float inv = 1.0f / sc;
+      double e = 0;
+      for (int64_t j = 0; j < kGroup; ++j) {
+        const float c = std::clamp(round_even(std::clamp(v[j] * inv, -8.0f, 8.0f)), -7.0f, 7.0f);
+        const double d = double(c * sc) - v[j];
+        e += double(w[j]) * d * d;
+      }
+      return e;
+    };
+    double best = err(s);
+    for (int i = 1; i <= 4; ++i) {
+      const float c = round_to(sd, amax * (1.0f - 0.05f * float(i)) / 7.0f);
+      if (!(c > 0)) continue;
+      const double e = err(c);
+      if (e < best) best = e, s = c;
+    }
+  }
+  return s;
+}
+
 QuantResidual quantize_residual(const float* R, int64_t N, int64_t K, DType sd, const float* imp = nullptr) {
   QuantResidual q;
   q.codes.resize(size_t(N * K));
@@ -357,29 +388,7 @@ QuantResidual quantize_residual(const float* R, int64_t N, int64_t K, DType sd, 
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t g = 0; g < K / kGroup; ++g) {
         const float* v = R + n * K + g * kGroup;
-        float amax = 0;
-        for (int64_t j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(v[j]));
-        float s = amax > 0 ? round_up_to(sd, amax / 7.0f) : 0.0f;
-        if (imp && s > 0) {
-          const float* w = imp + g * kGroup;
-          auto err = [&](float sc) {
-            const float inv = 1.0f / sc;
-            double e = 0;
-            for (int64_t j = 0; j < kGroup; ++j) {
-              const float c = std::clamp(round_even(std::clamp(v[j] * inv, -8.0f, 8.0f)), -7.0f, 7.0f);
-              const double d = double(c * sc) - v[j];
-              e += double(w[j]) * d * d;
-            }
-            return e;
-          };
-          double best = err(s);
-          for (int i = 1; i <= 4; ++i) {
-            const float c = round_to(sd, amax * (1.0f - 0.05f * float(i)) / 7.0f);
-            if (!(c > 0)) continue;
-            const double e = err(c);
-            if (e < best) best = e, s = c;
-          }
-        }
+        const float s = residual_scale(v, imp ? imp + g * kGroup : nullptr, sd);
         q.scales[size_t(g * N + n)] = s;
         int8_t* c = q.codes.data() + n * K + g * kGroup;
         if (s == 0) { std::fill(c, c + kGroup, int8_t(0)); continue; }
@@ -390,9 +399,11 @@ QuantResidual quantize_residual(const float* R, int64_t N, int64_t K, DType sd, 
   });
   return q;
 }
-// The same grid (per-64 absmax/7 rounded up, codes in [−7, 7]) chosen by GPTQ: the group's scale
-// from its values after the feedback of the earlier columns. R is consumed.
-QuantResidual gptq_residual(float* R, int64_t N, int64_t K, const convert_detail::GptqFactor& U, DType sd) {
+// The same grid (per-64 scales, codes in [−7, 7]) chosen by GPTQ: the group's scale (residual_scale,
+// with `imp` the weighted search) from its values after the feedback of the earlier columns. R is
+// consumed.
+QuantResidual gptq_residual(float* R, int64_t N, int64_t K, const convert_detail::GptqFactor& U, DType sd,
+                            const float* imp = nullptr) {
   QuantResidual q;
   q.codes.resize(size_t(N * K));
   q.scales.resize(size_t(K / kGroup * N));
@@ -400,9 +411,7 @@ QuantResidual gptq_residual(float* R, int64_t N, int64_t K, const convert_detail
   convert_detail::gptq_sweep(
       R, N, K, kGroup, U,
       [&](int64_t n, int64_t g, const float* v) {
-        float amax = 0;
-        for (int64_t j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(v[j]));
-        q.scales[size_t(g * N + n)] = amax > 0 ? round_up_to(sd, amax / 7.0f) : 0.0f;
+        q.scales[size_t(g * N + n)] = residual_scale(v, imp ? imp + g * kGroup : nullptr, sd);
       },
       [&](int64_t n, int64_t g, float x) {
         (void)NG;
@@ -438,9 +447,13 @@ struct Decomposition {
   std::vector<double> row_err;        // Σ_k ((Q(r) − r)/s_k)² per stacked row = ‖W_eff − W‖² rows
 };
 
+// `start`: the unrefined decomposition (refine 0) of the same smooth, already computed (by the
+// search); the refinement continues from it instead of recomputing iteration 0 (same bytes).
 Decomposition decompose(const std::vector<Member>& members, int64_t Ntot, int64_t K,
-                        const std::vector<float>& smooth, const SvdquantQuantOptions& o, int refine) {
+                        const std::vector<float>& smooth, const SvdquantQuantOptions& o, int refine,
+                        const Decomposition* start = nullptr) {
   const DType sd = o.dtype;
+  if (start && refine == 0) return *start;
   Decomposition d;
   d.smooth = smooth;
   // Stacked smoothed weight Ws = W·diag(s).
@@ -454,7 +467,14 @@ Decomposition decompose(const std::vector<Member>& members, int64_t Ntot, int64_
   std::vector<float> target = Ws;   // matrix whose top-R subspace we take
   std::vector<float> tmp(size_t(Ntot * K));
   LowRank lr;
-  for (int it = 0; it <= refine; ++it) {
+  int it0 = 0;
+  if (start) {  // next target: Ws − Q(R) of the start
+    d = *start;
+    dequantize_residual(d.resid, Ntot, K, tmp.data());
+    for (size_t i = 0; i < target.size(); ++i) target[i] = Ws[i] - tmp[i];
+    it0 = 1;
+  }
+  for (int it = it0; it <= refine; ++it) {
     lr = convert_detail::truncated_svd(target.data(), Ntot, K, o.rank, o.svd, o.seed + uint64_t(it),
                                         o.oversample, o.power_iterations);
     const int64_t R = lr.R;
@@ -791,7 +811,7 @@ void requantize_residual(const std::vector<Member>& members, int64_t Ntot, int64
     });
   }
   if (target && target->gptq) {
-    d.resid = gptq_residual(R.data(), Ntot, K, *target->gptq, sd);
+    d.resid = gptq_residual(R.data(), Ntot, K, *target->gptq, sd, target->imp.empty() ? nullptr : target->imp.data());
   } else {
     d.resid = quantize_residual(R.data(), Ntot, K, sd, target && !target->imp.empty() ? target->imp.data() : nullptr);
   }
@@ -936,8 +956,10 @@ std::vector<SvdquantW4A4Params> quantize_weight_svdquant_w4a4_group(const std::v
     std::map<std::pair<int, int>, double> tried;  // (α, β) in 1/100 → error
     double best_err = std::numeric_limits<double>::infinity();
     int best_a = -1, best_b = -1;                  // −1: s = 1
+    Decomposition winner;  // the best candidate as decomposed (before the refit in `score`)
     {
       Decomposition d = decompose(members, Ntot, K, ones, o, 0);
+      winner = d;
       best_err = score(d);
       if (sample.defined()) {  // the low-rank-only figure (no smoothing) for the report
         SampleError e = sample_output_error(members, K, d, sample, yrefs, o.act_unsigned);
@@ -947,9 +969,10 @@ std::vector<SvdquantW4A4Params> quantize_weight_svdquant_w4a4_group(const std::v
     auto try_ab = [&](int a, int b) {
       if (a < 5 || a > 95 || b < 0 || b > 95 || tried.count({a, b})) return;
       Decomposition d = decompose(members, Ntot, K, smooth_for(amax, wmax, a / 100.f, b / 100.f, o.dtype), o, 0);
+      Decomposition unscored = d;
       const double e = score(d);
       tried[{a, b}] = e;
-      if (e < best_err) best_err = e, best_a = a, best_b = b;
+      if (e < best_err) best_err = e, best_a = a, best_b = b, winner = std::move(unscored);
     };
     for (float af : o.alpha_grid) {
       const int a = int(std::lround(af * 100));
@@ -970,33 +993,22 @@ std::vector<SvdquantW4A4Params> quantize_weight_svdquant_w4a4_group(const std::v
       inf.beta = best_b < 0 ? -1 : best_b / 100.0;
       inf.alpha_on_edge = best_a >= 0 && (best_a == lo || best_a == hi) && (best_a <= 5 || best_a >= 95 || !o.fine_search);
     }
-    best = decompose(members, Ntot, K, best_s, o, o.refine_iterations);
+    best = decompose(members, Ntot, K, best_s, o, o.refine_iterations, &winner);
   }
   ResidualTarget target;
   const bool noise_aware = o.noise_aware && o.noise_block > 0;
   if (calibrated && sample.defined() && (o.gptq || noise_aware || o.scale_search)) {
     target = residual_target(sample, best.smooth, o, K);
+    for (auto& inf : infos) inf.gptq = bool(target.gptq), inf.noise_aware = target.block > 0;
     requantize_residual(members, Ntot, K, best, o.dtype, &target);
     recompute_row_err(members, Ntot, K, best);
   }
   if (calibrated && sample.defined()) {
     const bool refit = o.refit_lowrank && best.R > 0 && sample.size(0) >= 4 * best.R;
     SampleError e = sample_output_error(members, K, best, sample, yrefs, o.act_unsigned, refit, o.dtype);
-    if (refit) {
-      // Alternate: requantize the residual against the refit proj_up, refit again; keep the best
-      // state on the sample. Then the weight error rows follow the final proj_up.
-      Decomposition cur = best;
-      double best_rel = e.rel();
-      for (int round = 0; round < 1; ++round) {
-        requantize_residual(members, Ntot, K, cur, o.dtype, &target);
-        SampleError e2 = sample_output_error(members, K, cur, sample, yrefs, o.act_unsigned, true, o.dtype);
-        if (!(e2.rel() < best_rel)) break;
-        best_rel = e2.rel();
-        best = cur;
-        e = e2;
-      }
-      recompute_row_err(members, Ntot, K, best);
-    }
+    // (The residual is not requantized against the refit proj_up: a further round raised only the
+    // in-sample figure on the quality set, never the held-out one.)
+    if (refit) recompute_row_err(members, Ntot, K, best);
     for (size_t i = 0; i < members.size(); ++i) infos[i].snr_after_db = snr_db(e.num[i], e.den[i]);
     // Plain int4 (no smoothing, no low-rank branch) for the "before" figure.
     SvdquantQuantOptions plain = o;
