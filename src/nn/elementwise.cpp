@@ -16,6 +16,8 @@
 #if defined(NIBBLE_HAVE_AVX512) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define NIBBLE_EW_AVX512 1
 #include <immintrin.h>
+
+#include "nn/fast_exp_avx512.h"
 #define EW512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma")))
 #endif
 
@@ -156,21 +158,6 @@ EW512 void rmsnorm_rope_row_512(float* v, int64_t D, int64_t hd, float eps, cons
   }
 }
 
-EW512 inline __m512 exp512(__m512 x) {  // nn/fast_exp.h's fast_exp, 16 lanes
-  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), _mm512_min_ps(_mm512_set1_ps(88.0f), x));
-  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(12582912.0f)),
-                                 _mm512_set1_ps(12582912.0f));
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
 
 EW512 void gelu_512(float* x, int64_t n) {
   const __m512 c = _mm512_set1_ps(2.0f * kGeluC), a = _mm512_set1_ps(kGeluA), one = _mm512_set1_ps(1.0f);
@@ -178,7 +165,7 @@ EW512 void gelu_512(float* x, int64_t n) {
     const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : tail_mask(n - i);
     const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
     const __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
-    const __m512 e = exp512(_mm512_mul_ps(c, _mm512_fmadd_ps(a, v3, v)));
+    const __m512 e = nn::fast_exp_avx512(_mm512_mul_ps(c, _mm512_fmadd_ps(a, v3, v)));
     _mm512_mask_storeu_ps(x + i, m, _mm512_mul_ps(v, _mm512_div_ps(e, _mm512_add_ps(e, one))));
   }
 }

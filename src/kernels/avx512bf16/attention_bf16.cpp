@@ -16,26 +16,11 @@
 
 #include "kernels/attention_kernels.h"
 #include "kernels/workspace.h"
+#include "nn/fast_exp_avx512.h"
 
 namespace nibble::kernels::attention {
 
 namespace {
-
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), _mm512_min_ps(_mm512_set1_ps(88.0f), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
 
 inline uint32_t bf16_bits(float f) {  // round to nearest even (inputs are finite)
   uint32_t u;
@@ -108,8 +93,8 @@ void flash_head_bf16(const float* q, const float* k, const float* v, int64_t ld,
         alpha[r] = m[r] == -INFINITY ? 0.0f : std::exp(m[r] - mnew);
         m[r] = mnew;
         const __m512 vm = _mm512_set1_ps(mnew);
-        const __m256bh e0 = _mm512_cvtneps_pbh(exp512(_mm512_sub_ps(x0, vm)));
-        const __m256bh e1 = _mm512_cvtneps_pbh(exp512(_mm512_sub_ps(x1, vm)));
+        const __m256bh e0 = _mm512_cvtneps_pbh(nn::fast_exp_avx512(_mm512_sub_ps(x0, vm)));
+        const __m256bh e1 = _mm512_cvtneps_pbh(nn::fast_exp_avx512(_mm512_sub_ps(x1, vm)));
         _mm256_store_si256(reinterpret_cast<__m256i*>(pb[r]), (__m256i)e0);
         _mm256_store_si256(reinterpret_cast<__m256i*>(pb[r] + 16), (__m256i)e1);
         // the row sum of the bf16-rounded weights that multiply V (so the weights sum to 1)
