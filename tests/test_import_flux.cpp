@@ -20,6 +20,7 @@
 #include "nibble/nn.h"
 #include "nibble/safetensors.h"
 
+#include "import_test_util.h"
 #include "tmp_dir.h"
 
 using namespace nibble;
@@ -36,18 +37,9 @@ struct TmpDir : testing_tmp::TmpDir {
   TmpDir() : testing_tmp::TmpDir("import_flux") {}
 };
 
-float fv(const Tensor& t, int64_t i) {
-  if (t.dtype() == DType::F32) return t.data<float>()[i];
-  return t.dtype() == DType::F16 ? f16_to_f32(t.data<uint16_t>()[i]) : bf16_to_f32(t.data<uint16_t>()[i]);
-}
-bool same_bytes(const Tensor& a, const Tensor& b) {
-  return a.dtype() == b.dtype() && a.shape() == b.shape() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
-}
-QuantizedLayer bound(const Checkpoint& ck, const std::string& name) {
-  for (const auto& src : collect_layers(ck))
-    if (src.name == name) return bind_layer(src);
-  throw Error("no layer " + name);
-}
+using import_test::bound;
+using import_test::same_bytes;
+constexpr auto fv = import_test::value_at;
 ImportOptions nk(const std::string& linear2 = "svdquant") {
   ImportOptions o;
   o.format = "nunchaku";
