@@ -295,6 +295,18 @@ QuantConfig svdquant_config(bool act_unsigned) {
   return cfg;
 }
 
+// Model width from the diffusers config nunchaku stores in the metadata (heads × head dim), 0 if absent.
+int64_t width_from_config(const Checkpoint& ck) {
+  if (!ck.metadata().count("config")) return 0;
+  try {
+    auto j = nlohmann::json::parse(ck.metadata().at("config"));
+    if (j.contains("num_attention_heads") && j.contains("attention_head_dim"))
+      return j["num_attention_heads"].get<int64_t>() * j["attention_head_dim"].get<int64_t>();
+  } catch (const std::exception&) {
+  }
+  return 0;
+}
+
 ImportReport import_nunchaku_flux(const Checkpoint& ck, const std::string& in, const std::string& out,
                                   const ImportOptions& o, const std::map<std::string, NkLayer>& layers, ImportReport& r) {
   const std::string l2 = o.flux_linear2.empty() ? "svdquant" : o.flux_linear2;
@@ -319,14 +331,7 @@ ImportReport import_nunchaku_flux(const Checkpoint& ck, const std::string& in, c
     throw Error(fmt::format("{}: no transformer_blocks.N / single_transformer_blocks.N in a FLUX nunchaku checkpoint", in));
   // Model width D.
   int64_t D = o.hidden;
-  if (!D && ck.metadata().count("config")) {
-    try {
-      auto j = nlohmann::json::parse(ck.metadata().at("config"));
-      if (j.contains("num_attention_heads") && j.contains("attention_head_dim"))
-        D = j["num_attention_heads"].get<int64_t>() * j["attention_head_dim"].get<int64_t>();
-    } catch (const std::exception&) {
-    }
-  }
+  if (!D) D = width_from_config(ck);
   if (!D && ck.contains("x_embedder.weight")) D = ck.info("x_embedder.weight").shape[0];
   if (!D) throw Error(fmt::format("{}: cannot tell the FLUX model width (no metadata config, no x_embedder.weight); pass --hidden", in));
   if (D % 64) throw Error(fmt::format("{}: FLUX model width {} is not a multiple of 64", in, D));
@@ -646,14 +651,7 @@ ImportReport import_nunchaku(const std::string& in, const std::string& out, cons
   if (arch == "flux") return import_nunchaku_flux(ck, in, out, o, layers, r);
   // Model width D: metadata config, else img_in rows, else to_out.0's stored N.
   int64_t D = o.hidden;
-  if (!D && ck.metadata().count("config")) {
-    try {
-      auto j = nlohmann::json::parse(ck.metadata().at("config"));
-      if (j.contains("num_attention_heads") && j.contains("attention_head_dim"))
-        D = j["num_attention_heads"].get<int64_t>() * j["attention_head_dim"].get<int64_t>();
-    } catch (const std::exception&) {
-    }
-  }
+  if (!D) D = width_from_config(ck);
   if (!D && ck.contains("img_in.weight")) D = ck.info("img_in.weight").shape[0];
   int64_t rank_meta = 0;
   if (ck.metadata().count("quantization_config")) {
