@@ -21,25 +21,15 @@
 #include "nibble/synth.h"
 #include "nibble/thread_pool.h"
 
+#include "tmp_dir.h"
+
 using namespace nibble;
 namespace fs = std::filesystem;
 
 namespace {
 
-struct TmpDir {
-  fs::path p;
-  TmpDir() {
-    p = fs::temp_directory_path() / ("nibble_test_convert_" + std::to_string(::getpid()) + "_" +
-                                     ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(p);
-    fs::create_directories(p);
-  }
-  ~TmpDir() {
-    std::error_code ec;
-    fs::permissions(p, fs::perms::owner_all, ec);
-    fs::remove_all(p, ec);
-  }
-  std::string operator/(const std::string& n) const { return (p / n).string(); }
+struct TmpDir : testing_tmp::TmpDir {
+  TmpDir() : testing_tmp::TmpDir("convert") {}
 };
 
 std::string make_input(const TmpDir& d, const std::string& prefix = "") {

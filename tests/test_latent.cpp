@@ -7,24 +7,15 @@
 #include "nibble/latent.h"
 #include "nibble/safetensors.h"
 
+#include "tmp_dir.h"
+
 using namespace nibble;
 namespace fs = std::filesystem;
 
 namespace {
 
-struct TmpDir {
-  fs::path p;
-  TmpDir() {
-    p = fs::temp_directory_path() / ("nibble_test_latent_" + std::to_string(::getpid()) + "_" +
-                                     ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(p);
-    fs::create_directories(p);
-  }
-  ~TmpDir() {
-    std::error_code ec;
-    fs::remove_all(p, ec);
-  }
-  std::string operator/(const std::string& f) const { return (p / f).string(); }
+struct TmpDir : testing_tmp::TmpDir {
+  TmpDir() : testing_tmp::TmpDir("latent") {}
 };
 
 Tensor seq(const Shape& s, DType dt = DType::F32) {

@@ -36,6 +36,7 @@
 #include "nibble/qwen_image.h"
 #include "nibble/safetensors.h"
 #include "nibble/thread_pool.h"
+#include "cli_util.h"
 
 using namespace nibble;
 using namespace nibble::nn;
@@ -235,15 +236,8 @@ TEST(QwenImageModel, BadCheckpointsNameWhatIsMissing) {
 
 // ---- the CLI (build/nibble next to build/tests)
 namespace {
-std::string cli() {
-  for (const char* p : {"../nibble", "./nibble"})
-    if (fs::exists(p)) return fs::absolute(p).string();
-  return {};
-}
-int run(const std::string& cmd) {
-  const int rc = std::system((cmd + " >/dev/null 2>&1").c_str());
-  return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
-}
+using testing_cli::cli;
+using testing_cli::run;
 }  // namespace
 
 TEST(QwenImageModelCli, ForwardMatchesComfyUIAndRejectsBadInput) {

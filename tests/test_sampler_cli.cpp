@@ -14,21 +14,15 @@
 #include "nibble/qwen_image.h"
 #include "nibble/safetensors.h"
 #include "nibble/synth.h"
+#include "cli_util.h"
 
 using namespace nibble;
 namespace fs = std::filesystem;
 
 namespace {
 
-std::string cli() {
-  for (const char* p : {"../nibble", "./nibble"})
-    if (fs::exists(p)) return fs::absolute(p).string();
-  return {};
-}
-int run(const std::string& cmd) {
-  const int rc = std::system((cmd + " >/dev/null 2>&1").c_str());
-  return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
-}
+using testing_cli::cli;
+using testing_cli::run;
 
 struct Fixture {
   fs::path dir;
@@ -78,14 +72,7 @@ TEST(SamplerCli, RunMatchesTheLibraryAndRejectsBadInput) {
   so.steps = 3;
   so.cfg = 2;
   const Tensor latent = Tensor::zeros(DType::F32, {1, 16, 1, 6, 8});
-  nn::DenoiseFn fn = [&](const Tensor& x, double sigma, bool negative) {
-    nn::QwenImageInputs in;
-    in.latent = x;
-    in.context = negative ? neg.context : pos.context;
-    in.timestep = Tensor::empty(DType::F32, {1});
-    in.timestep.mutable_data<float>()[0] = float(sigma);
-    return model.forward(in);
-  };
+  const nn::DenoiseFn fn = nn::qwen_image_denoiser(model, pos, neg);
   const Tensor want = nn::sample_flow(fn, latent, nn::flow_noise(latent.shape(), 5), so, true);
   for (int64_t i = 0; i < want.numel(); ++i) ASSERT_EQ(got.data<float>()[i], want.data<float>()[i]) << i;
 

@@ -17,6 +17,7 @@
 #include "nibble/qwen_image.h"
 #include "nibble/synth.h"
 #include "devtools/qwen_image_synth.h"
+#include "devtools/scratch_dir.h"
 
 namespace e2e {
 using namespace nibble;
@@ -46,16 +47,8 @@ inline Tensor context(int64_t L, int64_t J, uint64_t seed) {
 }
 
 inline Result run(const Setup& s) {
-  const fs::path dir = fs::temp_directory_path() / ("nibble_e2e_" + std::to_string(::getpid()) + "_" +
-                                                    std::to_string(s.hidden));
-  fs::create_directories(dir);
-  struct Cleanup {
-    fs::path d;
-    ~Cleanup() {
-      std::error_code ec;
-      fs::remove_all(d, ec);
-    }
-  } cleanup{dir};
+  const bench::ScratchDir scratch("e2e_" + std::to_string(s.hidden));
+  const fs::path dir = scratch.path;
   nn::SynthBlockOptions so;
   so.whole_model = true;
   so.hidden = s.hidden;
@@ -79,14 +72,7 @@ inline Result run(const Setup& s) {
     lo.dequantized_baseline = baseline;
     const nn::QwenImageTransformer model = nn::QwenImageTransformer::load(files.quant_path, lo);
     r.config = model.config();
-    nn::DenoiseFn fn = [&](const Tensor& x, double sigma, bool negative) {
-      nn::QwenImageInputs in;
-      in.latent = x;
-      in.context = negative ? neg.context : pos.context;
-      in.timestep = Tensor::empty(DType::F32, {1});
-      in.timestep.mutable_data<float>()[0] = float(sigma);
-      return model.forward(in);
-    };
+    const nn::DenoiseFn fn = nn::qwen_image_denoiser(model, pos, neg);
     double total = 0;
     int n = 0;
     const Tensor y = nn::sample_flow(fn, latent, noise, opt, true, [&](int, int, double sec) {

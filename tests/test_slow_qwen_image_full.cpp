@@ -21,6 +21,7 @@
 #include "nibble/convert.h"
 #include "nibble/safetensors.h"
 #include "nibble/synth.h"
+#include "cli_util.h"
 
 using namespace nibble;
 namespace fs = std::filesystem;
@@ -31,9 +32,7 @@ TEST(QwenImageFull, PeakRssWithinStoredWeightsPlus3GiB) {
   const fs::path dir = std::getenv("NIBBLE_FULL_DIR") ? fs::path(std::getenv("NIBBLE_FULL_DIR"))
                                                        : fs::temp_directory_path() / "nibble_qwen_full";
   fs::create_directories(dir);
-  std::string bin;
-  for (const char* p : {"../nibble", "./nibble"})
-    if (fs::exists(p)) bin = fs::absolute(p).string();
+  const std::string bin = testing_cli::cli();
   if (bin.empty()) FAIL() << "the nibble CLI is missing beside the tests (the same build makes both)";
   const std::string one_bf16 = (dir / "one_bf16.safetensors").string(), one_q = (dir / "one_nibble.safetensors").string();
   const std::string full = (dir / ("full_" + std::to_string(blocks) + "_blocks.safetensors")).string();

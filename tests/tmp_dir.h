@@ -18,7 +18,11 @@ struct TmpDir {
     std::filesystem::remove_all(p);
     std::filesystem::create_directories(p);
   }
-  ~TmpDir() { std::error_code ec; std::filesystem::remove_all(p, ec); }
+  ~TmpDir() {  // permissions restored first: some tests make the directory read-only
+    std::error_code ec;
+    std::filesystem::permissions(p, std::filesystem::perms::owner_all, ec);
+    std::filesystem::remove_all(p, ec);
+  }
   std::string operator/(const std::string& n) const { return (p / n).string(); }
 };
 

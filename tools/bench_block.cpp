@@ -16,6 +16,7 @@
 #include "bench_registry.h"
 #include "kernels/dense_bf16.h"
 #include "devtools/bench_util.h"
+#include "devtools/scratch_dir.h"
 #include "nibble/isa.h"
 #include "nibble/ops.h"
 #include "nibble/thread_pool.h"
@@ -28,16 +29,8 @@ namespace fs = std::filesystem;
 int run_block(const BenchOptions& opt) {
   const int64_t D = opt.quick ? 1024 : 3072, Si = opt.quick ? 256 : 1024, St = opt.quick ? 64 : 256;
   const int reps = std::max(1, opt.repeats);
-  const std::string dir =
-      (fs::temp_directory_path() / fmt::format("nibble_bench_block_{}_{}", ::getpid(), std::random_device{}())).string();
-  fs::create_directories(dir);
-  struct Cleanup {
-    std::string d;
-    ~Cleanup() {
-      std::error_code ec;
-      fs::remove_all(d, ec);
-    }
-  } cleanup{dir};
+  const bench::ScratchDir scratch("bench_block");
+  const std::string dir = scratch.str();
   auto log = [&](const std::string& s) {
     if (!opt.json) fmt::print("# {}\n", s);
   };

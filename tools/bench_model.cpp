@@ -20,6 +20,7 @@
 
 #include "bench_registry.h"
 #include "devtools/bench_util.h"
+#include "devtools/scratch_dir.h"
 #include "kernels/attention_kernels.h"
 #include "kernels/dense_bf16.h"
 #include "nn/attention.h"
@@ -88,16 +89,8 @@ int run_model(const BenchOptions& opt) {
   const int64_t D = 3072, blocks = opt.quick ? 1 : 2, side = opt.quick ? 32 : 64, St = opt.quick ? 64 : 256;
   const int64_t Si = (side / 2) * (side / 2);
   const int reps = std::max(1, opt.repeats);
-  const std::string dir =
-      (fs::temp_directory_path() / fmt::format("nibble_bench_model_{}_{}", ::getpid(), std::random_device{}())).string();
-  fs::create_directories(dir);
-  struct Cleanup {
-    std::string d;
-    ~Cleanup() {
-      std::error_code ec;
-      fs::remove_all(d, ec);
-    }
-  } cleanup{dir};
+  const bench::ScratchDir scratch("bench_model");
+  const std::string dir = scratch.str();
   auto log = [&](const std::string& s) {
     if (!opt.json) fmt::print("# {}\n", s);
   };

@@ -131,14 +131,7 @@ const CommandRegistration reg("demo", "end-to-end demo: synthesize, quantize, re
                "with a negative (2 model calls per step)\n", shape_str(latent.shape()), 8 * S, 8 * S,
                ((S + 1) / 2) * ((S + 1) / 2), o->txt_tokens, opt.shift, opt.steps, opt.cfg);
     auto sample = [&](const nn::QwenImageTransformer& m, const char* name, double* sec_per_step) {
-      nn::DenoiseFn fn = [&](const Tensor& x, double sigma, bool negative) {
-        nn::QwenImageInputs in;
-        in.latent = x;
-        in.context = negative ? neg.context : pos.context;
-        in.timestep = Tensor::empty(DType::F32, {1});
-        in.timestep.mutable_data<float>()[0] = float(sigma);
-        return m.forward(in);
-      };
+      const nn::DenoiseFn fn = nn::qwen_image_denoiser(m, pos, neg);
       // One untimed call first (packs dense weights, warms the caches), like the benchmarks.
       (void)fn(noise, 1.0, false);
       std::vector<double> secs;

@@ -174,17 +174,10 @@ const CommandRegistration reg(
         // ---- sampling
         nn::QwenImageTimings tm;
         int calls = 0;
+        const nn::DenoiseFn model_fn = nn::qwen_image_denoiser(model, pos, neg, &tm);
         nn::DenoiseFn fn = [&](const Tensor& x, double sigma, bool negative) {
-          const Conditioning& c = negative ? neg : pos;
-          nn::QwenImageInputs in;
-          in.latent = x;
-          in.context = c.context;
-          in.attention_mask = c.attention_mask;
-          in.timestep = Tensor::empty(DType::F32, {x.size(0)});
-          for (int64_t b = 0; b < x.size(0); ++b) in.timestep.mutable_data<float>()[b] = float(sigma);
-          in.ref_latents = c.reference_latents;
           ++calls;
-          return model.forward(in, &tm);
+          return model_fn(x, sigma, negative);
         };
         const bool tty = isatty(fileno(stderr)) && !globals().no_progress && !quiet;
         double step_sum = 0;

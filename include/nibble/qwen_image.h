@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "nibble/latent.h"
 #include "nibble/nn.h"
 #include "nibble/tensor.h"
 
@@ -116,6 +117,11 @@ struct SamplerOptions {
 };
 // The model as the sampler sees it: prediction for latent x at sigma, for one conditioning.
 using DenoiseFn = std::function<Tensor(const Tensor& x, double sigma, bool negative)>;
+// The model as a DenoiseFn: pos (negative = false) or neg conditioning — context, attention mask,
+// reference latents — and timestep = sigma for every batch row. model, pos, neg and timings are
+// held by reference: they must outlive the returned function.
+DenoiseFn qwen_image_denoiser(const QwenImageTransformer& model, const Conditioning& pos, const Conditioning& neg,
+                              QwenImageTimings* timings = nullptr);
 // Called after every step with (step index from 0, steps, seconds of that step).
 using StepCallback = std::function<void(int, int, double)>;
 

@@ -146,6 +146,21 @@ Tensor flow_noise(const Shape& shape, uint64_t seed) {
   return t;
 }
 
+DenoiseFn qwen_image_denoiser(const QwenImageTransformer& model, const Conditioning& pos, const Conditioning& neg,
+                              QwenImageTimings* timings) {
+  return [&model, &pos, &neg, timings](const Tensor& x, double sigma, bool negative) {
+    const Conditioning& c = negative ? neg : pos;
+    QwenImageInputs in;
+    in.latent = x;
+    in.context = c.context;
+    in.attention_mask = c.attention_mask;
+    in.timestep = Tensor::empty(DType::F32, {x.size(0)});
+    for (int64_t b = 0; b < x.size(0); ++b) in.timestep.mutable_data<float>()[b] = float(sigma);
+    in.ref_latents = c.reference_latents;
+    return model.forward(in, timings);
+  };
+}
+
 Tensor sample_euler(const DenoiseFn& model, const Tensor& x_in, const std::vector<float>& sigmas, double cfg,
                     bool negative, const StepCallback& on_step) {
   check_latent_like(x_in, "latent");
