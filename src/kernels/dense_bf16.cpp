@@ -9,6 +9,7 @@
 #include <cstdlib>
 
 #include "kernels/dense_bf16_kernels.h"
+#include "kernels/dense_call.h"
 #include "kernels/workspace.h"
 #include "nibble/isa.h"
 #include "nibble/ops.h"
@@ -117,38 +118,13 @@ void run_packed(const float* x, int64_t M, const PackedBf16Weight& w, const floa
 
 Tensor linear_bf16(const Tensor& x, const Tensor& weight, const Tensor& bias) {
   using namespace kernels::dense_bf16;
-  constexpr const char* op = "linear_bf16";
-  if (!x.defined() || !weight.defined()) throw Error(fmt::format("{}: x and weight must be defined", op));
-  check_dtype(x, {DType::F32, DType::BF16, DType::F16, DType::F64}, fmt::format("{}: x", op));
-  check_dtype(weight, {DType::F32, DType::BF16, DType::F16}, fmt::format("{}: weight", op));
-  if (weight.dim() != 2)
-    throw Error(fmt::format("{}: weight: expected 2-D (N, K), got shape {}", op, shape_str(weight.shape())));
-  if (x.dim() < 1) throw Error(fmt::format("{}: x: expected shape (..., K), got a scalar", op));
-  const int64_t N = weight.size(0), K = weight.size(1);
-  if (x.size(-1) != K)
-    throw Error(fmt::format("{}: x's last dimension ({}) must equal the weight's in_features ({})", op, x.size(-1), K));
-  Tensor b;
-  if (bias.defined()) {
-    check_dtype(bias, {DType::F32, DType::BF16, DType::F16}, fmt::format("{}: bias", op));
-    check_shape(bias, {N}, fmt::format("{}: bias", op));
-    b = bias.to_f32();
-  }
-  const Tensor xf = x.to_f32();
-  const int64_t M = K == 0 ? 0 : x.numel() / K;
-  Shape out_shape = x.shape();
-  out_shape.back() = N;
-  Tensor y = Tensor::empty(DType::F32, out_shape);
-  if (M == 0 || N == 0) return y;
-  float* yp = y.mutable_data<float>();
-  kernels::test_fill(yp, M * N);
-  if (K == 0) {
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) yp[m * N + n] = b.defined() ? b.data<float>()[n] : 0.0f;
-    return y;
-  }
-  const PackedBf16Weight packed = pack_weight(weight.raw(), weight.dtype(), N, K);
-  run_packed(xf.data<float>(), M, packed, b.defined() ? b.data<float>() : nullptr, yp);
-  return y;
+  kernels::DenseCall c = kernels::prepare_dense_call("linear_bf16", x, weight, bias);
+  if (c.done) return c.y;
+  float* yp = c.y.mutable_data<float>();
+  kernels::test_fill(yp, c.M * c.N);
+  const PackedBf16Weight packed = pack_weight(weight.raw(), weight.dtype(), c.N, c.K);
+  run_packed(c.x.data<float>(), c.M, packed, c.bias.defined() ? c.bias.data<float>() : nullptr, yp);
+  return c.y;
 }
 
 }  // namespace nibble

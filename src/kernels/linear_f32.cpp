@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "kernels/dense_call.h"
 #include "kernels/linear_f32_kernels.h"
 #include "nibble/isa.h"
 #include "nibble/ops.h"
@@ -124,42 +125,16 @@ void gemm_packed_serial(const float* x, int64_t M, const PackedF32Weight& w, flo
 
 Tensor linear_f32(const Tensor& x, const Tensor& weight, const Tensor& bias) {
   using namespace kernels::linear;
-  constexpr const char* op = "linear_f32";
-  if (!x.defined() || !weight.defined()) throw Error(fmt::format("{}: x and weight must be defined", op));
-  check_dtype(x, {DType::F32, DType::BF16, DType::F16, DType::F64}, fmt::format("{}: x", op));
-  check_dtype(weight, {DType::F32, DType::BF16, DType::F16}, fmt::format("{}: weight", op));
-  if (weight.dim() != 2)
-    throw Error(fmt::format("{}: weight: expected 2-D (N, K), got shape {}", op, shape_str(weight.shape())));
-  if (x.dim() < 1) throw Error(fmt::format("{}: x: expected shape (..., K), got a scalar", op));
-  const int64_t N = weight.size(0), K = weight.size(1);
-  if (x.size(-1) != K)
-    throw Error(fmt::format("{}: x's last dimension ({}) must equal the weight's in_features ({})", op, x.size(-1), K));
-  Tensor b;
-  if (bias.defined()) {
-    check_dtype(bias, {DType::F32, DType::BF16, DType::F16}, fmt::format("{}: bias", op));
-    check_shape(bias, {N}, fmt::format("{}: bias", op));
-    b = bias.to_f32();
-  }
-  const Tensor xf = x.to_f32();
-  const int64_t M = K == 0 ? 0 : x.numel() / K;
-  Shape out_shape = x.shape();
-  out_shape.back() = N;
-  Tensor y = Tensor::empty(DType::F32, out_shape);
-  if (M == 0 || N == 0) return y;
-  if (K == 0) {
-    float* yp = y.mutable_data<float>();
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) yp[m * N + n] = b.defined() ? b.data<float>()[n] : 0.0f;
-    return y;
-  }
-  const float* bp = b.defined() ? b.data<float>() : nullptr;
-  if (active_isa() == Isa::Scalar || M < kGemmMinRows) {
-    run_rows(xf.data<float>(), M, K, weight.raw(), weight.dtype(), N, bp, y.mutable_data<float>());
+  kernels::DenseCall c = kernels::prepare_dense_call("linear_f32", x, weight, bias);
+  if (c.done) return c.y;
+  const float* bp = c.bias.defined() ? c.bias.data<float>() : nullptr;
+  if (active_isa() == Isa::Scalar || c.M < kGemmMinRows) {
+    run_rows(c.x.data<float>(), c.M, c.K, weight.raw(), weight.dtype(), c.N, bp, c.y.mutable_data<float>());
   } else {
-    const PackedF32Weight packed = pack_weight(weight.raw(), weight.dtype(), N, K);
-    run_packed(xf.data<float>(), M, packed, bp, y.mutable_data<float>());
+    const PackedF32Weight packed = pack_weight(weight.raw(), weight.dtype(), c.N, c.K);
+    run_packed(c.x.data<float>(), c.M, packed, bp, c.y.mutable_data<float>());
   }
-  return y;
+  return c.y;
 }
 
 }  // namespace nibble
