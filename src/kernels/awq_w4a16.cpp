@@ -28,6 +28,7 @@
 #include "kernels/awq_w4a16_kernels.h"
 #include "kernels/dense_bf16.h"
 #include "kernels/dense_bf16_kernels.h"
+#include "kernels/kernel_ref.h"
 #include "kernels/workspace.h"
 #include "nibble/isa.h"
 #include "nibble/ops.h"
@@ -428,19 +429,6 @@ void repack_tiled(const Problem& p, uint8_t* out) {
   });
 }
 
-// Kernels of levels that were not compiled are never referenced (null in the plan): the build
-// links without them, and active_isa() never returns such a level.
-#ifdef NIBBLE_HAVE_AVX2
-#define NIBBLE_K2(f) &f
-#else
-#define NIBBLE_K2(f) nullptr
-#endif
-#ifdef NIBBLE_HAVE_AVX512
-#define NIBBLE_K512(f) &f
-#else
-#define NIBBLE_K512(f) nullptr
-#endif
-
 Plan plan(Isa isa, int64_t M, int64_t G, DType xdt, DType sdt, bool tiled) {
   Plan pl;
   if (isa == Isa::Avx512Bf16 && G % 8 != 0) isa = Isa::Avx512;  // the bf16 kernels read 8-column lanes
@@ -484,8 +472,6 @@ Plan plan(Isa isa, int64_t M, int64_t G, DType xdt, DType sdt, bool tiled) {
   pl.gemm = isa == Isa::Avx2 ? NIBBLE_K2(awq_gemm_avx2) : NIBBLE_K512(awq_gemm_avx512);
   return pl;
 }
-#undef NIBBLE_K2
-#undef NIBBLE_K512
 
 const char* path_name(Isa isa, int64_t M, int64_t G, DType xdt, DType sdt, bool prepared) {
   return plan(isa, M, G, xdt, sdt, prepared && prepared_has_tiled(G)).name;

@@ -21,6 +21,7 @@
 
 #include "core/shape_math.h"
 #include "kernels/svdquant_w4a4_kernels.h"
+#include "kernels/kernel_ref.h"
 #include "kernels/workspace.h"
 #include "nibble/isa.h"
 #include "nibble/ops.h"
@@ -597,16 +598,6 @@ Tensor svdquant_linear(const Tensor& x, const SvdquantW4A4Prepared& w, std::opti
 }
 
 namespace kernels::w4a4 {
-#ifdef NIBBLE_HAVE_AVX2
-#define NIBBLE_K2(f) &f
-#else
-#define NIBBLE_K2(f) nullptr
-#endif
-#ifdef NIBBLE_HAVE_AVX512
-#define NIBBLE_K512(f) &f
-#else
-#define NIBBLE_K512(f) nullptr
-#endif
 Plan plan(Isa isa) {
   Plan pl;
   pl.isa = isa;
@@ -629,8 +620,6 @@ Plan plan(Isa isa) {
   pl.reference = false;
   return pl;
 }
-#undef NIBBLE_K2
-#undef NIBBLE_K512
 
 // The fused layer stage by stage (profiling; same result as svdquant_linear).
 Tensor svdquant_linear_staged(const Tensor& x, const SvdquantW4A4Prepared& w,
