@@ -13,17 +13,13 @@
 #include "nibble/isa.h"
 #include "nibble/ops.h"
 #include "nibble/thread_pool.h"
+#include "devtools/random_tensor.h"
 
 using namespace nibble;
 
 namespace {
 
-Tensor rnd(std::mt19937& rng, DType dt, Shape s, float lo, float hi) {
-  Tensor f = Tensor::empty(DType::F32, s);
-  std::uniform_real_distribution<float> d(lo, hi);
-  for (int64_t i = 0; i < f.numel(); ++i) f.mutable_data<float>()[i] = d(rng);
-  return dt == DType::F32 ? f : f.to(dt);
-}
+constexpr auto rnd = nibble::bench::random_tensor;
 
 SvdquantW4A4Params layer(int64_t N, int64_t K, int64_t R) {
   std::mt19937 rng(7);

@@ -15,16 +15,12 @@
 #include "nibble/lora.h"
 #include "nibble/nn.h"
 #include "nibble/thread_pool.h"
+#include "devtools/random_tensor.h"
 
 namespace nibble::cli {
 namespace {
 
-Tensor rnd(std::mt19937& rng, DType dt, Shape s, float lo, float hi) {
-  Tensor f = Tensor::empty(DType::F32, s);
-  std::uniform_real_distribution<float> d(lo, hi);
-  for (int64_t i = 0; i < f.numel(); ++i) f.mutable_data<float>()[i] = d(rng);
-  return dt == DType::F32 ? f : f.to(dt);
-}
+constexpr auto rnd = bench::random_tensor;
 
 // A random svdquant layer (codes, scales, smooth, factors) as the registry binds it.
 QuantizedLayer random_layer(std::mt19937& rng, int64_t N, int64_t K, int64_t R) {

@@ -25,18 +25,14 @@
 #include "nibble/isa.h"
 #include "nibble/ops.h"
 #include "nibble/thread_pool.h"
+#include "devtools/random_tensor.h"
 
 namespace nibble::cli {
 namespace {
 
 using bench::Shape3;
 
-Tensor random_tensor(std::mt19937& rng, DType dt, Shape shape, float lo, float hi) {
-  Tensor f = Tensor::empty(DType::F32, shape);
-  std::uniform_real_distribution<float> d(lo, hi);
-  for (int64_t i = 0; i < f.numel(); ++i) f.mutable_data<float>()[i] = d(rng);
-  return dt == DType::F32 ? f : f.to(dt);
-}
+using bench::random_tensor;
 
 int run_w4a4(const BenchOptions& o) {
   std::vector<Shape3> shapes;
