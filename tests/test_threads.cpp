@@ -18,25 +18,15 @@
 #include "nibble/ops.h"
 #include "nibble/thread_pool.h"
 
+#include "test_tensors.h"
+
 using namespace nibble;
 
 namespace {
 
-Tensor random_f32(std::mt19937& rng, Shape shape, float lo, float hi, DType dt = DType::F32) {
-  Tensor f = Tensor::empty(DType::F32, shape);
-  std::uniform_real_distribution<float> d(lo, hi);
-  for (int64_t i = 0; i < f.numel(); ++i) f.mutable_data<float>()[i] = d(rng);
-  return dt == DType::F32 ? f : f.to(dt);
-}
-Tensor random_bytes(std::mt19937& rng, Shape shape) {
-  Tensor t = Tensor::empty(DType::I8, shape);
-  std::uniform_int_distribution<int> b(0, 255);
-  for (int64_t i = 0; i < t.numel(); ++i) t.mutable_data<uint8_t>()[i] = uint8_t(b(rng));
-  return t;
-}
-bool same_bits(const Tensor& a, const Tensor& b) {
-  return a.dtype() == b.dtype() && a.shape() == b.shape() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
-}
+using testing_tensors::random_bytes;
+using testing_tensors::random_f32;
+using testing_tensors::same_bits;
 
 // One small problem of each op family; run() computes all of them.
 struct Work {
