@@ -19,6 +19,8 @@
 #include "nibble/formats.h"
 #include "nibble/safetensors.h"
 
+#include "fuzz_image.h"
+
 namespace {
 constexpr int64_t kMaxElems = int64_t(1) << 22;
 
@@ -37,20 +39,7 @@ const std::string& scratch_path() {
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 1) return 0;
-  std::vector<uint8_t> image;
-  if (data[0] & 1) {
-    const uint8_t* body = data + 1;
-    const size_t n = size - 1;
-    const void* nul = std::memchr(body, 0, n);
-    const size_t hlen = nul ? size_t(static_cast<const uint8_t*>(nul) - body) : n;
-    const size_t dlen = nul ? n - hlen - 1 : 0;
-    image.resize(8 + hlen + dlen);
-    for (int i = 0; i < 8; ++i) image[size_t(i)] = uint8_t(uint64_t(hlen) >> (8 * i));
-    std::memcpy(image.data() + 8, body, hlen);
-    if (dlen) std::memcpy(image.data() + 8 + hlen, body + hlen + 1, dlen);
-  } else {
-    image.assign(data + 1, data + size);
-  }
+  const std::vector<uint8_t> image = nibble::fuzz::safetensors_image(data, size);
   {
     FILE* f = std::fopen(scratch_path().c_str(), "wb");
     if (!f) std::abort();

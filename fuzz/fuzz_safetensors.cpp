@@ -18,6 +18,8 @@
 #include "nibble/error.h"
 #include "nibble/safetensors.h"
 
+#include "fuzz_image.h"
+
 namespace {
 void check(bool ok, const char* what) {
   if (!ok) {
@@ -29,20 +31,7 @@ void check(bool ok, const char* what) {
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 1) return 0;
-  std::vector<uint8_t> image;
-  if (data[0] & 1) {
-    const uint8_t* body = data + 1;
-    const size_t n = size - 1;
-    const void* nul = std::memchr(body, 0, n);
-    const size_t hlen = nul ? size_t(static_cast<const uint8_t*>(nul) - body) : n;
-    const size_t dlen = nul ? n - hlen - 1 : 0;
-    image.resize(8 + hlen + dlen);
-    for (int i = 0; i < 8; ++i) image[size_t(i)] = uint8_t(uint64_t(hlen) >> (8 * i));
-    std::memcpy(image.data() + 8, body, hlen);
-    if (dlen) std::memcpy(image.data() + 8 + hlen, body + hlen + 1, dlen);
-  } else {
-    image.assign(data + 1, data + size);
-  }
+  const std::vector<uint8_t> image = nibble::fuzz::safetensors_image(data, size);
   // An exact-size heap copy, so ASan flags any read past the end of the image.
   auto* buf = static_cast<uint8_t*>(std::malloc(image.size() ? image.size() : 1));
   if (!image.empty()) std::memcpy(buf, image.data(), image.size());
