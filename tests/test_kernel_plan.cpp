@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <functional>
 #include <random>
 
 #include "kernels/awq_w4a16_kernels.h"
@@ -153,6 +154,51 @@ TEST(KernelPlan, W4A4EveryPlanWritesEveryElement) {
                                            (act_unsigned ? " unsigned" : ""));
         }
   }
+}
+
+// The caller's output buffer (`out`, what nn::Linear passes): written in place, every element
+// (pre-filled with NaN), the same bits as a fresh output; a wrong dtype / shape / read-only out is
+// an error naming the op.
+TEST(KernelPlan, OutParameterWrittenInPlace) {
+  std::mt19937 rng(9);
+  const int64_t N = 70, K = 256, R = 16;
+  SvdquantW4A4Params p;
+  p.N = N, p.K = K, p.R = R;
+  p.qweight = random_bytes(rng, {N, K / 2});
+  p.wscales = random_f32(rng, {K / 64, N}, 0.001f, 0.05f, DType::BF16);
+  p.smooth = random_f32(rng, {K}, 0.3f, 3.0f, DType::BF16);
+  p.proj_down = random_f32(rng, {K, R}, -0.1f, 0.1f, DType::BF16);
+  p.proj_up = random_f32(rng, {N, R}, -0.1f, 0.1f, DType::BF16);
+  const auto svd = prepare_svdquant_w4a4(p);
+  AwqW4A16Params a;
+  a.qweight = random_bytes(rng, {N, K / 2}), a.N = N, a.K = K, a.group_size = 64;
+  a.wscales = random_f32(rng, {K / 64, N}, 0.002f, 0.03f, DType::BF16);
+  a.wzeros = random_f32(rng, {K / 64, N}, -0.2f, 0.2f, DType::BF16);
+  const auto awq = prepare_awq_w4a16(a);
+  const std::function<Tensor(const Tensor&, const Tensor&)> ops[2] = {
+      [&](const Tensor& x, const Tensor& out) { return svdquant_linear(x, *svd, DType::F32, out); },
+      [&](const Tensor& x, const Tensor& out) { return gemv_awq_w4a16(x, *awq, DType::F32, out); }};
+  const char* names[2] = {"svdquant_linear", "gemv_awq_w4a16"};
+  for (int o = 0; o < 2; ++o)
+    for (int64_t M : {1, 9, 100}) {
+      const Tensor x = random_f32(rng, {M, K}, -0.5f, 2.0f);
+      const Tensor fresh = ops[o](x, Tensor());
+      Tensor out = Tensor::empty(DType::F32, {M, N});
+      for (int64_t i = 0; i < out.numel(); ++i) out.mutable_data<float>()[i] = std::numeric_limits<float>::quiet_NaN();
+      const Tensor got = ops[o](x, out);
+      EXPECT_EQ(got.raw(), out.raw()) << names[o] << " M=" << M;
+      EXPECT_EQ(nan_count(out), 0) << names[o] << " M=" << M;
+      EXPECT_TRUE(same_bits(out, fresh)) << names[o] << " M=" << M;
+      for (const Tensor& bad : {Tensor::empty(DType::BF16, {M, N}), Tensor::empty(DType::F32, {M, N + 1}),
+                                Tensor::view(DType::F32, {M, N}, out.raw(), nullptr)}) {
+        try {
+          ops[o](x, bad);
+          ADD_FAILURE() << names[o] << ": a bad out was accepted";
+        } catch (const Error& e) {
+          EXPECT_NE(std::string(e.what()).find(std::string(names[o]) + ": out"), std::string::npos) << e.what();
+        }
+      }
+    }
 }
 
 TEST(KernelWorkspace, ScratchIsAlignedAndGrowOnly) {

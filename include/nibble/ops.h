@@ -31,8 +31,10 @@ Tensor gemv_awq_w4a16(const Tensor& x, const Tensor& qweight, const Tensor& wsca
 // are kept by the caller for saving).
 struct AwqW4A16Prepared;
 std::shared_ptr<const AwqW4A16Prepared> prepare_awq_w4a16(const AwqW4A16Params& p);
+// out: when defined — the output dtype, shape (..., N), writable — the result is written into it
+// (no allocation, no copy) and out is returned.
 Tensor gemv_awq_w4a16(const Tensor& x, const AwqW4A16Prepared& w,
-                      std::optional<DType> out_dtype = std::nullopt);
+                      std::optional<DType> out_dtype = std::nullopt, const Tensor& out = {});
 
 // ---------------------------------------------------------------- svdquant_w4a4 (spec §3)
 struct SvdquantActs {
@@ -57,8 +59,9 @@ struct SvdquantW4A4Prepared;
 std::shared_ptr<const SvdquantW4A4Prepared> prepare_svdquant_w4a4(const SvdquantW4A4Params& p);
 // The layer forward of spec §3.4: x (..., K) → y (..., N). Shift for act_unsigned on the main path,
 // low-rank branch on the raw input, bias last. Output dtype: x's dtype unless `out_dtype`.
+// out: as for gemv_awq_w4a16 (written in place and returned when defined).
 Tensor svdquant_linear(const Tensor& x, const SvdquantW4A4Prepared& w,
-                       std::optional<DType> out_dtype = std::nullopt);
+                       std::optional<DType> out_dtype = std::nullopt, const Tensor& out = {});
 Tensor svdquant_linear(const Tensor& x, const SvdquantW4A4Params& p,
                        std::optional<DType> out_dtype = std::nullopt);
 

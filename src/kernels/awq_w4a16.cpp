@@ -29,6 +29,7 @@
 #include "kernels/dense_bf16.h"
 #include "kernels/dense_bf16_kernels.h"
 #include "kernels/kernel_ref.h"
+#include "kernels/output_tensor.h"
 #include "kernels/workspace.h"
 #include "nibble/isa.h"
 #include "nibble/ops.h"
@@ -364,7 +365,8 @@ void run_gemm(const Impl& im, const Plan& pl, const float* x, const Tensor& tile
   });
 }
 
-Tensor run(const Tensor& x_in, const AwqW4A16Params& w, std::optional<DType> out_dtype, const Tensor& tiled = {}) {
+Tensor run(const Tensor& x_in, const AwqW4A16Params& w, std::optional<DType> out_dtype, const Tensor& tiled = {},
+           const Tensor& out = {}) {
   check_inputs(x_in, w);
   Impl im;
   const int64_t K = x_in.size(-1), N = w.qweight.size(0), G = w.group_size;
@@ -378,7 +380,7 @@ Tensor run(const Tensor& x_in, const AwqW4A16Params& w, std::optional<DType> out
                  w.wscales.dtype()};
   Shape out_shape = x_in.shape();
   out_shape.back() = N;
-  Tensor y = Tensor::empty(im.out_dt, out_shape);
+  Tensor y = kernels::output_tensor(out, im.out_dt, out_shape, kOp);
   if (M == 0 || N == 0) return y;
   void* yp = y.mutable_raw();
 
@@ -508,8 +510,8 @@ std::shared_ptr<const AwqW4A16Prepared> prepare_awq_w4a16(const AwqW4A16Params& 
   return r;
 }
 
-Tensor gemv_awq_w4a16(const Tensor& x, const AwqW4A16Prepared& w, std::optional<DType> out_dtype) {
-  return run(x, w.params, out_dtype, w.tiled);
+Tensor gemv_awq_w4a16(const Tensor& x, const AwqW4A16Prepared& w, std::optional<DType> out_dtype, const Tensor& out) {
+  return run(x, w.params, out_dtype, w.tiled, out);
 }
 
 namespace {

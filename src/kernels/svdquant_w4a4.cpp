@@ -22,6 +22,7 @@
 #include "core/shape_math.h"
 #include "kernels/svdquant_w4a4_kernels.h"
 #include "kernels/kernel_ref.h"
+#include "kernels/output_tensor.h"
 #include "kernels/workspace.h"
 #include "nibble/isa.h"
 #include "nibble/ops.h"
@@ -567,7 +568,8 @@ std::shared_ptr<const SvdquantW4A4Prepared> prepare_svdquant_w4a4(const Svdquant
   return w;
 }
 
-Tensor svdquant_linear(const Tensor& x, const SvdquantW4A4Prepared& w, std::optional<DType> out_dtype) {
+Tensor svdquant_linear(const Tensor& x, const SvdquantW4A4Prepared& w, std::optional<DType> out_dtype,
+                       const Tensor& out) {
   if (!x.defined()) throw Error(fmt::format("{}: x is undefined", kLinOp));
   check_dtype(x, {DType::F32, DType::BF16, DType::F16}, fmt::format("{}: x", kLinOp));
   if (x.dim() < 1 || x.size(-1) != w.K)
@@ -577,7 +579,7 @@ Tensor svdquant_linear(const Tensor& x, const SvdquantW4A4Prepared& w, std::opti
   const int64_t K = w.K, M = x.numel() / K, N = w.N;
   Shape os = x.shape();
   os.back() = N;
-  Tensor y = Tensor::empty(out_dt, os);
+  Tensor y = kernels::output_tensor(out, out_dt, os, kLinOp);
   if (M == 0) return y;
   const Tensor x32 = x.to_f32();
   const Plan pl = plan(active_isa());

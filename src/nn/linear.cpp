@@ -447,14 +447,13 @@ void Linear::forward_rows(const float* x, int64_t M, float* y) const {
     case LinearPath::AwqW4A16:
     case LinearPath::SvdquantW4A4: {
       const Tensor xv = Tensor::view(DType::F32, {M, im.K}, x, nullptr);
-      Tensor out;
+      const Tensor yv = Tensor::view(DType::F32, {M, im.N}, y, nullptr, /*writable=*/true);  // written in place
       try {
-        out = im.path == LinearPath::AwqW4A16 ? gemv_awq_w4a16(xv, *im.awq, DType::F32)
-                                              : svdquant_linear(xv, *im.svd, DType::F32);
+        if (im.path == LinearPath::AwqW4A16) gemv_awq_w4a16(xv, *im.awq, DType::F32, yv);
+        else svdquant_linear(xv, *im.svd, DType::F32, yv);
       } catch (const Error& e) {
         throw Error(with_layer(im.name, e.what()));
       }
-      std::memcpy(y, out.raw(), size_t(M * im.N) * sizeof(float));
       return;
     }
   }
