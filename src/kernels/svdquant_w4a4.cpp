@@ -21,6 +21,7 @@
 
 #include "core/shape_math.h"
 #include "kernels/svdquant_w4a4_kernels.h"
+#include "kernels/svdquant_w4a4_kitchen_io.h"
 #include "kernels/kernel_ref.h"
 #include "kernels/output_tensor.h"
 #include "kernels/workspace.h"
@@ -217,14 +218,6 @@ void fill_acts(Acts& a, const Plan& pl, const float* x, int64_t M, int64_t K, DT
   });
 }
 
-Acts make_acts(const Plan& pl, const float* x, int64_t M, int64_t K, DType x_dtype, bool shift, const float* inv_s,
-               bool act_unsigned, const float* lora_x, const float* down, int64_t ldd, int64_t R, DType lora_dt,
-               int parts = 3) {
-  Acts a;
-  fill_acts(a, pl, x, M, K, x_dtype, shift, inv_s, act_unsigned, lora_x, down, ldd, R, lora_dt, parts);
-  return a;
-}
-
 // Packed weights for the fast GEMM (from a prepared layer, or built per call by scaled_mm).
 struct PackedView {
   int64_t N = 0, K = 0, R = 0;
@@ -314,6 +307,76 @@ std::vector<float> pad_down(const Tensor& down, int64_t K, int64_t R, int64_t* R
   return out;
 }
 
+// ---- the kitchen ops' tensor I/O (quantize_svdquant_w4a4, scaled_mm_impl)
+// Rows [m0, m1) of a float (M, K) tensor as fp32: its own rows when F32, else widened (exactly, as
+// to_f32 does) into this thread's scratch `slot`.
+const float* rows_f32(const Tensor& t, int64_t m0, int64_t m1, int64_t K, kernels::Slot slot, const KitchenIo& io) {
+  if (t.dtype() == DType::F32) return t.data<float>() + m0 * K;
+  float* d = kernels::thread_scratch<float>(slot, (m1 - m0) * K);
+  (t.dtype() == DType::BF16 ? io.bf16_to_f32 : io.f16_to_f32)(t.data<uint16_t>() + m0 * K, (m1 - m0) * K, d);
+  return d;
+}
+// n fp32 values v[i·vstride] → ((T*)dst)[off + i] in dt (F32, BF16 or F16). Rounding to dt then storing
+// (round_to + store_as) is the one rounding done here: the round trip of a bf16/f16 value is exact and
+// a NaN stays the same quiet NaN.
+void store_f32_as(void* dst, int64_t off, const float* v, int64_t vstride, int64_t n, DType dt) {
+  if (dt == DType::F32) {
+    float* d = static_cast<float*>(dst) + off;
+    for (int64_t i = 0; i < n; ++i) d[i] = v[i * vstride];
+  } else if (dt == DType::BF16) {
+    uint16_t* d = static_cast<uint16_t*>(dst) + off;
+    for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16(v[i * vstride]);
+  } else {
+    uint16_t* d = static_cast<uint16_t*>(dst) + off;
+    for (int64_t i = 0; i < n; ++i) d[i] = f32_to_f16(v[i * vstride]);
+  }
+}
+// n values of a float tensor from element `off` on, stride `stride`, as fp32 (exact).
+void load_as_f32(const Tensor& t, int64_t off, int64_t stride, int64_t n, float* out) {
+  if (t.dtype() == DType::F32) {
+    const float* s = t.data<float>() + off;
+    for (int64_t i = 0; i < n; ++i) out[i] = s[i * stride];
+  } else {
+    const uint16_t* s = t.data<uint16_t>() + off;
+    if (t.dtype() == DType::BF16)
+      for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_f32(s[i * stride]);
+    else
+      for (int64_t i = 0; i < n; ++i) out[i] = f16_to_f32(s[i * stride]);
+  }
+}
+// quantize's per-call side inputs: inv_s (K) and proj_down as fp32 (K, ldd) — ldd = R for the reference,
+// R rounded up to 16 (zero columns) for the fast low-rank kernels, as prepare_svdquant_w4a4 pads it. An F32
+// proj_down that needs no padding is used in place; otherwise this calling thread's grow-only buffers
+// (no allocation per call for a shape seen before).
+struct KitchenSide {
+  const float* inv_s = nullptr;
+  const float* down = nullptr;
+  int64_t ldd = 0;
+};
+KitchenSide kitchen_side(const Tensor& smooth, const Tensor& proj_down, int64_t K, int64_t R, bool reference) {
+  thread_local std::vector<float> inv, sm, down;
+  grow(inv, K);
+  grow(sm, K);
+  load_as_f32(smooth, 0, 1, K, sm.data());
+  inv_smooth_ref(sm.data(), K, inv.data());
+  KitchenSide k;
+  k.inv_s = inv.data();
+  if (R == 0) return k;
+  k.ldd = reference ? R : std::max<int64_t>(16, (R + 15) / 16 * 16);
+  if (proj_down.dtype() == DType::F32 && k.ldd == R) {
+    k.down = proj_down.data<float>();
+    return k;
+  }
+  grow(down, K * k.ldd);
+  for (int64_t i = 0; i < K; ++i) {
+    float* row = down.data() + i * k.ldd;
+    load_as_f32(proj_down, i * R, 1, R, row);
+    std::fill(row + R, row + k.ldd, 0.0f);
+  }
+  k.down = down.data();
+  return k;
+}
+
 constexpr const char* kQuantOp = "quantize_svdquant_w4a4";
 constexpr const char* kMmOp = "scaled_mm_svdquant_w4a4";
 constexpr const char* kLinOp = "svdquant_linear";
@@ -348,29 +411,50 @@ SvdquantActs quantize_svdquant_w4a4(const Tensor& x, const Tensor& smooth, const
     throw Error(fmt::format("{}: M = {} too large", kQuantOp, M));
   const int64_t M_pad = (M + pad_size - 1) / pad_size * pad_size, G = K / kGroup;
 
-  const Tensor x32 = x.to_f32();
-  const Tensor lx32 = lora_x.defined() ? lora_x.to_f32() : x32;
-  const std::vector<float> inv = inv_smooth(smooth);
-  int64_t Rd = 0;
-  const std::vector<float> down = pad_down(proj_down, K, R, &Rd);
-  const Plan pl = plan(active_isa());
-  const Acts a = make_acts(pl, x32.data<float>(), M, K, xdt, false, inv.data(), act_unsigned, lx32.data<float>(),
-                           down.data(), Rd, R, ldt);
-
   SvdquantActs out;
-  out.q_x = Tensor::zeros(DType::I8, {M_pad, K / 2});
-  out.ascales = Tensor::zeros(xdt, {G, M_pad});
-  out.lora_act = Tensor::zeros(ldt, {M_pad, R});
+  out.q_x = Tensor::empty(DType::I8, {M_pad, K / 2});
+  out.ascales = Tensor::empty(xdt, {G, M_pad});
+  out.lora_act = Tensor::empty(ldt, {M_pad, R});
   uint8_t* q = out.q_x.mutable_data<uint8_t>();
-  void* as = out.ascales.mutable_raw();
-  void* la = out.lora_act.mutable_raw();
+  auto* as = static_cast<uint8_t*>(out.ascales.mutable_raw());
+  auto* la = static_cast<uint8_t*>(out.lora_act.mutable_raw());
+  if (kernels::test_fill_active())  // tests: every byte the op must write starts as 0xFF (NaN as a float)
+    for (Tensor* t : {&out.q_x, &out.ascales, &out.lora_act}) std::memset(t->mutable_raw(), 0xFF, t->nbytes());
+  // the M padding (spec §3.3 step 5): zero codes, scales and lora_act
+  const size_t xds = dtype_size(xdt), lds = dtype_size(ldt);
+  std::memset(q + M * (K / 2), 0, size_t((M_pad - M) * (K / 2)));
+  for (int64_t g = 0; g < G; ++g) std::memset(as + (g * M_pad + M) * int64_t(xds), 0, size_t(M_pad - M) * xds);
+  std::memset(la + M * R * int64_t(lds), 0, size_t((M_pad - M) * R) * lds);
+  if (M == 0) return out;
+
+  const Plan pl = plan(active_isa());
+  if (!pl.reference && (!pl.quantize || (R > 0 && !pl.lora))) not_built(pl, "quantize/low-rank");
+  const KitchenIo io = kitchen_io(pl.isa);
+  const KitchenSide side = kitchen_side(smooth, proj_down, K, R, pl.reference);
+  // Per task of kQuantRows rows: x (and lora_x) widened to fp32 in thread scratch, the quantize and
+  // low-rank kernels of the fused layer on them (the same fp32 operations as fill_acts on x.to_f32()),
+  // then the kitchen tensors written straight from the task's buffers.
   parallel_for((M + kQuantRows - 1) / kQuantRows, [&](int64_t task) {
-    const int64_t m0 = task * kQuantRows, m1 = std::min(M, m0 + kQuantRows);
-    const int8_t* c = a.codes.data();
-    for (int64_t i = m0 * K / 2; i < m1 * K / 2; ++i) q[i] = pack_nibbles(c[2 * i], c[2 * i + 1]);
-    for (int64_t m = m0; m < m1; ++m)
-      for (int64_t g = 0; g < G; ++g) store_as(as, g * M_pad + m, a.ascale[size_t(m * G + g)], xdt);
-    for (int64_t i = m0 * R; i < m1 * R; ++i) store_as(la, i, a.lora[size_t(i)], ldt);
+    const int64_t m0 = task * kQuantRows, m1 = std::min(M, m0 + kQuantRows), n = m1 - m0;
+    const float* xs = rows_f32(x, m0, m1, K, kernels::Slot::Stage, io);
+    const float* ls = lora_x.defined() ? rows_f32(lora_x, m0, m1, K, kernels::Slot::Shift, io) : xs;
+    const int64_t code_bytes = (n * K + 63) / 64 * 64;
+    auto* buf = static_cast<uint8_t*>(
+        kernels::thread_scratch(kernels::Slot::Acc, size_t(code_bytes) + size_t(n * (2 * G + R)) * 4));
+    auto* codes = reinterpret_cast<int8_t*>(buf);
+    auto* sc = reinterpret_cast<float*>(buf + code_bytes);
+    auto* corr = reinterpret_cast<int32_t*>(sc + n * G);
+    float* lo = reinterpret_cast<float*>(corr + n * G);
+    if (pl.reference) quantize_ref(xs, K, side.inv_s, act_unsigned, codes, sc, 0, n);
+    else pl.quantize(xs, K, K, side.inv_s, act_unsigned, codes, sc, corr, 0, n);
+    io.pack(codes, n * K, q + m0 * (K / 2));
+    // ascales (G, M_pad): column m, rounded to x's dtype (rounding then storing is one rounding)
+    for (int64_t g = 0; g < G; ++g) store_f32_as(as, g * M_pad + m0, sc + g, G, n, xdt);
+    if (R > 0) {
+      if (pl.reference) lora_ref(ls, K, side.down, R, lo, 0, n);
+      else pl.lora(ls, K, K, side.down, side.ldd, R, lo, R, 0, n);
+      store_f32_as(la, m0 * R, lo, 1, n * R, ldt);
+    }
   });
   return out;
 }
@@ -437,39 +521,31 @@ Tensor scaled_mm_impl(const Tensor& act, const Tensor& wgt, const Tensor& ascale
     for (int64_t m = Mc + 1; m < M; ++m) std::memcpy(base + m * row_bytes, base + Mc * row_bytes, row_bytes);
   }
   if (Mc == 0) return y;
-  Acts a;
+  const Plan pl = plan(active_isa());
+  const KitchenIo io = kitchen_io(pl.isa);
+  // The GEMM's activation side, per task of kQuantRows rows: codes and acorr unpacked from the nibbles,
+  // ascales (G, M) gathered to [m][g] and lora_act widened to fp32 (all exact). Into this calling
+  // thread's grow-only buffers, like the fused layer's: no allocation, zero fill or page faults per call
+  // for a shape seen before.
+  thread_local Acts workspace;
+  Acts& a = workspace;
   a.M = Mc, a.K = K, a.G = G, a.R = R;
-  a.codes.resize(size_t(Mc * K));
-  a.ascale.resize(size_t(Mc * G));
-  a.acorr.resize(size_t(Mc * G));
+  grow(a.codes, Mc * K);
+  grow(a.ascale, Mc * G);
+  grow(a.acorr, Mc * G);
+  grow(a.lora, Mc * R);
   const uint8_t* q = act.data<uint8_t>();
-  // byte → its two codes (low nibble first), decoded once per call through a table
-  int8_t lut[256][2];
-  for (int b = 0; b < 256; ++b) {
-    lut[b][0] = int8_t(act_unsigned ? unpack_lo_unsigned(uint8_t(b)) : unpack_lo_signed(uint8_t(b)));
-    lut[b][1] = int8_t(act_unsigned ? unpack_hi_unsigned(uint8_t(b)) : unpack_hi_signed(uint8_t(b)));
-  }
-  const Tensor as32 = ascales.to_f32();
   parallel_for((Mc + kQuantRows - 1) / kQuantRows, [&](int64_t task) {
     const int64_t m0 = task * kQuantRows, m1 = std::min(Mc, m0 + kQuantRows);
-    for (int64_t m = m0; m < m1; ++m)
-      for (int64_t g = 0; g < G; ++g) {
-        int32_t s = 0;
-        const uint8_t* qb = q + m * (K / 2) + g * (kGroup / 2);
-        int8_t* c = a.codes.data() + m * K + g * kGroup;
-        for (int64_t j = 0; j < kGroup / 2; ++j) {
-          c[2 * j] = lut[qb[j]][0];
-          c[2 * j + 1] = lut[qb[j]][1];
-          s += c[2 * j] + c[2 * j + 1];
-        }
-        a.acorr[size_t(m * G + g)] = -8 * s;
-        a.ascale[size_t(m * G + g)] = as32.data<float>()[g * M + m];
-      }
+    io.unpack(q + m0 * (K / 2), K, m1 - m0, act_unsigned, a.codes.data() + m0 * K, a.acorr.data() + m0 * G);
+    for (int64_t m = m0; m < m1; ++m) load_as_f32(ascales, m, M, G, a.ascale.data() + m * G);
+    if (R > 0) {
+      float* lo = a.lora.data() + m0 * R;
+      if (lora_act.dtype() == DType::F32) std::memcpy(lo, lora_act.data<float>() + m0 * R, size_t((m1 - m0) * R) * 4);
+      else (lora_act.dtype() == DType::BF16 ? io.bf16_to_f32 : io.f16_to_f32)(lora_act.data<uint16_t>() + m0 * R, (m1 - m0) * R, lo);
+    }
   });
-  const Tensor la32 = lora_act.to_f32();
-  a.lora.assign(la32.data<float>(), la32.data<float>() + Mc * R);
 
-  const Plan pl = plan(active_isa());
   if (pl.reference) {
     run_gemm(pl, a, nullptr, &p, bp, y.mutable_raw(), out_dt);
     return y;
