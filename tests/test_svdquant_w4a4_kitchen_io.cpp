@@ -1,6 +1,6 @@
 // Tests of the SVDQuant kitchen ops' tensor I/O (src/kernels/svdquant_w4a4_kitchen_io.h) and of the two
 // op entry points built on it. Everything here is integer or exact, so every comparison is bit for bit:
-//   - each ISA's pack / unpack / bf16→fp32 / f16→fp32 against the scalar version on fresh random inputs
+//   - each ISA's pack / unpack / bf16→fp32 / f16→fp32 / fp32→bf16|f16 store against the scalar version on fresh random inputs
 //     (odd row counts, several K, lengths off the vector width), destinations poisoned first and checked
 //     untouched past the end; the two half conversions on all 65536 inputs (NaN payloads included);
 //   - quantize_svdquant_w4a4 on bf16 / f16 x against the same op on the exactly widened fp32 x (same
@@ -143,6 +143,43 @@ TEST(SvdquantKitchenIo, HalfToF32AllInputsBitwise) {
         for (size_t i = size_t(n); i < gn.size(); ++i) ASSERT_TRUE(std::isnan(gn[i])) << "n=" << n << " past the end";
       }
     }
+}
+
+// The epilogue's rounding to bf16 / f16 against f32_to_bf16 / f32_to_f16: random bit patterns (every
+// class: NaNs with payloads, infinities, subnormals), the rounding ties and overflow edges of both
+// formats, with and without a bias, at lengths that leave every tail; destination poisoned.
+TEST(SvdquantKitchenIo, StoreHalfMatchesScalar) {
+  std::mt19937 rng(seed() + 4);
+  std::vector<float> v;
+  for (int i = 0; i < 200000; ++i) v.push_back(bits_to_f32(uint32_t(rng())));
+  std::uniform_real_distribution<float> mag(-70000.0f, 70000.0f), small(-1e-4f, 1e-4f);
+  for (int i = 0; i < 50000; ++i) v.push_back(mag(rng)), v.push_back(small(rng));
+  for (uint32_t b : {0x7f7fffffu, 0x7f800000u, 0x7f800001u, 0x7fc00000u, 0xffbfffffu, 0x477fefffu, 0x477ff000u,
+                     0x477fe000u, 0x38800000u, 0x387fffffu, 0x33000000u, 0x33000001u, 0x32ffffffu, 0x00000001u,
+                     0x80000000u, 0x3f808000u, 0x3f818000u, 0x3f807fffu, 0x3f800fffu, 0x3f801000u, 0x3f803000u})
+    for (uint32_t s : {0u, 0x80000000u}) v.push_back(bits_to_f32(b ^ s));
+  std::vector<float> bias(v.size());
+  std::uniform_real_distribution<float> bd(-2.0f, 2.0f);
+  for (auto& b : bias) b = bd(rng);
+  const int64_t n = int64_t(v.size());
+  for (const KitchenIo& io : fast_ios())
+    for (bool bf : {true, false})
+      for (bool with_bias : {false, true}) {
+        SCOPED_TRACE(::testing::Message() << io.name << (bf ? " bf16" : " f16") << " bias=" << with_bias);
+        const float* bp = with_bias ? bias.data() : nullptr;
+        std::vector<uint16_t> ref(static_cast<size_t>(n)), got(static_cast<size_t>(n) + 16, 0xA5A5);
+        store_half_scalar(v.data(), bp, n, bf, ref.data());
+        io.store_half(v.data(), bp, n, bf, got.data());
+        for (int64_t i = 0; i < n; ++i)
+          ASSERT_EQ(ref[size_t(i)], got[size_t(i)]) << "input 0x" << std::hex << f32_to_bits(v[size_t(i)]);
+        for (size_t i = size_t(n); i < got.size(); ++i) ASSERT_EQ(got[i], 0xA5A5) << "past the end";
+        for (int64_t len : {1, 7, 9, 15, 17, 31}) {
+          std::vector<uint16_t> g(size_t(len) + 16, 0xA5A5);
+          io.store_half(v.data() + 3, bp ? bp + 3 : nullptr, len, bf, g.data());
+          for (int64_t i = 0; i < len; ++i) ASSERT_EQ(g[size_t(i)], ref[size_t(3 + i)]) << "len=" << len;
+          for (size_t i = size_t(len); i < g.size(); ++i) ASSERT_EQ(g[i], 0xA5A5) << "len=" << len << " past the end";
+        }
+      }
 }
 
 // ------------------------------------------------------------------ the op entry points

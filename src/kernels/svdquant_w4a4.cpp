@@ -263,6 +263,7 @@ void run_gemm(const Plan& pl, const Acts& a, const PackedView* pk, const Svdquan
   const int64_t T = (N + kTileN - 1) / kTileN;
   const int64_t mb = (M + kRowsPerTask - 1) / kRowsPerTask, nb = (T + kTilesPerTask - 1) / kTilesPerTask;
   if (!pl.gemm) not_built(pl, "GEMM");
+  const StoreHalfKernel store_half = kitchen_io(pl.isa).store_half;
   parallel_for(mb * nb, [&](int64_t task) {
     const int64_t bm = task / nb, bn = task % nb;  // column blocks inner: neighbours share the activation block
     const int64_t m0 = bm * kRowsPerTask, m1 = std::min(M, m0 + kRowsPerTask);
@@ -285,7 +286,8 @@ void run_gemm(const Plan& pl, const Acts& a, const PackedView* pk, const Svdquan
         if (bias)
           for (int64_t n = n0; n < n1; ++n) src[n] = src[n] + bias[n];
       } else {
-        for (int64_t n = n0; n < n1; ++n) store_as(y, m * N + n, bias ? src[n] + bias[n] : src[n], out_dt);
+        store_half(src + n0, bias ? bias + n0 : nullptr, n1 - n0, out_dt == DType::BF16,
+                   static_cast<uint16_t*>(y) + m * N + n0);  // store_as, vectorised (kitchen_io)
       }
     }
   });

@@ -35,6 +35,13 @@ void f16_to_f32_scalar(const uint16_t* src, int64_t n, float* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = f16_to_f32(src[i]);
 }
 
+void store_half_scalar(const float* src, const float* bias, int64_t n, bool bf16, uint16_t* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = bias ? src[i] + bias[i] : src[i];
+    dst[i] = bf16 ? f32_to_bf16(v) : f32_to_f16(v);
+  }
+}
+
 KitchenIo kitchen_io(Isa isa) {
   KitchenIo io;
   switch (isa) {
@@ -44,6 +51,7 @@ KitchenIo kitchen_io(Isa isa) {
         io.name = "avx2";
         io.pack = NIBBLE_K2(pack_codes_avx2), io.unpack = NIBBLE_K2(unpack_codes_avx2);
         io.bf16_to_f32 = NIBBLE_K2(bf16_to_f32_avx2), io.f16_to_f32 = NIBBLE_K2(f16_to_f32_avx2);
+        io.store_half = NIBBLE_K2(store_half_avx2);
       }
       break;
     default:  // AVX-512 (F, BW, VL, DQ) and up
@@ -51,6 +59,7 @@ KitchenIo kitchen_io(Isa isa) {
         io.name = "avx512";
         io.pack = NIBBLE_K512(pack_codes_avx512), io.unpack = NIBBLE_K512(unpack_codes_avx512);
         io.bf16_to_f32 = NIBBLE_K512(bf16_to_f32_avx512), io.f16_to_f32 = NIBBLE_K512(f16_to_f32_avx512);
+        io.store_half = NIBBLE_K512(store_half_avx512);
       }
       break;
   }

@@ -9,6 +9,9 @@
 //            sign-extended (signed codes) or not (act_unsigned), and acorr[row][g] = −8·Σ_{k∈g} code
 //            (the GEMM's signed-offset correction, svdquant_w4a4_kernels.h).
 //   bf16/f16 → fp32, exact; NaN payloads kept as the scalar bf16_to_f32 / f16_to_f32 keep them.
+//   store    n fp32 values (+ bias, one fp32 add, when given) rounded to bf16 / f16: f32_to_bf16 /
+//            f32_to_f16 bit for bit (round to nearest even, their NaN results) — the GEMM epilogue of a
+//            bf16/f16 output.
 #pragma once
 #include <cstdint>
 
@@ -20,21 +23,25 @@ using PackCodesKernel = void (*)(const int8_t* codes, int64_t n, uint8_t* q);
 using UnpackCodesKernel = void (*)(const uint8_t* q, int64_t K, int64_t rows, bool act_unsigned, int8_t* codes,
                                    int32_t* acorr);
 using HalfToF32Kernel = void (*)(const uint16_t* src, int64_t n, float* dst);
+using StoreHalfKernel = void (*)(const float* src, const float* bias, int64_t n, bool bf16, uint16_t* dst);
 
 void pack_codes_scalar(const int8_t* codes, int64_t n, uint8_t* q);
 void unpack_codes_scalar(const uint8_t* q, int64_t K, int64_t rows, bool act_unsigned, int8_t* codes, int32_t* acorr);
 void bf16_to_f32_scalar(const uint16_t* src, int64_t n, float* dst);
 void f16_to_f32_scalar(const uint16_t* src, int64_t n, float* dst);
+void store_half_scalar(const float* src, const float* bias, int64_t n, bool bf16, uint16_t* dst);
 
 void pack_codes_avx2(const int8_t* codes, int64_t n, uint8_t* q);
 void unpack_codes_avx2(const uint8_t* q, int64_t K, int64_t rows, bool act_unsigned, int8_t* codes, int32_t* acorr);
 void bf16_to_f32_avx2(const uint16_t* src, int64_t n, float* dst);
 void f16_to_f32_avx2(const uint16_t* src, int64_t n, float* dst);
+void store_half_avx2(const float* src, const float* bias, int64_t n, bool bf16, uint16_t* dst);
 
 void pack_codes_avx512(const int8_t* codes, int64_t n, uint8_t* q);
 void unpack_codes_avx512(const uint8_t* q, int64_t K, int64_t rows, bool act_unsigned, int8_t* codes, int32_t* acorr);
 void bf16_to_f32_avx512(const uint16_t* src, int64_t n, float* dst);
 void f16_to_f32_avx512(const uint16_t* src, int64_t n, float* dst);
+void store_half_avx512(const float* src, const float* bias, int64_t n, bool bf16, uint16_t* dst);
 
 // The variants of an ISA level (Scalar → the scalar functions; Avx2 → AVX2; Avx512 and up → AVX-512).
 struct KitchenIo {
@@ -43,6 +50,7 @@ struct KitchenIo {
   UnpackCodesKernel unpack = &unpack_codes_scalar;
   HalfToF32Kernel bf16_to_f32 = &bf16_to_f32_scalar;
   HalfToF32Kernel f16_to_f32 = &f16_to_f32_scalar;
+  StoreHalfKernel store_half = &store_half_scalar;
 };
 KitchenIo kitchen_io(Isa isa);
 

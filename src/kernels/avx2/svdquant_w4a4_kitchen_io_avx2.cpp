@@ -74,7 +74,41 @@ void widen(const uint16_t* src, int64_t n, float* dst) {
     for (int64_t j = i; j < n; ++j) dst[j] = out[j - i];
   }
 }
+// 8 fp32 → 8 bf16 / f16 as f32_to_bf16 / f32_to_f16 round them
+inline __m128i half8(__m256 v, bool bf16) {
+  const __m256i b = _mm256_castps_si256(v), hi = _mm256_srli_epi32(b, 16);
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7FFFFFFF)), _mm256_set1_epi32(0x7F800000));
+  if (bf16) {  // b + 0x7FFF + lsb, top half; a NaN keeps its top half, made quiet
+    __m256i r = _mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(hi, _mm256_set1_epi32(1))));
+    r = _mm256_blendv_epi8(_mm256_srli_epi32(r, 16), _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
+  }
+  // the hardware's round to nearest even; a NaN becomes sign | 0x7E00
+  const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256i fix = _mm256_or_si256(_mm256_and_si256(hi, _mm256_set1_epi32(0x8000)), _mm256_set1_epi32(0x7E00));
+  const __m128i fix16 = _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(fix, fix), 0x08));
+  const __m128i nan16 = _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packs_epi32(nan, nan), 0x08));
+  return _mm_blendv_epi8(h, fix16, nan16);
+}
 }  // namespace
+
+void store_half_avx2(const float* src, const float* bias, int64_t n, bool bf16, uint16_t* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 v = _mm256_loadu_ps(src + i);
+    if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + i));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), half8(v, bf16));
+  }
+  if (i < n) {
+    float in[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    uint16_t out[8];
+    for (int64_t j = i; j < n; ++j) in[j - i] = src[j], b[j - i] = bias ? bias[j] : 0.0f;
+    __m256 v = _mm256_loadu_ps(in);
+    if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(b));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), half8(v, bf16));
+    for (int64_t j = i; j < n; ++j) dst[j] = out[j - i];
+  }
+}
 
 void bf16_to_f32_avx2(const uint16_t* src, int64_t n, float* dst) { widen<bf16x8>(src, n, dst); }
 void f16_to_f32_avx2(const uint16_t* src, int64_t n, float* dst) { widen<f16x8>(src, n, dst); }

@@ -70,4 +70,28 @@ void f16_to_f32_avx512(const uint16_t* src, int64_t n, float* dst) {
   }
 }
 
+void store_half_avx512(const float* src, const float* bias, int64_t n, bool bf16, uint16_t* dst) {
+  const __m512i abs = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
+  const __m512i rnd = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1), quiet = _mm512_set1_epi32(0x40);
+  const __m512i sign16 = _mm512_set1_epi32(0x8000), nan16 = _mm512_set1_epi32(0x7E00);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    __m512 v = _mm512_maskz_loadu_ps(k, src + i);
+    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, bias + i));
+    const __m512i b = _mm512_castps_si512(v), hi = _mm512_srli_epi32(b, 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, abs), inf);
+    __m256i h;
+    if (bf16) {  // f32_to_bf16: b + 0x7FFF + lsb, top half; a NaN keeps its top half, made quiet
+      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(rnd, _mm512_and_si512(hi, one))), 16);
+      r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, quiet));
+      h = _mm512_cvtepi32_epi16(r);
+    } else {  // f32_to_f16: the hardware's round to nearest even; a NaN becomes sign | 0x7E00
+      h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256i fix = _mm512_cvtepi32_epi16(_mm512_or_si512(_mm512_and_si512(hi, sign16), nan16));
+      h = _mm256_mask_mov_epi16(h, nan, fix);
+    }
+    _mm256_mask_storeu_epi16(dst + i, k, h);
+  }
+}
+
 }  // namespace nibble::kernels::w4a4
