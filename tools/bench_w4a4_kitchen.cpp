@@ -10,10 +10,14 @@
 // per-repetition time ratios kitchen pair / fused (bf16 x); kitchen_vs_fused_f32 likewise against the
 // fp32-x layer. quantize_ms / scaled_mm_ms split the kitchen pair. bit_identical: the pair with
 // lora_act in x's dtype (the op default) reproduces the fused bf16 layer bit for bit (checked once).
+// With -t 1 the calling thread does all the work, so the *_cpu keys (the same ratios in that thread's CPU
+// time, which preemption by other processes does not inflate) are the robust figures on a shared host.
 #include <fmt/format.h>
 
 #include <algorithm>
 #include <cstring>
+#include <ctime>
+#include <functional>
 #include <random>
 
 #include "bench_registry.h"
@@ -34,6 +38,12 @@ struct KitchenWeights {  // the tensors the kitchen passes on every call, and it
   std::shared_ptr<const SvdquantW4A4Prepared> gemm;  // prepare_svdquant_w4a4_gemm
   std::shared_ptr<const SvdquantW4A4Prepared> layer;  // prepare_svdquant_w4a4 (the fused layer)
 };
+
+double thread_cpu_seconds() {
+  timespec t;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
+}
 
 Tensor kitchen_pair(const Tensor& x, const KitchenWeights& w, std::optional<DType> lora_dt, double* tq, double* tm) {
   const double t0 = bench::now_seconds();
@@ -94,23 +104,35 @@ int run_w4a4_kitchen(const BenchOptions& o) {
                       std::memcmp(y_pair.raw(), y_fused.raw(), y_pair.nbytes()) == 0;
 
     int c_k = 0, c_f = 0, c_f32 = 0;
-    std::vector<double> tq, tm;
+    std::vector<double> tq, tm, cpu[3];  // cpu: the calling thread's CPU seconds per case and repetition
     const int r = M >= 4096 ? std::max(3, reps / 2) : reps;
+    auto timed = [&](int i, int which, const std::function<void()>& fn) {
+      const double c0 = thread_cpu_seconds();
+      fn();
+      if (i > 0) cpu[which].push_back(thread_cpu_seconds() - c0);
+    };
     std::vector<bench::InterleavedCase> cases = {
         {[&](int i) {
           double a = 0, b = 0;
-          (void)kitchen_pair(xb, ws[size_t(c_k++) % ws.size()], DType::F32, &a, &b);  // the adapter's fp32 lora_act
+          timed(i, 0, [&] { (void)kitchen_pair(xb, ws[size_t(c_k++) % ws.size()], DType::F32, &a, &b); });  // the adapter's fp32 lora_act
           if (i > 0) tq.push_back(a), tm.push_back(b);
         }},
-        {[&](int) { (void)svdquant_linear(xb, *ws[size_t(c_f++) % ws.size()].layer); }},
-        {[&](int) { (void)svdquant_linear(x32, *ws[size_t(c_f32++) % ws.size()].layer, DType::F32); }}};
+        {[&](int i) { timed(i, 1, [&] { (void)svdquant_linear(xb, *ws[size_t(c_f++) % ws.size()].layer); }); }},
+        {[&](int i) { timed(i, 2, [&] { (void)svdquant_linear(x32, *ws[size_t(c_f32++) % ws.size()].layer, DType::F32); }); }}};
     const std::vector<bench::Timing> T = bench::time_interleaved(r, cases);
+    auto cpu_ratio = [&](int a, int b) {
+      if (num_threads() != 1) return double(NAN);
+      std::vector<double> q;
+      for (size_t k = 0; k < cpu[a].size() && k < cpu[b].size(); ++k) q.push_back(cpu[a][k] / cpu[b][k]);
+      return bench::median(q);
+    };
     bench::Record rec;
     rec.s("op", "svdquant_w4a4").s("path", "kitchen ops").n("M", double(M)).n("K", double(K)).n("N", double(N));
     rec.n("R", double(R)).s("isa", isa_name(active_isa())).n("threads", num_threads());
     rec.n("kitchen_ms", T[0].median * 1e3).n("quantize_ms", bench::median(tq) * 1e3).n("scaled_mm_ms", bench::median(tm) * 1e3);
     rec.n("fused_ms", T[1].median * 1e3).n("fused_f32_ms", T[2].median * 1e3);
     rec.n("kitchen_vs_fused", bench::paired_ratio(T[0], T[1])).n("kitchen_vs_fused_f32", bench::paired_ratio(T[0], T[2]));
+    rec.n("kitchen_vs_fused_cpu", cpu_ratio(0, 1)).n("kitchen_vs_fused_f32_cpu", cpu_ratio(0, 2));
     rec.n("bit_identical", same ? 1 : 0).n("weight_copies", double(ws.size())).n("loadavg", bench::load_average());
     recs.push_back(rec);
     if (!o.json) fmt::print(stderr, "  done M={} K={} N={}\n", M, K, N);
@@ -120,10 +142,12 @@ int run_w4a4_kitchen(const BenchOptions& o) {
   } else {
     fmt::print("{}", bench::records_to_table(recs, {"M", "K", "N", "isa", "threads", "kitchen_ms", "quantize_ms",
                                                     "scaled_mm_ms", "fused_ms", "fused_f32_ms", "kitchen_vs_fused",
-                                                    "kitchen_vs_fused_f32", "bit_identical", "loadavg"},
+                                                    "kitchen_vs_fused_f32", "kitchen_vs_fused_cpu", "kitchen_vs_fused_f32_cpu",
+                                                    "bit_identical", "loadavg"},
                                              3));
     fmt::print("# kitchen_vs_fused: kitchen pair time / fused layer time (same bf16 x, bf16 out), median of "
-               "per-repetition ratios; _f32: against the fused layer on fp32 x, fp32 out\n");
+               "per-repetition ratios; _f32: against the fused layer on fp32 x, fp32 out; _cpu: the same in thread CPU "
+               "time (-t 1 only)\n");
   }
   return 0;
 }
