@@ -8,7 +8,8 @@
 // One interleaved loop per shape; each case rotates among weight copies that together exceed 2x the
 // L3 (as in a model, where each layer runs once per step). kitchen_vs_fused is the median of
 // per-repetition time ratios kitchen pair / fused (bf16 x); kitchen_vs_fused_f32 likewise against the
-// fp32-x layer. quantize_ms / scaled_mm_ms split the kitchen pair. bit_identical: the pair with
+// fp32-x layer. quantize_ms / scaled_mm_ms split the kitchen pair. kitchen_f32_*: the pair on fp32 x with fp32
+// outputs (ComfyUI on CPU computes in fp32) against the fp32 layer. bit_identical: the pair with
 // lora_act in x's dtype (the op default) reproduces the fused bf16 layer bit for bit (checked once).
 // With -t 1 the calling thread does all the work, so the *_cpu keys (the same ratios in that thread's CPU
 // time, which preemption by other processes does not inflate) are the robust figures on a shared host.
@@ -45,12 +46,13 @@ double thread_cpu_seconds() {
   return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
 }
 
-Tensor kitchen_pair(const Tensor& x, const KitchenWeights& w, std::optional<DType> lora_dt, double* tq, double* tm) {
+Tensor kitchen_pair(const Tensor& x, const KitchenWeights& w, std::optional<DType> lora_dt, double* tq, double* tm,
+                    std::optional<DType> out_dt = std::nullopt) {
   const double t0 = bench::now_seconds();
   const SvdquantActs a = quantize_svdquant_w4a4(x, w.smooth, w.proj_down, 256, false, {}, lora_dt);
   const double t1 = bench::now_seconds();
   Tensor y = scaled_mm_svdquant_w4a4_prepared(a.q_x, w.qweight, a.ascales, w.wscales, a.lora_act, w.proj_up, w.bias,
-                                              false, std::nullopt, *w.gemm, -1);
+                                              false, out_dt, *w.gemm, -1);
   const double t2 = bench::now_seconds();
   if (tq) *tq = t1 - t0;
   if (tm) *tm = t2 - t1;
@@ -103,8 +105,8 @@ int run_w4a4_kitchen(const BenchOptions& o) {
     const bool same = y_pair.nbytes() == y_fused.nbytes() &&
                       std::memcmp(y_pair.raw(), y_fused.raw(), y_pair.nbytes()) == 0;
 
-    int c_k = 0, c_f = 0, c_f32 = 0;
-    std::vector<double> tq, tm, cpu[3];  // cpu: the calling thread's CPU seconds per case and repetition
+    int c_k = 0, c_f = 0, c_f32 = 0, c_k32 = 0;
+    std::vector<double> tq, tm, cpu[4];  // cpu: the calling thread's CPU seconds per case and repetition
     const int r = M >= 4096 ? std::max(3, reps / 2) : reps;
     auto timed = [&](int i, int which, const std::function<void()>& fn) {
       const double c0 = thread_cpu_seconds();
@@ -118,7 +120,10 @@ int run_w4a4_kitchen(const BenchOptions& o) {
           if (i > 0) tq.push_back(a), tm.push_back(b);
         }},
         {[&](int i) { timed(i, 1, [&] { (void)svdquant_linear(xb, *ws[size_t(c_f++) % ws.size()].layer); }); }},
-        {[&](int i) { timed(i, 2, [&] { (void)svdquant_linear(x32, *ws[size_t(c_f32++) % ws.size()].layer, DType::F32); }); }}};
+        {[&](int i) { timed(i, 2, [&] { (void)svdquant_linear(x32, *ws[size_t(c_f32++) % ws.size()].layer, DType::F32); }); }},
+        {[&](int i) {  // the pair on fp32 x, fp32 out (ComfyUI on CPU computes in fp32)
+          timed(i, 3, [&] { (void)kitchen_pair(x32, ws[size_t(c_k32++) % ws.size()], DType::F32, nullptr, nullptr, DType::F32); });
+        }}};
     const std::vector<bench::Timing> T = bench::time_interleaved(r, cases);
     auto cpu_ratio = [&](int a, int b) {
       if (num_threads() != 1) return double(NAN);
@@ -133,6 +138,8 @@ int run_w4a4_kitchen(const BenchOptions& o) {
     rec.n("fused_ms", T[1].median * 1e3).n("fused_f32_ms", T[2].median * 1e3);
     rec.n("kitchen_vs_fused", bench::paired_ratio(T[0], T[1])).n("kitchen_vs_fused_f32", bench::paired_ratio(T[0], T[2]));
     rec.n("kitchen_vs_fused_cpu", cpu_ratio(0, 1)).n("kitchen_vs_fused_f32_cpu", cpu_ratio(0, 2));
+    rec.n("kitchen_f32_ms", T[3].median * 1e3).n("kitchen_f32_vs_fused_f32", bench::paired_ratio(T[3], T[2]));
+    rec.n("kitchen_f32_vs_fused_f32_cpu", cpu_ratio(3, 2));
     rec.n("bit_identical", same ? 1 : 0).n("weight_copies", double(ws.size())).n("loadavg", bench::load_average());
     recs.push_back(rec);
     if (!o.json) fmt::print(stderr, "  done M={} K={} N={}\n", M, K, N);
@@ -143,7 +150,7 @@ int run_w4a4_kitchen(const BenchOptions& o) {
     fmt::print("{}", bench::records_to_table(recs, {"M", "K", "N", "isa", "threads", "kitchen_ms", "quantize_ms",
                                                     "scaled_mm_ms", "fused_ms", "fused_f32_ms", "kitchen_vs_fused",
                                                     "kitchen_vs_fused_f32", "kitchen_vs_fused_cpu", "kitchen_vs_fused_f32_cpu",
-                                                    "bit_identical", "loadavg"},
+                                                    "kitchen_f32_ms", "kitchen_f32_vs_fused_f32", "bit_identical", "loadavg"},
                                              3));
     fmt::print("# kitchen_vs_fused: kitchen pair time / fused layer time (same bf16 x, bf16 out), median of "
                "per-repetition ratios; _f32: against the fused layer on fp32 x, fp32 out; _cpu: the same in thread CPU "
