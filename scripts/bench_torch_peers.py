@@ -11,7 +11,9 @@ MLP linears for W4A4, the modulation linear for AWQ).
 
 Both sides run with the same thread count (nibble's pool size), after one untimed warm-up each,
 interleaved (nibble, torch, nibble, ...) so that both see the same host load; reported: medians
-and the ratio of medians (torch / nibble: > 1 means nibble is faster). Weights are random (the
+and the ratio of medians (torch / nibble: > 1 means nibble is faster); for W4A4 also the medians of
+the two kitchen ops apart (quantize_ms, scaled_mm_ms; `nibble bench --op w4a4-kitchen` compares the
+pair with the fused layer). Weights are random (the
 arithmetic cost does not depend on the values).
 """
 import json
@@ -68,14 +70,20 @@ def w4a4_case(m, n, k, r=32):
     up = (torch.randn(n, r) * 0.05).to(DT)
     w = torch.randn(n, k).to(DT)
 
+    split = {"quantize_ms": [], "scaled_mm_ms": []}  # per call (the first, the warm-up, dropped below)
+
     def nib():
+        t0 = time.perf_counter()
         qx, a, la = ops.quantize_svdquant_w4a4(x, sm, dn, 256, False, None)
+        t1 = time.perf_counter()
         ops.scaled_mm_svdquant_w4a4(qx, q, a, ws, la, up, None, False)
+        split["quantize_ms"].append((t1 - t0) * 1e3)
+        split["scaled_mm_ms"].append((time.perf_counter() - t1) * 1e3)
 
     def peer():
         torch.nn.functional.linear(x, w)
 
-    return dict(op="svdquant_w4a4 (quantize + scaled_mm)", M=m, N=n, K=k, R=r), nib, peer
+    return dict(op="svdquant_w4a4 (quantize + scaled_mm)", M=m, N=n, K=k, R=r, _split=split), nib, peer
 
 
 def main():
@@ -86,6 +94,8 @@ def main():
         tn, tp = median_pair(nib, peer, TRIES)
         info.update(nibble_ms=round(tn * 1e3, 3), torch_bf16_ms=round(tp * 1e3, 3),
                     speedup_vs_torch_bf16=round(tp / tn, 3))
+        for key, v in info.pop("_split", {}).items():  # the two kitchen ops apart (medians)
+            info[key] = round(statistics.median(v[1:]), 3)
         print(json.dumps(info), flush=True)
 
 
