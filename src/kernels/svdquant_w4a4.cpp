@@ -318,9 +318,8 @@ const float* rows_f32(const Tensor& t, int64_t m0, int64_t m1, int64_t K, kernel
   (t.dtype() == DType::BF16 ? io.bf16_to_f32 : io.f16_to_f32)(t.data<uint16_t>() + m0 * K, (m1 - m0) * K, d);
   return d;
 }
-// n fp32 values v[i·vstride] → ((T*)dst)[off + i] in dt (F32, BF16 or F16). Rounding to dt then storing
-// (round_to + store_as) is the one rounding done here: the round trip of a bf16/f16 value is exact and
-// a NaN stays the same quiet NaN.
+// n fp32 values v[i·vstride] → ((T*)dst)[off + i] in dt (F32, BF16 or F16), as store_as rounds them (a
+// value already rounded to dt is stored exactly; a NaN stays the same quiet NaN).
 void store_f32_as(void* dst, int64_t off, const float* v, int64_t vstride, int64_t n, DType dt) {
   if (dt == DType::F32) {
     float* d = static_cast<float*>(dst) + off;
@@ -430,33 +429,21 @@ SvdquantActs quantize_svdquant_w4a4(const Tensor& x, const Tensor& smooth, const
   if (M == 0) return out;
 
   const Plan pl = plan(active_isa());
-  if (!pl.reference && (!pl.quantize || (R > 0 && !pl.lora))) not_built(pl, "quantize/low-rank");
   const KitchenIo io = kitchen_io(pl.isa);
   const KitchenSide side = kitchen_side(smooth, proj_down, K, R, pl.reference);
-  // Per task of kQuantRows rows: x (and lora_x) widened to fp32 in thread scratch, the quantize and
-  // low-rank kernels of the fused layer on them (the same fp32 operations as fill_acts on x.to_f32()),
-  // then the kitchen tensors written straight from the task's buffers.
+  // Per task of kQuantRows rows: x (and lora_x) widened to fp32 in thread scratch, the fused layer's own
+  // activation stage (fill_acts, run inline on these rows: the same operations as on x.to_f32()), then
+  // the kitchen tensors written straight from the task's buffers.
   parallel_for((M + kQuantRows - 1) / kQuantRows, [&](int64_t task) {
     const int64_t m0 = task * kQuantRows, m1 = std::min(M, m0 + kQuantRows), n = m1 - m0;
-    const float* xs = rows_f32(x, m0, m1, K, kernels::Slot::Stage, io);
-    const float* ls = lora_x.defined() ? rows_f32(lora_x, m0, m1, K, kernels::Slot::Shift, io) : xs;
-    const int64_t code_bytes = (n * K + 63) / 64 * 64;
-    auto* buf = static_cast<uint8_t*>(
-        kernels::thread_scratch(kernels::Slot::Acc, size_t(code_bytes) + size_t(n * (2 * G + R)) * 4));
-    auto* codes = reinterpret_cast<int8_t*>(buf);
-    auto* sc = reinterpret_cast<float*>(buf + code_bytes);
-    auto* corr = reinterpret_cast<int32_t*>(sc + n * G);
-    float* lo = reinterpret_cast<float*>(corr + n * G);
-    if (pl.reference) quantize_ref(xs, K, side.inv_s, act_unsigned, codes, sc, 0, n);
-    else pl.quantize(xs, K, K, side.inv_s, act_unsigned, codes, sc, corr, 0, n);
-    io.pack(codes, n * K, q + m0 * (K / 2));
-    // ascales (G, M_pad): column m, rounded to x's dtype (rounding then storing is one rounding)
-    for (int64_t g = 0; g < G; ++g) store_f32_as(as, g * M_pad + m0, sc + g, G, n, xdt);
-    if (R > 0) {
-      if (pl.reference) lora_ref(ls, K, side.down, R, lo, 0, n);
-      else pl.lora(ls, K, K, side.down, side.ldd, R, lo, R, 0, n);
-      store_f32_as(la, m0 * R, lo, 1, n * R, ldt);
-    }
+    const float* xs = rows_f32(x, m0, m1, K, kernels::Slot::KitchenX, io);
+    const float* ls = lora_x.defined() ? rows_f32(lora_x, m0, m1, K, kernels::Slot::KitchenLoraX, io) : xs;
+    thread_local Acts ta;  // this thread's task-sized activations (grow-only)
+    fill_acts(ta, pl, xs, n, K, xdt, false, side.inv_s, act_unsigned, ls, side.down, side.ldd, R, ldt);
+    io.pack(ta.codes.data(), n * K, q + m0 * (K / 2));
+    // ascales (G, M_pad), column m; the values are already rounded to x's dtype (storing is exact)
+    for (int64_t g = 0; g < G; ++g) store_f32_as(as, g * M_pad + m0, ta.ascale.data() + g, G, n, xdt);
+    if (R > 0) store_f32_as(la, m0 * R, ta.lora.data(), 1, n * R, ldt);
   });
   return out;
 }

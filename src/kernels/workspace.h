@@ -16,7 +16,12 @@
 namespace nibble::kernels {
 
 // Slots of the per-thread scratch; one buffer per slot, live until the thread's next request of it.
-enum class Slot : int { Stage = 0, Weights = 1, Acc = 2, Shift = 3, AttnK = 4, AttnV = 5, AttnBias = 6, Count = 7 };
+// KitchenX / KitchenLoraX: the SVDQuant kitchen quantize's widened x / lora_x rows, live across the
+// activation stage it runs on them (which takes Stage / Shift itself).
+enum class Slot : int {
+  Stage = 0, Weights = 1, Acc = 2, Shift = 3, AttnK = 4, AttnV = 5, AttnBias = 6, KitchenX = 7, KitchenLoraX = 8,
+  Count = 9
+};
 
 // At least `bytes` bytes, 64-byte aligned, of this thread's scratch `slot` (contents unspecified,
 // or the test fill value in every float when one is set).
