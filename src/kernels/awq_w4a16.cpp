@@ -448,8 +448,8 @@ Plan plan(Isa isa, int64_t M, int64_t G, DType xdt, DType sdt, bool tiled) {
     // fp32 x (nn::Linear) is rounded once to bf16 (RNE) and runs the one-part bf16 kernel, as the
     // GEMM tier does (bf16_x): the kitchen multiplies x in the model dtype (bf16/fp16), never in fp32,
     // and exact products of fp32 x would need three bf16 parts (3× the dot products) or the fp32-FMA
-    // kernel (measured 1.25–1.45× slower at M = 1, 1.5× at M = 2). Weights stay exact; bf16/fp16 x
-    // stay exact (1/2 parts).
+    // kernel (measured with the same prefetch, interleaved: 1.14× slower at M = 1 and 2, 2× at M = 4,
+    // 3× at M = 8; three parts 1.33× at M = 1). Weights stay exact; bf16/fp16 x stay exact (1/2 parts).
     pl.bf16_x = pl.bf16_dot && xdt == DType::F32;
     pl.name = pl.bf16_x ? "gemv-tiled-bf16dot-xbf16" : pl.bf16_dot ? "gemv-tiled-bf16dot" : "gemv-tiled-fp32";
     if (isa == Isa::Avx2) pl.tiled_f32 = NIBBLE_K2(awq_gemv_tiled_avx2);
