@@ -50,7 +50,8 @@ constexpr int64_t kPrefetchAhead = 16384;
 // group's scale work; measured, 1 thread), well under the ~8 cycles per line a core's share of DRAM
 // bandwidth allows, so with the prefetch above it is memory bound. Measured and rejected:
 // a permute-free decode (vpternlogd of the shifted nibbles into the bf16 16 + q, then
-// Σx(q−8) = D − 24·Σx): 7 % slower than vpermw from L2, −3…+8 % from DRAM, for 4× larger partial sums
+// Σx(q−8) = D − 24·Σx): 7 % slower than vpermw from L2; through the op with this prefetch, interleaved,
+// −6…+12 % at M = 1, −2 % at M = 2, −30 % at M = 4 — no reliable gain for 4× larger partial sums
 // (docs/awq.md); two tiles per step sharing each broadcast (5 % faster from cache, 8 % slower from
 // DRAM: two streams per thread).
 template <int MB, int P, DType SD>
