@@ -47,6 +47,10 @@ inline double awq_fast_terms(int64_t K, int64_t G) {
 // bf16_x: that tier also rounds x to bf16 (for fp32/fp16 x): with x̂ = x(1+δ), ŵ the rounded weight,
 // |x̂ŵ − xw| ≤ |x̂|·|ŵ − w| + |x̂ − x|·|w|, so the weight term grows by (1 + 2^-8), x adds 2^-8, and
 // the fp32 sums run over |x̂||ŵ| ≤ (1 + 2^-8)²·A.
+// bf16_x without bf16_weights: the avx512bf16 tiled GEMV on fp32 x ("gemv-tiled-bf16dot-xbf16")
+// rounds x once (RNE) and keeps the weight exact: |x̂w − xw| ≤ 2^-8·|x||w| (+ 2^-8·A), its group sums
+// Σx̂ are of the rounded x, and its fp32 sums run over |x̂||w| ≤ (1 + 2^-8)·A (covered by the (1 + 2^-8)²
+// factor below).
 inline double awq_vs_oracle(int64_t K, int64_t G, bool bf16_weights, bool bf16_x = false) {
   const double ub = kUnitRoundoffBf16, xs = bf16_x ? 1.0 + ub : 1.0;
   const double fp32 = gamma(awq_oracle_terms(K) + awq_fast_terms(K, G)) * xs * xs;
