@@ -63,5 +63,10 @@ void awq_gemm_pack_x_avx512bf16(const float* x, int64_t M, int64_t K, int64_t Mp
 // accT for columns [n0, n1) (n0 % kGemmPanelCols == 0; columns up to n0 + round-up(n1 − n0, 6) are
 // written) and every row; ws: gemm_bf16_ws_dwords dwords, 64-byte aligned.
 void awq_gemm_bf16_avx512bf16(const GemmBf16Args& a, int64_t n0, int64_t n1, uint32_t* ws);
+// The op's epilogue for fp32 output (spec §2.3: y = acc, plus the bias in fp32 when given): y (M, N)
+// row-major, columns [n0, n1), from accT; bias (fp32, N) may be null. The driver's generic epilogue
+// reads accT one element at a time, 64 rows apart (6 % of the tier's time at M = 64).
+void awq_gemm_store_f32_avx512bf16(const float* accT, int64_t Mp, int64_t M, int64_t N, int64_t n0, int64_t n1,
+                                   const float* bias, float* y);
 
 }  // namespace nibble::kernels::awq

@@ -321,10 +321,19 @@ void run_gemm_panels(const Impl& im, const Plan& pl, const float* x, void* yp) {
   const AccBuffer accT = acc_buffer(tasks * kGemmCols * a.Mp);
   a.accT = accT.data();
   const int64_t ws = gemm_bf16_ws_dwords(K, a.Mp);
+  std::vector<float> bias_f32;  // fp32 output: the bias added in fp32 (exact widening of bf16/f16)
+  if (im.out_dt == DType::F32 && im.bias.defined()) {
+    const Tensor b = im.bias.to_f32();
+    bias_f32.assign(b.data<float>(), b.data<float>() + N);
+  }
   parallel_for(tasks, [&](int64_t t) {
     const int64_t n0 = t * kGemmCols, n1 = std::min(N, n0 + kGemmCols);
     awq_gemm_bf16_avx512bf16(a, n0, n1, thread_scratch<uint32_t>(Slot::Weights, ws));
-    epilogue(im, accT.data(), 1, a.Mp, yp, n0, n1, 1);
+    if (im.out_dt == DType::F32)
+      awq_gemm_store_f32_avx512bf16(accT.data(), a.Mp, M, N, n0, n1, bias_f32.empty() ? nullptr : bias_f32.data(),
+                                    static_cast<float*>(yp));
+    else
+      epilogue(im, accT.data(), 1, a.Mp, yp, n0, n1, 1);
   });
 #endif
 }

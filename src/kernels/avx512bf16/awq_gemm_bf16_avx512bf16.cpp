@@ -241,3 +241,44 @@ void awq_gemm_bf16_avx512bf16(const GemmBf16Args& a, int64_t n0, int64_t n1, uin
 }
 
 }  // namespace nibble::kernels::awq
+
+namespace nibble::kernels::awq {
+
+void awq_gemm_store_f32_avx512bf16(const float* accT, int64_t Mp, int64_t M, int64_t N, int64_t n0, int64_t n1,
+                                   const float* bias, float* y) {
+  // 16 × 16 blocks: 16 columns of accT (16 rows each) transposed in registers by four butterfly
+  // stages (block swaps of 8, 4, 2, 1), then one masked store per output row.
+  __m512i lo[4], hi[4];
+  for (int s = 0; s < 4; ++s) {
+    const int d = 8 >> s;
+    alignas(64) int32_t il[16], ih[16];
+    for (int j = 0; j < 16; ++j) {
+      il[j] = (j & d) ? 16 + j - d : j;
+      ih[j] = (j & d) ? 16 + j : j + d;
+    }
+    lo[s] = _mm512_load_si512(il), hi[s] = _mm512_load_si512(ih);
+  }
+  for (int64_t c0 = n0; c0 < n1; c0 += 16) {
+    const int64_t cols = kmin<int64_t>(16, n1 - c0);
+    const __mmask16 cm = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(cm, bias + c0) : _mm512_setzero_ps();
+    for (int64_t m0 = 0; m0 < M; m0 += 16) {
+      __m512 v[16];
+      for (int j = 0; j < 16; ++j) v[j] = j < cols ? _mm512_loadu_ps(accT + (c0 + j) * Mp + m0) : _mm512_setzero_ps();
+      for (int s = 0; s < 4; ++s) {
+        const int d = 8 >> s;
+        for (int i = 0; i < 16; ++i)
+          if (!(i & d)) {
+            const __m512 a = v[i], c = v[i + d];
+            v[i] = _mm512_permutex2var_ps(a, lo[s], c);
+            v[i + d] = _mm512_permutex2var_ps(a, hi[s], c);
+          }
+      }
+      const int64_t rows = kmin<int64_t>(16, M - m0);
+      for (int r = 0; r < rows; ++r)
+        _mm512_mask_storeu_ps(y + (m0 + r) * N + c0, cm, bias ? _mm512_add_ps(v[r], b) : v[r]);
+    }
+  }
+}
+
+}  // namespace nibble::kernels::awq
