@@ -98,6 +98,41 @@ TEST(AwqGemmBf16, MatchesExactEvaluationOfItsRounding) {
   kernels::set_test_fill(std::nullopt);
 }
 
+// bf16 / fp16 output (spec §2.3): the fp32 sums rounded to the output dtype, then the bias added in
+// that dtype — bit for bit the scalar conversions of nibble/dtype.h applied to the fp32 result.
+TEST(AwqGemmBf16, OutputDtypesRoundThenAddBias) {
+  if (!tier_runs(64, 64, DType::F32)) GTEST_SKIP() << "no AVX-512 BF16: the bf16 GEMM tier does not run here";
+  kernels::set_test_fill(std::nanf(""));
+  std::mt19937 rng(11);
+  for (const Shape4& sh : {Shape4{70, 101, 256, 64}, Shape4{33, 13, 128, 32}}) {
+    const Operands o = make(rng, sh, DType::BF16);
+    Tensor bias = random_f32(rng, {sh.N}, -1.0f, 1.0f, DType::BF16);
+    const Tensor acc = gemv_awq_w4a16(o.x, o.q, o.s, o.z, Tensor(), sh.G, DType::F32);
+    for (DType out : {DType::BF16, DType::F16})
+      for (bool with_bias : {false, true}) {
+        const Tensor y = gemv_awq_w4a16(o.x, o.q, o.s, o.z, with_bias ? bias : Tensor(), sh.G, out);
+        int bad = 0;
+        for (int64_t i = 0; i < sh.M * sh.N; ++i) {
+          const float a = acc.data<float>()[i], b = bf16_to_f32(bias.data<uint16_t>()[i % sh.N]);
+          uint16_t want;
+          if (out == DType::BF16) {
+            want = f32_to_bf16(a);
+            if (with_bias) want = f32_to_bf16(bf16_to_f32(want) + b);
+          } else {
+            want = f32_to_f16(a);
+            if (with_bias) want = f32_to_f16(f16_to_f32(want) + b);
+          }
+          if (y.data<uint16_t>()[i] != want && bad++ < 5)
+            ADD_FAILURE() << "M=" << sh.M << " N=" << sh.N << " out=" << dtype_name(out) << " bias=" << with_bias
+                          << " elem " << i << ": got 0x" << std::hex << y.data<uint16_t>()[i] << ", want 0x" << want
+                          << std::dec;
+        }
+        EXPECT_EQ(bad, 0);
+      }
+  }
+  kernels::set_test_fill(std::nullopt);
+}
+
 TEST(AwqGemmBf16, BitIdenticalForAnyThreadCount) {
   if (!tier_runs(64, 64, DType::F32)) GTEST_SKIP() << "no AVX-512 BF16: the bf16 GEMM tier does not run here";
   const int saved = num_threads();

@@ -20,7 +20,7 @@
 //  * xt (packed activations, per 64-row block b, the last one Mp − 64b rows wide, Mp = M rounded up
 //    to 16): xt[b·64·K2p + q·w_b + (m − 64b)] = the bf16 pair (x̂[m, 2q], x̂[m, 2q+1]) as a dword,
 //    K2p = K/2 rounded up to 16, zero for m ≥ M or q ≥ K/2.
-//  * accT (fp32 sums, column-major): accT[n·Mp + m] for n < columns rounded up to kGemmCols.
+//  * acc (fp32 sums of a task, column-major): acc[(n − n0)·Mp + m].
 #pragma once
 #include <cstdint>
 
@@ -53,20 +53,21 @@ struct GemmBf16Args {
   Problem p;
   const uint32_t* xt = nullptr;  // packed activations (layout above)
   int64_t Mp = 0, K2p = 0;
-  float* accT = nullptr;
 };
 
 // Packs rows [m0, m0 + rows) of x (fp32, (M, K) row-major; m0 and rows multiples of 16, m0 + rows ≤
 // Mp) into xt (Mp·K2p dwords); rows ≥ M as zeros.
 void awq_gemm_pack_x_avx512bf16(const float* x, int64_t M, int64_t K, int64_t Mp, int64_t m0, int64_t rows,
                                 uint32_t* xt);
-// accT for columns [n0, n1) (n0 % kGemmPanelCols == 0; columns up to n0 + round-up(n1 − n0, 6) are
-// written) and every row; ws: gemm_bf16_ws_dwords dwords, 64-byte aligned.
-void awq_gemm_bf16_avx512bf16(const GemmBf16Args& a, int64_t n0, int64_t n1, uint32_t* ws);
-// The op's epilogue for fp32 output (spec §2.3: y = acc, plus the bias in fp32 when given): y (M, N)
-// row-major, columns [n0, n1), from accT; bias (fp32, N) may be null. The driver's generic epilogue
-// reads accT one element at a time, 64 rows apart (6 % of the tier's time at M = 64).
-void awq_gemm_store_f32_avx512bf16(const float* accT, int64_t Mp, int64_t M, int64_t N, int64_t n0, int64_t n1,
-                                   const float* bias, float* y);
+// The sums of columns [n0, n1) (n0 % kGemmPanelCols == 0) for every row into acc[(n − n0)·Mp + m]
+// (columns up to n0 + round-up(n1 − n0, 6) are written); ws: gemm_bf16_ws_dwords dwords, 64-byte aligned.
+void awq_gemm_bf16_avx512bf16(const GemmBf16Args& a, int64_t n0, int64_t n1, uint32_t* ws, float* acc);
+// The op's epilogue for fp32 and bf16 output (spec §2.3: round to the output dtype, then add the bias
+// in that dtype; nibble/dtype.h's f32_to_bf16 rounding, NaN kept quiet): y (M, N) row-major, columns
+// [n0, n1), from the task's fp32 sums acc[(n − n0)·Mp + m]; bias (fp32, N) may be null. The driver's
+// generic epilogue reads them one element at a time, 64+ rows apart (6 % of the tier at M = 64 for
+// fp32 output, ~15 % for bf16 output).
+void awq_gemm_store_avx512bf16(const float* acc, int64_t Mp, int64_t M, int64_t N, int64_t n0, int64_t n1,
+                               const float* bias, DType out, void* y);
 
 }  // namespace nibble::kernels::awq

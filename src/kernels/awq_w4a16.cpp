@@ -304,7 +304,7 @@ void run_gemv(const Impl& im, const Plan& pl, const float* x, void* yp) {
 // GEMM, bf16 tier (avx512bf16, bf16 models): int4 decoded to bf16 inside the vdpbf16ps micro-kernel
 // (kernels/awq_gemm_bf16.h): x rounded once to bf16 pairs (16-row vectors), then per task (96 output
 // columns, every row) 6-column panels decoded while the previous one is multiplied; the fp32 sums
-// land column-major in accT. Each output is one fp32 chain over k pairs ascending, whatever the
+// land column-major in the task's scratch. Each output is one fp32 chain over k pairs ascending, whatever the
 // thread count.
 void run_gemm_panels(const Impl& im, const Plan& pl, const float* x, void* yp) {
 #if !defined(NIBBLE_HAVE_AVX512)
@@ -318,20 +318,22 @@ void run_gemm_panels(const Impl& im, const Plan& pl, const float* x, void* yp) {
   parallel_for(a.Mp / 16, [&](int64_t g) { awq_gemm_pack_x_avx512bf16(x, M, K, a.Mp, 16 * g, 16, xt.data()); });
   a.xt = xt.data();
   const int64_t tasks = (N + kGemmCols - 1) / kGemmCols;
-  const AccBuffer accT = acc_buffer(tasks * kGemmCols * a.Mp);
-  a.accT = accT.data();
   const int64_t ws = gemm_bf16_ws_dwords(K, a.Mp);
-  std::vector<float> bias_f32;  // fp32 output: the bias added in fp32 (exact widening of bf16/f16)
-  if (im.out_dt == DType::F32 && im.bias.defined()) {
+  // fp32 / bf16 output: each task's sums in its thread's scratch, written out by the kernel's store;
+  // fp16 output: the driver's epilogue over sums kept for the whole call.
+  const bool own_store = im.out_dt == DType::F32 || im.out_dt == DType::BF16;
+  const AccBuffer accT = acc_buffer(own_store ? 0 : tasks * kGemmCols * a.Mp);
+  std::vector<float> bias_f32;  // the bias widened to fp32 (exact from bf16/f16)
+  if (own_store && im.bias.defined()) {
     const Tensor b = im.bias.to_f32();
     bias_f32.assign(b.data<float>(), b.data<float>() + N);
   }
   parallel_for(tasks, [&](int64_t t) {
     const int64_t n0 = t * kGemmCols, n1 = std::min(N, n0 + kGemmCols);
-    awq_gemm_bf16_avx512bf16(a, n0, n1, thread_scratch<uint32_t>(Slot::Weights, ws));
-    if (im.out_dt == DType::F32)
-      awq_gemm_store_f32_avx512bf16(accT.data(), a.Mp, M, N, n0, n1, bias_f32.empty() ? nullptr : bias_f32.data(),
-                                    static_cast<float*>(yp));
+    float* acc = own_store ? thread_scratch<float>(Slot::Acc, kGemmCols * a.Mp) : accT.data() + n0 * a.Mp;
+    awq_gemm_bf16_avx512bf16(a, n0, n1, thread_scratch<uint32_t>(Slot::Weights, ws), acc);
+    if (own_store)
+      awq_gemm_store_avx512bf16(acc, a.Mp, M, N, n0, n1, bias_f32.empty() ? nullptr : bias_f32.data(), im.out_dt, yp);
     else
       epilogue(im, accT.data(), 1, a.Mp, yp, n0, n1, 1);
   });

@@ -197,7 +197,7 @@ void awq_gemm_pack_x_avx512bf16(const float* x, int64_t M, int64_t K, int64_t Mp
   }
 }
 
-void awq_gemm_bf16_avx512bf16(const GemmBf16Args& a, int64_t n0, int64_t n1, uint32_t* ws) {
+void awq_gemm_bf16_avx512bf16(const GemmBf16Args& a, int64_t n0, int64_t n1, uint32_t* ws, float* acc) {
   const Problem& p = a.p;
   const int64_t Mp = a.Mp, K2 = p.K / 2, npan = (n1 - n0 + kC - 1) / kC;
   const int64_t kc = gemm_chunk_pairs(p.K, kmin(kGemmRowBlock, Mp));  // the workspace's chunk
@@ -231,7 +231,7 @@ void awq_gemm_bf16_avx512bf16(const GemmBf16Args& a, int64_t n0, int64_t n1, uin
       for (int64_t pb0 = rb0; pb0 < rb0 + rows_p; pb0 += 64) {
         const int64_t w = kmin<int64_t>(64, Mp - pb0);
         const uint32_t* xq = a.xt + pb0 * a.K2p + cur.q0 * w;  // block pb0/64 starts at (pb0/64)·64·K2p
-        kPasses[w / 16](xq, w, cur.out, cur.nqp, a.accT + cur.n0 * Mp + pb0, Mp, cur.q0 > 0,
+        kPasses[w / 16](xq, w, cur.out, cur.nqp, acc + (cur.n0 - n0) * Mp + pb0, Mp, cur.q0 > 0,
                         fused && pb0 == rb0 ? &next : nullptr);
       }
       if (has_next && !fused) decode_panel(next);
@@ -244,9 +244,22 @@ void awq_gemm_bf16_avx512bf16(const GemmBf16Args& a, int64_t n0, int64_t n1, uin
 
 namespace nibble::kernels::awq {
 
-void awq_gemm_store_f32_avx512bf16(const float* accT, int64_t Mp, int64_t M, int64_t N, int64_t n0, int64_t n1,
-                                   const float* bias, float* y) {
-  // 16 × 16 blocks: 16 columns of accT (16 rows each) transposed in registers by four butterfly
+namespace {
+// f32_to_bf16 (nibble/dtype.h) on 16 lanes: round to nearest even, NaN kept quiet.
+inline __m256i to_bf16(__m512 v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                   _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1))));
+  r = _mm512_mask_or_epi32(r, nan, b, _mm512_set1_epi32(0x400000));  // NaN: (b >> 16) | 0x40 after the shift
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+}  // namespace
+
+void awq_gemm_store_avx512bf16(const float* acc, int64_t Mp, int64_t M, int64_t N, int64_t n0, int64_t n1,
+                               const float* bias, DType out, void* y) {
+  // 16 × 16 blocks: 16 columns of acc (16 rows each) transposed in registers by four butterfly
   // stages (block swaps of 8, 4, 2, 1), then one masked store per output row.
   __m512i lo[4], hi[4];
   for (int s = 0; s < 4; ++s) {
@@ -264,7 +277,7 @@ void awq_gemm_store_f32_avx512bf16(const float* accT, int64_t Mp, int64_t M, int
     const __m512 b = bias ? _mm512_maskz_loadu_ps(cm, bias + c0) : _mm512_setzero_ps();
     for (int64_t m0 = 0; m0 < M; m0 += 16) {
       __m512 v[16];
-      for (int j = 0; j < 16; ++j) v[j] = j < cols ? _mm512_loadu_ps(accT + (c0 + j) * Mp + m0) : _mm512_setzero_ps();
+      for (int j = 0; j < 16; ++j) v[j] = j < cols ? _mm512_loadu_ps(acc + (c0 - n0 + j) * Mp + m0) : _mm512_setzero_ps();
       for (int s = 0; s < 4; ++s) {
         const int d = 8 >> s;
         for (int i = 0; i < 16; ++i)
@@ -275,8 +288,16 @@ void awq_gemm_store_f32_avx512bf16(const float* accT, int64_t Mp, int64_t M, int
           }
       }
       const int64_t rows = kmin<int64_t>(16, M - m0);
-      for (int r = 0; r < rows; ++r)
-        _mm512_mask_storeu_ps(y + (m0 + r) * N + c0, cm, bias ? _mm512_add_ps(v[r], b) : v[r]);
+      for (int r = 0; r < rows; ++r) {
+        const int64_t o = (m0 + r) * N + c0;
+        if (out == DType::F32) {
+          _mm512_mask_storeu_ps(static_cast<float*>(y) + o, cm, bias ? _mm512_add_ps(v[r], b) : v[r]);
+        } else {  // BF16: round, then (spec §2.3) add the bias to the rounded value and round again
+          __m256i t = to_bf16(v[r]);
+          if (bias) t = to_bf16(_mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(t), 16)), b));
+          _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + o, cm, t);
+        }
+      }
     }
   }
 }
