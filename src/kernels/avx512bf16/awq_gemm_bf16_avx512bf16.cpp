@@ -178,8 +178,9 @@ void awq_gemm_pack_x_avx512bf16(const float* x, int64_t M, int64_t K, int64_t Mp
   const int64_t K2p = gemm_pairs_padded(K);
   alignas(64) uint32_t tile[16][16];
   for (int64_t g0 = m0; g0 < m0 + rows; g0 += 16) {
-    const int64_t blk = g0 / 64, w = kmin<int64_t>(64, Mp - 64 * blk);
-    uint32_t* base = xt + blk * 64 * K2p + (g0 - 64 * blk);
+    int64_t s0 = 0, w = 0;
+    gemm_pass_of(Mp, g0, &s0, &w);
+    uint32_t* base = xt + s0 * K2p + (g0 - s0);
     for (int64_t q = 0; q < K2p; q += 16) {
       for (int r = 0; r < 16; ++r) {
         const int64_t m = g0 + r, k0 = 2 * q;
@@ -202,8 +203,9 @@ void awq_gemm_bf16_avx512bf16(const GemmBf16Args& a, int64_t n0, int64_t n1, uin
   const int64_t Mp = a.Mp, K2 = p.K / 2, npan = (n1 - n0 + kC - 1) / kC;
   const int64_t kc = gemm_chunk_pairs(p.K, kmin(kGemmRowBlock, Mp));  // the workspace's chunk
   uint16_t* tbl = reinterpret_cast<uint16_t*>(ws + 2 * kC * kc);
-  for (int64_t rb0 = 0; rb0 < Mp; rb0 += kGemmRowBlock) {
-    const int64_t rows_p = kmin(kGemmRowBlock, Mp - rb0);
+  const int64_t V = Mp / 16, nblocks = gemm_row_blocks(Mp);
+  for (int64_t bi = 0, rb0 = 0; bi < nblocks; rb0 += 16 * gemm_share(V, nblocks, bi), ++bi) {
+    const int64_t bv = gemm_share(V, nblocks, bi), npass = (bv + 3) / 4;
     uint32_t* buf[2] = {ws, ws + kC * kc};
     const int64_t nchunks = (K2 + kc - 1) / kc, total = nchunks * npan;
     const auto make = [&](int64_t i) {
@@ -228,11 +230,11 @@ void awq_gemm_bf16_avx512bf16(const GemmBf16Args& a, int64_t n0, int64_t n1, uin
       // the next panel is decoded inside the first row pass (fast path), or after the passes
       const bool fused = has_next && fusable(next);
       if (fused) build_tables(next);
-      for (int64_t pb0 = rb0; pb0 < rb0 + rows_p; pb0 += 64) {
-        const int64_t w = kmin<int64_t>(64, Mp - pb0);
-        const uint32_t* xq = a.xt + pb0 * a.K2p + cur.q0 * w;  // block pb0/64 starts at (pb0/64)·64·K2p
+      for (int64_t pi = 0, pb0 = rb0; pi < npass; pb0 += 16 * gemm_share(bv, npass, pi), ++pi) {
+        const int64_t w = 16 * gemm_share(bv, npass, pi);
+        const uint32_t* xq = a.xt + pb0 * a.K2p + cur.q0 * w;  // the pass's rows start at pb0·K2p
         kPasses[w / 16](xq, w, cur.out, cur.nqp, acc + (cur.n0 - n0) * Mp + pb0, Mp, cur.q0 > 0,
-                        fused && pb0 == rb0 ? &next : nullptr);
+                        fused && pi == 0 ? &next : nullptr);
       }
       if (has_next && !fused) decode_panel(next);
       if (has_next) cur = next;
