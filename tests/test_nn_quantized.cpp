@@ -74,7 +74,9 @@ TEST(NnQuantized, ActUnsignedLayersGetTheShift) {
   const Linear l = Linear::from_layer(
       bind_svdquant("blk.img_mlp.net.2", p, "{\"format\":\"svdquant_w4a4\",\"act_unsigned\":true}"));
   ASSERT_TRUE(l.act_unsigned());
-  const float consts[] = {-0.15f, -0.1f, -0.02f, 0.0f, 0.3f, 1.7f};
+  // bf16-exact constants (≈ −0.15, −0.1, −0.02, 0, 0.3, 1.7): the low-rank branch rounds fp32 x to bf16
+  // (kernels/svdquant_w4a4_kernels.h), which would otherwise add its 2^-9 input rounding to the comparison.
+  const float consts[] = {-0.1484375f, -0.1015625f, -0.01953125f, 0.0f, 0.30078125f, 1.703125f};
   Tensor x = Tensor::empty(DType::F32, {6, K});
   for (int64_t r = 0; r < 6; ++r)
     for (int64_t k = 0; k < K; ++k) x.mutable_data<float>()[r * K + k] = consts[r];

@@ -21,6 +21,7 @@
 
 #include "core/shape_math.h"
 #include "kernels/svdquant_w4a4_kernels.h"
+#include "kernels/dense_bf16_kernels.h"
 #include "kernels/kernel_ref.h"
 #include "kernels/output_tensor.h"
 #include "kernels/workspace.h"
@@ -41,6 +42,7 @@ struct SvdquantW4A4Prepared {
   Tensor wsc;    // F32 [T][G][32]
   Tensor up;     // F32 [T][R][32]
   Tensor down;   // F32 (K, Rd), Rd = R rounded up to 16, zero padded
+  Tensor down_pk;  // U16 (K/2, Rd, 2) bf16 pairs of `down` for vdpbf16ps; only when proj_down is stored bf16
   Tensor inv_s;  // F32 (K)
   Tensor bias;   // F32 (N) or undefined
 };
@@ -153,9 +155,20 @@ template <class T>
 void grow(std::vector<T>& v, int64_t n) {
   if (int64_t(v.size()) < n) v.resize(size_t(n));
 }
+// lr_bf16: the bf16 low-rank arithmetic (kernels header); dpk: down pair-packed (pack_down_pairs), needed
+// by a plan with a vdpbf16ps kernel.
+struct LowRank {
+  const float* down = nullptr;  // (K, ldd) fp32
+  int64_t ldd = 0, R = 0;
+  DType dt = DType::F32;  // lora rounded to this dtype
+  bool bf16 = false;
+  const uint16_t* dpk = nullptr;
+};
 void fill_acts(Acts& a, const Plan& pl, const float* x, int64_t M, int64_t K, DType x_dtype, bool shift, const float* inv_s,
-               bool act_unsigned, const float* lora_x, const float* down, int64_t ldd, int64_t R, DType lora_dt,
-               int parts = 3) {
+               bool act_unsigned, const float* lora_x, const LowRank& lr, int parts = 3) {
+  const float* down = lr.down;
+  const int64_t ldd = lr.ldd, R = lr.R;
+  const DType lora_dt = lr.dt;
   a.M = M, a.K = K, a.G = K / kGroup, a.R = R;
   const int64_t G = a.G;
   const bool do_q = parts & 1, do_l = (parts & 2) && R > 0;
@@ -164,7 +177,10 @@ void fill_acts(Acts& a, const Plan& pl, const float* x, int64_t M, int64_t K, DT
     grow(a.ascale, M * G);
     grow(a.acorr, M * G);
   }
-  if (do_l) grow(a.lora, M * R);
+  if (do_l) {
+    grow(a.lora, M * R);
+    kernels::test_fill(a.lora.data(), M * R);  // tests poison it: an unwritten element shows as NaN
+  }
   const int64_t tasks = (M + kQuantRows - 1) / kQuantRows;
   if (!pl.reference && ((do_q && !pl.quantize) || (do_l && !pl.lora))) not_built(pl, "quantize/low-rank");
   std::vector<float> down_nat;  // the reference wants (K, R) without padding
@@ -208,20 +224,32 @@ void fill_acts(Acts& a, const Plan& pl, const float* x, int64_t M, int64_t K, DT
     }
     if (do_l) {
       float* lo = a.lora.data() + m0 * R;
-      if (pl.reference)
-        lora_ref(lora_x + m0 * K, K, down_nat.empty() ? down : down_nat.data(), R, lo, 0, m1 - m0);
-      else
-        pl.lora(lora_x + m0 * K, K, K, down, ldd, R, lo, R, 0, m1 - m0);
+      const float* lx = lora_x + m0 * K;
+      const int64_t rows = m1 - m0;
+      if (lr.bf16 && pl.lora_bf16 && pl.pack_pairs && lr.dpk) {  // vdpbf16ps on pair-packed x̂
+        uint32_t* xp = kernels::thread_scratch<uint32_t>(kernels::Slot::Stage, rows * K / 2);
+        pl.pack_pairs(lx, K, 0, rows, 0, K / 2, xp);
+        pl.lora_bf16(xp, K / 2, lr.dpk, ldd, R, lo, R, rows);
+      } else {
+        if (lr.bf16) {  // x̂, then the fp32 fma chain in pair order
+          float* xr = kernels::thread_scratch<float>(kernels::Slot::Stage, rows * K);
+          round_bf16_ref(lx, rows * K, xr);
+          lx = xr;
+        }
+        if (pl.reference)
+          lora_ref(lx, K, down_nat.empty() ? down : down_nat.data(), R, lo, 0, rows, lr.bf16);
+        else
+          pl.lora(lx, K, K, down, ldd, R, lo, R, 0, rows, lr.bf16);
+      }
       for (int64_t i = 0; i < (m1 - m0) * R; ++i) lo[i] = round_to(lo[i], lora_dt);
     }
   });
 }
 
 Acts make_acts(const Plan& pl, const float* x, int64_t M, int64_t K, DType x_dtype, bool shift, const float* inv_s,
-               bool act_unsigned, const float* lora_x, const float* down, int64_t ldd, int64_t R, DType lora_dt,
-               int parts = 3) {
+               bool act_unsigned, const float* lora_x, const LowRank& lr, int parts = 3) {
   Acts a;
-  fill_acts(a, pl, x, M, K, x_dtype, shift, inv_s, act_unsigned, lora_x, down, ldd, R, lora_dt, parts);
+  fill_acts(a, pl, x, M, K, x_dtype, shift, inv_s, act_unsigned, lora_x, lr, parts);
   return a;
 }
 
@@ -313,6 +341,14 @@ std::vector<float> pad_down(const Tensor& down, int64_t K, int64_t R, int64_t* R
     for (int64_t r = 0; r < R; ++r) out[size_t(k * *Rd + r)] = d.data<float>()[k * R + r];
   return out;
 }
+// (K, Rd) fp32 holding bf16 values → the pair-packed bf16 down: out[(q·Rd + r)·2 + e] = down[2q + e, r].
+std::vector<uint16_t> pack_down_pairs(const float* down, int64_t K, int64_t Rd) {
+  std::vector<uint16_t> out(size_t(K * Rd));
+  for (int64_t q = 0; q < K / 2; ++q)
+    for (int64_t r = 0; r < Rd; ++r)
+      for (int64_t e = 0; e < 2; ++e) out[size_t((q * Rd + r) * 2 + e)] = f32_to_bf16(down[(2 * q + e) * Rd + r]);
+  return out;
+}
 
 constexpr const char* kQuantOp = "quantize_svdquant_w4a4";
 constexpr const char* kMmOp = "scaled_mm_svdquant_w4a4";
@@ -354,8 +390,13 @@ SvdquantActs quantize_svdquant_w4a4(const Tensor& x, const Tensor& smooth, const
   int64_t Rd = 0;
   const std::vector<float> down = pad_down(proj_down, K, R, &Rd);
   const Plan pl = plan(active_isa());
-  const Acts a = make_acts(pl, x32.data<float>(), M, K, xdt, false, inv.data(), act_unsigned, lx32.data<float>(),
-                           down.data(), Rd, R, ldt);
+  LowRank lr{down.data(), Rd, R, ldt, lowrank_bf16(lora_x.defined() ? lora_x.dtype() : xdt, proj_down.dtype())};
+  std::vector<uint16_t> dpk;
+  if (lr.bf16 && pl.lora_bf16) {
+    dpk = pack_down_pairs(down.data(), K, Rd);
+    lr.dpk = dpk.data();
+  }
+  const Acts a = make_acts(pl, x32.data<float>(), M, K, xdt, false, inv.data(), act_unsigned, lx32.data<float>(), lr);
 
   SvdquantActs out;
   out.q_x = Tensor::zeros(DType::I8, {M_pad, K / 2});
@@ -540,7 +581,7 @@ std::shared_ptr<const SvdquantW4A4Prepared> prepare_svdquant_w4a4_gemm(const Ten
 
 int64_t prepared_nbytes(const SvdquantW4A4Prepared& w) {
   int64_t n = 0;
-  for (const Tensor* t : {&w.wpk, &w.wsc, &w.up, &w.down, &w.inv_s, &w.bias})
+  for (const Tensor* t : {&w.wpk, &w.wsc, &w.up, &w.down, &w.down_pk, &w.inv_s, &w.bias})
     if (t->defined()) n += t->nbytes();
   return n;
 }
@@ -562,11 +603,24 @@ std::shared_ptr<const SvdquantW4A4Prepared> prepare_svdquant_w4a4(const Svdquant
   const std::vector<float> down = pad_down(p.proj_down, p.K, p.R, &Rd);
   w->Rd = Rd;
   w->down = Tensor::from_bytes(DType::F32, {p.K, Rd}, down.data(), down.size() * sizeof(float));
+  if (p.proj_down.dtype() == DType::BF16) {
+    const std::vector<uint16_t> pk = pack_down_pairs(down.data(), p.K, Rd);
+    w->down_pk = Tensor::from_bytes(DType::U16, {p.K / 2, Rd, 2}, pk.data(), pk.size() * sizeof(uint16_t));
+  }
   const std::vector<float> inv = inv_smooth(p.smooth);
   w->inv_s = Tensor::from_bytes(DType::F32, {p.K}, inv.data(), inv.size() * sizeof(float));
   if (p.bias.defined()) w->bias = p.bias.to_f32().clone();
   return w;
 }
+
+namespace {
+// The low-rank stage of a prepared layer for an input of dtype xdt (lora rounded to xdt, spec §3.4).
+LowRank lowrank_of(const SvdquantW4A4Prepared& w, DType xdt) {
+  LowRank lr{w.down.data<float>(), w.Rd, w.R, xdt, lowrank_bf16(xdt, w.params.proj_down.dtype())};
+  if (lr.bf16 && w.down_pk.defined()) lr.dpk = w.down_pk.data<uint16_t>();
+  return lr;
+}
+}  // namespace
 
 Tensor svdquant_linear(const Tensor& x, const SvdquantW4A4Prepared& w, std::optional<DType> out_dtype,
                        const Tensor& out) {
@@ -588,7 +642,7 @@ Tensor svdquant_linear(const Tensor& x, const SvdquantW4A4Prepared& w, std::opti
   thread_local Acts workspace;
   Acts& a = workspace;
   fill_acts(a, pl, x32.data<float>(), M, K, x.dtype(), w.params.act_unsigned, w.inv_s.data<float>(),
-            w.params.act_unsigned, x32.data<float>(), w.down.data<float>(), w.Rd, w.R, x.dtype());
+            w.params.act_unsigned, x32.data<float>(), lowrank_of(w, x.dtype()));
   const float* bp = w.bias.defined() ? w.bias.data<float>() : nullptr;
   if (pl.reference) {
     run_gemm(pl, a, nullptr, &w.params, bp, y.mutable_raw(), out_dt);
@@ -617,6 +671,11 @@ Plan plan(Isa isa) {
       pl.name = "avx512-quantize+vnni-gemm";
       pl.quantize = NIBBLE_K512(quantize_avx512), pl.lora = NIBBLE_K512(lora_avx512);
       pl.gemm = NIBBLE_K512(gemm_avx512vnni);
+      if (isa == Isa::Avx512Bf16) {
+        pl.name = "avx512-quantize+bf16-lowrank+vnni-gemm";
+        pl.lora_bf16 = NIBBLE_K512(lora_bf16_avx512bf16);
+        pl.pack_pairs = NIBBLE_K512(kernels::dense_bf16::pack_x_avx512bf16);
+      }
       break;
   }
   pl.reference = false;
@@ -634,10 +693,10 @@ Tensor svdquant_linear_staged(const Tensor& x, const SvdquantW4A4Prepared& w,
   thread_local Acts workspace;
   Acts& a = workspace;
   fill_acts(a, pl, x32.data<float>(), M, K, x.dtype(), w.params.act_unsigned, w.inv_s.data<float>(),
-            w.params.act_unsigned, x32.data<float>(), w.down.data<float>(), w.Rd, w.R, x.dtype(), 1);
+            w.params.act_unsigned, x32.data<float>(), lowrank_of(w, x.dtype()), 1);
   boundary(1);
   fill_acts(a, pl, x32.data<float>(), M, K, x.dtype(), false, w.inv_s.data<float>(), w.params.act_unsigned,
-            x32.data<float>(), w.down.data<float>(), w.Rd, w.R, x.dtype(), 2);
+            x32.data<float>(), lowrank_of(w, x.dtype()), 2);
   boundary(2);
   const float* bp = w.bias.defined() ? w.bias.data<float>() : nullptr;
   if (pl.reference) {

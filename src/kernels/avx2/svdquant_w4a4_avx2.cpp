@@ -156,13 +156,15 @@ void quantize_avx2(const float* x, int64_t ldx, int64_t K, const float* inv_s, b
 }
 
 namespace {
-template <int RV>
+// Pairs: k in the bf16 low-rank order 1, 0, 3, 2, … (kk ^ 1; K is even).
+template <int RV, bool Pairs>
 void lora_rows4(const float* x, int64_t ldx, int64_t K, const float* down, int64_t ldd, int64_t r0, int64_t R,
                 float* lora, int64_t ldl, int64_t m, int rows) {
   __m256 acc[4][RV];
   for (int i = 0; i < 4; ++i)
     for (int v = 0; v < RV; ++v) acc[i][v] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t kk = 0; kk < K; ++kk) {
+    const int64_t k = Pairs ? (kk ^ 1) : kk;
     __m256 d[RV];
     for (int v = 0; v < RV; ++v) d[v] = _mm256_loadu_ps(down + k * ldd + r0 + 8 * v);
     for (int i = 0; i < 4; ++i) {
@@ -184,12 +186,17 @@ void lora_rows4(const float* x, int64_t ldx, int64_t K, const float* down, int64
 }  // namespace
 
 void lora_avx2(const float* x, int64_t ldx, int64_t K, const float* down, int64_t ldd, int64_t R, float* lora,
-               int64_t ldl, int64_t m0, int64_t m1) {
+               int64_t ldl, int64_t m0, int64_t m1, bool pairs) {
   for (int64_t m = m0; m < m1; m += 4) {
     const int rows = int(kmin<int64_t>(4, m1 - m));
     int64_t r0 = 0;
-    for (; r0 + 8 < R; r0 += 16) lora_rows4<2>(x, ldx, K, down, ldd, r0, R, lora, ldl, m, rows);
-    for (; r0 < R; r0 += 8) lora_rows4<1>(x, ldx, K, down, ldd, r0, R, lora, ldl, m, rows);
+    if (pairs) {
+      for (; r0 + 8 < R; r0 += 16) lora_rows4<2, true>(x, ldx, K, down, ldd, r0, R, lora, ldl, m, rows);
+      for (; r0 < R; r0 += 8) lora_rows4<1, true>(x, ldx, K, down, ldd, r0, R, lora, ldl, m, rows);
+    } else {
+      for (; r0 + 8 < R; r0 += 16) lora_rows4<2, false>(x, ldx, K, down, ldd, r0, R, lora, ldl, m, rows);
+      for (; r0 < R; r0 += 8) lora_rows4<1, false>(x, ldx, K, down, ldd, r0, R, lora, ldl, m, rows);
+    }
   }
 }
 
