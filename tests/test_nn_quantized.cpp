@@ -86,8 +86,10 @@ TEST(NnQuantized, ActUnsignedLayersGetTheShift) {
   const double snr_eff = compare_outputs(y, y_eff).snr_db, snr_plain = compare_outputs(y, y_plain).snr_db;
   std::printf("act_unsigned fc2, constant rows: SNR vs shift-corrected baseline %.2f dB, vs stored-bias baseline %.2f dB\n",
               snr_eff, snr_plain);
-  // measured 126.1 dB (fp32 rounding only), margin 10 dB; the stored-bias baseline 27.0 dB
-  EXPECT_GT(snr_eff, 116.0);
+  // The low-rank branch of fp32 x with bf16 proj_down/up rounds its rank-R intermediate to bf16
+  // (docs/w4a4.md): ≤ 2^-9 relative on that branch, an SNR floor near 20·log10(2^9) ≈ 54 dB (measured
+  // 54.2 dB; fp32 rounding alone gave 126 dB). Margin 6 dB → 48; the stored-bias baseline reads 27.0 dB.
+  EXPECT_GT(snr_eff, 48.0);
   EXPECT_LT(snr_plain, 32.0);
   EXPECT_LT(snr_plain, snr_eff - 20.0);
   // And on GELU outputs of random activations the quantized layer tracks the corrected baseline.

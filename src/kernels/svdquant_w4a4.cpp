@@ -43,6 +43,8 @@ struct SvdquantW4A4Prepared {
   Tensor up;     // F32 [T][R][32]
   Tensor down;   // F32 (K, Rd), Rd = R rounded up to 16, zero padded
   Tensor down_pk;  // U16 (K/2, Rd, 2) bf16 pairs of `down` for vdpbf16ps; only when proj_down is stored bf16
+  Tensor up_pk;    // U16 [T][⌈R/2⌉][32][2] bf16 pairs of `up` for vdpbf16ps; only when proj_up is stored bf16
+  bool up_bf16 = false;  // proj_up stored bf16: the bf16 up-projection applies to bf16 lora
   Tensor inv_s;  // F32 (K)
   Tensor bias;   // F32 (N) or undefined
 };
@@ -144,6 +146,7 @@ struct Acts {
   std::vector<float> ascale;    // (M, G), rounded to the stored dtype
   std::vector<int32_t> acorr;   // (M, G)
   std::vector<float> lora;      // (M, R), rounded to the lora dtype
+  bool lora_bf16 = false;       // the lora values are bf16 (its dtype is BF16): bf16 up-projection
 };
 
 // Quantize rows of x (fp32 (M, K)); `shift` adds the act_unsigned shift rounded to x_dtype first.
@@ -177,6 +180,7 @@ void fill_acts(Acts& a, const Plan& pl, const float* x, int64_t M, int64_t K, DT
     grow(a.ascale, M * G);
     grow(a.acorr, M * G);
   }
+  if (parts & 2) a.lora_bf16 = lora_dt == DType::BF16;
   if (do_l) {
     grow(a.lora, M * R);
     kernels::test_fill(a.lora.data(), M * R);  // tests poison it: an unwritten element shows as NaN
@@ -259,7 +263,31 @@ struct PackedView {
   const uint8_t* wpk = nullptr;
   const float* wsc = nullptr;
   const float* up = nullptr;
+  bool up_bf16 = false;          // proj_up stored bf16
+  const uint16_t* up2 = nullptr;  // its pairs (pack_up_pairs), for a plan with gemm_bf16up
 };
+PackedView view_of(const SvdquantW4A4Prepared& w) {
+  return {w.N, w.K, w.R, w.wpk.data<uint8_t>(), w.wsc.data<float>(), w.up.data<float>(), w.up_bf16,
+          w.up_pk.defined() ? w.up_pk.data<uint16_t>() : nullptr};
+}
+// [T][R][32] fp32 holding bf16 values → [T][R2][32][2] bf16 pairs (R2 = ⌈R/2⌉, the pad index R is 0).
+std::vector<uint16_t> pack_up_pairs(const float* up, int64_t T, int64_t R) {
+  const int64_t R2 = (R + 1) / 2;
+  std::vector<uint16_t> out(size_t(T * R2 * 2 * kTileN), 0);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t q = 0; q < R2; ++q)
+      for (int64_t j = 0; j < kTileN; ++j)
+        for (int64_t e = 0; e < 2; ++e)
+          if (2 * q + e < R)
+            out[size_t(((t * R2 + q) * kTileN + j) * 2 + e)] = f32_to_bf16(up[(t * R + 2 * q + e) * kTileN + j]);
+  return out;
+}
+void set_up_pairs(SvdquantW4A4Prepared& w, DType up_dtype) {
+  w.up_bf16 = up_dtype == DType::BF16;
+  if (!w.up_bf16 || w.R == 0) return;
+  const std::vector<uint16_t> pk = pack_up_pairs(w.up.data<float>(), w.T, w.R);
+  w.up_pk = Tensor::from_bytes(DType::U16, {int64_t(pk.size())}, pk.data(), pk.size() * sizeof(uint16_t));
+}
 
 // y (M, N) in out_dt = acc + bias. Fast path: packed weights; scalar path: natural weights.
 void run_gemm(const Plan& pl, const Acts& a, const PackedView* pk, const SvdquantW4A4Params* nat, const float* bias,
@@ -267,6 +295,7 @@ void run_gemm(const Plan& pl, const Acts& a, const PackedView* pk, const Svdquan
   const int64_t M = a.M, K = a.K, R = a.R;
   const int64_t N = pk ? pk->N : nat->N;
   if (M == 0) return;
+  const bool up_pairs = R > 0 && a.lora_bf16 && (pk ? pk->up_bf16 : nat->proj_up.dtype() == DType::BF16);
   if (pl.reference) {
     const Tensor qw = natural_weight(*nat);
     const Tensor ws = natural_wscales_f32(*nat);
@@ -277,7 +306,7 @@ void run_gemm(const Plan& pl, const Acts& a, const PackedView* pk, const Svdquan
     parallel_for(tasks, [&](int64_t t) {
       const int64_t n0 = t * cols, n1 = std::min(N, n0 + cols);
       gemm_ref(M, N, K, R, a.codes.data(), a.ascale.data(), qw.data<uint8_t>(), ws.data<float>(), a.lora.data(),
-               up.data<float>(), acc.get(), n0, n1);
+               up.data<float>(), acc.get(), n0, n1, up_pairs);
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = n0; n < n1; ++n) {
           const float v = acc[size_t(m * N + n)];
@@ -295,9 +324,23 @@ void run_gemm(const Plan& pl, const Acts& a, const PackedView* pk, const Svdquan
   g.wsc = pk->wsc;
   g.lora = R > 0 ? a.lora.data() : nullptr;
   g.up = pk->up;
+  g.up_pairs = up_pairs;
+  GemmKernel kernel = pl.gemm;
+  if (up_pairs && pl.gemm_bf16up && pk->up2) {  // vdpbf16ps up-projection on lora pairs (pad 0)
+    const int64_t R2 = (R + 1) / 2;
+    uint32_t* l2 = kernels::thread_scratch<uint32_t>(kernels::Slot::Weights, M * R2);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t q = 0; q < R2; ++q) {
+        const float* l = a.lora.data() + m * R;
+        const uint32_t lo = f32_to_bf16(l[2 * q]), hi = 2 * q + 1 < R ? f32_to_bf16(l[2 * q + 1]) : 0u;
+        l2[m * R2 + q] = lo | (hi << 16);
+      }
+    g.lora2 = l2, g.up2 = pk->up2;
+    kernel = pl.gemm_bf16up;
+  }
   const int64_t T = (N + kTileN - 1) / kTileN;
   const int64_t mb = (M + kRowsPerTask - 1) / kRowsPerTask, nb = (T + kTilesPerTask - 1) / kTilesPerTask;
-  if (!pl.gemm) not_built(pl, "GEMM");
+  if (!kernel) not_built(pl, "GEMM");
   parallel_for(mb * nb, [&](int64_t task) {
     const int64_t bm = task / nb, bn = task % nb;  // column blocks inner: neighbours share the activation block
     const int64_t m0 = bm * kRowsPerTask, m1 = std::min(M, m0 + kRowsPerTask);
@@ -313,7 +356,7 @@ void run_gemm(const Plan& pl, const Acts& a, const PackedView* pk, const Svdquan
       ga.y = kernels::thread_scratch<float>(kernels::Slot::Acc, (m1 - m0) * (n1 - n0));
       ga.ldy = n1 - n0, ga.y_row0 = m0, ga.y_col0 = n0;
     }
-    pl.gemm(ga, m0, m1, t0, t1);
+    kernel(ga, m0, m1, t0, t1);
     for (int64_t m = m0; m < m1; ++m) {
       float* src = ga.y + (m - ga.y_row0) * ga.ldy - ga.y_col0;
       if (out_dt == DType::F32) {
@@ -509,6 +552,7 @@ Tensor scaled_mm_impl(const Tensor& act, const Tensor& wgt, const Tensor& ascale
   });
   const Tensor la32 = lora_act.to_f32();
   a.lora.assign(la32.data<float>(), la32.data<float>() + Mc * R);
+  a.lora_bf16 = lora_act.dtype() == DType::BF16;
 
   const Plan pl = plan(active_isa());
   if (pl.reference) {
@@ -516,7 +560,7 @@ Tensor scaled_mm_impl(const Tensor& act, const Tensor& wgt, const Tensor& ascale
     return y;
   }
   if (packed) {
-    PackedView pk{N, K, R, packed->wpk.data<uint8_t>(), packed->wsc.data<float>(), packed->up.data<float>()};
+    const PackedView pk = view_of(*packed);
     run_gemm(pl, a, &pk, nullptr, bp, y.mutable_raw(), out_dt);
     return y;
   }
@@ -526,7 +570,12 @@ Tensor scaled_mm_impl(const Tensor& act, const Tensor& wgt, const Tensor& ascale
   const Tensor wsc = pack_cols(wsn.data<float>(), G, N);
   const std::vector<float> upT = transpose(upn.data<float>(), N, R);
   const Tensor upp = pack_cols(upT.data(), R, N);
-  PackedView pk{N, K, R, wpk.data<uint8_t>(), wsc.data<float>(), upp.data<float>()};
+  PackedView pk{N, K, R, wpk.data<uint8_t>(), wsc.data<float>(), upp.data<float>(), proj_up.dtype() == DType::BF16};
+  std::vector<uint16_t> up2;
+  if (pk.up_bf16 && pl.gemm_bf16up && R > 0) {
+    up2 = pack_up_pairs(upp.data<float>(), (N + kTileN - 1) / kTileN, R);
+    pk.up2 = up2.data();
+  }
   run_gemm(pl, a, &pk, nullptr, bp, y.mutable_raw(), out_dt);
   return y;
 }
@@ -576,12 +625,13 @@ std::shared_ptr<const SvdquantW4A4Prepared> prepare_svdquant_w4a4_gemm(const Ten
   const Tensor upn = natural_up_f32(p);
   const std::vector<float> upT = transpose(upn.data<float>(), p.N, p.R);
   w->up = pack_cols(upT.data(), p.R, p.N);
+  set_up_pairs(*w, proj_up.dtype());
   return w;
 }
 
 int64_t prepared_nbytes(const SvdquantW4A4Prepared& w) {
   int64_t n = 0;
-  for (const Tensor* t : {&w.wpk, &w.wsc, &w.up, &w.down, &w.down_pk, &w.inv_s, &w.bias})
+  for (const Tensor* t : {&w.wpk, &w.wsc, &w.up, &w.up_pk, &w.down, &w.down_pk, &w.inv_s, &w.bias})
     if (t->defined()) n += t->nbytes();
   return n;
 }
@@ -599,6 +649,7 @@ std::shared_ptr<const SvdquantW4A4Prepared> prepare_svdquant_w4a4(const Svdquant
   const Tensor upn = natural_up_f32(p);
   const std::vector<float> upT = transpose(upn.data<float>(), p.N, p.R);
   w->up = pack_cols(upT.data(), p.R, p.N);
+  set_up_pairs(*w, p.proj_up.dtype());
   int64_t Rd = 0;
   const std::vector<float> down = pad_down(p.proj_down, p.K, p.R, &Rd);
   w->Rd = Rd;
@@ -615,8 +666,12 @@ std::shared_ptr<const SvdquantW4A4Prepared> prepare_svdquant_w4a4(const Svdquant
 
 namespace {
 // The low-rank stage of a prepared layer for an input of dtype xdt (lora rounded to xdt, spec §3.4).
+// fp32 x on the bf16 low-rank branch with a bf16 proj_up: lora rounded to bf16, as the kitchen's bf16
+// layer rounds it, so the up-projection runs in bf16 too.
 LowRank lowrank_of(const SvdquantW4A4Prepared& w, DType xdt) {
-  LowRank lr{w.down.data<float>(), w.Rd, w.R, xdt, lowrank_bf16(xdt, w.params.proj_down.dtype())};
+  const bool bf16 = lowrank_bf16(xdt, w.params.proj_down.dtype());
+  const DType dt = xdt == DType::F32 && bf16 && w.up_bf16 ? DType::BF16 : xdt;
+  LowRank lr{w.down.data<float>(), w.Rd, w.R, dt, bf16};
   if (lr.bf16 && w.down_pk.defined()) lr.dpk = w.down_pk.data<uint16_t>();
   return lr;
 }
@@ -647,7 +702,7 @@ Tensor svdquant_linear(const Tensor& x, const SvdquantW4A4Prepared& w, std::opti
   if (pl.reference) {
     run_gemm(pl, a, nullptr, &w.params, bp, y.mutable_raw(), out_dt);
   } else {
-    PackedView pk{N, K, w.R, w.wpk.data<uint8_t>(), w.wsc.data<float>(), w.up.data<float>()};
+    const PackedView pk = view_of(w);
     run_gemm(pl, a, &pk, nullptr, bp, y.mutable_raw(), out_dt);
   }
   return y;
@@ -674,6 +729,7 @@ Plan plan(Isa isa) {
       if (isa == Isa::Avx512Bf16) {
         pl.name = "avx512-quantize+bf16-lowrank+vnni-gemm";
         pl.lora_bf16 = NIBBLE_K512(lora_bf16_avx512bf16);
+        pl.gemm_bf16up = NIBBLE_K512(gemm_avx512bf16);
         pl.pack_pairs = NIBBLE_K512(kernels::dense_bf16::pack_x_avx512bf16);
       }
       break;
@@ -702,7 +758,7 @@ Tensor svdquant_linear_staged(const Tensor& x, const SvdquantW4A4Prepared& w,
   if (pl.reference) {
     run_gemm(pl, a, nullptr, &w.params, bp, y.mutable_raw(), DType::F32);
   } else {
-    PackedView pk{N, K, w.R, w.wpk.data<uint8_t>(), w.wsc.data<float>(), w.up.data<float>()};
+    const PackedView pk = view_of(w);
     run_gemm(pl, a, &pk, nullptr, bp, y.mutable_raw(), DType::F32);
   }
   boundary(3);

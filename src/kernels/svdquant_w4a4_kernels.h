@@ -14,6 +14,9 @@
 //              vdpbf16ps flushes a partial sum below 2^-126 to zero (FTZ), the fp32 chains do not.
 //   GEMM       d = Σ_{k∈g} a·w exactly in int32; acc = fma(float(d)·ascale[m,g], wscale[g,n], acc) for
 //              g = 0..G−1 in order, then acc = fma(lora[m,r], up[n,r], acc) for r = 0..R−1, from acc = 0.
+//              bf16 up-projection (lora values bf16 — lora_act stored bf16, or the layer's lora rounded to bf16
+//              — and proj_up stored bf16): r in pair order 1, 0, 3, 2, … (vdpbf16ps's; exact products), for
+//              odd R the pad index R adds +0. AVX-512 BF16 runs vdpbf16ps, the others the fp32 chain.
 //              The driver adds the bias (acc + bias, fp32) and rounds to the output dtype.
 // Fast variants use int8 dot products: the weight code w ∈ [−8, 7] is stored offset, u = w + 8 ∈ [0, 15]
 // (unsigned operand of vpdpbusd / vpmaddubsw), the activation code a (signed or unsigned, |a| ≤ 15) is the
@@ -58,7 +61,7 @@ void round_bf16_ref(const float* x, int64_t n, float* out);
 // wscale (K/64, N), lora (M, R), up (N, R); acc (M, N) columns [n0, n1) (no bias).
 void gemm_ref(int64_t M, int64_t N, int64_t K, int64_t R, const int8_t* codes, const float* ascale,
               const uint8_t* qweight, const float* wscale, const float* lora, const float* up, float* acc, int64_t n0,
-              int64_t n1);
+              int64_t n1, bool up_pairs = false);
 
 // ---- fast variants
 struct GemmArgs {
@@ -70,12 +73,17 @@ struct GemmArgs {
   const float* wsc = nullptr;      // [T][G][32]
   const float* lora = nullptr;     // (M, R), null if R == 0
   const float* up = nullptr;       // [T][R][32]
+  bool up_pairs = false;           // the bf16 up-projection's order (fp32 chains)
+  const uint32_t* lora2 = nullptr; // (M, R2 = ⌈R/2⌉) bf16 pairs of lora (vdpbf16ps kernel only), pad 0
+  const uint16_t* up2 = nullptr;   // [T][R2][32][2] bf16 pairs of up: up2[((t·R2 + q)·32 + j)·2 + e] = up[t][2q+e][j]
   float* y = nullptr;              // acc for rows [m0, m1), columns of tiles [t0, t1):
   int64_t ldy = 0;                 //   element (m, n) at y[(m − y_row0)·ldy + n − y_col0]
   int64_t y_row0 = 0, y_col0 = 0;
 };
 void gemm_avx2(const GemmArgs& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
 void gemm_avx512vnni(const GemmArgs& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
+// The VNNI GEMM whose up-projection runs vdpbf16ps when lora2 and up2 are set (else gemm_avx512vnni's).
+void gemm_avx512bf16(const GemmArgs& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
 
 // Quantize rows [m0, m1) of x (row stride ldx) into codes (ldc = K), fp32 scales (M, K/64) and acorr.
 void quantize_avx512(const float* x, int64_t ldx, int64_t K, const float* inv_s, bool act_unsigned, int8_t* codes,
@@ -122,6 +130,7 @@ struct Plan {
   LoraKernel lora = nullptr;
   GemmKernel gemm = nullptr;
   LoraBf16Kernel lora_bf16 = nullptr;  // null: the bf16 low-rank runs `lora` in pair order on x̂
+  GemmKernel gemm_bf16up = nullptr;    // null: the bf16 up-projection runs `gemm` with up_pairs
   PackPairsKernel pack_pairs = nullptr;
 };
 Plan plan(Isa isa);

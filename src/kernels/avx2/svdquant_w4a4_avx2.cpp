@@ -61,7 +61,17 @@ void micro(const GemmArgs& a, int64_t m, int64_t t, int h) {
   }
   if (R > 0) {
     const float* up = a.up + t * R * kTileN + h * 16;
-    for (int64_t r = 0; r < R; ++r) {
+    // up_pairs: r in the order 1, 0, 3, 2, … (rr ^ 1); for odd R the pad index R adds +0 (vdpbf16ps's 0·0)
+    const int64_t Rn = a.up_pairs ? R + (R & 1) : R;
+    for (int64_t rr = 0; rr < Rn; ++rr) {
+      const int64_t r = a.up_pairs ? (rr ^ 1) : rr;
+      if (r >= R) {
+        for (int i = 0; i < MR; ++i) {
+          f[i][0] = _mm256_add_ps(f[i][0], _mm256_setzero_ps());
+          f[i][1] = _mm256_add_ps(f[i][1], _mm256_setzero_ps());
+        }
+        continue;
+      }
       const __m256 u0 = _mm256_loadu_ps(up + r * kTileN), u1 = _mm256_loadu_ps(up + r * kTileN + 8);
       for (int i = 0; i < MR; ++i) {
         const __m256 l = _mm256_set1_ps(a.lora[(m + i) * R + r]);

@@ -1,4 +1,4 @@
-// bf16 low-rank down-projection of the SVDQuant W4A4 layer, AVX-512 BF16 (numerics and layouts:
+// bf16 low-rank down-projection and GEMM of the SVDQuant W4A4 layer, AVX-512 BF16 (numerics and layouts:
 // svdquant_w4a4_kernels.h). MR rows × RV·16 rank columns of fp32 accumulators; per k pair one 64-byte
 // load of the pair-packed down per 16 columns and, per row, one broadcast of the row's bf16 pair into RV
 // vdpbf16ps. Every output is one accumulator chain over the pairs in ascending order, so the result
@@ -9,6 +9,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#include "kernels/avx512vnni/svdquant_w4a4_vnni_micro.h"
 #include "kernels/svdquant_w4a4_kernels.h"
 
 namespace nibble::kernels::w4a4 {
@@ -64,6 +65,12 @@ void lora_bf16_avx512bf16(const uint32_t* xp, int64_t K2, const uint16_t* dpk, i
     for (; r0 + 16 < R; r0 += 32) block_bf16<2>(mr, xp, K2, dpk, ldd, r0, R, lora, ldl, m);
     for (; r0 < R; r0 += 16) block_bf16<1>(mr, xp, K2, dpk, ldd, r0, R, lora, ldl, m);
   }
+}
+
+// The VNNI GEMM with the up-projection on vdpbf16ps when the driver passes pair-packed lora / up.
+void gemm_avx512bf16(const GemmArgs& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
+  if (a.lora2 && a.up2) gemm_vnni_blocks<true>(a, m0, m1, t0, t1);
+  else gemm_vnni_blocks<false>(a, m0, m1, t0, t1);
 }
 
 }  // namespace nibble::kernels::w4a4

@@ -69,7 +69,7 @@ void lora_ref(const float* x, int64_t K, const float* down, int64_t R, float* lo
 
 void gemm_ref(int64_t M, int64_t N, int64_t K, int64_t R, const int8_t* codes, const float* ascale,
               const uint8_t* qweight, const float* wscale, const float* lora, const float* up, float* acc, int64_t n0,
-              int64_t n1) {
+              int64_t n1, bool up_pairs) {
   const int64_t G = K / kGroup;
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t n = n0; n < n1; ++n) {
@@ -85,7 +85,11 @@ void gemm_ref(int64_t M, int64_t N, int64_t K, int64_t R, const int8_t* codes, c
         const float t = float(d) * ascale[m * G + g];
         a = std::fmaf(t, wscale[g * N + n], a);
       }
-      for (int64_t r = 0; r < R; ++r) a = std::fmaf(lora[m * R + r], up[n * R + r], a);
+      const int64_t Rn = up_pairs ? R + (R & 1) : R;  // pairs: 1, 0, 3, 2, …; the pad index R adds +0
+      for (int64_t rr = 0; rr < Rn; ++rr) {
+        const int64_t r = up_pairs ? (rr ^ 1) : rr;
+        a = r < R ? std::fmaf(lora[m * R + r], up[n * R + r], a) : a + 0.0f;
+      }
       acc[m * N + n] = a;
     }
   }
