@@ -7,7 +7,7 @@ BUILD_SCALAR ?= build-scalar
 JOBS       ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: all setup configure build test test-slow test-asan test-tsan test-isa test-noavx512 test-scalar-build test-isa-builds demo bench fuzz clean test-kitchen quality-convert golden-comfyui fixtures-import test-comfyui test-tsan-pool psnr-full
+.PHONY: all setup configure build test test-slow test-asan test-tsan test-isa test-noavx512 test-scalar-build test-isa-builds demo bench fuzz clean test-kitchen bench-torch quality-convert golden-comfyui fixtures-import test-comfyui test-tsan-pool psnr-full
 
 all: build
 
@@ -112,6 +112,10 @@ clean:
 # Opt-in: nibble vs comfy-kitchen's eager backend (installs torch + comfy-kitchen from PyPI).
 test-kitchen: build
 	@bash scripts/test_kitchen.sh
+
+# Opt-in: nibble through the kitchen ops vs torch bf16 F.linear, same process (torch venv as test-kitchen).
+bench-torch: build
+	@bash scripts/test_kitchen.sh --bench-peers $(TRIES)
 
 # Opt-in: converter quality on real weights with real activations (legacy vs current searches;
 # downloads the rxnfp wheel and, without QUALITY_VENV, torch from PyPI). Not part of `make test`.

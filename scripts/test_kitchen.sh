@@ -3,7 +3,10 @@
 # (.venv-kitchen, or $NIBBLE_KITCHEN_VENV; large: torch's PyPI wheel pulls the CUDA runtime), builds
 # nibble into it, and runs python/tests/test_kitchen.py: the same random cases through
 # comfy-kitchen's eager backend and nibble (registered as a kitchen backend by nibble.kitchen).
+# With --bench-peers (`make bench-torch`) it runs scripts/bench_torch_peers.py in that venv instead.
 set -euo pipefail
+MODE=test
+if [ "${1:-}" = "--bench-peers" ]; then MODE=bench; shift; fi
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=${NIBBLE_KITCHEN_VENV:-$ROOT/.venv-kitchen}
@@ -41,5 +44,8 @@ fi
 "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation --force-reinstall \
   -C build-dir="$BUILD_DIR" "${EXTRA[@]}" ./python
 "$VENV/bin/python" -c "import torch, comfy_kitchen; print('test_kitchen: torch', torch.__version__, '| comfy-kitchen', getattr(comfy_kitchen, '__version__', '?'))"
+if [ "$MODE" = bench ]; then
+  exec "$VENV/bin/python" scripts/bench_torch_peers.py "$@"
+fi
 cd python/tests
 "$VENV/bin/python" -m pytest -q -s -p no:cacheprovider test_kitchen.py
