@@ -147,7 +147,19 @@ struct Acts {
   std::vector<int32_t> acorr;   // (M, G)
   std::vector<float> lora;      // (M, R), rounded to the lora dtype
   bool lora_bf16 = false;       // the lora values are bf16 (its dtype is BF16): bf16 up-projection
+  std::vector<uint32_t> lora2;  // (M, ⌈R/2⌉) their bf16 pairs (pad 0), when filled by fill_acts
+  bool lora2_ready = false;
 };
+// lora rows [m0, m1) (M, R) → bf16 pairs (M, R2), the pad index R zero.
+void pack_lora_pairs(const float* lora, int64_t R, uint32_t* l2, int64_t m0, int64_t m1) {
+  const int64_t R2 = (R + 1) / 2;
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t q = 0; q < R2; ++q) {
+      const float* l = lora + m * R;
+      const uint32_t lo = f32_to_bf16(l[2 * q]), hi = 2 * q + 1 < R ? f32_to_bf16(l[2 * q + 1]) : 0u;
+      l2[m * R2 + q] = lo | (hi << 16);
+    }
+}
 
 // Quantize rows of x (fp32 (M, K)); `shift` adds the act_unsigned shift rounded to x_dtype first.
 // lora from lora_x (fp32 (M, K)) with down (K, ldd).
@@ -181,6 +193,8 @@ void fill_acts(Acts& a, const Plan& pl, const float* x, int64_t M, int64_t K, DT
     grow(a.acorr, M * G);
   }
   if (parts & 2) a.lora_bf16 = lora_dt == DType::BF16;
+  a.lora2_ready = do_l && a.lora_bf16 && pl.gemm_bf16up;  // pairs for the vdpbf16ps up-projection, per task
+  if (a.lora2_ready) grow(a.lora2, M * ((R + 1) / 2));
   if (do_l) {
     grow(a.lora, M * R);
     kernels::test_fill(a.lora.data(), M * R);  // tests poison it: an unwritten element shows as NaN
@@ -246,6 +260,7 @@ void fill_acts(Acts& a, const Plan& pl, const float* x, int64_t M, int64_t K, DT
           pl.lora(lx, K, K, down, ldd, R, lo, R, 0, rows, lr.bf16);
       }
       for (int64_t i = 0; i < (m1 - m0) * R; ++i) lo[i] = round_to(lo[i], lora_dt);
+      if (a.lora2_ready) pack_lora_pairs(a.lora.data(), R, a.lora2.data(), m0, m1);
     }
   });
 }
@@ -327,14 +342,12 @@ void run_gemm(const Plan& pl, const Acts& a, const PackedView* pk, const Svdquan
   g.up_pairs = up_pairs;
   GemmKernel kernel = pl.gemm;
   if (up_pairs && pl.gemm_bf16up && pk->up2) {  // vdpbf16ps up-projection on lora pairs (pad 0)
-    const int64_t R2 = (R + 1) / 2;
-    uint32_t* l2 = kernels::thread_scratch<uint32_t>(kernels::Slot::Weights, M * R2);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t q = 0; q < R2; ++q) {
-        const float* l = a.lora.data() + m * R;
-        const uint32_t lo = f32_to_bf16(l[2 * q]), hi = 2 * q + 1 < R ? f32_to_bf16(l[2 * q + 1]) : 0u;
-        l2[m * R2 + q] = lo | (hi << 16);
-      }
+    const uint32_t* l2 = a.lora2_ready ? a.lora2.data() : nullptr;  // packed by fill_acts' tasks
+    if (!l2) {  // scaled_mm: lora_act came from the caller
+      uint32_t* s = kernels::thread_scratch<uint32_t>(kernels::Slot::Weights, M * ((R + 1) / 2));
+      pack_lora_pairs(a.lora.data(), R, s, 0, M);
+      l2 = s;
+    }
     g.lora2 = l2, g.up2 = pk->up2;
     kernel = pl.gemm_bf16up;
   }
