@@ -192,7 +192,7 @@ TEST(SvdquantW4A4, ReferenceEpilogueWithinDerivedBound) {
   std::mt19937 rng(test_seed() + 1);
   // bf16 parameters and lora_act: the bf16 up-projection (pair order, R = 31 adds the pad step +0): the
   // same bound with one more step for odd R, on every ISA.
-  for (const auto [uns, dt, R] : {std::tuple{false, DType::F32, int64_t(32)}, {true, DType::F32, int64_t(32)},
+  for (const auto& [uns, dt, R] : {std::tuple{false, DType::F32, int64_t(32)}, {true, DType::F32, int64_t(32)},
                                   {false, DType::BF16, int64_t(31)}, {true, DType::BF16, int64_t(32)}})
    for (Isa isa : dt == DType::F32 ? std::vector<Isa>{Isa::Scalar} : supported_isas()) {
     SCOPED_TRACE(::testing::Message() << isa_name(isa) << " " << dtype_name(dt) << " R=" << R);
@@ -272,7 +272,6 @@ TEST(SvdquantW4A4, LowRankBf16WithinDerivedBoundAndBitwise) {
         kernels::set_test_fill(std::nullopt);
         const SvdquantActs ref = quantize_svdquant_w4a4(l.x, l.p.smooth, l.p.proj_down, 8, false, {}, DType::F32);
         const Tensor ref_y = svdquant_linear(l.x, l.p, DType::F32);
-        double worst = 0;  // largest error / bound seen
         for (int64_t m = 0; m < M; ++m)
           for (int64_t r = 0; r < R; ++r) {
             double exact = 0, A = 0, sum_d = 0;
@@ -284,9 +283,7 @@ TEST(SvdquantW4A4, LowRankBf16WithinDerivedBoundAndBitwise) {
                                test::svdquant_lowrank_bf16_abs(K, sum_d);
             const double err = std::fabs(double(ref.lora_act.data<float>()[m * R + r]) - exact);
             ASSERT_LE(err, tol) << "m=" << m << " r=" << r;
-            worst = std::max(worst, err / tol);
           }
-        EXPECT_GT(worst, 0.0);
         const auto prep = prepare_svdquant_w4a4(l.p);
         for (Isa isa : supported_isas()) {
           SCOPED_TRACE(isa_name(isa));
