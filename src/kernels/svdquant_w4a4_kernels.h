@@ -11,7 +11,8 @@
 //              vdpbf16ps's order (odd element of a pair first; bf16·bf16 products are exact in fp32, so
 //              each step is one rounding, an fma). Same bits on every ISA: AVX-512 BF16 runs vdpbf16ps on
 //              pair-packed operands, the others the fp32 fma chain in that order on x̂. The one exception:
-//              vdpbf16ps flushes a partial sum below 2^-126 to zero (FTZ), the fp32 chains do not.
+//              vdpbf16ps treats a bf16 input below 2^-126 (a denormal proj_down / proj_up / lora entry) as 0
+//              and flushes a partial sum below 2^-126 to zero; the fp32 chains do not.
 //   GEMM       d = Σ_{k∈g} a·w exactly in int32; acc = fma(float(d)·ascale[m,g], wscale[g,n], acc) for
 //              g = 0..G−1 in order, then acc = fma(lora[m,r], up[n,r], acc) for r = 0..R−1, from acc = 0.
 //              bf16 up-projection (lora values bf16 — lora_act stored bf16, or the layer's lora rounded to bf16
