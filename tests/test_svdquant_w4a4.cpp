@@ -274,13 +274,13 @@ TEST(SvdquantW4A4, LowRankBf16WithinDerivedBoundAndBitwise) {
         const Tensor ref_y = svdquant_linear(l.x, l.p, DType::F32);
         for (int64_t m = 0; m < M; ++m)
           for (int64_t r = 0; r < R; ++r) {
-            double exact = 0, A = 0, sum_d = 0;
+            double exact = 0, A = 0, sum_d = 0, sum_x = 0;
             for (int64_t k = 0; k < K; ++k) {
               const double xv = x32.data<float>()[m * K + k], dv = d32.data<float>()[k * R + r];
-              exact += xv * dv, A += std::fabs(xv * dv), sum_d += std::fabs(dv);
+              exact += xv * dv, A += std::fabs(xv * dv), sum_d += std::fabs(dv), sum_x += std::fabs(xv);
             }
             const double tol = test::svdquant_lowrank_bf16_rel(K, xdt != DType::BF16) * A +
-                               test::svdquant_lowrank_bf16_abs(K, sum_d);
+                               test::svdquant_lowrank_bf16_abs(K, sum_d, sum_x);
             const double err = std::fabs(double(ref.lora_act.data<float>()[m * R + r]) - exact);
             ASSERT_LE(err, tol) << "m=" << m << " r=" << r;
           }
