@@ -21,7 +21,6 @@
 
 #include "core/shape_math.h"
 #include "kernels/svdquant_w4a4_kernels.h"
-#include "kernels/dense_bf16_kernels.h"
 #include "kernels/kernel_ref.h"
 #include "kernels/output_tensor.h"
 #include "kernels/workspace.h"
@@ -244,10 +243,8 @@ void fill_acts(Acts& a, const Plan& pl, const float* x, int64_t M, int64_t K, DT
       float* lo = a.lora.data() + m0 * R;
       const float* lx = lora_x + m0 * K;
       const int64_t rows = m1 - m0;
-      if (lr.bf16 && pl.lora_bf16 && pl.pack_pairs && lr.dpk) {  // vdpbf16ps on pair-packed x̂
-        uint32_t* xp = kernels::thread_scratch<uint32_t>(kernels::Slot::Stage, rows * K / 2);
-        pl.pack_pairs(lx, K, 0, rows, 0, K / 2, xp);
-        pl.lora_bf16(xp, K / 2, lr.dpk, ldd, R, lo, R, rows);
+      if (lr.bf16 && pl.lora_bf16 && lr.dpk) {  // vdpbf16ps, x̂ formed in the kernel
+        pl.lora_bf16(lx, K, K, lr.dpk, ldd, R, lo, R, rows);
       } else {
         if (lr.bf16) {  // x̂, then the fp32 fma chain in pair order
           float* xr = kernels::thread_scratch<float>(kernels::Slot::Stage, rows * K);
@@ -743,7 +740,6 @@ Plan plan(Isa isa) {
         pl.name = "avx512-quantize+bf16-lowrank+vnni-gemm";
         pl.lora_bf16 = NIBBLE_K512(lora_bf16_avx512bf16);
         pl.gemm_bf16up = NIBBLE_K512(gemm_avx512bf16);
-        pl.pack_pairs = NIBBLE_K512(kernels::dense_bf16::pack_x_avx512bf16);
       }
       break;
   }

@@ -97,21 +97,19 @@ void lora_avx512(const float* x, int64_t ldx, int64_t K, const float* down, int6
                  int64_t ldl, int64_t m0, int64_t m1, bool pairs);
 void lora_avx2(const float* x, int64_t ldx, int64_t K, const float* down, int64_t ldd, int64_t R, float* lora,
                int64_t ldl, int64_t m0, int64_t m1, bool pairs);
-// bf16 low-rank, AVX-512 BF16: lora (rows, ldl) = xp · down for `rows` rows of K2 = K/2 bf16 pairs (x̂[2q] in
-// the low half; dense_bf16's pack_x layout) and the pair-packed bf16 down dpk[(q·ldd + r)·2 + e] =
+// bf16 low-rank, AVX-512 BF16: lora (rows, ldl) = x̂ · down for `rows` rows of fp32 x (row stride ldx; x̂ =
+// RNE_bf16(x), denormals 0, formed in the kernel) and the pair-packed bf16 down dpk[(q·ldd + r)·2 + e] =
 // down[2q + e, r] (ldd a multiple of 16, zero padded). vdpbf16ps per pair, q ascending.
-void lora_bf16_avx512bf16(const uint32_t* xp, int64_t K2, const uint16_t* dpk, int64_t ldd, int64_t R, float* lora,
-                          int64_t ldl, int64_t rows);
+void lora_bf16_avx512bf16(const float* x, int64_t ldx, int64_t K, const uint16_t* dpk, int64_t ldd, int64_t R,
+                          float* lora, int64_t ldl, int64_t rows);
 
 using GemmKernel = void (*)(const GemmArgs& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
 using QuantizeKernel = void (*)(const float* x, int64_t ldx, int64_t K, const float* inv_s, bool act_unsigned,
                                 int8_t* codes, float* scales, int32_t* acorr, int64_t m0, int64_t m1);
 using LoraKernel = void (*)(const float* x, int64_t ldx, int64_t K, const float* down, int64_t ldd, int64_t R,
                             float* lora, int64_t ldl, int64_t m0, int64_t m1, bool pairs);
-using LoraBf16Kernel = void (*)(const uint32_t* xp, int64_t K2, const uint16_t* dpk, int64_t ldd, int64_t R,
+using LoraBf16Kernel = void (*)(const float* x, int64_t ldx, int64_t K, const uint16_t* dpk, int64_t ldd, int64_t R,
                                 float* lora, int64_t ldl, int64_t rows);
-using PackPairsKernel = void (*)(const float* x, int64_t K, int64_t m0, int64_t rows, int64_t q0, int64_t nq,
-                                 uint32_t* xp);
 
 // The bf16 low-rank arithmetic applies (header comment) when proj_down is stored as bf16 and the low-rank
 // input is bf16 or fp32 (fp16 x and fp32/fp16 proj_down keep the fp32 chain: rounding them would lose bits).
@@ -122,7 +120,7 @@ inline bool lowrank_bf16(DType lora_x, DType proj_down) {
 // ---- the kernel plan of an ISA level, decided once; the drivers run it, tests and tools read it.
 // Scalar: the reference oracles (natural layout). Avx2: AVX2 quantize / low-rank / vpmaddubsw GEMM.
 // Avx512: AVX-512 quantize and low-rank, AVX2 GEMM. Avx512Vnni/Bf16: AVX-512 quantize, VNNI GEMM;
-// Avx512Bf16 also runs the bf16 low-rank with vdpbf16ps (lora_bf16, x packed by dense_bf16's pack_x).
+// Avx512Bf16 also runs the bf16 low-rank with vdpbf16ps (lora_bf16 and gemm_bf16up).
 struct Plan {
   Isa isa = Isa::Scalar;
   const char* name = "reference";
@@ -132,7 +130,6 @@ struct Plan {
   GemmKernel gemm = nullptr;
   LoraBf16Kernel lora_bf16 = nullptr;  // null: the bf16 low-rank runs `lora` in pair order on x̂
   GemmKernel gemm_bf16up = nullptr;    // null: the bf16 up-projection runs `gemm` with up_pairs
-  PackPairsKernel pack_pairs = nullptr;
 };
 Plan plan(Isa isa);
 
