@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "core/shape_math.h"
+#include "kernels/awq_gemm_bf16.h"
 #include "kernels/awq_w4a16_kernels.h"
 #include "kernels/dense_bf16.h"
 #include "kernels/dense_bf16_kernels.h"
@@ -306,43 +307,50 @@ void run_gemv(const Impl& im, const Plan& pl, const float* x, void* yp) {
   });
 }
 
-// GEMM, bf16 tier (avx512bf16, bf16 models): the dense bf16 GEMM's micro-kernel (kernels/dense_bf16.h)
-// on panels decoded from int4 per task: x rounded once to bf16 pairs (chunk-major: chunk c of kKcPairs
-// pairs holds the M rows), then per task (one 64-column panel) and k chunk: decode the panel chunk
-// into L1-sized scratch, run every row of x over it, the fp32 partial sums kept in acc. Each output
-// is one fp32 chain over k pairs ascending, whatever the thread count.
-void run_gemm_panels(const Impl& im, const Plan& pl, const float* x, const Tensor& tiled, void* yp) {
-  namespace db = kernels::dense_bf16;
-  const int64_t M = im.p.M, N = im.p.N, K = im.p.K, K2 = K / 2;
-  if (!pl.decode_panel || !pl.pack_x || !pl.gemm_panel) not_built(pl);
-  const int64_t chunks = (K2 + db::kKcPairs - 1) / db::kKcPairs;
-  std::vector<uint32_t> xp(size_t(M * K2));
-  const int64_t row_blocks = (M + db::kMc - 1) / db::kMc;
-  parallel_for(row_blocks * chunks, [&](int64_t t) {
-    const int64_t rb = t / chunks, c = t % chunks;
-    const int64_t m0 = rb * db::kMc, rows = std::min(db::kMc, M - m0);
-    const int64_t q0 = c * db::kKcPairs, nq = std::min(db::kKcPairs, K2 - q0);
-    pl.pack_x(x, K, m0, rows, q0, nq, xp.data() + M * q0 + m0 * nq);
+// GEMM, bf16 tier (avx512bf16, bf16 models): int4 decoded to bf16 inside the vdpbf16ps micro-kernel
+// (kernels/awq_gemm_bf16.h): x rounded once to bf16 pairs (16-row vectors), then per task (96 output
+// columns, every row) 6-column panels decoded while the previous one is multiplied; the fp32 sums
+// land column-major in the task's scratch. Each output is one fp32 chain over k pairs ascending, whatever the
+// thread count.
+void run_gemm_panels(const Impl& im, const Plan& pl, const float* x, void* yp) {
+#if !defined(NIBBLE_HAVE_AVX512)
+  (void)x, (void)yp;
+  not_built(pl);
+#else
+  const int64_t M = im.p.M, N = im.p.N, K = im.p.K;
+  GemmBf16Args a;
+  a.p = im.p, a.Mp = gemm_rows_padded(M), a.K2p = gemm_pairs_padded(K);
+  std::vector<uint32_t> xt(size_t(a.Mp * a.K2p));
+  parallel_for(a.Mp / 16, [&](int64_t g) { awq_gemm_pack_x_avx512bf16(x, M, K, a.Mp, 16 * g, 16, xt.data()); });
+  a.xt = xt.data();
+  const int64_t tasks = (N + kGemmCols - 1) / kGemmCols;
+  const int64_t ws = gemm_bf16_ws_dwords(K, a.Mp);
+  // fp32 / bf16 output: each task's sums in its thread's scratch, written out by the kernel's store;
+  // fp16 output: the driver's epilogue over sums kept for the whole call.
+  const bool own_store = im.out_dt == DType::F32 || im.out_dt == DType::BF16;
+  const AccBuffer accT = acc_buffer(own_store ? 0 : tasks * kGemmCols * a.Mp);
+  std::vector<float> bias_f32;  // the bias widened to fp32 (exact from bf16/f16)
+  if (own_store && im.bias.defined()) {
+    const Tensor b = im.bias.to_f32();
+    bias_f32.assign(b.data<float>(), b.data<float>() + N);
+  }
+  parallel_for(tasks, [&](int64_t t) {
+    const int64_t n0 = t * kGemmCols, n1 = std::min(N, n0 + kGemmCols);
+    float* acc = own_store ? thread_scratch<float>(Slot::Acc, kGemmCols * a.Mp) : accT.data() + n0 * a.Mp;
+    awq_gemm_bf16_avx512bf16(a, n0, n1, thread_scratch<uint32_t>(Slot::Weights, ws), acc);
+    if (own_store)
+      awq_gemm_store_avx512bf16(acc, a.Mp, M, N, n0, n1, bias_f32.empty() ? nullptr : bias_f32.data(), im.out_dt, yp);
+    else
+      epilogue(im, accT.data(), 1, a.Mp, yp, n0, n1, 1);
   });
-  const AccBuffer acc = acc_buffer(M * N);
-  const int64_t panels = (N + db::kPanel - 1) / db::kPanel;
-  parallel_for(panels, [&](int64_t pn) {
-    const int64_t n0 = pn * db::kPanel, cols = std::min(db::kPanel, N - n0);
-    uint16_t* panel = thread_scratch<uint16_t>(Slot::Weights, db::kKcPairs * db::kPanel * 2);
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t q0 = c * db::kKcPairs, nq = std::min(db::kKcPairs, K2 - q0);
-      pl.decode_panel(im.p, tiled.defined() ? tiled.data<uint8_t>() : nullptr, n0, cols, q0, nq, panel);
-      pl.gemm_panel(xp.data() + M * q0, M, nq, panel, cols, c > 0, acc.data() + n0, N);
-    }
-    epilogue(im, acc.data(), N, 1, yp, n0, n0 + cols, 1);
-  });
+#endif
 }
 
 // GEMM, fp32 tiers (avx2 / avx512, and fp16 models on avx512bf16: exact dequantized weights).
 void run_gemm(const Impl& im, const Plan& pl, const float* x, const Tensor& tiled, void* yp) {
   const int64_t M = im.p.M, N = im.p.N, K = im.p.K;
   if (pl.bf16_weights) {
-    run_gemm_panels(im, pl, x, tiled, yp);
+    run_gemm_panels(im, pl, x, yp);
     return;
   }
   if (!pl.gemm) not_built(pl);
