@@ -101,7 +101,8 @@ bool is_bf16_gemm_tier(Isa isa, int64_t M, int64_t G, DType sdt, bool prepared =
   namespace awq = kernels::awq;
   return awq::plan(isa, M, G, DType::BF16, sdt, prepared && awq::prepared_has_tiled(G)).bf16_weights;
 }
-// Whether that tier also rounds x (of dtype xdt) to bf16: only fp32/fp16 x change by it.
+// Whether the call rounds x (of dtype xdt) to bf16: the GEMM tier for fp32/fp16 x, the avx512bf16 tiled
+// GEMV for fp32 x (its weights stay exact). Only fp32/fp16 x change by it.
 bool rounds_x_to_bf16(Isa isa, int64_t M, int64_t G, DType xdt, DType sdt, bool prepared = false) {
   namespace awq = kernels::awq;
   return xdt != DType::BF16 && awq::plan(isa, M, G, xdt, sdt, prepared && awq::prepared_has_tiled(G)).bf16_x;
@@ -207,7 +208,7 @@ void check_all_paths(const Case& c, const std::string& label, const Tensor* want
   const auto A = magnitudes(c);
   const Exact e32 = exact_eval(c, false);
   ASSERT_EQ(compare_exact(c, ref, e32, test::gamma(test::awq_oracle_terms(c.K)), label + " oracle vs exact"), 0);
-  std::optional<Exact> e16, e16x;
+  std::optional<Exact> e16, e16x, e32x;
   for (Isa isa : supported_isas())
     for (bool prepared : {false, true}) {
       const Tensor y = prepared ? run_prepared(c, isa) : run(c, isa);
@@ -218,8 +219,10 @@ void check_all_paths(const Case& c, const std::string& label, const Tensor* want
       const bool bf16_w = is_bf16_gemm_tier(isa, c.M, c.G, c.s.dtype(), prepared);
       const bool bf16_x = rounds_x_to_bf16(isa, c.M, c.G, c.x.dtype(), c.s.dtype(), prepared);
       if (bf16_w && !bf16_x && !e16) e16 = exact_eval(c, true);
-      if (bf16_x && !e16x) e16x = exact_eval(c, true, true);
-      ASSERT_EQ(compare_exact(c, y, bf16_x ? *e16x : bf16_w ? *e16 : e32, test::awq_vs_exact(c.K, c.G), l + " vs exact"), 0);
+      if (bf16_x && bf16_w && !e16x) e16x = exact_eval(c, true, true);
+      if (bf16_x && !bf16_w && !e32x) e32x = exact_eval(c, false, true);  // tiled GEMV: exact weights
+      const Exact& ex = bf16_x ? (bf16_w ? *e16x : *e32x) : bf16_w ? *e16 : e32;
+      ASSERT_EQ(compare_exact(c, y, ex, test::awq_vs_exact(c.K, c.G), l + " vs exact"), 0);
     }
 }
 
@@ -404,7 +407,7 @@ TEST(AwqW4A16, FormatBindDequantizeAndPrepared) {
   for (Isa isa : supported_isas()) {
     set_isa(isa);
     const Tensor b = gemv_awq_w4a16(c.x, *prep, DType::F32);
-    ASSERT_EQ(compare(c, b, ref, isa, A, "bound layer prepared"), 0);
+    ASSERT_EQ(compare(c, b, ref, isa, A, "bound layer prepared", /*prepared=*/true), 0);
   }
   // binding errors name the layer and the key
   QuantizedLayer bad = layer;
@@ -461,9 +464,13 @@ TEST(AwqW4A16, KitchenGoldenFixtures) {
         }
         // relative L2 against the kitchen: fp32 paths measured ≤ 2.2e-7 (summation order only),
         // margin ×4.5 → 1e-6; the avx512bf16 GEMM tier (weight rounded to bf16, like the kitchen's
-        // MMA tier) measured 1.65e-3, margin ×1.8 → 3e-3.
+        // MMA tier) measured 1.65e-3, margin ×1.8 → 3e-3; the avx512bf16 tiled GEMV on fp32 x rounds x
+        // to bf16 (weights exact): held to the same 3e-3 (the fixtures' x happen to be bf16 values, so
+        // that path measured 6.8e-8–1.4e-7 on them; random fp32 x is covered by the derived bounds).
         const double rel = std::sqrt(num / den);
-        EXPECT_LT(rel, is_bf16_gemm_tier(isa, c.M, c.G, c.s.dtype(), prepared) ? 3e-3 : 1e-6)
+        const bool rounds = is_bf16_gemm_tier(isa, c.M, c.G, c.s.dtype(), prepared) ||
+                            rounds_x_to_bf16(isa, c.M, c.G, c.x.dtype(), c.s.dtype(), prepared);
+        EXPECT_LT(rel, rounds ? 3e-3 : 1e-6)
             << pre << isa_name(isa) << (prepared ? " prepared" : "");
       }
   }

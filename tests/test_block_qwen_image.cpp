@@ -5,6 +5,7 @@
 #include <cmath>
 #include <random>
 
+#include "kernels/awq_w4a16_kernels.h"
 #include "nibble/isa.h"
 #include "nibble/thread_pool.h"
 #include "nibble/convert.h"
@@ -356,7 +357,9 @@ QwenImageBlock synth_quantized_block(int64_t D, bool awq_only, uint64_t seed) {
 TEST(QwenImageBlockQuantized, AwqModulationMatchesDequantizedBaseline) {
   // Only the modulation linears quantized (awq_w4a16): the block vs the same block with them
   // dequantized (PSNR over the output's peak-to-peak range). The spec's criterion is ≥ 60 dB; the
-  // kernels do far better (fp32-exact GEMV products): measured 127.3 dB, margin 10 dB → 117.
+  // kernels do far better (fp32-exact GEMV products): measured 127.3 dB, margin 10 dB → 117. On
+  // avx512bf16 the modulation GEMV rounds its fp32 x to bf16 like the kitchen (docs/awq.md; ~74 dB per
+  // layer, amplified by the modulate and gate products): measured 66.1 dB, asserted at the spec's 60.
   const QwenImageBlock q = synth_quantized_block(256, /*awq_only=*/true, 100);
   EXPECT_EQ(q.linear("img_mod.1").path(), LinearPath::AwqW4A16);
   const QwenImageBlock d = q.dequantized();
@@ -364,8 +367,9 @@ TEST(QwenImageBlockQuantized, AwqModulationMatchesDequantizedBaseline) {
   const auto a = q.forward(in), b = d.forward(in);
   const Fidelity f = compare_outputs(a.img, b.img), u = compare_updates(a.img, b.img, in.img);
   std::printf("awq-only block vs dequantized: PSNR %.2f dB (update: %.2f dB)\n", f.psnr_db, u.psnr_db);
-  EXPECT_GE(f.psnr_db, 117.0);
-  EXPECT_GE(u.psnr_db, 117.0);
+  const double want = kernels::awq::plan(active_isa(), 1, 64, DType::F32, DType::BF16, true).bf16_x ? 60.0 : 117.0;
+  EXPECT_GE(f.psnr_db, want);
+  EXPECT_GE(u.psnr_db, want);
 }
 
 TEST(QwenImageBlockQuantized, FullKitchenRulesBlock) {

@@ -7,6 +7,8 @@
 #include <filesystem>
 #include <random>
 
+#include "kernels/awq_w4a16_kernels.h"
+#include "nibble/isa.h"
 #include "nibble/nn.h"
 #include "nibble/safetensors.h"
 #include "nibble/sample.h"
@@ -125,10 +127,20 @@ TEST(NnModel, LoadsMixedCheckpointWithPrefix) {
   }
 }
 
+// Whether nn::Linear's AWQ path rounds its fp32 x to bf16 on this host (docs/awq.md): the avx512bf16
+// tiled GEMV ("gemv-tiled-bf16dot-xbf16", like the kitchen, which multiplies x in the model dtype);
+// elsewhere the products are fp32-exact. Rounding x (|δ| ≤ 2^-8 relative, rms ≈ 2^-9/√3) leaves an
+// output error of rms ≈ 2^-9/√3 of y's scale, ~59 dB below it, more over the peak-to-peak range:
+// measured 72.4–76.0 dB (M = 1..37) against 149–155.5 dB exact.
+double awq_layer_min_psnr(int64_t M) {
+  const bool rounds = kernels::awq::plan(active_isa(), M, 64, DType::F32, DType::BF16, true).bf16_x;
+  return rounds ? 66.0 : 140.0;  // margins 6 / 9 dB under the measured minima; spec criterion 60 dB
+}
+
 TEST(NnModel, AwqLayerMatchesDequantizedBaseline) {
   // Spec criterion: ≥ 60 dB PSNR (over the output's peak-to-peak range) for an AWQ-only layer. The
   // layer (prepared weights: fp32-exact products for M ≤ 48) measures 149.0–155.5 dB; asserted
-  // ≥ 140 dB (margin 9 dB).
+  // ≥ 140 dB (margin 9 dB); with x rounded to bf16 (avx512bf16) 72.4–76.0 dB, asserted ≥ 66 dB.
   TempDir dir;
   std::mt19937 rng(12);
   std::vector<std::pair<std::string, Tensor>> t;
@@ -141,7 +153,7 @@ TEST(NnModel, AwqLayerMatchesDequantizedBaseline) {
   for (int64_t M : {1, 2, 8, 37}) {
     const Tensor x = randn({M, 256}, rng, 1.0f);
     const double p = psnr_over_range(l.forward(x), base.forward(x));
-    EXPECT_GE(p, 140.0) << "M=" << M;
+    EXPECT_GE(p, awq_layer_min_psnr(M)) << "M=" << M;
     std::printf("awq_w4a16 vs dequantized baseline, M=%lld: PSNR %.1f dB\n", (long long)M, p);
   }
 }
@@ -215,9 +227,9 @@ TEST(NnModel, SampleCheckpointEveryLayerRuns) {
       const Tensor y = l.forward(x);
       ASSERT_EQ(y.shape(), (Shape{5, l.out_features()})) << name;
       for (int64_t i = 0; i < y.numel(); ++i) ASSERT_TRUE(std::isfinite(y.data<float>()[i])) << name;
-      // measured 155.6 dB (spec criterion 60 dB), margin 15 dB
+      // measured 155.6 dB (spec criterion 60 dB), margin 15 dB; 74.3 dB with x rounded to bf16
       if (l.path() == LinearPath::AwqW4A16) {
-        EXPECT_GE(psnr_over_range(y, l.dequantized().forward(x)), 140.0) << name;
+        EXPECT_GE(psnr_over_range(y, l.dequantized().forward(x)), awq_layer_min_psnr(5)) << name;
       }
     }
   }

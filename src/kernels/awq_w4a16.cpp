@@ -243,6 +243,12 @@ void run_tiled(const Impl& im, const Plan& pl, const float* x, const Tensor& til
   const int64_t tiles = (N + kTileCols - 1) / kTileCols;
   const int64_t tasks = (tiles + tiles_per_task - 1) / tiles_per_task;
   if (!pl.tiled_f32 && !pl.tiled_bf16) not_built(pl);
+  std::vector<float> xr;
+  if (pl.bf16_x) {  // x rounded once to bf16 (RNE); the group sums are of the rounded x
+    xr.resize(size_t(M * K));
+    for (int64_t i = 0; i < M * K; ++i) xr[size_t(i)] = bf16_to_f32(f32_to_bf16(x[i]));
+    x = xr.data();
+  }
   const std::vector<float> xsum = group_sums(x, M, K, G);
   const AccBuffer acc = acc_buffer(M * N);
   std::vector<uint32_t> xpairs;
@@ -251,7 +257,7 @@ void run_tiled(const Impl& im, const Plan& pl, const float* x, const Tensor& til
   if (pl.tiled_f32) {
     af.p = im.p, af.tiled = tiled.data<uint8_t>(), af.x = x, af.xsum = xsum.data(), af.acc = acc.data();
   } else {
-    ab.p = im.p, ab.tiled = tiled.data<uint8_t>(), ab.parts = bf16_parts(im.xdt);
+    ab.p = im.p, ab.tiled = tiled.data<uint8_t>(), ab.parts = pl.bf16_x ? 1 : bf16_parts(im.xdt);
     xpairs = tiled_x_pairs(x, M, K, ab.parts);
     ab.xpairs = xpairs.data(), ab.xsum = xsum.data(), ab.acc = acc.data();
   }
@@ -446,9 +452,14 @@ Plan plan(Isa isa, int64_t M, int64_t G, DType xdt, DType sdt, bool tiled) {
   if (isa == Isa::Scalar) return pl;  // reference, any M
   if (tiled && tiled_ok(G) && M <= tiled_gemv_max_m(isa)) {
     pl.family = Family::Tiled;
-    // fp32 x would need three bf16 parts: the fp32-FMA kernel is as exact and faster
-    pl.bf16_dot = isa == Isa::Avx512Bf16 && xdt != DType::F32;
-    pl.name = pl.bf16_dot ? "gemv-tiled-bf16dot" : "gemv-tiled-fp32";
+    pl.bf16_dot = isa == Isa::Avx512Bf16;
+    // fp32 x (nn::Linear) is rounded once to bf16 (RNE) and runs the one-part bf16 kernel, as the
+    // GEMM tier does (bf16_x): the kitchen multiplies x in the model dtype (bf16/fp16), never in fp32,
+    // and exact products of fp32 x would need three bf16 parts (3× the dot products) or the fp32-FMA
+    // kernel (measured with the same prefetch, interleaved: 1.14× slower at M = 1 and 2, 2× at M = 4,
+    // 3× at M = 8; three parts 1.33× at M = 1). Weights stay exact; bf16/fp16 x stay exact (1/2 parts).
+    pl.bf16_x = pl.bf16_dot && xdt == DType::F32;
+    pl.name = pl.bf16_x ? "gemv-tiled-bf16dot-xbf16" : pl.bf16_dot ? "gemv-tiled-bf16dot" : "gemv-tiled-fp32";
     if (isa == Isa::Avx2) pl.tiled_f32 = NIBBLE_K2(awq_gemv_tiled_avx2);
     else if (pl.bf16_dot) pl.tiled_bf16 = NIBBLE_K512(awq_gemv_tiled_avx512bf16);
     else pl.tiled_f32 = NIBBLE_K512(awq_gemv_tiled_avx512);

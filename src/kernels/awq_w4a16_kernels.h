@@ -162,7 +162,9 @@ struct Plan {
   bool bf16_weights = false;    // the GEMM tier that rounds dequantized weights to bf16 (error ≤ 2^-8·A: the bf16 unit roundoff)
   bool bf16_x = false;          // that tier also rounds fp32/fp16 x to bf16 (RNE) instead of splitting it into
                                 // exact parts: the kitchen's MMA tier multiplies x in the model dtype, and three
-                                // parts made fp32 x (nn::Linear) 2.3× slower than bf16 x at M = 64 and 512
+                                // parts made fp32 x (nn::Linear) 2.3× slower than bf16 x at M = 64 and 512;
+                                // the avx512bf16 tiled GEMV rounds fp32 x (only) to bf16 the same way
+                                // ("gemv-tiled-bf16dot-xbf16"), its weights staying exact
   // exactly one of these is set for the fast families (null: that level was not compiled)
   TiledF32Kernel tiled_f32 = nullptr;
   TiledBf16Kernel tiled_bf16 = nullptr;

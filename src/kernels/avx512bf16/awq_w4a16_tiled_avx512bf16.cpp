@@ -32,14 +32,28 @@ inline __m512 load16_halves(const uint8_t* src) {
   else return _mm512_cvtph_ps(h);
 }
 
+// Software prefetch (PREFETCHT0) 16 KB ahead of the line being decoded. Without it a core streamed
+// ~25 GB/s from DRAM although the loop needs only ≈ 3.3 cycles per line from L2 (the same loop over
+// an L2-resident stream, 1 thread) and a plain read of the same access pattern reached ~73 GB/s on 2
+// cores: demand loads and the hardware prefetcher kept too few lines in flight. Measured through the
+// op in one process, interleaved with the bf16 GEMV (K = 3072, N = 18432, 2 threads, 14:38 UTC,
+// shared host, load 2): against no prefetch, T0 16 KB 1.04–1.31× at M = 1, 1.41× at M = 2, 1.9× at
+// M = 4, 1.54× at M = 8; 24–48 KB about the same, 8 KB and PREFETCHNTA 8–16 KB 0–10 % behind 16 KB.
+// (The earlier trial of 512 B ahead was neutral: too short to cover DRAM latency.) The address is
+// clamped to the stream's last line, so nothing past the buffer is touched.
+constexpr int64_t kPrefetchAhead = 16384;
+
 // MB activation rows (each `P` exact bf16 parts) against tiles [t0, t1). One dot-product chain per
 // row and nibble position: a group's G/8 lines are deep enough to hide the vdpbf16ps latency (8
-// chains for one row were 2 % slower: their sums cost more than the latency they hid). The loop is
-// issue bound: Zen 4 runs about two 512-bit ops per cycle, and a line takes 11 (3 shifts, 4 vpermw,
-// 4 vdpbf16ps) plus the group's scale work, ≈ 7.4 cycles per 128 weights from L1. Measured and
-// rejected (docs/awq.md): two tiles per step sharing each broadcast (5 % faster from cache, 8 %
-// slower from DRAM: two streams per thread); software prefetch 512 B ahead (+3–10 % in one set of
-// interleaved runs, −1–5 % in another: no reliable win), 2 KB+ ahead (slower, 50 % at 4 KB).
+// chains for one row were 2 % slower: their sums cost more than the latency they hid). From L2 the
+// loop takes ≈ 3.3 cycles per 64-byte line (3 shifts, 4 vpermw, 4 vdpbf16ps plus a ninth of the
+// group's scale work; measured, 1 thread), well under the ~8 cycles per line a core's share of DRAM
+// bandwidth allows, so with the prefetch above it is memory bound. Measured and rejected:
+// a permute-free decode (vpternlogd of the shifted nibbles into the bf16 16 + q, then
+// Σx(q−8) = D − 24·Σx): 7 % slower than vpermw from L2; through the op with this prefetch, interleaved,
+// −6…+12 % at M = 1, −2 % at M = 2, −30 % at M = 4 — no reliable gain for 4× larger partial sums
+// (docs/awq.md); two tiles per step sharing each broadcast (5 % faster from cache, 8 % slower from
+// DRAM: two streams per thread).
 template <int MB, int P, DType SD>
 void tiles_rows(const TiledArgs& a, int64_t t0, int64_t t1, int64_t m0) {
   const Problem& p = a.p;
@@ -51,6 +65,7 @@ void tiles_rows(const TiledArgs& a, int64_t t0, int64_t t1, int64_t m0) {
       (short)0xC080, (short)0xC0A0, (short)0xC0C0, (short)0xC0E0, (short)0xC100, 0x40E0, 0x40C0, 0x40A0, 0x4080,
       0x4040, 0x4000, 0x3F80, 0x0000, (short)0xBF80, (short)0xC000, (short)0xC040, (short)0xC080, (short)0xC0A0,
       (short)0xC0C0, (short)0xC0E0, (short)0xC100);
+  const int64_t last_line = ((p.N + kTileCols - 1) / kTileCols) * tile_bytes - 64;  // offset in the stream
   const uint32_t* xr[MB][P];
   const float* xs[MB];
   for (int m = 0; m < MB; ++m) {
@@ -67,6 +82,8 @@ void tiles_rows(const TiledArgs& a, int64_t t0, int64_t t1, int64_t m0) {
       for (int m = 0; m < MB; ++m)
         for (int r = 0; r < 4; ++r) d[m][r] = _mm512_setzero_ps();
       for (int64_t j = 0; j < L; ++j) {
+        const int64_t ahead = (blk - a.tiled) + j * 64 + kPrefetchAhead;
+        _mm_prefetch(reinterpret_cast<const char*>(a.tiled + (ahead < last_line ? ahead : last_line)), _MM_HINT_T0);
         const __m512i w = _mm512_load_si512(blk + j * 64);
         __m512i dec[4];
         dec[0] = _mm512_permutexvar_epi16(w, table);
