@@ -27,8 +27,6 @@
 #include "core/shape_math.h"
 #include "kernels/awq_gemm_bf16.h"
 #include "kernels/awq_w4a16_kernels.h"
-#include "kernels/dense_bf16.h"
-#include "kernels/dense_bf16_kernels.h"
 #include "kernels/kernel_ref.h"
 #include "kernels/output_tensor.h"
 #include "kernels/workspace.h"
@@ -317,6 +315,7 @@ void run_gemm_panels(const Impl& im, const Plan& pl, const float* x, void* yp) {
   (void)x, (void)yp;
   not_built(pl);
 #else
+  if (!pl.gemm_bf16) not_built(pl);
   const int64_t M = im.p.M, N = im.p.N, K = im.p.K;
   GemmBf16Args a;
   a.p = im.p, a.Mp = gemm_rows_padded(M), a.K2p = gemm_pairs_padded(K);
@@ -337,7 +336,7 @@ void run_gemm_panels(const Impl& im, const Plan& pl, const float* x, void* yp) {
   parallel_for(tasks, [&](int64_t t) {
     const int64_t n0 = t * kGemmCols, n1 = std::min(N, n0 + kGemmCols);
     float* acc = own_store ? thread_scratch<float>(Slot::Acc, kGemmCols * a.Mp) : accT.data() + n0 * a.Mp;
-    awq_gemm_bf16_avx512bf16(a, n0, n1, thread_scratch<uint32_t>(Slot::Weights, ws), acc);
+    pl.gemm_bf16(a, n0, n1, thread_scratch<uint32_t>(Slot::Weights, ws), acc);
     if (own_store)
       awq_gemm_store_avx512bf16(acc, a.Mp, M, N, n0, n1, bias_f32.empty() ? nullptr : bias_f32.data(), im.out_dt, yp);
     else
@@ -485,9 +484,7 @@ Plan plan(Isa isa, int64_t M, int64_t G, DType xdt, DType sdt, bool tiled) {
   pl.bf16_dot = pl.bf16_weights = pl.bf16_x = isa == Isa::Avx512Bf16;
   pl.name = pl.bf16_weights ? "gemm-bf16w" : "gemm-fp32";
   if (pl.bf16_weights) {
-    pl.decode_panel = NIBBLE_K512(awq_decode_panel_avx512bf16);
-    pl.pack_x = NIBBLE_K512(kernels::dense_bf16::pack_x_avx512bf16);
-    pl.gemm_panel = NIBBLE_K512(kernels::dense_bf16::gemm_panel_avx512bf16);
+    pl.gemm_bf16 = NIBBLE_K512(awq_gemm_bf16_avx512bf16);
     return pl;
   }
   pl.gemm = isa == Isa::Avx2 ? NIBBLE_K2(awq_gemm_avx2) : NIBBLE_K512(awq_gemm_avx512);
