@@ -5,7 +5,9 @@
 //   Isa::Scalar            reference oracle, any M.
 //   prepared weights, M ≤ tiled_gemv_max_m(isa)
 //                          tiled GEMV: one sequential stream per thread (the prepared repack),
-//                          lanes over output columns; exact products, fp32 sums.
+//                          lanes over output columns; exact products of the weights with x as the
+//                          kernel gets it (avx512bf16: fp32 x rounded once to bf16, as the kitchen
+//                          multiplies x in the model dtype), fp32 sums.
 //   M ≤ gemv_max_m(isa)    GEMV: weights streamed once from the stored layout, fp32-exact products
 //                          (avx512bf16 splits x exactly into 1/2/3 bf16 parts for bf16/f16/f32 x,
 //                          so vdpbf16ps products are exact and only fp32 sums are rounded).
