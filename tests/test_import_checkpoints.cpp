@@ -172,6 +172,7 @@ void svdquant_reference(const Tensor& x, const Tensor& codes, const Tensor& wsca
     acc += t;
     mag += std::fabs(t);
   }
+  double branch = 0;  // Σ_r (Σ_k |x·d| + |lora|)·|u|
   for (int64_t r = 0; r < R; ++r) {
     double la = 0, lm = 0;
     for (int64_t k = 0; k < K; ++k) {
@@ -180,10 +181,14 @@ void svdquant_reference(const Tensor& x, const Tensor& codes, const Tensor& wsca
     }
     acc += la * f16v(up, n * R + r);
     mag += lm * std::fabs(f16v(up, n * R + r)) + std::fabs(la * f16v(up, n * R + r));
+    branch += lm * std::fabs(f16v(up, n * R + r)) + std::fabs(la * f16v(up, n * R + r));
   }
   if (bias.defined()) acc += f16v(bias, n);
   *ref_out = acc;
-  *tol_out = double(K) * 0x1p-23 * (mag + 1) + 1e-6;  // fp32 accumulation of the group terms and the branch
+  // fp32 accumulation of the group terms and the branch, plus the bf16 low-rank branch of fp32 x with bf16
+  // proj_down/up (docs/w4a4.md): x and the rank-R intermediate each rounded to bf16 once, ≤ 2^-8 relative:
+  // ≤ 2^-8·(1 + 2^-8)·Σ_r (Σ_k|x·d| + |lora|)·|u|.
+  *tol_out = double(K) * 0x1p-23 * (mag + 1) + 1e-6 + (down.dtype() == DType::BF16 ? 0x1p-8 * (1 + 0x1p-8) * branch : 0.0);
 }
 
 struct NkLayerCase {

@@ -82,7 +82,7 @@ struct RefOut {
 RefOut svdquant_ref(const Tensor& x, int64_t x0, const Truth& t, bool act_unsigned, int64_t m, int64_t n,
                     bool with_bias = true) {
   const int64_t K = t.K, N = t.N, R = t.R, ld = x.size(1);
-  double acc = 0, mag = 0, aerr = 0;
+  double acc = 0, mag = 0, aerr = 0, branch = 0;
   for (int64_t g = 0; g < K / 64; ++g) {
     float ys[64], amax = 0;
     for (int k = 0; k < 64; ++k) {
@@ -119,9 +119,13 @@ RefOut svdquant_ref(const Tensor& x, int64_t x0, const Truth& t, bool act_unsign
     const double uv = fv(t.up, n * R + r);
     acc += la * uv;
     mag += lm * std::fabs(uv) + std::fabs(la * uv);
+    branch += lm * std::fabs(uv) + std::fabs(la * uv);
   }
   if (with_bias) acc += fv(t.bias, n);
-  return {acc, double(K) * 0x1p-23 * (mag + 1) + 1e-6, aerr};
+  // + the bf16 low-rank branch of fp32 x with bf16 proj_down/up (docs/w4a4.md): x and the rank-R
+  // intermediate each rounded to bf16 once: ≤ 2^-8·(1 + 2^-8)·Σ_r (Σ_k|x·d| + |lora|)·|u|.
+  const double lowrank = t.down.dtype() == DType::BF16 ? 0x1p-8 * (1 + 0x1p-8) * branch : 0.0;
+  return {acc, double(K) * 0x1p-23 * (mag + 1) + 1e-6 + lowrank, aerr};
 }
 // The same layer without activation quantization: x·W_effᵀ (+ bias), W_eff = q·s/smooth + up·downᵀ.
 double dense_ref(const Tensor& x, int64_t x0, const Truth& t, int64_t m, int64_t n, bool with_bias = true) {

@@ -76,7 +76,7 @@ TEST(KernelPlan, AwqPathNameIsThePlanName) {
                 case awq::Family::Reference: EXPECT_EQ(isa, Isa::Scalar) << label; break;
                 case awq::Family::Tiled: EXPECT_TRUE(p.tiled_f32 || p.tiled_bf16) << label; break;
                 case awq::Family::Gemv: EXPECT_TRUE(p.gemv) << label; break;
-                case awq::Family::Gemm: EXPECT_TRUE(p.bf16_weights ? p.decode_panel && p.pack_x && p.gemm_panel : p.gemm != nullptr) << label; break;
+                case awq::Family::Gemm: EXPECT_TRUE(p.bf16_weights ? p.gemm_bf16 != nullptr : p.gemm != nullptr) << label; break;
               }
               // the bf16-weight tier: avx512bf16 GEMM on bf16 models only, never for G % 8 != 0
               EXPECT_EQ(p.bf16_weights, p.family == awq::Family::Gemm && isa == Isa::Avx512Bf16 && G % 8 == 0 &&

@@ -74,7 +74,9 @@ TEST(NnQuantized, ActUnsignedLayersGetTheShift) {
   const Linear l = Linear::from_layer(
       bind_svdquant("blk.img_mlp.net.2", p, "{\"format\":\"svdquant_w4a4\",\"act_unsigned\":true}"));
   ASSERT_TRUE(l.act_unsigned());
-  const float consts[] = {-0.15f, -0.1f, -0.02f, 0.0f, 0.3f, 1.7f};
+  // bf16-exact constants (≈ −0.15, −0.1, −0.02, 0, 0.3, 1.7): the low-rank branch rounds fp32 x to bf16
+  // (kernels/svdquant_w4a4_kernels.h), which would otherwise add its 2^-9 input rounding to the comparison.
+  const float consts[] = {-0.1484375f, -0.1015625f, -0.01953125f, 0.0f, 0.30078125f, 1.703125f};
   Tensor x = Tensor::empty(DType::F32, {6, K});
   for (int64_t r = 0; r < 6; ++r)
     for (int64_t k = 0; k < K; ++k) x.mutable_data<float>()[r * K + k] = consts[r];
@@ -84,8 +86,10 @@ TEST(NnQuantized, ActUnsignedLayersGetTheShift) {
   const double snr_eff = compare_outputs(y, y_eff).snr_db, snr_plain = compare_outputs(y, y_plain).snr_db;
   std::printf("act_unsigned fc2, constant rows: SNR vs shift-corrected baseline %.2f dB, vs stored-bias baseline %.2f dB\n",
               snr_eff, snr_plain);
-  // measured 126.1 dB (fp32 rounding only), margin 10 dB; the stored-bias baseline 27.0 dB
-  EXPECT_GT(snr_eff, 116.0);
+  // The low-rank branch of fp32 x with bf16 proj_down/up rounds its rank-R intermediate to bf16
+  // (docs/w4a4.md): ≤ 2^-9 relative on that branch, an SNR floor near 20·log10(2^9) ≈ 54 dB (measured
+  // 54.2 dB; fp32 rounding alone gave 126 dB). Margin 6 dB → 48; the stored-bias baseline reads 27.0 dB.
+  EXPECT_GT(snr_eff, 48.0);
   EXPECT_LT(snr_plain, 32.0);
   EXPECT_LT(snr_plain, snr_eff - 20.0);
   // And on GELU outputs of random activations the quantized layer tracks the corrected baseline.

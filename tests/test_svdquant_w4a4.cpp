@@ -19,6 +19,8 @@
 #include <random>
 
 #include "fixtures.h"
+#include "kernels/workspace.h"
+#include "tolerance.h"
 #include "formats/format_impls.h"
 #include "nibble/formats.h"
 #include "nibble/isa.h"
@@ -188,10 +190,16 @@ TEST(SvdquantW4A4, ReferenceEpilogueWithinDerivedBound) {
   IsaGuard guard;
   set_isa(Isa::Scalar);
   std::mt19937 rng(test_seed() + 1);
-  for (bool uns : {false, true}) {
-    const int64_t M = 7, N = 40, K = 640, R = 32, G = K / 64;
-    const Layer l = make_layer(rng, M, N, K, R, uns, true, DType::F32);
-    const SvdquantActs a = quantize_svdquant_w4a4(l.x, l.p.smooth, l.p.proj_down, 8, uns, l.x, DType::F32);
+  // bf16 parameters and lora_act: the bf16 up-projection (pair order, R = 31 adds the pad step +0): the
+  // same bound with one more step for odd R, on every ISA.
+  for (const auto& [uns, dt, R] : {std::tuple{false, DType::F32, int64_t(32)}, {true, DType::F32, int64_t(32)},
+                                  {false, DType::BF16, int64_t(31)}, {true, DType::BF16, int64_t(32)}})
+   for (Isa isa : dt == DType::F32 ? std::vector<Isa>{Isa::Scalar} : supported_isas()) {
+    SCOPED_TRACE(::testing::Message() << isa_name(isa) << " " << dtype_name(dt) << " R=" << R);
+    set_isa(isa);
+    const int64_t M = 7, N = 40, K = 640, G = K / 64;
+    const Layer l = make_layer(rng, M, N, K, R, uns, true, dt);
+    const SvdquantActs a = quantize_svdquant_w4a4(l.x, l.p.smooth, l.p.proj_down, 8, uns, l.x, dt);
     const Tensor y = scaled_mm_svdquant_w4a4(a.q_x, l.p.qweight, a.ascales, l.p.wscales, a.lora_act, l.p.proj_up,
                                              l.p.bias, uns, DType::F32);
     const uint8_t* q = a.q_x.data<uint8_t>();
@@ -218,7 +226,7 @@ TEST(SvdquantW4A4, ReferenceEpilogueWithinDerivedBound) {
         }
         exact += at(l.p.bias, n);
         S += std::fabs(at(l.p.bias, n));
-        const double tol = (2.0 * double(G + R) + 2.0) * kU * S;
+        const double tol = (2.0 * double(G + R + (R & 1)) + 2.0) * kU * S;  // odd R: the pad step
         ASSERT_NEAR(y.data<float>()[m * N + n], exact, tol) << m << "," << n;
       }
   }
@@ -239,6 +247,59 @@ TEST(SvdquantW4A4, ThreadCountDoesNotChangeBits) {
     EXPECT_TRUE(same_bits(y1, y3)) << isa_name(isa);
   }
   set_num_threads(saved);
+}
+
+// The bf16 low-rank branch (proj_down stored bf16, x bf16 or fp32; kernels header): the reference
+// within the bound derived in tests/tolerance.h of the exact Σ_k x·d, every ISA (the vdpbf16ps kernel
+// on AVX-512 BF16, the fp32 chains in pair order elsewhere) the reference's bits, also with NaN-poisoned
+// driver buffers (an unwritten lora element or output shows as NaN); odd M, several R (a partial
+// 16-column block at 1 and 20, two 32-column blocks at 64), N not a multiple of the 32-column tile.
+TEST(SvdquantW4A4, LowRankBf16WithinDerivedBoundAndBitwise) {
+  IsaGuard guard;
+  struct FillReset {
+    ~FillReset() { kernels::set_test_fill(std::nullopt); }
+  } fill_reset;
+  std::mt19937 rng(test_seed() + 7);
+  for (DType xdt : {DType::F32, DType::BF16})
+    for (int64_t R : {1, 16, 20, 32, 48, 64})
+      for (int64_t M : {1, 7, 33}) {
+        const int64_t K = (R % 3 == 0) ? 640 : 192, N = 100;
+        SCOPED_TRACE(::testing::Message() << "x " << dtype_name(xdt) << " M=" << M << " K=" << K << " R=" << R);
+        Layer l = make_layer(rng, M, N, K, R, M == 7, true, DType::BF16);
+        if (xdt == DType::F32) l.x = random_float(rng, DType::F32, {M, K}, -3.0f, 3.0f);
+        const Tensor x32 = l.x.to_f32(), d32 = l.p.proj_down.to_f32();
+        set_isa(Isa::Scalar);
+        kernels::set_test_fill(std::nullopt);
+        const SvdquantActs ref = quantize_svdquant_w4a4(l.x, l.p.smooth, l.p.proj_down, 8, false, {}, DType::F32);
+        const Tensor ref_y = svdquant_linear(l.x, l.p, DType::F32);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t r = 0; r < R; ++r) {
+            double exact = 0, A = 0, sum_d = 0, sum_x = 0;
+            for (int64_t k = 0; k < K; ++k) {
+              const double xv = x32.data<float>()[m * K + k], dv = d32.data<float>()[k * R + r];
+              exact += xv * dv, A += std::fabs(xv * dv), sum_d += std::fabs(dv), sum_x += std::fabs(xv);
+            }
+            const double tol = test::svdquant_lowrank_bf16_rel(K, xdt != DType::BF16) * A +
+                               test::svdquant_lowrank_bf16_abs(K, sum_d, sum_x);
+            const double err = std::fabs(double(ref.lora_act.data<float>()[m * R + r]) - exact);
+            ASSERT_LE(err, tol) << "m=" << m << " r=" << r;
+          }
+        const auto prep = prepare_svdquant_w4a4(l.p);
+        for (Isa isa : supported_isas()) {
+          SCOPED_TRACE(isa_name(isa));
+          set_isa(isa);
+          for (bool poison : {false, true}) {
+            if (poison) kernels::set_test_fill(std::numeric_limits<float>::quiet_NaN());
+            else kernels::set_test_fill(std::nullopt);
+            const SvdquantActs a = quantize_svdquant_w4a4(l.x, l.p.smooth, l.p.proj_down, 8, false, {}, DType::F32);
+            ASSERT_TRUE(same_bits(a.lora_act, ref.lora_act)) << "poison " << poison << ", first diff "
+                                                           << first_diff(a.lora_act, ref.lora_act);
+            const Tensor y = svdquant_linear(l.x, *prep, DType::F32);
+            ASSERT_TRUE(same_bits(y, ref_y)) << "poison " << poison << ", first diff " << first_diff(y, ref_y);
+          }
+          kernels::set_test_fill(std::nullopt);
+        }
+      }
 }
 
 // ------------------------------------------------------------------ the kitchen's contract cases (§5)
@@ -341,7 +402,7 @@ TEST(SvdquantW4A4, KitchenGoldenFixtures) {
   if (path.empty()) FAIL() << why;
   IsaGuard guard;
   const auto f = SafetensorsFile::open(path);
-  int cases = 0;
+  int cases = 0, bf16_cases = 0;
   for (int idx = 0; idx < 64; ++idx) {
     const std::string pre = "w4a4." + std::to_string(idx) + ".";
     if (!f->contains(pre + "x")) continue;
@@ -352,6 +413,7 @@ TEST(SvdquantW4A4, KitchenGoldenFixtures) {
     const Tensor qw = f->get(pre + "qweight");
     const int64_t N = qw.size(0);
     const Tensor smooth = f->get(pre + "smooth").to_f32(), down = f->get(pre + "proj_down").to_f32();
+    const Tensor down_stored = f->get(pre + "proj_down");
     const Tensor ws = f->get(pre + "wscales").to_f32(), up = f->get(pre + "proj_up").to_f32();
     const Tensor bias = f->get(pre + "bias").to_f32();
     const Tensor q_ref = f->get(pre + "q_x"), y_ref = f->get(pre + "y");
@@ -373,6 +435,25 @@ TEST(SvdquantW4A4, KitchenGoldenFixtures) {
       set_isa(isa);
       const SvdquantActs a = quantize_svdquant_w4a4(x_main, smooth, down, pad, uns, x);
       ASSERT_EQ(a.q_x.shape(), q_ref.shape());
+      if (down_stored.dtype() == DType::BF16) {
+        // the bf16 low-rank branch on the stored bf16 proj_down (x holds bf16 values: x̂ = x): the kitchen's
+        // eager lora_act is an fp32 sum of the same exact products in another order, so both are within
+        // γ_K·Σ|x||d| of the exact sum: |ours − theirs| ≤ 2·svdquant_lowrank_bf16_rel(K, false)·Σ|x||d|.
+        const SvdquantActs ab = quantize_svdquant_w4a4(x_main, smooth, down_stored, pad, uns, x, DType::F32);
+        ASSERT_TRUE(same_bits(ab.q_x, a.q_x));
+        const Tensor la_ref = f->get(pre + "lora_act").to_f32();
+        const int64_t R = down.size(1);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t r = 0; r < R; ++r) {
+            double A = 0;
+            for (int64_t k = 0; k < K; ++k)
+              A += std::fabs(double(x.data<float>()[m * K + k]) * down.data<float>()[k * R + r]);
+            ASSERT_NEAR(ab.lora_act.data<float>()[m * R + r], la_ref.data<float>()[m * R + r],
+                        2.0 * test::svdquant_lowrank_bf16_rel(K, false) * A + 0x1p-120)
+                << "bf16 low-rank vs the kitchen's lora_act, m=" << m << " r=" << r;
+          }
+        ++bf16_cases;
+      }
       int64_t diff = 0;
       std::vector<bool> tie_row(size_t(M), false);
       for (int64_t i = 0; i < M * K / 2; ++i) {
@@ -411,6 +492,7 @@ TEST(SvdquantW4A4, KitchenGoldenFixtures) {
     }
   }
   EXPECT_GE(cases, 1);
+  std::printf("fixtures: %d cases, %d through the bf16 low-rank branch (per ISA)\n", cases, bf16_cases);
 }
 
 // ------------------------------------------------------------------ validation

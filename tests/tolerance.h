@@ -63,4 +63,22 @@ inline double awq_vs_oracle(int64_t K, int64_t G, bool bf16_weights, bool bf16_x
 // paths never form W, and the fp32 W is one rounding away from the exact one).
 inline double awq_vs_exact(int64_t K, int64_t G) { return gamma(awq_fast_terms(K, G) + 1.0); }
 
+// ---------------------------------------------------------------------------------- svdquant_w4a4
+// The bf16 low-rank branch (kernels/svdquant_w4a4_kernels.h): lora = Σ_k x̂_k·d_k with x̂ = RNE_bf16(x)
+// (|x| < 2^-126 → 0), d the stored bf16 proj_down, each bf16·bf16 product exact in fp32, summed by one
+// fp32 chain of K steps (one rounding each) in pair order. Against the exact Σ_k x_k·d_k:
+//   input rounding   |Σ x̂d − Σ xd| ≤ u_bf16·Σ|x||d|                  (|x̂ − x| ≤ 2^-8·|x|; 0 for bf16 x)
+//   fp32 chain       |fl(Σ x̂d) − Σ x̂d| ≤ γ_K·Σ|x̂||d| ≤ γ_K·(1 + u_bf16)·Σ|x||d|
+// relative to A = Σ_k |x_k|·|d_k|, plus an absolute term for the flushes below 2^-126 (the x flush,
+// ≤ 2^-126·Σ|d|; vdpbf16ps reading a denormal d as 0, ≤ 2^-126·Σ|x|; its FTZ of a partial sum,
+// ≤ 2^-126 per step: ≤ 2^-126·(K + Σ|d| + Σ|x|)), which svdquant_lowrank_bf16_abs returns.
+// x_rounded: false when x was bf16 already (x̂ = x).
+inline double svdquant_lowrank_bf16_rel(int64_t K, bool x_rounded) {
+  const double ub = x_rounded ? kUnitRoundoffBf16 : 0.0;
+  return ub + gamma(double(K)) * (1.0 + ub);
+}
+inline double svdquant_lowrank_bf16_abs(int64_t K, double sum_abs_d, double sum_abs_x) {
+  return 0x1p-126 * (double(K) + sum_abs_d + sum_abs_x);
+}
+
 }  // namespace nibble::test

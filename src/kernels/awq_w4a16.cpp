@@ -5,7 +5,9 @@
 //   Isa::Scalar            reference oracle, any M.
 //   prepared weights, M ≤ tiled_gemv_max_m(isa)
 //                          tiled GEMV: one sequential stream per thread (the prepared repack),
-//                          lanes over output columns; exact products, fp32 sums.
+//                          lanes over output columns; exact products of the weights with x as the
+//                          kernel gets it (avx512bf16: fp32 x rounded once to bf16, as the kitchen
+//                          multiplies x in the model dtype), fp32 sums.
 //   M ≤ gemv_max_m(isa)    GEMV: weights streamed once from the stored layout, fp32-exact products
 //                          (avx512bf16 splits x exactly into 1/2/3 bf16 parts for bf16/f16/f32 x,
 //                          so vdpbf16ps products are exact and only fp32 sums are rounded).
@@ -25,9 +27,8 @@
 #include <vector>
 
 #include "core/shape_math.h"
+#include "kernels/awq_gemm_bf16.h"
 #include "kernels/awq_w4a16_kernels.h"
-#include "kernels/dense_bf16.h"
-#include "kernels/dense_bf16_kernels.h"
 #include "kernels/kernel_ref.h"
 #include "kernels/output_tensor.h"
 #include "kernels/workspace.h"
@@ -306,43 +307,51 @@ void run_gemv(const Impl& im, const Plan& pl, const float* x, void* yp) {
   });
 }
 
-// GEMM, bf16 tier (avx512bf16, bf16 models): the dense bf16 GEMM's micro-kernel (kernels/dense_bf16.h)
-// on panels decoded from int4 per task: x rounded once to bf16 pairs (chunk-major: chunk c of kKcPairs
-// pairs holds the M rows), then per task (one 64-column panel) and k chunk: decode the panel chunk
-// into L1-sized scratch, run every row of x over it, the fp32 partial sums kept in acc. Each output
-// is one fp32 chain over k pairs ascending, whatever the thread count.
-void run_gemm_panels(const Impl& im, const Plan& pl, const float* x, const Tensor& tiled, void* yp) {
-  namespace db = kernels::dense_bf16;
-  const int64_t M = im.p.M, N = im.p.N, K = im.p.K, K2 = K / 2;
-  if (!pl.decode_panel || !pl.pack_x || !pl.gemm_panel) not_built(pl);
-  const int64_t chunks = (K2 + db::kKcPairs - 1) / db::kKcPairs;
-  std::vector<uint32_t> xp(size_t(M * K2));
-  const int64_t row_blocks = (M + db::kMc - 1) / db::kMc;
-  parallel_for(row_blocks * chunks, [&](int64_t t) {
-    const int64_t rb = t / chunks, c = t % chunks;
-    const int64_t m0 = rb * db::kMc, rows = std::min(db::kMc, M - m0);
-    const int64_t q0 = c * db::kKcPairs, nq = std::min(db::kKcPairs, K2 - q0);
-    pl.pack_x(x, K, m0, rows, q0, nq, xp.data() + M * q0 + m0 * nq);
+// GEMM, bf16 tier (avx512bf16, bf16 models): int4 decoded to bf16 inside the vdpbf16ps micro-kernel
+// (kernels/awq_gemm_bf16.h): x rounded once to bf16 pairs (16-row vectors), then per task (96 output
+// columns, every row) 6-column panels decoded while the previous one is multiplied; the fp32 sums
+// land column-major in the task's scratch. Each output is one fp32 chain over k pairs ascending, whatever the
+// thread count.
+void run_gemm_panels(const Impl& im, const Plan& pl, const float* x, void* yp) {
+#if !defined(NIBBLE_HAVE_AVX512)
+  (void)x, (void)yp;
+  not_built(pl);
+#else
+  if (!pl.gemm_bf16) not_built(pl);
+  const int64_t M = im.p.M, N = im.p.N, K = im.p.K;
+  GemmBf16Args a;
+  a.p = im.p, a.Mp = gemm_rows_padded(M), a.K2p = gemm_pairs_padded(K);
+  std::vector<uint32_t> xt(size_t(a.Mp * a.K2p));
+  parallel_for(a.Mp / 16, [&](int64_t g) { awq_gemm_pack_x_avx512bf16(x, M, K, a.Mp, 16 * g, 16, xt.data()); });
+  a.xt = xt.data();
+  const int64_t tasks = (N + kGemmCols - 1) / kGemmCols;
+  const int64_t ws = gemm_bf16_ws_dwords(K, a.Mp);
+  // fp32 / bf16 output: each task's sums in its thread's scratch, written out by the kernel's store;
+  // fp16 output: the driver's epilogue over sums kept for the whole call.
+  const bool own_store = im.out_dt == DType::F32 || im.out_dt == DType::BF16;
+  const AccBuffer accT = acc_buffer(own_store ? 0 : tasks * kGemmCols * a.Mp);
+  std::vector<float> bias_f32;  // the bias widened to fp32 (exact from bf16/f16)
+  if (own_store && im.bias.defined()) {
+    const Tensor b = im.bias.to_f32();
+    bias_f32.assign(b.data<float>(), b.data<float>() + N);
+  }
+  parallel_for(tasks, [&](int64_t t) {
+    const int64_t n0 = t * kGemmCols, n1 = std::min(N, n0 + kGemmCols);
+    float* acc = own_store ? thread_scratch<float>(Slot::Acc, kGemmCols * a.Mp) : accT.data() + n0 * a.Mp;
+    pl.gemm_bf16(a, n0, n1, thread_scratch<uint32_t>(Slot::Weights, ws), acc);
+    if (own_store)
+      awq_gemm_store_avx512bf16(acc, a.Mp, M, N, n0, n1, bias_f32.empty() ? nullptr : bias_f32.data(), im.out_dt, yp);
+    else
+      epilogue(im, accT.data(), 1, a.Mp, yp, n0, n1, 1);
   });
-  const AccBuffer acc = acc_buffer(M * N);
-  const int64_t panels = (N + db::kPanel - 1) / db::kPanel;
-  parallel_for(panels, [&](int64_t pn) {
-    const int64_t n0 = pn * db::kPanel, cols = std::min(db::kPanel, N - n0);
-    uint16_t* panel = thread_scratch<uint16_t>(Slot::Weights, db::kKcPairs * db::kPanel * 2);
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t q0 = c * db::kKcPairs, nq = std::min(db::kKcPairs, K2 - q0);
-      pl.decode_panel(im.p, tiled.defined() ? tiled.data<uint8_t>() : nullptr, n0, cols, q0, nq, panel);
-      pl.gemm_panel(xp.data() + M * q0, M, nq, panel, cols, c > 0, acc.data() + n0, N);
-    }
-    epilogue(im, acc.data(), N, 1, yp, n0, n0 + cols, 1);
-  });
+#endif
 }
 
 // GEMM, fp32 tiers (avx2 / avx512, and fp16 models on avx512bf16: exact dequantized weights).
 void run_gemm(const Impl& im, const Plan& pl, const float* x, const Tensor& tiled, void* yp) {
   const int64_t M = im.p.M, N = im.p.N, K = im.p.K;
   if (pl.bf16_weights) {
-    run_gemm_panels(im, pl, x, tiled, yp);
+    run_gemm_panels(im, pl, x, yp);
     return;
   }
   if (!pl.gemm) not_built(pl);
@@ -477,9 +486,7 @@ Plan plan(Isa isa, int64_t M, int64_t G, DType xdt, DType sdt, bool tiled) {
   pl.bf16_dot = pl.bf16_weights = pl.bf16_x = isa == Isa::Avx512Bf16;
   pl.name = pl.bf16_weights ? "gemm-bf16w" : "gemm-fp32";
   if (pl.bf16_weights) {
-    pl.decode_panel = NIBBLE_K512(awq_decode_panel_avx512bf16);
-    pl.pack_x = NIBBLE_K512(kernels::dense_bf16::pack_x_avx512bf16);
-    pl.gemm_panel = NIBBLE_K512(kernels::dense_bf16::gemm_panel_avx512bf16);
+    pl.gemm_bf16 = NIBBLE_K512(awq_gemm_bf16_avx512bf16);
     return pl;
   }
   pl.gemm = isa == Isa::Avx2 ? NIBBLE_K2(awq_gemm_avx2) : NIBBLE_K512(awq_gemm_avx512);

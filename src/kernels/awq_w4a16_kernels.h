@@ -125,7 +125,7 @@ void awq_gemv_tiled_avx2(const TiledF32Args& a, int64_t t0, int64_t t1);  // sam
 // [k][Mp] layout would put a power-of-two stride between the k steps and make the block thrash a
 // few L2 sets at large M.
 // blocks of fp32. (The avx512bf16 tier, which rounds the dequantized weight and x to bf16 like the kitchen's MMA tier,
-// runs the dense bf16 micro-kernel on decoded panels instead: DecodePanelKernel below.)
+// runs its own kernel instead: kernels/awq_gemm_bf16.h.)
 struct GemmArgs {
   Problem p;
   const void* xp = nullptr;
@@ -139,20 +139,14 @@ static inline int64_t gemm_ws_floats(const Problem& p, int64_t rows) { return ro
 using GemmKernel = void (*)(const GemmArgs& a, int64_t n0, int64_t n1, float* ws);
 void awq_gemm_avx2(const GemmArgs& a, int64_t n0, int64_t n1, float* ws);
 void awq_gemm_avx512(const GemmArgs& a, int64_t n0, int64_t n1, float* ws);
-// The avx512bf16 GEMM tier (bf16_weights) runs the dense bf16 micro-kernel (kernels/dense_bf16.h) on
-// decoded panels: for output columns [n0, n0 + cols) (cols ≤ 64) and k pairs [q0, q0 + nq), writes the
-// panel chunk panel[(q − q0)·64 + j] = (ŵ[n0+j, 2q], ŵ[n0+j, 2q+1]) as bf16 pairs, ŵ = RNE_bf16(fma(q−8, s, z))
-// (zero for j ≥ cols). Reads the prepared tiled stream when `tiled` is not null (no gathers), else the
-// stored layout. Needs G % 8 == 0, n0 % 64 == 0 and q0, nq multiples of 4. 64-byte aligned panel.
-using DecodePanelKernel = void (*)(const Problem& p, const uint8_t* tiled, int64_t n0, int64_t cols, int64_t q0,
-                                   int64_t nq, uint16_t* panel);
-void awq_decode_panel_avx512bf16(const Problem& p, const uint8_t* tiled, int64_t n0, int64_t cols, int64_t q0,
-                                 int64_t nq, uint16_t* panel);
+// The avx512bf16 GEMM tier (bf16_weights) has its own vdpbf16ps kernel with the int4 decode inside
+// (kernels/awq_gemm_bf16.h); the plan names it through gemm_bf16 below.
 // Vector widths of the packed activations (Mp is a multiple of this).
 inline constexpr int kGemmMvAvx2 = 8, kGemmMvAvx512 = 16;
 
 // ---- the kernel plan: which kernel runs for a call, decided once from the ISA, the group size, the
 // dtypes and M. The driver runs it; path_name, the CLI, the benchmarks and the tests read it.
+struct GemmBf16Args;  // kernels/awq_gemm_bf16.h
 enum class Family { Reference, Tiled, Gemv, Gemm };
 struct Plan {
   Family family = Family::Reference;
@@ -170,10 +164,8 @@ struct Plan {
   TiledBf16Kernel tiled_bf16 = nullptr;
   GemvKernel gemv = nullptr;
   GemmKernel gemm = nullptr;
-  DecodePanelKernel decode_panel = nullptr;  // bf16_weights: the decode feeding the dense bf16 micro-kernel,
-  // which runs with the dense GEMM's activation packing (x rounded to bf16 pairs) and panel kernel
-  void (*pack_x)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, uint32_t*) = nullptr;
-  void (*gemm_panel)(const uint32_t*, int64_t, int64_t, const uint16_t*, int64_t, bool, float*, int64_t) = nullptr;
+  // bf16_weights: the tier's kernel (kernels/awq_gemm_bf16.h; int4 decoded inside the vdpbf16ps loop)
+  void (*gemm_bf16)(const GemmBf16Args&, int64_t, int64_t, uint32_t*, float*) = nullptr;
 };
 // `tiled`: the call has the prepared tiled stream (prepare_awq_w4a16 builds it on AVX2+ hosts when
 // tiled_ok(G)). The NIBBLE_AWQ_GEMV_MAX_M measuring knob moves the thresholds here too.

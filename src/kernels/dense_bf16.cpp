@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include <cstdlib>
+#include <memory>
 
 #include "kernels/dense_bf16_kernels.h"
 #include "kernels/dense_call.h"
@@ -92,18 +93,30 @@ PackedBf16Weight pack_weight(const void* w, DType wdt, int64_t N, int64_t K) {
 void run_packed(const float* x, int64_t M, const PackedBf16Weight& w, const float* bias, float* y) {
   const int64_t nblocks = (w.panels + kPanelsPerTask - 1) / kPanelsPerTask;
   const int64_t mblocks = (M + kMc - 1) / kMc;
+  const int64_t chunks = (w.K2 + kKcPairs - 1) / kKcPairs;
   const Plan pl = plan(active_isa());
+  // x rounded to bf16 pairs once, chunk-major (chunk c: every row's pairs [c·kKcPairs, +nq), row
+  // stride nq): a task reads its rows' chunk as one contiguous block. Rounding it per task instead
+  // (every column block again, from rows 12 KiB apart) took 20 % of the time at M = 1024.
+  std::unique_ptr<uint32_t[]> xp;
+  if (!pl.reference) {
+    xp.reset(new uint32_t[size_t(M * w.K2)]);  // every element is written below
+    parallel_for(mblocks * chunks, [&](int64_t t) {
+      const int64_t mb = t / chunks, c = t % chunks;
+      const int64_t m0 = mb * kMc, rows = M - m0 < kMc ? M - m0 : kMc;
+      const int64_t q0 = c * kKcPairs, nq = w.K2 - q0 < kKcPairs ? w.K2 - q0 : kKcPairs;
+      pl.pack_x(x, w.K, m0, rows, q0, nq, xp.get() + M * q0 + m0 * nq);
+    });
+  }
   parallel_for(mblocks * nblocks, [&](int64_t t) {
     const int64_t mb = t / nblocks, nb = t % nblocks;
     const int64_t m0 = mb * kMc, rows = M - m0 < kMc ? M - m0 : kMc;
     const int64_t p0 = nb * kPanelsPerTask, p1 = p0 + kPanelsPerTask < w.panels ? p0 + kPanelsPerTask : w.panels;
     const int64_t n0 = p0 * kPanel, n1 = p1 * kPanel < w.N ? p1 * kPanel : w.N;
     if (!pl.reference) {
-      uint32_t* xp = thread_scratch<uint32_t>(Slot::Stage, kMc * kKcPairs);
       for (int64_t q0 = 0; q0 < w.K2; q0 += kKcPairs) {
         const int64_t nq = w.K2 - q0 < kKcPairs ? w.K2 - q0 : kKcPairs;
-        pl.pack_x(x, w.K, m0, rows, q0, nq, xp);
-        pl.gemm(xp, rows, nq, w, q0, p0, p1, q0 > 0, y, m0);
+        pl.gemm(xp.get() + M * q0 + m0 * nq, rows, nq, w, q0, p0, p1, q0 > 0, y, m0);
       }
     } else {
       gemm_portable(x + m0 * w.K, rows, w, y + m0 * w.N, p0, p1);

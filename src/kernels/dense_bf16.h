@@ -29,7 +29,7 @@ inline constexpr int64_t kPanel = 64;         // output columns per packed panel
 inline constexpr int64_t kPanelsPerTask = 2;  // 128 output columns per task
 inline constexpr int64_t kMc = 192;           // rows per task (32 micro-tiles of kMr)
 inline constexpr int64_t kMr = 6;             // rows of the micro-tile (24 accumulators)
-inline constexpr int64_t kKcPairs = 128;      // k pairs per chunk: a panel's chunk is 32 KiB (L1)
+inline constexpr int64_t kKcPairs = 256;      // k pairs per chunk (a panel's chunk is 64 KiB: measured 128 → 256 +1–5 %)
 
 struct PackedBf16Weight {
   int64_t N = 0, K = 0, K2 = 0, panels = 0;

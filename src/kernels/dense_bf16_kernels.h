@@ -21,12 +21,6 @@ void pack_x_avx512bf16(const float* x, int64_t K, int64_t m0, int64_t rows, int6
 void gemm_chunk_avx512bf16(const uint32_t* xp, int64_t rows, int64_t nq, const PackedBf16Weight& w, int64_t q0,
                            int64_t p0, int64_t p1, bool accumulate, float* y, int64_t m0);
 
-// AVX-512 BF16, one decoded panel chunk (the AWQ GEMM tier decodes int4 into it): y[r·ldy + j] (+)=
-// Σ_{q<nq} xp[r·nq + q] · panel pair (q, j) for r < rows, j < cols ≤ kPanel; panel = nq × 64 pairs
-// (64-byte aligned, the packed-weight layout of one panel restricted to the chunk).
-void gemm_panel_avx512bf16(const uint32_t* xp, int64_t rows, int64_t nq, const uint16_t* panel, int64_t cols,
-                           bool accumulate, float* y, int64_t ldy);
-
 // ---- the kernel plan of an ISA level, decided once; the driver runs it, tests and tools read it.
 // Scalar/Avx2/Avx512/Avx512Vnni: the portable loop over the packed weight (same rounding; nn::Linear
 // keeps its fp32 kernels there). Avx512Bf16: activation packing + vdpbf16ps micro-kernel.

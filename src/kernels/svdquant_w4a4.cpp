@@ -42,6 +42,9 @@ struct SvdquantW4A4Prepared {
   Tensor wsc;    // F32 [T][G][32]
   Tensor up;     // F32 [T][R][32]
   Tensor down;   // F32 (K, Rd), Rd = R rounded up to 16, zero padded
+  Tensor down_pk;  // U16 (K/2, Rd, 2) bf16 pairs of `down` for vdpbf16ps; only when proj_down is stored bf16
+  Tensor up_pk;    // U16 [T][⌈R/2⌉][32][2] bf16 pairs of `up` for vdpbf16ps; only when proj_up is stored bf16
+  bool up_bf16 = false;  // proj_up stored bf16: the bf16 up-projection applies to bf16 lora
   Tensor inv_s;  // F32 (K)
   Tensor bias;   // F32 (N) or undefined
 };
@@ -143,7 +146,20 @@ struct Acts {
   std::vector<float> ascale;    // (M, G), rounded to the stored dtype
   std::vector<int32_t> acorr;   // (M, G)
   std::vector<float> lora;      // (M, R), rounded to the lora dtype
+  bool lora_bf16 = false;       // the lora values are bf16 (its dtype is BF16): bf16 up-projection
+  std::vector<uint32_t> lora2;  // (M, ⌈R/2⌉) their bf16 pairs (pad 0), when filled by fill_acts
+  bool lora2_ready = false;
 };
+// lora rows [m0, m1) (M, R) → bf16 pairs (M, R2), the pad index R zero.
+void pack_lora_pairs(const float* lora, int64_t R, uint32_t* l2, int64_t m0, int64_t m1) {
+  const int64_t R2 = (R + 1) / 2;
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t q = 0; q < R2; ++q) {
+      const float* l = lora + m * R;
+      const uint32_t lo = f32_to_bf16(l[2 * q]), hi = 2 * q + 1 < R ? f32_to_bf16(l[2 * q + 1]) : 0u;
+      l2[m * R2 + q] = lo | (hi << 16);
+    }
+}
 
 // Quantize rows of x (fp32 (M, K)); `shift` adds the act_unsigned shift rounded to x_dtype first.
 // lora from lora_x (fp32 (M, K)) with down (K, ldd).
@@ -154,9 +170,20 @@ template <class T>
 void grow(std::vector<T>& v, int64_t n) {
   if (int64_t(v.size()) < n) v.resize(size_t(n));
 }
+// lr_bf16: the bf16 low-rank arithmetic (kernels header); dpk: down pair-packed (pack_down_pairs), needed
+// by a plan with a vdpbf16ps kernel.
+struct LowRank {
+  const float* down = nullptr;  // (K, ldd) fp32
+  int64_t ldd = 0, R = 0;
+  DType dt = DType::F32;  // lora rounded to this dtype
+  bool bf16 = false;
+  const uint16_t* dpk = nullptr;
+};
 void fill_acts(Acts& a, const Plan& pl, const float* x, int64_t M, int64_t K, DType x_dtype, bool shift, const float* inv_s,
-               bool act_unsigned, const float* lora_x, const float* down, int64_t ldd, int64_t R, DType lora_dt,
-               int parts = 3) {
+               bool act_unsigned, const float* lora_x, const LowRank& lr, int parts = 3) {
+  const float* down = lr.down;
+  const int64_t ldd = lr.ldd, R = lr.R;
+  const DType lora_dt = lr.dt;
   a.M = M, a.K = K, a.G = K / kGroup, a.R = R;
   const int64_t G = a.G;
   const bool do_q = parts & 1, do_l = (parts & 2) && R > 0;
@@ -165,7 +192,13 @@ void fill_acts(Acts& a, const Plan& pl, const float* x, int64_t M, int64_t K, DT
     grow(a.ascale, M * G);
     grow(a.acorr, M * G);
   }
-  if (do_l) grow(a.lora, M * R);
+  if (parts & 2) a.lora_bf16 = lora_dt == DType::BF16;
+  a.lora2_ready = do_l && a.lora_bf16 && pl.gemm_bf16up;  // pairs for the vdpbf16ps up-projection, per task
+  if (a.lora2_ready) grow(a.lora2, M * ((R + 1) / 2));
+  if (do_l) {
+    grow(a.lora, M * R);
+    kernels::test_fill(a.lora.data(), M * R);  // tests poison it: an unwritten element shows as NaN
+  }
   const int64_t tasks = (M + kQuantRows - 1) / kQuantRows;
   if (!pl.reference && ((do_q && !pl.quantize) || (do_l && !pl.lora))) not_built(pl, "quantize/low-rank");
   std::vector<float> down_nat;  // the reference wants (K, R) without padding
@@ -209,11 +242,23 @@ void fill_acts(Acts& a, const Plan& pl, const float* x, int64_t M, int64_t K, DT
     }
     if (do_l) {
       float* lo = a.lora.data() + m0 * R;
-      if (pl.reference)
-        lora_ref(lora_x + m0 * K, K, down_nat.empty() ? down : down_nat.data(), R, lo, 0, m1 - m0);
-      else
-        pl.lora(lora_x + m0 * K, K, K, down, ldd, R, lo, R, 0, m1 - m0);
+      const float* lx = lora_x + m0 * K;
+      const int64_t rows = m1 - m0;
+      if (lr.bf16 && pl.lora_bf16 && lr.dpk) {  // vdpbf16ps, x̂ formed in the kernel
+        pl.lora_bf16(lx, K, K, lr.dpk, ldd, R, lo, R, rows);
+      } else {
+        if (lr.bf16) {  // x̂, then the fp32 fma chain in pair order
+          float* xr = kernels::thread_scratch<float>(kernels::Slot::Stage, rows * K);
+          round_bf16_ref(lx, rows * K, xr);
+          lx = xr;
+        }
+        if (pl.reference)
+          lora_ref(lx, K, down_nat.empty() ? down : down_nat.data(), R, lo, 0, rows, lr.bf16);
+        else
+          pl.lora(lx, K, K, down, ldd, R, lo, R, 0, rows, lr.bf16);
+      }
       for (int64_t i = 0; i < (m1 - m0) * R; ++i) lo[i] = round_to(lo[i], lora_dt);
+      if (a.lora2_ready) pack_lora_pairs(a.lora.data(), R, a.lora2.data(), m0, m1);
     }
   });
 }
@@ -224,7 +269,31 @@ struct PackedView {
   const uint8_t* wpk = nullptr;
   const float* wsc = nullptr;
   const float* up = nullptr;
+  bool up_bf16 = false;          // proj_up stored bf16
+  const uint16_t* up2 = nullptr;  // its pairs (pack_up_pairs), for a plan with gemm_bf16up
 };
+PackedView view_of(const SvdquantW4A4Prepared& w) {
+  return {w.N, w.K, w.R, w.wpk.data<uint8_t>(), w.wsc.data<float>(), w.up.data<float>(), w.up_bf16,
+          w.up_pk.defined() ? w.up_pk.data<uint16_t>() : nullptr};
+}
+// [T][R][32] fp32 holding bf16 values → [T][R2][32][2] bf16 pairs (R2 = ⌈R/2⌉, the pad index R is 0).
+std::vector<uint16_t> pack_up_pairs(const float* up, int64_t T, int64_t R) {
+  const int64_t R2 = (R + 1) / 2;
+  std::vector<uint16_t> out(size_t(T * R2 * 2 * kTileN), 0);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t q = 0; q < R2; ++q)
+      for (int64_t j = 0; j < kTileN; ++j)
+        for (int64_t e = 0; e < 2; ++e)
+          if (2 * q + e < R)
+            out[size_t(((t * R2 + q) * kTileN + j) * 2 + e)] = f32_to_bf16(up[(t * R + 2 * q + e) * kTileN + j]);
+  return out;
+}
+void set_up_pairs(SvdquantW4A4Prepared& w, DType up_dtype) {
+  w.up_bf16 = up_dtype == DType::BF16;
+  if (!w.up_bf16 || w.R == 0) return;
+  const std::vector<uint16_t> pk = pack_up_pairs(w.up.data<float>(), w.T, w.R);
+  w.up_pk = Tensor::from_bytes(DType::U16, {int64_t(pk.size())}, pk.data(), pk.size() * sizeof(uint16_t));
+}
 
 // y (M, N) in out_dt = acc + bias. Fast path: packed weights; scalar path: natural weights.
 void run_gemm(const Plan& pl, const Acts& a, const PackedView* pk, const SvdquantW4A4Params* nat, const float* bias,
@@ -232,6 +301,7 @@ void run_gemm(const Plan& pl, const Acts& a, const PackedView* pk, const Svdquan
   const int64_t M = a.M, K = a.K, R = a.R;
   const int64_t N = pk ? pk->N : nat->N;
   if (M == 0) return;
+  const bool up_pairs = R > 0 && a.lora_bf16 && (pk ? pk->up_bf16 : nat->proj_up.dtype() == DType::BF16);
   if (pl.reference) {
     const Tensor qw = natural_weight(*nat);
     const Tensor ws = natural_wscales_f32(*nat);
@@ -242,7 +312,7 @@ void run_gemm(const Plan& pl, const Acts& a, const PackedView* pk, const Svdquan
     parallel_for(tasks, [&](int64_t t) {
       const int64_t n0 = t * cols, n1 = std::min(N, n0 + cols);
       gemm_ref(M, N, K, R, a.codes.data(), a.ascale.data(), qw.data<uint8_t>(), ws.data<float>(), a.lora.data(),
-               up.data<float>(), acc.get(), n0, n1);
+               up.data<float>(), acc.get(), n0, n1, up_pairs);
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = n0; n < n1; ++n) {
           const float v = acc[size_t(m * N + n)];
@@ -260,9 +330,21 @@ void run_gemm(const Plan& pl, const Acts& a, const PackedView* pk, const Svdquan
   g.wsc = pk->wsc;
   g.lora = R > 0 ? a.lora.data() : nullptr;
   g.up = pk->up;
+  g.up_pairs = up_pairs;
+  GemmKernel kernel = pl.gemm;
+  if (up_pairs && pl.gemm_bf16up && pk->up2) {  // vdpbf16ps up-projection on lora pairs (pad 0)
+    const uint32_t* l2 = a.lora2_ready ? a.lora2.data() : nullptr;  // packed by fill_acts' tasks
+    if (!l2) {  // scaled_mm: lora_act came from the caller
+      uint32_t* s = kernels::thread_scratch<uint32_t>(kernels::Slot::Weights, M * ((R + 1) / 2));
+      pack_lora_pairs(a.lora.data(), R, s, 0, M);
+      l2 = s;
+    }
+    g.lora2 = l2, g.up2 = pk->up2;
+    kernel = pl.gemm_bf16up;
+  }
   const int64_t T = (N + kTileN - 1) / kTileN;
   const int64_t mb = (M + kRowsPerTask - 1) / kRowsPerTask, nb = (T + kTilesPerTask - 1) / kTilesPerTask;
-  if (!pl.gemm) not_built(pl, "GEMM");
+  if (!kernel) not_built(pl, "GEMM");
   const StoreHalfKernel store_half = kitchen_io(pl.isa).store_half;
   parallel_for(mb * nb, [&](int64_t task) {
     const int64_t bm = task / nb, bn = task % nb;  // column blocks inner: neighbours share the activation block
@@ -279,7 +361,7 @@ void run_gemm(const Plan& pl, const Acts& a, const PackedView* pk, const Svdquan
       ga.y = kernels::thread_scratch<float>(kernels::Slot::Acc, (m1 - m0) * (n1 - n0));
       ga.ldy = n1 - n0, ga.y_row0 = m0, ga.y_col0 = n0;
     }
-    pl.gemm(ga, m0, m1, t0, t1);
+    kernel(ga, m0, m1, t0, t1);
     for (int64_t m = m0; m < m1; ++m) {
       float* src = ga.y + (m - ga.y_row0) * ga.ldy - ga.y_col0;
       if (out_dt == DType::F32) {
@@ -306,6 +388,14 @@ std::vector<float> pad_down(const Tensor& down, int64_t K, int64_t R, int64_t* R
   std::vector<float> out(size_t(K * *Rd), 0.0f);
   for (int64_t k = 0; k < K; ++k)
     for (int64_t r = 0; r < R; ++r) out[size_t(k * *Rd + r)] = d.data<float>()[k * R + r];
+  return out;
+}
+// (K, Rd) fp32 holding bf16 values → the pair-packed bf16 down: out[(q·Rd + r)·2 + e] = down[2q + e, r].
+std::vector<uint16_t> pack_down_pairs(const float* down, int64_t K, int64_t Rd) {
+  std::vector<uint16_t> out(size_t(K * Rd));
+  for (int64_t q = 0; q < K / 2; ++q)
+    for (int64_t r = 0; r < Rd; ++r)
+      for (int64_t e = 0; e < 2; ++e) out[size_t((q * Rd + r) * 2 + e)] = f32_to_bf16(down[(2 * q + e) * Rd + r]);
   return out;
 }
 
@@ -431,6 +521,12 @@ SvdquantActs quantize_svdquant_w4a4(const Tensor& x, const Tensor& smooth, const
   const Plan pl = plan(active_isa());
   const KitchenIo io = kitchen_io(pl.isa);
   const KitchenSide side = kitchen_side(smooth, proj_down, K, R, pl.reference);
+  LowRank lr{side.down, side.ldd, R, ldt, lowrank_bf16(lora_x.defined() ? lora_x.dtype() : xdt, proj_down.dtype())};
+  std::vector<uint16_t> dpk;  // down pair-packed for the vdpbf16ps low-rank kernel
+  if (lr.bf16 && pl.lora_bf16 && R > 0 && !pl.reference) {
+    dpk = pack_down_pairs(side.down, K, side.ldd);
+    lr.dpk = dpk.data();
+  }
   // Per task of kQuantRows rows: x (and lora_x) widened to fp32 in thread scratch, the fused layer's own
   // activation stage (fill_acts, run inline on these rows: the same operations as on x.to_f32()), then
   // the kitchen tensors written straight from the task's buffers.
@@ -439,7 +535,7 @@ SvdquantActs quantize_svdquant_w4a4(const Tensor& x, const Tensor& smooth, const
     const float* xs = rows_f32(x, m0, m1, K, kernels::Slot::KitchenX, io);
     const float* ls = lora_x.defined() ? rows_f32(lora_x, m0, m1, K, kernels::Slot::KitchenLoraX, io) : xs;
     thread_local Acts ta;  // this thread's task-sized activations (grow-only)
-    fill_acts(ta, pl, xs, n, K, xdt, false, side.inv_s, act_unsigned, ls, side.down, side.ldd, R, ldt);
+    fill_acts(ta, pl, xs, n, K, xdt, false, side.inv_s, act_unsigned, ls, lr);
     io.pack(ta.codes.data(), n * K, q + m0 * (K / 2));
     // ascales (G, M_pad), column m; the values are already rounded to x's dtype (storing is exact)
     for (int64_t g = 0; g < G; ++g) store_f32_as(as, g * M_pad + m0, ta.ascale.data() + g, G, n, xdt);
@@ -534,13 +630,15 @@ Tensor scaled_mm_impl(const Tensor& act, const Tensor& wgt, const Tensor& ascale
       else (lora_act.dtype() == DType::BF16 ? io.bf16_to_f32 : io.f16_to_f32)(lora_act.data<uint16_t>() + m0 * R, (m1 - m0) * R, lo);
     }
   });
+  a.lora_bf16 = lora_act.dtype() == DType::BF16;  // the up-projection's arithmetic (fill_acts sets it for the layer)
+  a.lora2_ready = false;
 
   if (pl.reference) {
     run_gemm(pl, a, nullptr, &p, bp, y.mutable_raw(), out_dt);
     return y;
   }
   if (packed) {
-    PackedView pk{N, K, R, packed->wpk.data<uint8_t>(), packed->wsc.data<float>(), packed->up.data<float>()};
+    const PackedView pk = view_of(*packed);
     run_gemm(pl, a, &pk, nullptr, bp, y.mutable_raw(), out_dt);
     return y;
   }
@@ -550,7 +648,12 @@ Tensor scaled_mm_impl(const Tensor& act, const Tensor& wgt, const Tensor& ascale
   const Tensor wsc = pack_cols(wsn.data<float>(), G, N);
   const std::vector<float> upT = transpose(upn.data<float>(), N, R);
   const Tensor upp = pack_cols(upT.data(), R, N);
-  PackedView pk{N, K, R, wpk.data<uint8_t>(), wsc.data<float>(), upp.data<float>()};
+  PackedView pk{N, K, R, wpk.data<uint8_t>(), wsc.data<float>(), upp.data<float>(), proj_up.dtype() == DType::BF16};
+  std::vector<uint16_t> up2;
+  if (pk.up_bf16 && pl.gemm_bf16up && R > 0) {
+    up2 = pack_up_pairs(upp.data<float>(), (N + kTileN - 1) / kTileN, R);
+    pk.up2 = up2.data();
+  }
   run_gemm(pl, a, &pk, nullptr, bp, y.mutable_raw(), out_dt);
   return y;
 }
@@ -600,12 +703,13 @@ std::shared_ptr<const SvdquantW4A4Prepared> prepare_svdquant_w4a4_gemm(const Ten
   const Tensor upn = natural_up_f32(p);
   const std::vector<float> upT = transpose(upn.data<float>(), p.N, p.R);
   w->up = pack_cols(upT.data(), p.R, p.N);
+  set_up_pairs(*w, proj_up.dtype());
   return w;
 }
 
 int64_t prepared_nbytes(const SvdquantW4A4Prepared& w) {
   int64_t n = 0;
-  for (const Tensor* t : {&w.wpk, &w.wsc, &w.up, &w.down, &w.inv_s, &w.bias})
+  for (const Tensor* t : {&w.wpk, &w.wsc, &w.up, &w.up_pk, &w.down, &w.down_pk, &w.inv_s, &w.bias})
     if (t->defined()) n += t->nbytes();
   return n;
 }
@@ -623,15 +727,33 @@ std::shared_ptr<const SvdquantW4A4Prepared> prepare_svdquant_w4a4(const Svdquant
   const Tensor upn = natural_up_f32(p);
   const std::vector<float> upT = transpose(upn.data<float>(), p.N, p.R);
   w->up = pack_cols(upT.data(), p.R, p.N);
+  set_up_pairs(*w, p.proj_up.dtype());
   int64_t Rd = 0;
   const std::vector<float> down = pad_down(p.proj_down, p.K, p.R, &Rd);
   w->Rd = Rd;
   w->down = Tensor::from_bytes(DType::F32, {p.K, Rd}, down.data(), down.size() * sizeof(float));
+  if (p.proj_down.dtype() == DType::BF16) {
+    const std::vector<uint16_t> pk = pack_down_pairs(down.data(), p.K, Rd);
+    w->down_pk = Tensor::from_bytes(DType::U16, {p.K / 2, Rd, 2}, pk.data(), pk.size() * sizeof(uint16_t));
+  }
   const std::vector<float> inv = inv_smooth(p.smooth);
   w->inv_s = Tensor::from_bytes(DType::F32, {p.K}, inv.data(), inv.size() * sizeof(float));
   if (p.bias.defined()) w->bias = p.bias.to_f32().clone();
   return w;
 }
+
+namespace {
+// The low-rank stage of a prepared layer for an input of dtype xdt (lora rounded to xdt, spec §3.4).
+// fp32 x on the bf16 low-rank branch with a bf16 proj_up: lora rounded to bf16, as the kitchen's bf16
+// layer rounds it, so the up-projection runs in bf16 too.
+LowRank lowrank_of(const SvdquantW4A4Prepared& w, DType xdt) {
+  const bool bf16 = lowrank_bf16(xdt, w.params.proj_down.dtype());
+  const DType dt = xdt == DType::F32 && bf16 && w.up_bf16 ? DType::BF16 : xdt;
+  LowRank lr{w.down.data<float>(), w.Rd, w.R, dt, bf16};
+  if (lr.bf16 && w.down_pk.defined()) lr.dpk = w.down_pk.data<uint16_t>();
+  return lr;
+}
+}  // namespace
 
 Tensor svdquant_linear(const Tensor& x, const SvdquantW4A4Prepared& w, std::optional<DType> out_dtype,
                        const Tensor& out) {
@@ -653,12 +775,12 @@ Tensor svdquant_linear(const Tensor& x, const SvdquantW4A4Prepared& w, std::opti
   thread_local Acts workspace;
   Acts& a = workspace;
   fill_acts(a, pl, x32.data<float>(), M, K, x.dtype(), w.params.act_unsigned, w.inv_s.data<float>(),
-            w.params.act_unsigned, x32.data<float>(), w.down.data<float>(), w.Rd, w.R, x.dtype());
+            w.params.act_unsigned, x32.data<float>(), lowrank_of(w, x.dtype()));
   const float* bp = w.bias.defined() ? w.bias.data<float>() : nullptr;
   if (pl.reference) {
     run_gemm(pl, a, nullptr, &w.params, bp, y.mutable_raw(), out_dt);
   } else {
-    PackedView pk{N, K, w.R, w.wpk.data<uint8_t>(), w.wsc.data<float>(), w.up.data<float>()};
+    const PackedView pk = view_of(w);
     run_gemm(pl, a, &pk, nullptr, bp, y.mutable_raw(), out_dt);
   }
   return y;
@@ -682,6 +804,11 @@ Plan plan(Isa isa) {
       pl.name = "avx512-quantize+vnni-gemm";
       pl.quantize = NIBBLE_K512(quantize_avx512), pl.lora = NIBBLE_K512(lora_avx512);
       pl.gemm = NIBBLE_K512(gemm_avx512vnni);
+      if (isa == Isa::Avx512Bf16) {
+        pl.name = "avx512-quantize+bf16-lowrank+vnni-gemm";
+        pl.lora_bf16 = NIBBLE_K512(lora_bf16_avx512bf16);
+        pl.gemm_bf16up = NIBBLE_K512(gemm_avx512bf16);
+      }
       break;
   }
   pl.reference = false;
@@ -699,16 +826,16 @@ Tensor svdquant_linear_staged(const Tensor& x, const SvdquantW4A4Prepared& w,
   thread_local Acts workspace;
   Acts& a = workspace;
   fill_acts(a, pl, x32.data<float>(), M, K, x.dtype(), w.params.act_unsigned, w.inv_s.data<float>(),
-            w.params.act_unsigned, x32.data<float>(), w.down.data<float>(), w.Rd, w.R, x.dtype(), 1);
+            w.params.act_unsigned, x32.data<float>(), lowrank_of(w, x.dtype()), 1);
   boundary(1);
   fill_acts(a, pl, x32.data<float>(), M, K, x.dtype(), false, w.inv_s.data<float>(), w.params.act_unsigned,
-            x32.data<float>(), w.down.data<float>(), w.Rd, w.R, x.dtype(), 2);
+            x32.data<float>(), lowrank_of(w, x.dtype()), 2);
   boundary(2);
   const float* bp = w.bias.defined() ? w.bias.data<float>() : nullptr;
   if (pl.reference) {
     run_gemm(pl, a, nullptr, &w.params, bp, y.mutable_raw(), DType::F32);
   } else {
-    PackedView pk{N, K, w.R, w.wpk.data<uint8_t>(), w.wsc.data<float>(), w.up.data<float>()};
+    const PackedView pk = view_of(w);
     run_gemm(pl, a, &pk, nullptr, bp, y.mutable_raw(), DType::F32);
   }
   boundary(3);

@@ -5,8 +5,19 @@
 //              scale = max(amax/qmax, 1e-10), q = rint(y·(1/scale)) (half-even), clamped to [−7, 7] or
 //              [0, 15]; all fp32, no contraction.
 //   low-rank   lora[m, r] = fma chain over k = 0..K−1 of x[m,k]·down[k,r], starting from 0.
+//              bf16 low-rank (the kitchen's cuBLAS bf16 matmul; used when proj_down is stored as bf16 and the
+//              low-rank input is bf16 or fp32, see lowrank_bf16()): x̂ = RNE_bf16(x) (|x| < 2^-126 → 0,
+//              exact for bf16 x), then the fma chain over k in pair order 1, 0, 3, 2, … (k = kk ^ 1), i.e.
+//              vdpbf16ps's order (odd element of a pair first; bf16·bf16 products are exact in fp32, so
+//              each step is one rounding, an fma). Same bits on every ISA: AVX-512 BF16 runs vdpbf16ps on
+//              pair-packed operands, the others the fp32 fma chain in that order on x̂. The one exception:
+//              vdpbf16ps treats a bf16 input below 2^-126 (a denormal proj_down / proj_up / lora entry) as 0
+//              and flushes a partial sum below 2^-126 to zero; the fp32 chains do not.
 //   GEMM       d = Σ_{k∈g} a·w exactly in int32; acc = fma(float(d)·ascale[m,g], wscale[g,n], acc) for
 //              g = 0..G−1 in order, then acc = fma(lora[m,r], up[n,r], acc) for r = 0..R−1, from acc = 0.
+//              bf16 up-projection (lora values bf16 — lora_act stored bf16, or the layer's lora rounded to bf16
+//              — and proj_up stored bf16): r in pair order 1, 0, 3, 2, … (vdpbf16ps's; exact products), for
+//              odd R the pad index R adds +0. AVX-512 BF16 runs vdpbf16ps, the others the fp32 chain.
 //              The driver adds the bias (acc + bias, fp32) and rounds to the output dtype.
 // Fast variants use int8 dot products: the weight code w ∈ [−8, 7] is stored offset, u = w + 8 ∈ [0, 15]
 // (unsigned operand of vpdpbusd / vpmaddubsw), the activation code a (signed or unsigned, |a| ≤ 15) is the
@@ -42,13 +53,16 @@ void inv_smooth_ref(const float* smooth, int64_t K, float* inv_s);
 // Rows [m0, m1) of x (ldx = K): codes (M, K) int8, scales (M, K/64) fp32 (not yet rounded to a dtype).
 void quantize_ref(const float* x, int64_t K, const float* inv_s, bool act_unsigned, int8_t* codes, float* scales,
                   int64_t m0, int64_t m1);
-// lora (M, R) = x (M, K) · down (K, R), rows [m0, m1).
-void lora_ref(const float* x, int64_t K, const float* down, int64_t R, float* lora, int64_t m0, int64_t m1);
+// lora (M, R) = x (M, K) · down (K, R), rows [m0, m1); pairs: the bf16 low-rank order (on x̂ already rounded).
+void lora_ref(const float* x, int64_t K, const float* down, int64_t R, float* lora, int64_t m0, int64_t m1,
+              bool pairs = false);
+// out[i] = RNE_bf16(x[i]) as fp32, |x| < 2^-126 flushed to (signed) zero (the bf16 low-rank's x̂).
+void round_bf16_ref(const float* x, int64_t n, float* out);
 // Straight from the natural layout: codes (M, K), ascale (M, K/64) [m][g], qweight (N, K/2) signed nibbles,
 // wscale (K/64, N), lora (M, R), up (N, R); acc (M, N) columns [n0, n1) (no bias).
 void gemm_ref(int64_t M, int64_t N, int64_t K, int64_t R, const int8_t* codes, const float* ascale,
               const uint8_t* qweight, const float* wscale, const float* lora, const float* up, float* acc, int64_t n0,
-              int64_t n1);
+              int64_t n1, bool up_pairs = false);
 
 // ---- fast variants
 struct GemmArgs {
@@ -60,33 +74,53 @@ struct GemmArgs {
   const float* wsc = nullptr;      // [T][G][32]
   const float* lora = nullptr;     // (M, R), null if R == 0
   const float* up = nullptr;       // [T][R][32]
+  bool up_pairs = false;           // the bf16 up-projection's order (fp32 chains)
+  const uint32_t* lora2 = nullptr; // (M, R2 = ⌈R/2⌉) bf16 pairs of lora (vdpbf16ps kernel only), pad 0
+  const uint16_t* up2 = nullptr;   // [T][R2][32][2] bf16 pairs of up: up2[((t·R2 + q)·32 + j)·2 + e] = up[t][2q+e][j]
   float* y = nullptr;              // acc for rows [m0, m1), columns of tiles [t0, t1):
   int64_t ldy = 0;                 //   element (m, n) at y[(m − y_row0)·ldy + n − y_col0]
   int64_t y_row0 = 0, y_col0 = 0;
 };
 void gemm_avx2(const GemmArgs& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
 void gemm_avx512vnni(const GemmArgs& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
+// The VNNI GEMM whose up-projection runs vdpbf16ps when lora2 and up2 are set (else gemm_avx512vnni's).
+void gemm_avx512bf16(const GemmArgs& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
 
 // Quantize rows [m0, m1) of x (row stride ldx) into codes (ldc = K), fp32 scales (M, K/64) and acorr.
 void quantize_avx512(const float* x, int64_t ldx, int64_t K, const float* inv_s, bool act_unsigned, int8_t* codes,
                      float* scales, int32_t* acorr, int64_t m0, int64_t m1);
 void quantize_avx2(const float* x, int64_t ldx, int64_t K, const float* inv_s, bool act_unsigned, int8_t* codes,
                    float* scales, int32_t* acorr, int64_t m0, int64_t m1);
-// lora (M, ldl) = x (M, K) · down (K, ldd), R columns (ldd, ldl ≥ R; ldd a multiple of the vector width).
+// lora (M, ldl) = x (M, K) · down (K, ldd), R columns (ldd, ldl ≥ R; ldd a multiple of the vector width);
+// pairs: the bf16 low-rank order (x already rounded to x̂).
 void lora_avx512(const float* x, int64_t ldx, int64_t K, const float* down, int64_t ldd, int64_t R, float* lora,
-                 int64_t ldl, int64_t m0, int64_t m1);
+                 int64_t ldl, int64_t m0, int64_t m1, bool pairs);
 void lora_avx2(const float* x, int64_t ldx, int64_t K, const float* down, int64_t ldd, int64_t R, float* lora,
-               int64_t ldl, int64_t m0, int64_t m1);
+               int64_t ldl, int64_t m0, int64_t m1, bool pairs);
+// bf16 low-rank, AVX-512 BF16: lora (rows, ldl) = x̂ · down for `rows` rows of fp32 x (row stride ldx; x̂ =
+// RNE_bf16(x), denormals 0, formed in the kernel) and the pair-packed bf16 down dpk[(q·ldd + r)·2 + e] =
+// down[2q + e, r] (ldd a multiple of 16, zero padded). vdpbf16ps per pair, q ascending.
+void lora_bf16_avx512bf16(const float* x, int64_t ldx, int64_t K, const uint16_t* dpk, int64_t ldd, int64_t R,
+                          float* lora, int64_t ldl, int64_t rows);
 
 using GemmKernel = void (*)(const GemmArgs& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
 using QuantizeKernel = void (*)(const float* x, int64_t ldx, int64_t K, const float* inv_s, bool act_unsigned,
                                 int8_t* codes, float* scales, int32_t* acorr, int64_t m0, int64_t m1);
 using LoraKernel = void (*)(const float* x, int64_t ldx, int64_t K, const float* down, int64_t ldd, int64_t R,
-                            float* lora, int64_t ldl, int64_t m0, int64_t m1);
+                            float* lora, int64_t ldl, int64_t m0, int64_t m1, bool pairs);
+using LoraBf16Kernel = void (*)(const float* x, int64_t ldx, int64_t K, const uint16_t* dpk, int64_t ldd, int64_t R,
+                                float* lora, int64_t ldl, int64_t rows);
+
+// The bf16 low-rank arithmetic applies (header comment) when proj_down is stored as bf16 and the low-rank
+// input is bf16 or fp32 (fp16 x and fp32/fp16 proj_down keep the fp32 chain: rounding them would lose bits).
+inline bool lowrank_bf16(DType lora_x, DType proj_down) {
+  return proj_down == DType::BF16 && (lora_x == DType::BF16 || lora_x == DType::F32);
+}
 
 // ---- the kernel plan of an ISA level, decided once; the drivers run it, tests and tools read it.
 // Scalar: the reference oracles (natural layout). Avx2: AVX2 quantize / low-rank / vpmaddubsw GEMM.
-// Avx512: AVX-512 quantize and low-rank, AVX2 GEMM. Avx512Vnni/Bf16: AVX-512 quantize, VNNI GEMM.
+// Avx512: AVX-512 quantize and low-rank, AVX2 GEMM. Avx512Vnni/Bf16: AVX-512 quantize, VNNI GEMM;
+// Avx512Bf16 also runs the bf16 low-rank with vdpbf16ps (lora_bf16 and gemm_bf16up).
 struct Plan {
   Isa isa = Isa::Scalar;
   const char* name = "reference";
@@ -94,6 +128,8 @@ struct Plan {
   QuantizeKernel quantize = nullptr;
   LoraKernel lora = nullptr;
   GemmKernel gemm = nullptr;
+  LoraBf16Kernel lora_bf16 = nullptr;  // null: the bf16 low-rank runs `lora` in pair order on x̂
+  GemmKernel gemm_bf16up = nullptr;    // null: the bf16 up-projection runs `gemm` with up_pairs
 };
 Plan plan(Isa isa);
 

@@ -253,7 +253,6 @@ void tile_nr(int nr, const float* xp, int64_t ldx, int64_t Mp, int64_t m0, const
 
 void awq_gemm_avx2(const GemmArgs& a, int64_t n0, int64_t n1, float* ws) {
   const Problem& p = a.p;
-  const int64_t groups = p.K / p.G;
   float* wb = ws;                     // gemm_ws_floats(p, n1 - n0): rows, then staged scales
   float* sz = ws + (n1 - n0) * p.K;
   dequant_rows_f32(p, n0, n1, wb, sz);

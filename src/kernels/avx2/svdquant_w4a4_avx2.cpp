@@ -61,7 +61,17 @@ void micro(const GemmArgs& a, int64_t m, int64_t t, int h) {
   }
   if (R > 0) {
     const float* up = a.up + t * R * kTileN + h * 16;
-    for (int64_t r = 0; r < R; ++r) {
+    // up_pairs: r in the order 1, 0, 3, 2, … (rr ^ 1); for odd R the pad index R adds +0 (vdpbf16ps's 0·0)
+    const int64_t Rn = a.up_pairs ? R + (R & 1) : R;
+    for (int64_t rr = 0; rr < Rn; ++rr) {
+      const int64_t r = a.up_pairs ? (rr ^ 1) : rr;
+      if (r >= R) {
+        for (int i = 0; i < MR; ++i) {
+          f[i][0] = _mm256_add_ps(f[i][0], _mm256_setzero_ps());
+          f[i][1] = _mm256_add_ps(f[i][1], _mm256_setzero_ps());
+        }
+        continue;
+      }
       const __m256 u0 = _mm256_loadu_ps(up + r * kTileN), u1 = _mm256_loadu_ps(up + r * kTileN + 8);
       for (int i = 0; i < MR; ++i) {
         const __m256 l = _mm256_set1_ps(a.lora[(m + i) * R + r]);
@@ -156,13 +166,15 @@ void quantize_avx2(const float* x, int64_t ldx, int64_t K, const float* inv_s, b
 }
 
 namespace {
-template <int RV>
+// Pairs: k in the bf16 low-rank order 1, 0, 3, 2, … (kk ^ 1; K is even).
+template <int RV, bool Pairs>
 void lora_rows4(const float* x, int64_t ldx, int64_t K, const float* down, int64_t ldd, int64_t r0, int64_t R,
                 float* lora, int64_t ldl, int64_t m, int rows) {
   __m256 acc[4][RV];
   for (int i = 0; i < 4; ++i)
     for (int v = 0; v < RV; ++v) acc[i][v] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t kk = 0; kk < K; ++kk) {
+    const int64_t k = Pairs ? (kk ^ 1) : kk;
     __m256 d[RV];
     for (int v = 0; v < RV; ++v) d[v] = _mm256_loadu_ps(down + k * ldd + r0 + 8 * v);
     for (int i = 0; i < 4; ++i) {
@@ -184,12 +196,17 @@ void lora_rows4(const float* x, int64_t ldx, int64_t K, const float* down, int64
 }  // namespace
 
 void lora_avx2(const float* x, int64_t ldx, int64_t K, const float* down, int64_t ldd, int64_t R, float* lora,
-               int64_t ldl, int64_t m0, int64_t m1) {
+               int64_t ldl, int64_t m0, int64_t m1, bool pairs) {
   for (int64_t m = m0; m < m1; m += 4) {
     const int rows = int(kmin<int64_t>(4, m1 - m));
     int64_t r0 = 0;
-    for (; r0 + 8 < R; r0 += 16) lora_rows4<2>(x, ldx, K, down, ldd, r0, R, lora, ldl, m, rows);
-    for (; r0 < R; r0 += 8) lora_rows4<1>(x, ldx, K, down, ldd, r0, R, lora, ldl, m, rows);
+    if (pairs) {
+      for (; r0 + 8 < R; r0 += 16) lora_rows4<2, true>(x, ldx, K, down, ldd, r0, R, lora, ldl, m, rows);
+      for (; r0 < R; r0 += 8) lora_rows4<1, true>(x, ldx, K, down, ldd, r0, R, lora, ldl, m, rows);
+    } else {
+      for (; r0 + 8 < R; r0 += 16) lora_rows4<2, false>(x, ldx, K, down, ldd, r0, R, lora, ldl, m, rows);
+      for (; r0 < R; r0 += 8) lora_rows4<1, false>(x, ldx, K, down, ldd, r0, R, lora, ldl, m, rows);
+    }
   }
 }
 

@@ -23,6 +23,8 @@ void quantize_avx512(const float* x, int64_t ldx, int64_t K, const float* inv_s,
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = x + m * ldx;
     for (int64_t g = 0; g < G; ++g) {
+      // x streams from DRAM: ask for the group 8 ahead (2 KiB; the next row's start near the row end)
+      for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(xr + (g + 8) * kGroup + 16 * l), _MM_HINT_T0);
       __m512 y[4];
       __m512 amax = _mm512_setzero_ps();
       for (int j = 0; j < 4; ++j) {
@@ -50,13 +52,15 @@ namespace {
 // MR rows × RV·16 columns of lora: MR·RV independent fp32 FMA chains (8 rows × 2 vectors = 16 hide the
 // FMA latency on both ports and halve the passes over `down` against 4 rows: 1.6x on the
 // M = 4096, K = 3072, R = 32 low-rank stage). Each output is one chain over k ascending.
-template <int MR, int RV>
+// Pairs: k in the bf16 low-rank order 1, 0, 3, 2, … (kk ^ 1; K is even).
+template <int MR, int RV, bool Pairs>
 void lora_rows(const float* x, int64_t ldx, int64_t K, const float* down, int64_t ldd, int64_t r0, int64_t R,
                float* lora, int64_t ldl, int64_t m) {
   __m512 acc[MR][RV];
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < RV; ++v) acc[i][v] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t kk = 0; kk < K; ++kk) {
+    const int64_t k = Pairs ? (kk ^ 1) : kk;
     __m512 d[RV];
     for (int v = 0; v < RV; ++v) d[v] = _mm512_loadu_ps(down + k * ldd + r0 + 16 * v);
     for (int i = 0; i < MR; ++i) {
@@ -73,30 +77,37 @@ void lora_rows(const float* x, int64_t ldx, int64_t K, const float* down, int64_
       _mm512_mask_storeu_ps(lora + (m + i) * ldl + c, mk, acc[i][v]);
     }
 }
-template <int RV>
+template <int RV, bool P>
 void lora_block(int rows, const float* x, int64_t ldx, int64_t K, const float* down, int64_t ldd, int64_t r0,
                 int64_t R, float* lora, int64_t ldl, int64_t m) {
   switch (rows) {
-    case 8: lora_rows<8, RV>(x, ldx, K, down, ldd, r0, R, lora, ldl, m); break;
-    case 7: lora_rows<7, RV>(x, ldx, K, down, ldd, r0, R, lora, ldl, m); break;
-    case 6: lora_rows<6, RV>(x, ldx, K, down, ldd, r0, R, lora, ldl, m); break;
-    case 5: lora_rows<5, RV>(x, ldx, K, down, ldd, r0, R, lora, ldl, m); break;
-    case 4: lora_rows<4, RV>(x, ldx, K, down, ldd, r0, R, lora, ldl, m); break;
-    case 3: lora_rows<3, RV>(x, ldx, K, down, ldd, r0, R, lora, ldl, m); break;
-    case 2: lora_rows<2, RV>(x, ldx, K, down, ldd, r0, R, lora, ldl, m); break;
-    default: lora_rows<1, RV>(x, ldx, K, down, ldd, r0, R, lora, ldl, m); break;
+    case 8: lora_rows<8, RV, P>(x, ldx, K, down, ldd, r0, R, lora, ldl, m); break;
+    case 7: lora_rows<7, RV, P>(x, ldx, K, down, ldd, r0, R, lora, ldl, m); break;
+    case 6: lora_rows<6, RV, P>(x, ldx, K, down, ldd, r0, R, lora, ldl, m); break;
+    case 5: lora_rows<5, RV, P>(x, ldx, K, down, ldd, r0, R, lora, ldl, m); break;
+    case 4: lora_rows<4, RV, P>(x, ldx, K, down, ldd, r0, R, lora, ldl, m); break;
+    case 3: lora_rows<3, RV, P>(x, ldx, K, down, ldd, r0, R, lora, ldl, m); break;
+    case 2: lora_rows<2, RV, P>(x, ldx, K, down, ldd, r0, R, lora, ldl, m); break;
+    default: lora_rows<1, RV, P>(x, ldx, K, down, ldd, r0, R, lora, ldl, m); break;
+  }
+}
+
+template <bool P>
+void lora_all(const float* x, int64_t ldx, int64_t K, const float* down, int64_t ldd, int64_t R, float* lora,
+              int64_t ldl, int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; m += 8) {
+    const int rows = int(kmin<int64_t>(8, m1 - m));
+    int64_t r0 = 0;
+    for (; r0 + 32 < R + 16 && r0 + 16 < R; r0 += 32) lora_block<2, P>(rows, x, ldx, K, down, ldd, r0, R, lora, ldl, m);
+    for (; r0 < R; r0 += 16) lora_block<1, P>(rows, x, ldx, K, down, ldd, r0, R, lora, ldl, m);
   }
 }
 }  // namespace
 
 void lora_avx512(const float* x, int64_t ldx, int64_t K, const float* down, int64_t ldd, int64_t R, float* lora,
-                 int64_t ldl, int64_t m0, int64_t m1) {
-  for (int64_t m = m0; m < m1; m += 8) {
-    const int rows = int(kmin<int64_t>(8, m1 - m));
-    int64_t r0 = 0;
-    for (; r0 + 32 < R + 16 && r0 + 16 < R; r0 += 32) lora_block<2>(rows, x, ldx, K, down, ldd, r0, R, lora, ldl, m);
-    for (; r0 < R; r0 += 16) lora_block<1>(rows, x, ldx, K, down, ldd, r0, R, lora, ldl, m);
-  }
+                 int64_t ldl, int64_t m0, int64_t m1, bool pairs) {
+  if (pairs) lora_all<true>(x, ldx, K, down, ldd, R, lora, ldl, m0, m1);
+  else lora_all<false>(x, ldx, K, down, ldd, R, lora, ldl, m0, m1);
 }
 
 }  // namespace nibble::kernels::w4a4

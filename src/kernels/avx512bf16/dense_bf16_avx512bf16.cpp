@@ -82,17 +82,4 @@ void gemm_chunk_avx512bf16(const uint32_t* xp, int64_t rows, int64_t nq, const P
   }
 }
 
-void gemm_panel_avx512bf16(const uint32_t* xp, int64_t rows, int64_t nq, const uint16_t* panel, int64_t cols,
-                           bool accumulate, float* y, int64_t ldy) {
-  __mmask16 km[4];
-  for (int v = 0; v < 4; ++v) {
-    const int64_t c = cols - 16 * v;
-    km[v] = c >= 16 ? __mmask16(0xFFFF) : c <= 0 ? __mmask16(0) : __mmask16((1u << c) - 1);
-  }
-  for (int64_t r0 = 0; r0 < rows; r0 += kMr) {
-    const int64_t rr = rows - r0 < kMr ? rows - r0 : kMr;
-    kTiles[rr](xp + r0 * nq, nq, panel, accumulate, y + r0 * ldy, ldy, km);
-  }
-}
-
 }  // namespace nibble::kernels::dense_bf16

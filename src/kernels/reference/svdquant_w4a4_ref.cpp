@@ -4,11 +4,26 @@
 // rounding step exactly (see svdquant_w4a4_kernels.h for the shared operation order).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "kernels/svdquant_w4a4_kernels.h"
 #include "nibble/formats.h"
 
 namespace nibble::kernels::w4a4 {
+
+void round_bf16_ref(const float* x, int64_t n, float* out) {
+  // f32_to_bf16 / vcvtne2ps2bf16 in integer form, branch-free so the compiler vectorizes it (it also
+  // serves the AVX2 / AVX-512 plans): RNE on the bit pattern, NaN kept quiet, |x| < 2^-126 → ±0.
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t b;
+    std::memcpy(&b, x + i, 4);
+    const uint32_t a = b & 0x7fffffffu;
+    uint32_t r = (b + 0x7fffu + ((b >> 16) & 1u)) & 0xffff0000u;
+    r = a > 0x7f800000u ? ((b | 0x00400000u) & 0xffff0000u) : r;
+    r = a < 0x00800000u ? (b & 0x80000000u) : r;
+    std::memcpy(out + i, &r, 4);
+  }
+}
 
 void inv_smooth_ref(const float* smooth, int64_t K, float* inv_s) {
   for (int64_t k = 0; k < K; ++k) inv_s[k] = std::fabs(smooth[k]) > 1e-10f ? 1.0f / smooth[k] : 0.0f;
@@ -39,18 +54,22 @@ void quantize_ref(const float* x, int64_t K, const float* inv_s, bool act_unsign
   }
 }
 
-void lora_ref(const float* x, int64_t K, const float* down, int64_t R, float* lora, int64_t m0, int64_t m1) {
+void lora_ref(const float* x, int64_t K, const float* down, int64_t R, float* lora, int64_t m0, int64_t m1,
+              bool pairs) {
   for (int64_t m = m0; m < m1; ++m)
     for (int64_t r = 0; r < R; ++r) {
       float acc = 0.0f;
-      for (int64_t k = 0; k < K; ++k) acc = std::fmaf(x[m * K + k], down[k * R + r], acc);
+      for (int64_t kk = 0; kk < K; ++kk) {
+        const int64_t k = pairs ? (kk ^ 1) : kk;  // pairs: 1, 0, 3, 2, … (K is even)
+        acc = std::fmaf(x[m * K + k], down[k * R + r], acc);
+      }
       lora[m * R + r] = acc;
     }
 }
 
 void gemm_ref(int64_t M, int64_t N, int64_t K, int64_t R, const int8_t* codes, const float* ascale,
               const uint8_t* qweight, const float* wscale, const float* lora, const float* up, float* acc, int64_t n0,
-              int64_t n1) {
+              int64_t n1, bool up_pairs) {
   const int64_t G = K / kGroup;
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t n = n0; n < n1; ++n) {
@@ -66,7 +85,11 @@ void gemm_ref(int64_t M, int64_t N, int64_t K, int64_t R, const int8_t* codes, c
         const float t = float(d) * ascale[m * G + g];
         a = std::fmaf(t, wscale[g * N + n], a);
       }
-      for (int64_t r = 0; r < R; ++r) a = std::fmaf(lora[m * R + r], up[n * R + r], a);
+      const int64_t Rn = up_pairs ? R + (R & 1) : R;  // pairs: 1, 0, 3, 2, …; the pad index R adds +0
+      for (int64_t rr = 0; rr < Rn; ++rr) {
+        const int64_t r = up_pairs ? (rr ^ 1) : rr;
+        a = r < R ? std::fmaf(lora[m * R + r], up[n * R + r], a) : a + 0.0f;
+      }
       acc[m * N + n] = a;
     }
   }
