@@ -271,6 +271,29 @@ for mdtype in (torch.bfloat16, torch.float16, torch.float32):
             fs = {"ops": lambda: block(**inputs), "load": run_ref, "float": lambda: fblock(**inputs)}
             load0 = uptime()
             wall, cpu = timed(fs)
+            # where the block's time goes: the 14 int4 layers (ops path) vs the same Linear modules of
+            # the float block, timed by forward hooks over one more run of each (medians of ROUNDS)
+            def in_layers(blk):
+                ms, t0, acc, hs = dict(blk.named_modules()), {}, [0.0], []
+                for n in names:
+                    hs.append(ms[n].register_forward_pre_hook(
+                        lambda mod, a, n=n: t0.__setitem__(n, time.perf_counter())))
+                    hs.append(ms[n].register_forward_hook(
+                        lambda mod, a, out, n=n: acc.__setitem__(0, acc[0] + time.perf_counter() - t0[n])))
+                t = time.perf_counter()
+                blk(**inputs)
+                total = time.perf_counter() - t
+                for h in hs:
+                    h.remove()
+                return acc[0], total
+            if os.environ.get("NIBBLE_E2E_PROFILE") and adt == torch.bfloat16 and mdtype == torch.bfloat16:
+                from torch.profiler import profile
+                for k, b in (("ops", block), ("float", fblock)):
+                    b(**inputs)
+                    with profile() as prof:
+                        b(**inputs)
+                    print(f"[profile {k}]\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+            shares = {k: sorted(in_layers(b) for _ in range(ROUNDS))[ROUNDS // 2] for k, b in (("ops", block), ("float", fblock))}
             t_eager = float("nan")
             if adt == torch.bfloat16:  # the eager backend runs bf16 only (fp32/fp16 activations crash there)
                 with ck.use_backend("eager"):
@@ -281,6 +304,10 @@ for mdtype in (torch.bfloat16, torch.float16, torch.float32):
               f"ops {wall['ops'] * 1e3:.0f} ms, nibble.load {wall['load'] * 1e3:.0f} ms, float {wall['float'] * 1e3:.0f} ms, "
               f"eager {t_eager * 1e3:.0f} ms; ops/load wall {wall['ops'] / wall['load']:.3f} cpu "
               f"{cpu['ops'] / cpu['load']:.3f}; threads {nibble.num_threads()}, isa {nibble.isa()}")
+        print(f"[comfyui]   inside the 14 quantized linears: ops {shares['ops'][0] * 1e3:.0f} of {shares['ops'][1] * 1e3:.0f} ms; "
+              f"the same linears of the float block {shares['float'][0] * 1e3:.0f} of {shares['float'][1] * 1e3:.0f} ms "
+              f"(linears {shares['float'][0] / shares['ops'][0]:.2f}x, rest of the block "
+              f"{(shares['float'][1] - shares['float'][0]) / max(shares['ops'][1] - shares['ops'][0], 1e-9):.2f}x)")
     print(f"[comfyui]   cache: {nk.cache_info()}")
     if mdtype == torch.bfloat16:
         # ---- the Quantize node on a real MODEL (the float checkpoint loaded by ComfyUI)
