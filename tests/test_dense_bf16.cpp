@@ -20,6 +20,7 @@
 #include "nibble/isa.h"
 #include "nibble/ops.h"
 #include "nibble/thread_pool.h"
+#include "isa_guard.h"
 
 using namespace nibble;
 namespace db = nibble::kernels::dense_bf16;
@@ -34,10 +35,6 @@ Tensor random_tensor(DType dt, Shape shape, std::mt19937& rng) {
   return dt == DType::F32 ? f : f.to(dt);
 }
 
-struct IsaGuard {
-  Isa saved = active_isa();
-  ~IsaGuard() { set_isa(saved); }
-};
 struct FillGuard {
   FillGuard() { kernels::set_test_fill(std::numeric_limits<float>::quiet_NaN()); }
   ~FillGuard() { kernels::set_test_fill(std::nullopt); }

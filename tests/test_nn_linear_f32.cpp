@@ -9,6 +9,7 @@
 #include "nibble/isa.h"
 #include "nibble/ops.h"
 #include "nibble/thread_pool.h"
+#include "isa_guard.h"
 
 using namespace nibble;
 
@@ -22,10 +23,6 @@ Tensor random_tensor(DType dt, Shape shape, std::mt19937& rng) {
   return dt == DType::F32 ? f : f.to(dt);
 }
 
-struct IsaGuard {
-  Isa saved = active_isa();
-  ~IsaGuard() { set_isa(saved); }
-};
 
 // |fl(Σ x·w) − Σ x·w| ≤ γ_K Σ|x·w| with γ_K = K·u/(1 − K·u), u = 2^-24 (any summation order, with or
 // without FMA), plus one rounding of the bias add.

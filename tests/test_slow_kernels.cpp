@@ -24,6 +24,7 @@
 #include "nibble/ops.h"
 #include "nibble/thread_pool.h"
 #include "tolerance.h"
+#include "isa_guard.h"
 
 using namespace nibble;
 
@@ -56,10 +57,6 @@ void expect_finite(const Tensor& y, const std::string& what) {
   for (int64_t i = 0; i < f.numel(); ++i) ASSERT_TRUE(std::isfinite(f.data<float>()[i])) << what << " at " << i;
 }
 
-struct IsaGuard {
-  Isa saved = active_isa();
-  ~IsaGuard() { set_isa(saved); }
-};
 
 // ------------------------------------------------------------------------------ awq_w4a16
 TEST(SlowKernels, AwqFullWidthEveryIsaAgainstOracle) {

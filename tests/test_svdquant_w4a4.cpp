@@ -27,6 +27,7 @@
 #include "nibble/ops.h"
 #include "nibble/safetensors.h"
 #include "nibble/thread_pool.h"
+#include "isa_guard.h"
 
 using namespace nibble;
 using ::testing::HasSubstr;
@@ -110,13 +111,6 @@ Tensor compose(const Layer& l, DType out_dt, int64_t pad = 256) {
   return Tensor::from_bytes(out_dt, {M, p.N}, y.raw(), size_t(M * p.N) * dtype_size(out_dt));
 }
 
-class IsaGuard {
- public:
-  IsaGuard() : saved_(active_isa()) {}
-  ~IsaGuard() { set_isa(saved_); }
- private:
-  Isa saved_;
-};
 
 // ------------------------------------------------------------------ random grid vs reference
 struct GridCase {

@@ -18,6 +18,7 @@
 #include "nibble/isa.h"
 #include "nibble/ops.h"
 #include "nibble/thread_pool.h"
+#include "isa_guard.h"
 
 using namespace nibble;
 using namespace nibble::kernels::w4a4;
@@ -29,13 +30,6 @@ uint32_t seed() {
   return s == 0 ? 1616u : s;
 }
 
-class IsaGuard {
- public:
-  IsaGuard() : saved_(active_isa()) {}
-  ~IsaGuard() { set_isa(saved_); }
- private:
-  Isa saved_;
-};
 
 std::vector<KitchenIo> fast_ios() {
   std::vector<KitchenIo> v;

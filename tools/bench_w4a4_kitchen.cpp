@@ -23,6 +23,7 @@
 
 #include "bench_registry.h"
 #include "devtools/bench_util.h"
+#include "devtools/random_layer.h"
 #include "devtools/random_tensor.h"
 #include "nibble/formats.h"
 #include "nibble/isa.h"
@@ -74,20 +75,10 @@ int run_w4a4_kitchen(const BenchOptions& o) {
   std::mt19937 rng(1616);
   for (const Shape3& sh : shapes) {
     const int64_t M = sh.M, K = sh.K, N = sh.N;
-    LayerSource src;
-    src.name = "bench.kitchen";
-    src.config = QuantConfig::parse(R"({"format":"svdquant_w4a4"})", src.name);
-    Tensor q = Tensor::empty(DType::I8, {N, K / 2});
-    for (int64_t j = 0; j < q.numel(); ++j) q.mutable_data<uint8_t>()[j] = uint8_t(rng());
-    src.tensors["weight"] = q;
-    src.tensors["weight_scale"] = bench::random_tensor(rng, DType::BF16, {K / 64, N}, 0.001f, 0.02f);
-    src.tensors["smooth_factor"] = bench::random_tensor(rng, DType::BF16, {K}, 0.5f, 2.0f);
-    src.tensors["proj_down"] = bench::random_tensor(rng, DType::BF16, {K, R}, -0.05f, 0.05f);
-    src.tensors["proj_up"] = bench::random_tensor(rng, DType::BF16, {N, R}, -0.05f, 0.05f);
-    src.tensors["bias"] = bench::random_tensor(rng, DType::BF16, {N}, -0.1f, 0.1f);
+    const LayerSource src = bench::random_svdquant_source(rng, "bench.kitchen", K, N, R);
     const QuantizedLayer layer = bind_layer(src);
     const SvdquantW4A4Params params = svdquant_params(layer);
-    const size_t prep_bytes = size_t(N * K / 2 + (K / 64) * N * 4 + N * R * 4 + K * R * 4);
+    const size_t prep_bytes = bench::svdquant_prepared_bytes(K, N, R);
     std::vector<KitchenWeights> ws;
     for (int c = 0, n = bench::copies_to_defeat_cache(prep_bytes); c < n; ++c) {
       KitchenWeights w;
