@@ -100,7 +100,9 @@ TEST(ConvertCheckpoint, PresetNaturalKeysJsonAndErrors) {
     EXPECT_EQ(j["proj_down_smooth_folded"], true);
     const bool unsig = m.find("net.2") != std::string::npos;
     EXPECT_EQ(j.contains("act_unsigned"), unsig) << m;
-    if (unsig) EXPECT_EQ(j["act_unsigned"], true);
+    if (unsig) {
+      EXPECT_EQ(j["act_unsigned"], true);
+    }
     EXPECT_FALSE(j.contains("layout"));
   }
   // q/k/v share smooth_factor and proj_down (spec §3.8).

@@ -173,7 +173,9 @@ TEST(ConvertLoud, SharedInputGroupsBeyondQwenNames) {
   o.share = {R"((attention\.output|intermediate)\.dense$)"};
   const ConvertPlan p2 = plan_conversion(in, o);
   for (const auto& l : p2.layers)
-    if (contains(l.name, "intermediate.dense")) EXPECT_EQ(l.group.size(), 2u);
+    if (contains(l.name, "intermediate.dense")) {
+      EXPECT_EQ(l.group.size(), 2u);
+    }
 }
 
 TEST(ConvertLoud, StatisticsStoredOnceCalibrateTheWholeGroup) {

@@ -249,9 +249,10 @@ TEST(Safetensors, WriteErrorIsReportedAndLeavesNothing) {
       message = e.what();
     }
     // after a failed write the writer refuses to go on rather than produce a corrupt file
-    if (!message.empty())
+    if (!message.empty()) {
       EXPECT_THAT([&] { w.commit(); }, ::testing::ThrowsMessage<Error>(::testing::AnyOf(
                                            HasSubstr("earlier write failed"), HasSubstr("incomplete"))));
+    }
   }
   ::setrlimit(RLIMIT_FSIZE, &old);
   std::signal(SIGXFSZ, old_handler);

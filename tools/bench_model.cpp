@@ -40,7 +40,7 @@ double peak_rss_mib() {
   return double(ru.ru_maxrss) / 1024.0;
 }
 
-double process_cpu_seconds() {
+[[maybe_unused]] double process_cpu_seconds() {  // used only with AVX-512
   timespec ts{};
   clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
   return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);

@@ -1,4 +1,7 @@
 // AVX-512 softmax row of the block's joint attention (see kernels/linear_f32_kernels.h).
+// GCC 12 reports the intrinsics' own _mm*_undefined_* operands (reductions, casts) as uninitialized.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
 #include "kernels/linear_f32_kernels.h"

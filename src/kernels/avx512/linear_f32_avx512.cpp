@@ -2,6 +2,9 @@
 // GEMM micro-kernel: MR (≤ 8) activation rows × one 32-column panel, 2·MR zmm accumulators, one
 // broadcast per row and two weight loads per k. GEMV: 4 weight rows at a time, 16 k-lanes each,
 // fp32/bf16/fp16 weights widened in registers.
+// GCC 12 reports the intrinsics' own _mm*_undefined_* operands (reductions, casts) as uninitialized.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
 #include "kernels/linear_f32_kernels.h"

@@ -7,6 +7,9 @@
 //   vpack[jp][d]     = bf16 pair (V[2jp][d], V[2jp+1][d])
 // Scores of 8 query rows × 32 keys live in 16 zmm accumulators (one pair of hd per vdpbf16ps);
 // P (bf16) · V runs per 16-wide chunk of hd with 8 accumulators, the running output in L1.
+// GCC 12 reports the intrinsics' own _mm*_undefined_* operands (reductions, casts) as uninitialized.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
 #include <cmath>
