@@ -59,6 +59,18 @@ void expect_every_element_written(F fn, const std::string& label) {
   EXPECT_TRUE(same_bits(plain, poisoned)) << label;
 }
 
+// A random bf16 svdquant_w4a4 layer (N, K, rank R), with or without a bias.
+SvdquantW4A4Params random_svdquant(std::mt19937& rng, int64_t N, int64_t K, int64_t R, bool bias) {
+  SvdquantW4A4Params p;
+  p.N = N, p.K = K, p.R = R;
+  p.qweight = random_bytes(rng, {N, K / 2});
+  p.wscales = random_f32(rng, {K / 64, N}, 0.001f, 0.05f, DType::BF16);
+  p.smooth = random_f32(rng, {K}, 0.3f, 3.0f, DType::BF16);
+  p.proj_down = random_f32(rng, {K, R}, -0.1f, 0.1f, DType::BF16);
+  p.proj_up = random_f32(rng, {N, R}, -0.1f, 0.1f, DType::BF16);
+  if (bias) p.bias = random_f32(rng, {N}, -1, 1, DType::BF16);
+  return p;
+}
 }  // namespace
 
 TEST(KernelPlan, AwqPathNameIsThePlanName) {
@@ -132,14 +144,7 @@ TEST(KernelPlan, W4A4EveryPlanWritesEveryElement) {
   Guard g;
   std::mt19937 rng(8);
   const int64_t N = 70, K = 256, R = 16;
-  SvdquantW4A4Params p;
-  p.N = N, p.K = K, p.R = R;
-  p.qweight = random_bytes(rng, {N, K / 2});
-  p.wscales = random_f32(rng, {K / 64, N}, 0.001f, 0.05f, DType::BF16);
-  p.smooth = random_f32(rng, {K}, 0.3f, 3.0f, DType::BF16);
-  p.proj_down = random_f32(rng, {K, R}, -0.1f, 0.1f, DType::BF16);
-  p.proj_up = random_f32(rng, {N, R}, -0.1f, 0.1f, DType::BF16);
-  p.bias = random_f32(rng, {N}, -1, 1, DType::BF16);
+  SvdquantW4A4Params p = random_svdquant(rng, N, K, R, /*bias=*/true);
   for (bool act_unsigned : {false, true}) {
     p.act_unsigned = act_unsigned;
     const auto prep = prepare_svdquant_w4a4(p);
@@ -162,13 +167,7 @@ TEST(KernelPlan, W4A4EveryPlanWritesEveryElement) {
 TEST(KernelPlan, OutParameterWrittenInPlace) {
   std::mt19937 rng(9);
   const int64_t N = 70, K = 256, R = 16;
-  SvdquantW4A4Params p;
-  p.N = N, p.K = K, p.R = R;
-  p.qweight = random_bytes(rng, {N, K / 2});
-  p.wscales = random_f32(rng, {K / 64, N}, 0.001f, 0.05f, DType::BF16);
-  p.smooth = random_f32(rng, {K}, 0.3f, 3.0f, DType::BF16);
-  p.proj_down = random_f32(rng, {K, R}, -0.1f, 0.1f, DType::BF16);
-  p.proj_up = random_f32(rng, {N, R}, -0.1f, 0.1f, DType::BF16);
+  const SvdquantW4A4Params p = random_svdquant(rng, N, K, R, /*bias=*/false);
   const auto svd = prepare_svdquant_w4a4(p);
   AwqW4A16Params a;
   a.qweight = random_bytes(rng, {N, K / 2}), a.N = N, a.K = K, a.group_size = 64;
