@@ -329,6 +329,45 @@ TEST(AwqW4A16, OutputDtypeShapeAndBias) {
   }
 }
 
+// The epilogue of a bf16/f16 output is two roundings, y = round(round(acc) + bias) (spec §2.3), and
+// acc is the same fp32 sum an F32 call without bias returns: so every path, stored or prepared, must
+// match that composition bit for bit (the vector epilogue against the scalar conversions), with N
+// not a multiple of the 256-column chunk or the 16-column tile (prepared calls write a poisoned output).
+TEST(AwqW4A16, HalfOutputIsTheRoundedSumPlusBiasExactly) {
+  IsaGuard guard;
+  std::mt19937 rng(test_seed() + 6);
+  for (DType sdt : {DType::BF16, DType::F16})
+    for (int64_t M : {1, 3, 17, 64}) {
+      const Case c = make_case(rng, M, 531, 192, 64, DType::BF16, sdt, true);
+      AwqW4A16Params prm;
+      prm.qweight = c.q, prm.wscales = c.s, prm.wzeros = c.z, prm.bias = c.bias;
+      prm.N = c.N, prm.K = c.K, prm.group_size = c.G;
+      const auto prep = prepare_awq_w4a16(prm);
+      AwqW4A16Params nb = prm;
+      nb.bias = Tensor();
+      const auto prep_nb = prepare_awq_w4a16(nb);
+      const Tensor b32 = c.bias.to_f32();
+      for (Isa isa : supported_isas()) {
+        set_isa(isa);
+        for (bool prepared : {false, true}) {
+          Tensor y = Tensor::empty(sdt, {M, c.N});
+          std::memset(y.mutable_raw(), 0xFF, y.nbytes());  // NaN in both half dtypes
+          if (prepared) (void)gemv_awq_w4a16(c.x, *prep, sdt, y);
+          else y = gemv_awq_w4a16(c.x, c.q, c.s, c.z, c.bias, c.G, sdt);
+          const Tensor acc = prepared ? gemv_awq_w4a16(c.x, *prep_nb, DType::F32)
+                                      : gemv_awq_w4a16(c.x, c.q, c.s, c.z, Tensor(), c.G, DType::F32);
+          for (int64_t i = 0; i < y.numel(); ++i) {
+            const float a = acc.data<float>()[i], b = b32.data<float>()[i % c.N];
+            const uint16_t want = sdt == DType::BF16 ? f32_to_bf16(bf16_to_f32(f32_to_bf16(a)) + b)
+                                                     : f32_to_f16(f16_to_f32(f32_to_f16(a)) + b);
+            ASSERT_EQ(y.data<uint16_t>()[i], want) << "isa=" << isa_name(isa) << " M=" << M << " i=" << i
+                                                   << (prepared ? " prepared " : " stored ") << dtype_name(sdt);
+          }
+        }
+      }
+    }
+}
+
 TEST(AwqW4A16, OneDimensionalAndEmptyInputs) {
   IsaGuard guard;
   std::mt19937 rng(test_seed() + 5);
