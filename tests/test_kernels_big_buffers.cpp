@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "nibble/tensor.h"
@@ -52,4 +54,26 @@ TEST(BigBuffers, LiveTensorsNeverShareMemory) {
       }
   }
   for (size_t a = 0; a < live.size(); ++a) live[a].mutable_data<float>()[live[a].numel() - 1] = 1.0f;  // whole range
+}
+
+// Weight buffers (Tensor::empty_weights: prepared weights kept for a model's life): from 2 MiB up
+// they are 2 MiB-aligned mappings advised for huge pages (unless NIBBLE_HUGEPAGES=0), below that
+// ordinary 64-byte-aligned buffers; every size holds its whole request, and freeing returns the
+// mapping (many rounds of allocations leave no growth the test could see as a crash).
+TEST(BigBuffers, WeightBuffersHoldTheRequestAndAreAligned) {
+  const char* env = std::getenv("NIBBLE_HUGEPAGES");
+  const bool advice = !(env && std::string(env) == "0");
+  for (int round = 0; round < 20; ++round)
+    for (int64_t n : {int64_t(0), int64_t(1), int64_t(100), (int64_t(2) << 20) / 4 - 1, (int64_t(2) << 20) / 4,
+                      (int64_t(5) << 20) / 4 + 3}) {
+      Tensor t = Tensor::empty_weights(DType::F32, {n});
+      ASSERT_EQ(t.numel(), n);
+      ASSERT_TRUE(t.writable());
+      const auto a = reinterpret_cast<uintptr_t>(t.raw());
+      EXPECT_EQ(a % 64, 0u) << n;
+      if (advice && t.nbytes() >= (size_t(2) << 20)) {
+        EXPECT_EQ(a % (uintptr_t(2) << 20), 0u) << n;
+      }
+      if (round == 0 && n > 0) fill_and_check(t, 3.0f);
+    }
 }

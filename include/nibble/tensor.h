@@ -31,6 +31,9 @@ class Tensor {
   Tensor() = default;
   // Owning, 64-byte aligned, uninitialized.
   static Tensor empty(DType dtype, Shape shape);
+  // The same, for a buffer kept for the life of a model (weights prepared at load): from 2 MiB up,
+  // 2 MiB-aligned and advised for transparent huge pages (env NIBBLE_HUGEPAGES=0: plain pages).
+  static Tensor empty_weights(DType dtype, Shape shape);
   static Tensor zeros(DType dtype, Shape shape);
   // Zero-copy view of external memory; `keepalive` owns it (may be null for borrowed memory
   // that outlives the tensor).

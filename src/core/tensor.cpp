@@ -108,6 +108,40 @@ std::shared_ptr<void> big_alloc_bytes(size_t n) {
 }
 }  // namespace
 
+// Buffers kept for the life of a model (weights prepared at load): 2 MiB-aligned mappings advised for
+// transparent huge pages (MADV_HUGEPAGE; THP's "madvise" mode is Debian's default). A streamed weight
+// then crosses 512× fewer pages: measured on the AWQ GEMV stream (K = 3072, N = 18432, 2 threads,
+// one process, 4 KiB vs huge pages): 1.10–1.17× the weight bytes/s, and the bf16 GEMV's weights
+// gained about as much (1.07–1.22×), which is why the benchmarks' weight copies use the same
+// allocation. Unlike per-call outputs (see above) the compaction a huge page may need is paid once,
+// at load. NIBBLE_HUGEPAGES=0 turns the advice off; where THP is off it is a no-op.
+namespace {
+bool hugepage_advice() {
+  static const bool on = [] {
+    const char* e = std::getenv("NIBBLE_HUGEPAGES");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return on;
+}
+}  // namespace
+
+static std::shared_ptr<void> aligned_alloc_bytes(size_t n);
+
+static std::shared_ptr<void> weights_alloc_bytes(size_t n) {
+  constexpr size_t kHuge = size_t(2) << 20;
+  if (n < kHuge || !hugepage_advice()) return aligned_alloc_bytes(n);
+  if (n > SIZE_MAX - 2 * kHuge) throw Error(fmt::format("out of memory allocating {} bytes", n));
+  const size_t len = (n + kHuge - 1) / kHuge * kHuge;
+  void* raw = mmap(nullptr, len + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) throw Error(fmt::format("out of memory allocating {} bytes", n));
+  const uintptr_t r = reinterpret_cast<uintptr_t>(raw), a = (r + kHuge - 1) / kHuge * kHuge;
+  if (a > r) munmap(raw, a - r);                                           // slack before the aligned start
+  if (r + len + kHuge > a + len) munmap(reinterpret_cast<void*>(a + len), r + len + kHuge - (a + len));  // and after
+  void* p = reinterpret_cast<void*>(a);
+  (void)madvise(p, len, MADV_HUGEPAGE);  // advice: refused or ignored where THP is unavailable
+  return std::shared_ptr<void>(p, [len](void* q) { munmap(q, len); });
+}
+
 static std::shared_ptr<void> aligned_alloc_bytes(size_t n) {
   if (n >= kBig) return big_alloc_bytes(n);
   const size_t rounded = (n + 63) / 64 * 64;
@@ -124,6 +158,20 @@ Tensor Tensor::empty(DType dtype, Shape shape) {
   t.nbytes_ = dtype_nbytes(dtype, uint64_t(t.numel_));
   t.shape_ = std::move(shape);
   auto buf = aligned_alloc_bytes(t.nbytes_);
+  t.data_ = buf.get();
+  t.storage_ = std::move(buf);
+  t.writable_ = true;
+  return t;
+}
+
+Tensor Tensor::empty_weights(DType dtype, Shape shape) {
+  Tensor t;
+  t.dtype_ = dtype;
+  t.dtype_set_ = true;
+  t.numel_ = shape_numel(shape);
+  t.nbytes_ = dtype_nbytes(dtype, uint64_t(t.numel_));
+  t.shape_ = std::move(shape);
+  auto buf = weights_alloc_bytes(t.nbytes_);
   t.data_ = buf.get();
   t.storage_ = std::move(buf);
   t.writable_ = true;

@@ -115,7 +115,16 @@ RotatingCopies::RotatingCopies(const std::vector<Tensor>& originals, int n_copie
   sets_.reserve(size_t(n_copies));
   for (int i = 0; i < n_copies; ++i) {
     std::vector<Tensor> set;
-    for (auto& t : originals) set.push_back(t.defined() ? t.clone() : Tensor());
+    // weight copies allocated as the runtime allocates its prepared weights (huge pages when granted)
+    for (auto& t : originals) {
+      if (!t.defined()) {
+        set.emplace_back();
+        continue;
+      }
+      Tensor c = Tensor::empty_weights(t.dtype(), t.shape());
+      std::memcpy(c.mutable_raw(), t.raw(), t.nbytes());
+      set.push_back(std::move(c));
+    }
     sets_.push_back(std::move(set));
   }
 }

@@ -542,7 +542,7 @@ std::shared_ptr<const AwqW4A16Prepared> prepare_awq_w4a16(const AwqW4A16Params& 
   const int64_t N = p.qweight.size(0), K = 2 * p.qweight.size(1), G = p.group_size;
   // The tiled stream serves the AVX2/AVX-512 GEMVs; the oracle reads the stored layout.
   if (prepared_has_tiled(G) && N > 0 && K > 0) {
-    r->tiled = Tensor::empty(DType::U8, {tiled_bytes(N, K, G)});
+    r->tiled = Tensor::empty_weights(DType::U8, {tiled_bytes(N, K, G)});  // streamed every call: huge pages
     const Problem prob{0, N, K, G, p.qweight.data<uint8_t>(), p.wscales.data<uint16_t>(), p.wzeros.data<uint16_t>(),
                        p.wscales.dtype()};
     repack_tiled(prob, r->tiled.mutable_data<uint8_t>());
