@@ -41,8 +41,9 @@ int64_t shape_numel(const Shape& s) {
 // dropped first) for the next request of about the same size. Without it glibc maps such sizes
 // afresh on every call and a 48 MiB output takes ~12k page faults on first touch: ~15 % of the CPU
 // time of an M = 4096 W4A4 layer went to the kernel zeroing pages. A model step asks for the same
-// sizes layer after layer, so the cache turns that into plain reuse. (Huge-page advice was tried and
-// dropped: direct compaction stalled for up to 100 ms on a busy host.) Sanitizer builds skip the cache.
+// sizes layer after layer, so the cache turns that into plain reuse. (Huge-page advice was tried for these
+// per-call buffers and dropped: direct compaction stalled for up to 100 ms on a busy host; prepared
+// weights take it, below.) Sanitizer builds skip the cache.
 namespace {
 constexpr size_t kBig = size_t(4) << 20, kPage = size_t(64) << 10;
 constexpr size_t kCacheBlocks = 8, kCacheBytes = size_t(512) << 20;
@@ -58,18 +59,19 @@ struct BigCache {
     for (const BigBlock& b : free) munmap(b.p, b.len);
   }
 };
-BigCache& big_cache() {
-  static BigCache* c = new BigCache;  // never destroyed: tensors may be freed during static destruction
-  return *c;
+// Two caches: plain blocks, and 2 MiB-aligned blocks advised for huge pages (weights_alloc_bytes).
+BigCache& big_cache(bool huge) {
+  static BigCache* c = new BigCache[2];  // never destroyed: tensors may be freed during static destruction
+  return c[huge ? 1 : 0];
 }
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 constexpr bool kUseCache = false;
 #else
 constexpr bool kUseCache = true;
 #endif
-void big_release(void* p, size_t len) {
+void big_release(void* p, size_t len, bool huge) {
   if (kUseCache && len <= kCacheBytes) {
-    BigCache& c = big_cache();
+    BigCache& c = big_cache(huge);
     std::lock_guard<std::mutex> lock(c.mu);
     c.free.push_back({p, len});
     c.bytes += len;
@@ -82,40 +84,43 @@ void big_release(void* p, size_t len) {
   }
   munmap(p, len);
 }
+// The smallest cached block of len .. 1.25·len, taken out of the cache; null when none fits.
+void* take_cached(size_t len, bool huge, size_t* got) {
+  if (!kUseCache) return nullptr;
+  BigCache& c = big_cache(huge);
+  std::lock_guard<std::mutex> lock(c.mu);
+  size_t best = c.free.size();
+  for (size_t i = 0; i < c.free.size(); ++i)
+    if (c.free[i].len >= len && c.free[i].len <= len + len / 4 && (best == c.free.size() || c.free[i].len < c.free[best].len))
+      best = i;
+  if (best == c.free.size()) return nullptr;
+  void* p = c.free[best].p;
+  *got = c.free[best].len;
+  c.bytes -= *got;
+  c.free.erase(c.free.begin() + std::ptrdiff_t(best));
+  return p;
+}
 std::shared_ptr<void> big_alloc_bytes(size_t n) {
   const size_t len = (n + kPage - 1) / kPage * kPage;
-  void* p = nullptr;
   size_t got = 0;
-  if (kUseCache) {
-    BigCache& c = big_cache();
-    std::lock_guard<std::mutex> lock(c.mu);
-    size_t best = c.free.size();
-    for (size_t i = 0; i < c.free.size(); ++i)  // the smallest block of len .. 1.25·len
-      if (c.free[i].len >= len && c.free[i].len <= len + len / 4 && (best == c.free.size() || c.free[i].len < c.free[best].len))
-        best = i;
-    if (best < c.free.size()) {
-      p = c.free[best].p, got = c.free[best].len;
-      c.bytes -= got;
-      c.free.erase(c.free.begin() + std::ptrdiff_t(best));
-    }
-  }
+  void* p = take_cached(len, false, &got);
   if (!p) {
     p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) throw Error(fmt::format("out of memory allocating {} bytes", n));
     got = len;
   }
-  return std::shared_ptr<void>(p, [got](void* q) { big_release(q, got); });
+  return std::shared_ptr<void>(p, [got](void* q) { big_release(q, got, false); });
 }
-}  // namespace
 
 // Buffers kept for the life of a model (weights prepared at load): 2 MiB-aligned mappings advised for
 // transparent huge pages (MADV_HUGEPAGE; THP's "madvise" mode is Debian's default). A streamed weight
-// then crosses 512× fewer pages: measured on the AWQ GEMV stream (K = 3072, N = 18432, 2 threads,
-// one process, 4 KiB vs huge pages): 1.10–1.17× the weight bytes/s, and the bf16 GEMV's weights
-// gained about as much (1.07–1.22×), which is why the benchmarks' weight copies use the same
-// allocation. Unlike per-call outputs (see above) the compaction a huge page may need is paid once,
-// at load. NIBBLE_HUGEPAGES=0 turns the advice off; where THP is off it is a no-op.
-namespace {
+// crosses 512× fewer pages: on the AWQ GEMV stream (K = 3072, N = 18432, 2 threads, one process, 4 KiB
+// vs huge pages) 1.10–1.17× the weight bytes/s; the bf16 GEMV's weights gained about as much
+// (1.07–1.22×), which is why the benchmarks' weight copies use this allocation too. Unlike per-call
+// outputs (above) the compaction a huge page may need is paid once, at load. Freed blocks go to their
+// own cache: without it `nibble demo`, which prepares layers several times, spent +0.5 s zeroing fresh
+// mappings. Used for the memory-bound AWQ stream only: the compute-bound packs (dense, W4A4) gained
+// nothing measurable and glibc recycles their memory. NIBBLE_HUGEPAGES=0 turns the advice off.
 bool hugepage_advice() {
   static const bool on = [] {
     const char* e = std::getenv("NIBBLE_HUGEPAGES");
@@ -132,14 +137,18 @@ static std::shared_ptr<void> weights_alloc_bytes(size_t n) {
   if (n < kHuge || !hugepage_advice()) return aligned_alloc_bytes(n);
   if (n > SIZE_MAX - 2 * kHuge) throw Error(fmt::format("out of memory allocating {} bytes", n));
   const size_t len = (n + kHuge - 1) / kHuge * kHuge;
-  void* raw = mmap(nullptr, len + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (raw == MAP_FAILED) throw Error(fmt::format("out of memory allocating {} bytes", n));
-  const uintptr_t r = reinterpret_cast<uintptr_t>(raw), a = (r + kHuge - 1) / kHuge * kHuge;
-  if (a > r) munmap(raw, a - r);                                           // slack before the aligned start
-  if (r + len + kHuge > a + len) munmap(reinterpret_cast<void*>(a + len), r + len + kHuge - (a + len));  // and after
-  void* p = reinterpret_cast<void*>(a);
-  (void)madvise(p, len, MADV_HUGEPAGE);  // advice: refused or ignored where THP is unavailable
-  return std::shared_ptr<void>(p, [len](void* q) { munmap(q, len); });
+  size_t got = len;
+  void* p = take_cached(len, true, &got);
+  if (!p) {
+    void* raw = mmap(nullptr, len + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED) throw Error(fmt::format("out of memory allocating {} bytes", n));
+    const uintptr_t r = reinterpret_cast<uintptr_t>(raw), a = (r + kHuge - 1) / kHuge * kHuge;
+    if (a > r) munmap(raw, a - r);  // the slack before the aligned start, and after its end
+    if (r + len + kHuge > a + len) munmap(reinterpret_cast<void*>(a + len), r + len + kHuge - (a + len));
+    p = reinterpret_cast<void*>(a);
+    (void)madvise(p, len, MADV_HUGEPAGE);  // advice: refused or ignored where THP is unavailable
+  }
+  return std::shared_ptr<void>(p, [got](void* q) { big_release(q, got, true); });
 }
 
 static std::shared_ptr<void> aligned_alloc_bytes(size_t n) {

@@ -44,10 +44,10 @@ PackedF32Weight pack_weight(const void* w, DType wdt, int64_t N, int64_t K) {
   p.K = K;
   p.panels = (N + kPanel - 1) / kPanel;
   const size_t bytes = size_t(p.panels * K * kPanel) * sizeof(float);
-  // kept for the model's life and streamed every call: the weights' allocation (huge pages when granted)
-  auto buf = std::make_shared<Tensor>(Tensor::empty_weights(DType::U8, {int64_t((bytes + 63) / 64 * 64 + 64)}));
-  p.data = static_cast<float*>(buf->mutable_raw());
-  p.storage = std::shared_ptr<void>(buf, buf->mutable_raw());
+  void* mem = std::aligned_alloc(64, (bytes + 63) / 64 * 64 + 64);
+  if (!mem) throw Error(fmt::format("linear_f32: out of memory packing a ({}, {}) weight", N, K));
+  p.storage = std::shared_ptr<void>(mem, [](void* q) { std::free(q); });
+  p.data = static_cast<float*>(mem);
   float* dst = p.data;
   parallel_for(p.panels, [&](int64_t panel) {
     float* out = dst + panel * K * kPanel;

@@ -88,7 +88,7 @@ void check_out_dtype(DType dt, const char* op) {
 // ---- weight packing (layout: svdquant_w4a4_kernels.h)
 Tensor pack_weight(const uint8_t* q, int64_t N, int64_t K) {
   const int64_t G = K / kGroup, T = (N + kTileN - 1) / kTileN;
-  Tensor out = Tensor::empty_weights(DType::U8, {T * G * kTileBytesPerGroup});
+  Tensor out = Tensor::empty(DType::U8, {T * G * kTileBytesPerGroup});
   uint8_t* d = out.mutable_data<uint8_t>();
   parallel_for(T, [&](int64_t t) {
     for (int64_t g = 0; g < G; ++g)
