@@ -22,10 +22,12 @@ inline __m512 load16_halves(const uint8_t* src) {
   else return _mm512_cvtph_ps(h);
 }
 
-// Software prefetch 16 KB ahead (as the bf16 kernel, see there): measured through the op against the
-// previous 512 B, one process, interleaved (K = 3072, N = 18432, 2 threads, 14:39 UTC, loaded host):
-// 1.16× at M = 1, 2.0× at M = 2, 1.25× at M = 8. Clamped to the stream's last line.
-constexpr int64_t kPrefetchAhead = 16384;
+// Software prefetch 4 KB ahead (as the bf16 kernel, see there). On 4 KiB pages 16 KB was measured
+// against the previous 512 B (one process, interleaved, K = 3072, N = 18432, 2 threads, loaded host):
+// 1.16× at M = 1, 2.0× at M = 2, 1.25× at M = 8. With the stream on huge pages 4 KB and 16 KB are equal
+// here (M = 1, NIBBLE_ISA=avx512, 2 rounds each: 3.25–3.39 vs 3.23–3.31× the bf16 GEMV); 4 KB keeps
+// the two kernels alike. Clamped to the stream's last line.
+constexpr int64_t kPrefetchAhead = 4096;
 
 // MB activation rows against tiles [t0, t1). Chains: 8 per row (one per nibble position) for a
 // single row, 4 per row otherwise, so the FMA latency never bounds the loop.

@@ -32,16 +32,18 @@ inline __m512 load16_halves(const uint8_t* src) {
   else return _mm512_cvtph_ps(h);
 }
 
-// Software prefetch (PREFETCHT0) 16 KB ahead of the line being decoded. Without it a core streamed
+// Software prefetch (PREFETCHT0) 4 KB ahead of the line being decoded. Without it a core streamed
 // ~25 GB/s from DRAM although the loop needs only ≈ 3.3 cycles per line from L2 (the same loop over
 // an L2-resident stream, 1 thread) and a plain read of the same access pattern reached ~73 GB/s on 2
-// cores: demand loads and the hardware prefetcher kept too few lines in flight. Measured through the
-// op in one process, interleaved with the bf16 GEMV (K = 3072, N = 18432, 2 threads, 14:38 UTC,
-// shared host, load 2): against no prefetch, T0 16 KB 1.04–1.31× at M = 1, 1.41× at M = 2, 1.9× at
-// M = 4, 1.54× at M = 8; 24–48 KB about the same, 8 KB and PREFETCHNTA 8–16 KB 0–10 % behind 16 KB.
-// (The earlier trial of 512 B ahead was neutral: too short to cover DRAM latency.) The address is
-// clamped to the stream's last line, so nothing past the buffer is touched.
-constexpr int64_t kPrefetchAhead = 16384;
+// cores: demand loads and the hardware prefetcher kept too few lines in flight. On 4 KiB pages 16 KB
+// ahead was best (against none: 1.04–1.31× at M = 1, 1.4–1.9× at M = 2–8; 8 KB and PREFETCHNTA 0–10 %
+// behind). Since the stream lives on huge pages (Tensor::empty_weights) shorter is better: through the
+// op, one process per setting, interleaved, speedup over the bf16 GEMV at M = 1 (nn.Linear / kitchen
+// cached), 3 rounds each: 2 KB 3.33–3.42 / 3.49–3.59, 3–6 KB 3.38–3.53 / 3.52–3.71, 8 KB
+// 3.36–3.42 / 3.51–3.59, 16 KB 3.18–3.33 / 3.38–3.47, none 3.09 / 3.21–3.26; M = 2–16 equal within
+// noise; T1/T2/NTA hints equal to T0. The address is clamped to the stream's last line, so nothing
+// past the buffer is touched.
+constexpr int64_t kPrefetchAhead = 4096;
 
 // MB activation rows (each `P` exact bf16 parts) against tiles [t0, t1). One dot-product chain per
 // row and nibble position: a group's G/8 lines are deep enough to hide the vdpbf16ps latency (8
