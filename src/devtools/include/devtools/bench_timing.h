@@ -44,9 +44,8 @@ struct InterleavedCase {
   std::function<void(int)> run;
   bool foreign_pool = false;
 };
-// Each repetition runs every case once (the starting case rotates by one per repetition: whatever
-// follows a large sweep runs a few % slower, and rotation spreads that evenly), after one untimed
-// warm-up round.
+// Each repetition runs every case once, in a fresh shuffled order (whatever follows a large sweep runs
+// a few % slower; shuffling gives every case every predecessor), after one untimed warm-up round.
 std::vector<Timing> time_interleaved(int repeats, const std::vector<InterleavedCase>& cases);
 // Sleeps past both pools' spin windows and, with wake = true, gets nibble's workers spinning again.
 void settle_pools(bool wake);
