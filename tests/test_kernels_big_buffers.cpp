@@ -77,3 +77,11 @@ TEST(BigBuffers, WeightBuffersHoldTheRequestAndAreAligned) {
       if (round == 0 && n > 0) fill_and_check(t, 3.0f);
     }
 }
+
+// The diagnostic line of `nibble --version` and the AWQ benchmark header.
+TEST(BigBuffers, WeightPageStatusNamesTheSetting) {
+  const std::string st = weights_hugepage_status();
+  const char* env = std::getenv("NIBBLE_HUGEPAGES");
+  if (env && std::string(env) == "0") EXPECT_EQ(st, "off (NIBBLE_HUGEPAGES=0)");
+  else EXPECT_NE(st.find("THP"), std::string::npos) << st;
+}

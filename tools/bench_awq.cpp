@@ -64,10 +64,11 @@ int run_awq(const BenchOptions& o) {
   bench::ReadProbe probe(size_t(256) << 20);
   const bool blas = bench::openblas_available();
   if (!o.json)
-    fmt::print("# awq_w4a16: {} threads; G={}, bf16 scales/zeros/bias; weights rotated over > 2x L3; each repetition "
-               "runs read-probe, the {} caller paths, bf16 GEMV{} in turn; load average {:.2f}\n",
-               num_threads(), G, std::size(kPaths), blas ? ", OpenBLAS" : " (OpenBLAS: " + bench::openblas_info() + ")",
-               load_before);
+    fmt::print("# awq_w4a16: {} threads; G={}, bf16 scales/zeros/bias; weights rotated over > 2x L3 ({}, every "
+               "case's); each repetition runs read-probe, the {} caller paths, bf16 GEMV{} in a shuffled order; load "
+               "average {:.2f}\n",
+               num_threads(), G, weights_hugepage_status(), std::size(kPaths),
+               blas ? ", OpenBLAS" : " (OpenBLAS: " + bench::openblas_info() + ")", load_before);
   std::vector<bench::Record> recs;
   std::mt19937 rng(1234);
   // group shapes by (K, N) so the weight copies are built once
@@ -185,7 +186,7 @@ int run_awq(const BenchOptions& o) {
         rec.n("M", double(M)).n("K", double(K)).n("N", double(N)).n("G", double(G));
         rec.s("isa", isa_name(active_isa()))
             .s("kernel", kernels::awq::path_name(active_isa(), M, G, kPaths[p].x_dtype, DType::BF16, kPaths[p].prepared));
-        rec.n("threads", num_threads()).n("weight_MB", double(int4_bytes) / 1e6);
+        rec.n("threads", num_threads()).n("weight_MB", double(int4_bytes) / 1e6).s("weight_pages", weights_hugepage_status());
         rec.n("op_ms", t.median * 1e3).n("op_best_ms", t.best * 1e3);
         rec.n("weight_GBps", double(int4_bytes) / t.median / 1e9);
         rec.n("pct_ceiling", bench::median(pct_ceiling)).n("pct_probe", probe_pct);

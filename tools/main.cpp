@@ -7,6 +7,7 @@
 #include "command.h"
 #include "nibble/error.h"
 #include "nibble/isa.h"
+#include "nibble/tensor.h"
 #include "nibble/thread_pool.h"
 #include "nibble/version.h"
 
@@ -54,8 +55,9 @@ int main(int argc, char** argv) {
     }
     if (g.threads > 0) set_num_threads(g.threads);
     if (version) {
-      fmt::print("nibble {}\ncompiled ISAs: {}\ncpu features: {}\nactive ISA: {}\nthreads: {}\n", NIBBLE_VERSION_STRING,
-                 compiled_isas_string(), cpu_features_string(), isa_name(active_isa()), num_threads());
+      fmt::print("nibble {}\ncompiled ISAs: {}\ncpu features: {}\nactive ISA: {}\nthreads: {}\nweight streams: {}\n",
+                 NIBBLE_VERSION_STRING, compiled_isas_string(), cpu_features_string(), isa_name(active_isa()),
+                 num_threads(), weights_hugepage_status());
       return 0;
     }
     for (auto& [sub, run] : runs)

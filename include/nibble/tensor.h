@@ -22,6 +22,9 @@
 namespace nibble {
 
 using Shape = std::vector<int64_t>;
+// How empty_weights() buffers are backed on this host, for diagnostics (`nibble --version`, the
+// benchmarks' headers): e.g. "huge pages advised (THP: madvise)", "off (NIBBLE_HUGEPAGES=0)".
+std::string weights_hugepage_status();
 std::string shape_str(const Shape& s);  // "(3, 4)"
 // Product of dims; throws nibble::Error on negative dims or int64 overflow.
 int64_t shape_numel(const Shape& s);

@@ -4,6 +4,8 @@
 #include <sys/mman.h>
 
 #include <cstdint>
+#include <string>
+#include <cstdio>
 #include <cstdlib>
 #include <mutex>
 #include <vector>
@@ -171,6 +173,22 @@ Tensor Tensor::empty(DType dtype, Shape shape) {
   t.storage_ = std::move(buf);
   t.writable_ = true;
   return t;
+}
+
+std::string weights_hugepage_status() {
+  if (!hugepage_advice()) return "off (NIBBLE_HUGEPAGES=0)";
+  std::string mode = "unknown";
+  if (FILE* f = std::fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r")) {
+    char line[128] = {0};
+    if (std::fgets(line, sizeof line, f)) {
+      const char* a = std::strchr(line, '[');
+      const char* b = a ? std::strchr(a, ']') : nullptr;
+      if (a && b) mode.assign(a + 1, b);
+    }
+    std::fclose(f);
+  }
+  if (mode == "never") return "not available (THP: never)";
+  return "huge pages advised from 2 MiB (THP: " + mode + ")";
 }
 
 Tensor Tensor::empty_weights(DType dtype, Shape shape) {
