@@ -71,6 +71,8 @@ class Tensor {
   Tensor slice_rows(int64_t begin, int64_t end) const;
 
  private:
+  // empty() and empty_weights(): an owning tensor on `nbytes` from `alloc`
+  static Tensor owning(DType dtype, Shape shape, std::shared_ptr<void> (*alloc)(size_t nbytes));
   std::shared_ptr<const void> storage_;
   const void* data_ = nullptr;
   DType dtype_ = DType::F32;

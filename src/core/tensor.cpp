@@ -161,19 +161,21 @@ static std::shared_ptr<void> aligned_alloc_bytes(size_t n) {
   return std::shared_ptr<void>(p, [](void* q) { std::free(q); });
 }
 
-Tensor Tensor::empty(DType dtype, Shape shape) {
+Tensor Tensor::owning(DType dtype, Shape shape, std::shared_ptr<void> (*alloc)(size_t nbytes)) {
   Tensor t;
   t.dtype_ = dtype;
   t.dtype_set_ = true;
   t.numel_ = shape_numel(shape);
   t.nbytes_ = dtype_nbytes(dtype, uint64_t(t.numel_));
   t.shape_ = std::move(shape);
-  auto buf = aligned_alloc_bytes(t.nbytes_);
+  auto buf = alloc(t.nbytes_);
   t.data_ = buf.get();
   t.storage_ = std::move(buf);
   t.writable_ = true;
   return t;
 }
+
+Tensor Tensor::empty(DType dtype, Shape shape) { return owning(dtype, std::move(shape), &aligned_alloc_bytes); }
 
 std::string weights_hugepage_status() {
   if (!hugepage_advice()) return "off (NIBBLE_HUGEPAGES=0)";
@@ -192,17 +194,7 @@ std::string weights_hugepage_status() {
 }
 
 Tensor Tensor::empty_weights(DType dtype, Shape shape) {
-  Tensor t;
-  t.dtype_ = dtype;
-  t.dtype_set_ = true;
-  t.numel_ = shape_numel(shape);
-  t.nbytes_ = dtype_nbytes(dtype, uint64_t(t.numel_));
-  t.shape_ = std::move(shape);
-  auto buf = weights_alloc_bytes(t.nbytes_);
-  t.data_ = buf.get();
-  t.storage_ = std::move(buf);
-  t.writable_ = true;
-  return t;
+  return owning(dtype, std::move(shape), &weights_alloc_bytes);
 }
 
 Tensor Tensor::zeros(DType dtype, Shape shape) {
