@@ -248,6 +248,22 @@ def test_setup_threads_kitchen_and_formats(pack, monkeypatch, tmp_path, caplog):
     assert pack.setup() is pack.setup()              # once per process unless forced
 
 
+@pytest.mark.parametrize("policy, notice", [(None, True), ("active", True), ("PASSIVE", False), ("passive", False)])
+def test_setup_tells_about_spinning_omp_workers(pack, monkeypatch, tmp_path, caplog, policy, notice):
+    cs.install(monkeypatch, tmp_path)  # the stand-in torch is in sys.modules, as in ComfyUI
+    if policy is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    with caplog.at_level(logging.INFO):
+        rep = pack.setup(force=True)
+    assert rep["omp_notice"] is notice
+    said = [r.getMessage() for r in caplog.records if "OMP_WAIT_POLICY" in r.getMessage()]
+    assert bool(said) is notice
+    if notice:
+        assert "OMP_WAIT_POLICY=PASSIVE" in said[0]
+
+
 def test_setup_reports_changed_internals(pack, monkeypatch, tmp_path, caplog):
     cs.install(monkeypatch, tmp_path, loader_sig_changed=True)
     with caplog.at_level(logging.ERROR):
