@@ -13,6 +13,7 @@
 // GCC 12 warns inside its own AVX-512 headers (_mm512_undefined_* used by intrinsics).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#include <cstdlib>
 
 
 #include "kernels/awq_w4a16_kernels.h"
@@ -142,6 +143,10 @@ void gemv_rows_g(const GemvArgs& a, int64_t nb0, int64_t nb1, int64_t m0, const 
   else gemv_rows<MB, P, 0>(a, nb0, nb1, m0, sblk, zterm);
 }
 
+// Software prefetch of the packed rows in the wide variant (rows are consecutive, so within a task
+// this is one sequential stream), clamped to the buffer's last line.
+static const int64_t kStoredPrefetchAhead = getenv("XSPF") ? atoi(getenv("XSPF")) : 4096;
+
 // The wide variant (G ∈ {64, 128}, K % 128 == 0): 64 packed bytes = 128 columns per zmm, one or
 // two groups per vector (dword lanes 0–7 and 8–15), with a per-half scale vector when G = 64.
 // zmm vpermw reads 5 index bits, so its table repeats the 16 values twice.
@@ -159,12 +164,16 @@ void gemv_rows_wide(const GemvArgs& a, int64_t nb0, int64_t nb1, int64_t m0, con
   for (int m = 0; m < MB; ++m)
     for (int q = 0; q < P; ++q) xrow[m][q] = xc + ((m0 + m) * P + q) * a.xc_row_elems;
 
+  const uint8_t* qend = p.qweight + N * (K / 2);
+  const uint8_t* qlast = qend - 64;  // K/2 ≥ 64 here (K % 128 == 0)
   for (int64_t n = nb0; n < nb1; ++n) {
     const uint8_t* qrow = p.qweight + n * (K / 2);
     const float* srow = sblk + (n - nb0);
     __m512 acc0[MB], acc1[MB];
     for (int m = 0; m < MB; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
     auto chunk = [&](int64_t c, __m512* accx) __attribute__((always_inline)) {
+      const uint8_t* ahead = qrow + c * 64 + kStoredPrefetchAhead;
+      _mm_prefetch(reinterpret_cast<const char*>(ahead < qend ? ahead : qlast), _MM_HINT_T0);
       const __m512i w = _mm512_loadu_si512(qrow + c * 64);
       const __m512i a0 = _mm512_permutexvar_epi16(w, table);
       const __m512i a1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), table);
