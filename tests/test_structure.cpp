@@ -5,11 +5,15 @@
 
 #include <cmath>
 #include <cstring>
+#include <random>
 #include <set>
 
 #include "devtools/bench_memory.h"
+#include "devtools/bench_peers.h"
 #include "devtools/bench_timing.h"
+#include "isa_guard.h"
 #include "nibble/formats.h"
+#include "nibble/isa.h"
 #include "nibble/nn.h"
 #include "nibble/sample.h"
 #include "nibble/safetensors.h"
@@ -114,6 +118,40 @@ TEST(BenchMedian, TrueMedianForOddAndEvenCounts) {
   EXPECT_EQ(bench::best({4.0, 1.0, 3.0}), 1.0);
   bench::Timing a{0, 0, {2.0, 4.0, 6.0, 8.0}}, b{0, 0, {1.0, 1.0, 2.0, 1.0}};
   EXPECT_EQ(bench::paired_ratio(a, b), 3.5);  // per-repetition ratios 2, 4, 3, 8 → (3 + 4) / 2
+}
+
+// The bf16 GEMV yardstick of `bench --op awq` at every ISA level (it follows nibble's active level):
+// fp32 sums of exact bf16 products, so against a double oracle each output is within the fp32
+// summation bound K·2^-24·Σ|w·x| (a loose form of γ_K), for M = 1..6 and K not a multiple of 16/32.
+TEST(BenchPeers, Bf16GemvYardstickAtEveryLevel) {
+  IsaGuard guard;
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (int64_t M : {1, 3, 6})
+    for (int64_t K : {64, 100}) {
+      const int64_t N = 70;
+      std::vector<uint16_t> x(size_t(M * K)), w(size_t(N * K));
+      for (auto& v : x) v = f32_to_bf16(nd(rng));
+      for (auto& v : w) v = f32_to_bf16(nd(rng));
+      for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni, Isa::Avx512Bf16}) {
+        if (!isa_supported(isa)) continue;
+        set_isa(isa);
+        std::vector<float> y(size_t(M * N), NAN);
+        bench::gemv_bf16_weights(M, N, K, x.data(), w.data(), y.data());
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = 0; n < N; ++n) {
+            double ref = 0, mag = 0;
+            for (int64_t k = 0; k < K; ++k) {
+              const double p = double(bf16_to_f32(w[size_t(n * K + k)])) * bf16_to_f32(x[size_t(m * K + k)]);
+              ref += p;
+              mag += std::fabs(p);
+            }
+            const float got = y[size_t(m * N + n)];
+            ASSERT_FALSE(std::isnan(got)) << isa_name(isa);
+            ASSERT_LE(std::fabs(got - ref), double(K) * std::ldexp(mag, -24)) << isa_name(isa) << " M=" << M << " K=" << K;
+          }
+      }
+    }
 }
 
 TEST(BenchMemory, ProcessMemoryIsRead) {

@@ -105,6 +105,32 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void bf16_rows_a
   }
 }
 
+// The AVX-512F level (no BF16): bf16 widened to fp32 by a shift, FMA; one weight load feeds MB rows.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 widen16_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+template <int MB>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void bf16_rows_avx512f(int64_t N, int64_t K, const uint16_t* x,
+                                                                          const uint16_t* W, float* y, int64_t n0,
+                                                                          int64_t n1, int64_t m0) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* w = W + n * K;
+    __m512 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      const __m512 wv = widen16_bf16(w + k);
+      for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(wv, widen16_bf16(x + (m0 + m) * K + k), acc[m]);
+    }
+    for (int m = 0; m < MB; ++m) {
+      float s = _mm512_reduce_add_ps(acc[m]);
+      for (int64_t j = k; j < K; ++j) s += bf16_to_f32(w[j]) * bf16_to_f32(x[(m0 + m) * K + j]);
+      y[(m0 + m) * N + n] = s;
+    }
+  }
+}
+
 __attribute__((target("avx2,fma"))) void bf16_rows_avx2(int64_t N, int64_t K, const uint16_t* x, const uint16_t* W,
                                                         float* y, int64_t n0, int64_t n1, int64_t m) {
   for (int64_t n = n0; n < n1; ++n) {
@@ -128,21 +154,40 @@ __attribute__((target("avx2,fma"))) void bf16_rows_avx2(int64_t N, int64_t K, co
 }  // namespace
 
 void gemv_bf16_weights(int64_t M, int64_t N, int64_t K, const uint16_t* x, const uint16_t* W, float* y) {
-  static const bool has_bf16 = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+  // the level nibble runs at (--isa / NIBBLE_ISA), so the yardstick has the same instructions as
+  // nibble's kernels: vdpbf16ps, AVX-512F FMA on widened values, or AVX2 FMA
+  const Isa isa = active_isa();
   const int64_t cols = 64;
   parallel_for((N + cols - 1) / cols, [&](int64_t t) {
     const int64_t n0 = t * cols, n1 = std::min(N, n0 + cols);
-    if (has_bf16) {
+    if (isa == Isa::Avx512Bf16 || isa == Isa::Avx512 || isa == Isa::Avx512Vnni) {
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        switch (std::min<int64_t>(4, M - m0)) {
-          case 1: bf16_rows_avx512<1>(N, K, x, W, y, n0, n1, m0); break;
-          case 2: bf16_rows_avx512<2>(N, K, x, W, y, n0, n1, m0); break;
-          case 3: bf16_rows_avx512<3>(N, K, x, W, y, n0, n1, m0); break;
-          default: bf16_rows_avx512<4>(N, K, x, W, y, n0, n1, m0); break;
+        const int64_t mb = std::min<int64_t>(4, M - m0);
+        if (isa == Isa::Avx512Bf16) {
+          switch (mb) {
+            case 1: bf16_rows_avx512<1>(N, K, x, W, y, n0, n1, m0); break;
+            case 2: bf16_rows_avx512<2>(N, K, x, W, y, n0, n1, m0); break;
+            case 3: bf16_rows_avx512<3>(N, K, x, W, y, n0, n1, m0); break;
+            default: bf16_rows_avx512<4>(N, K, x, W, y, n0, n1, m0); break;
+          }
+        } else {
+          switch (mb) {
+            case 1: bf16_rows_avx512f<1>(N, K, x, W, y, n0, n1, m0); break;
+            case 2: bf16_rows_avx512f<2>(N, K, x, W, y, n0, n1, m0); break;
+            case 3: bf16_rows_avx512f<3>(N, K, x, W, y, n0, n1, m0); break;
+            default: bf16_rows_avx512f<4>(N, K, x, W, y, n0, n1, m0); break;
+          }
         }
       }
-    } else {
+    } else if (isa == Isa::Avx2) {
       for (int64_t m = 0; m < M; ++m) bf16_rows_avx2(N, K, x, W, y, n0, n1, m);
+    } else {
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = n0; n < n1; ++n) {
+          float s = 0.0f;
+          for (int64_t k = 0; k < K; ++k) s += bf16_to_f32(W[n * K + k]) * bf16_to_f32(x[m * K + k]);
+          y[m * N + n] = s;
+        }
     }
   });
 }

@@ -22,8 +22,9 @@ std::string openblas_info();
 // count is set to nibble::num_threads(). Throws if OpenBLAS is unavailable.
 void sgemm_nt(int64_t M, int64_t N, int64_t K, const float* A, const float* B, float* C);
 
-// y (M,N) fp32 = x (M,K) bf16 · W (N,K) bf16ᵀ, fp32 accumulation: vdpbf16ps when the CPU has
-// AVX-512 BF16, else AVX2 FMA on widened values. Threaded over output columns on the library pool.
+// y (M,N) fp32 = x (M,K) bf16 · W (N,K) bf16ᵀ, fp32 accumulation, with the instructions of nibble's
+// active ISA level: vdpbf16ps (avx512bf16), FMA on widened values (avx512, avx512vnni: 16 lanes;
+// avx2: 8), plain C (scalar). Threaded over output columns on the library pool.
 void gemv_bf16_weights(int64_t M, int64_t N, int64_t K, const uint16_t* x, const uint16_t* W, float* y);
 
 // The int8 peak of the pool in GOP/s (best of `trials`; NaN without AVX-512 VNNI): many equal
