@@ -132,7 +132,13 @@ bool hugepage_advice() {
 }
 }  // namespace
 
-static std::shared_ptr<void> aligned_alloc_bytes(size_t n);
+static std::shared_ptr<void> aligned_alloc_bytes(size_t n) {
+  if (n >= kBig) return big_alloc_bytes(n);
+  const size_t rounded = (n + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, rounded ? rounded : 64);
+  if (!p) throw Error(fmt::format("out of memory allocating {} bytes", n));
+  return std::shared_ptr<void>(p, [](void* q) { std::free(q); });
+}
 
 static std::shared_ptr<void> weights_alloc_bytes(size_t n) {
   constexpr size_t kHuge = size_t(2) << 20;
@@ -151,14 +157,6 @@ static std::shared_ptr<void> weights_alloc_bytes(size_t n) {
     (void)madvise(p, len, MADV_HUGEPAGE);  // advice: refused or ignored where THP is unavailable
   }
   return std::shared_ptr<void>(p, [got](void* q) { big_release(q, got, true); });
-}
-
-static std::shared_ptr<void> aligned_alloc_bytes(size_t n) {
-  if (n >= kBig) return big_alloc_bytes(n);
-  const size_t rounded = (n + 63) / 64 * 64;
-  void* p = std::aligned_alloc(64, rounded ? rounded : 64);
-  if (!p) throw Error(fmt::format("out of memory allocating {} bytes", n));
-  return std::shared_ptr<void>(p, [](void* q) { std::free(q); });
 }
 
 Tensor Tensor::owning(DType dtype, Shape shape, std::shared_ptr<void> (*alloc)(size_t nbytes)) {

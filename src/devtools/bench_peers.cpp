@@ -131,6 +131,24 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void bf16_rows_avx512f(int6
   }
 }
 
+// MB activation rows on the vdpbf16ps kernel (dot = true) or the AVX-512F FMA one.
+template <bool dot, int MB>
+void bf16_rows_512(int64_t N, int64_t K, const uint16_t* x, const uint16_t* W, float* y, int64_t n0, int64_t n1,
+                   int64_t m0) {
+  if constexpr (dot) bf16_rows_avx512<MB>(N, K, x, W, y, n0, n1, m0);
+  else bf16_rows_avx512f<MB>(N, K, x, W, y, n0, n1, m0);
+}
+template <bool dot>
+void bf16_rows_mb(int64_t mb, int64_t N, int64_t K, const uint16_t* x, const uint16_t* W, float* y, int64_t n0,
+                  int64_t n1, int64_t m0) {
+  switch (mb) {
+    case 1: bf16_rows_512<dot, 1>(N, K, x, W, y, n0, n1, m0); break;
+    case 2: bf16_rows_512<dot, 2>(N, K, x, W, y, n0, n1, m0); break;
+    case 3: bf16_rows_512<dot, 3>(N, K, x, W, y, n0, n1, m0); break;
+    default: bf16_rows_512<dot, 4>(N, K, x, W, y, n0, n1, m0); break;
+  }
+}
+
 __attribute__((target("avx2,fma"))) void bf16_rows_avx2(int64_t N, int64_t K, const uint16_t* x, const uint16_t* W,
                                                         float* y, int64_t n0, int64_t n1, int64_t m) {
   for (int64_t n = n0; n < n1; ++n) {
@@ -162,22 +180,8 @@ void gemv_bf16_weights(int64_t M, int64_t N, int64_t K, const uint16_t* x, const
     const int64_t n0 = t * cols, n1 = std::min(N, n0 + cols);
     if (isa == Isa::Avx512Bf16 || isa == Isa::Avx512 || isa == Isa::Avx512Vnni) {
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int64_t mb = std::min<int64_t>(4, M - m0);
-        if (isa == Isa::Avx512Bf16) {
-          switch (mb) {
-            case 1: bf16_rows_avx512<1>(N, K, x, W, y, n0, n1, m0); break;
-            case 2: bf16_rows_avx512<2>(N, K, x, W, y, n0, n1, m0); break;
-            case 3: bf16_rows_avx512<3>(N, K, x, W, y, n0, n1, m0); break;
-            default: bf16_rows_avx512<4>(N, K, x, W, y, n0, n1, m0); break;
-          }
-        } else {
-          switch (mb) {
-            case 1: bf16_rows_avx512f<1>(N, K, x, W, y, n0, n1, m0); break;
-            case 2: bf16_rows_avx512f<2>(N, K, x, W, y, n0, n1, m0); break;
-            case 3: bf16_rows_avx512f<3>(N, K, x, W, y, n0, n1, m0); break;
-            default: bf16_rows_avx512f<4>(N, K, x, W, y, n0, n1, m0); break;
-          }
-        }
+        if (isa == Isa::Avx512Bf16) bf16_rows_mb<true>(std::min<int64_t>(4, M - m0), N, K, x, W, y, n0, n1, m0);
+        else bf16_rows_mb<false>(std::min<int64_t>(4, M - m0), N, K, x, W, y, n0, n1, m0);
       }
     } else if (isa == Isa::Avx2) {
       for (int64_t m = 0; m < M; ++m) bf16_rows_avx2(N, K, x, W, y, n0, n1, m);
