@@ -179,6 +179,47 @@ TEST(SvdquantW4A4, EveryIsaMatchesReferenceBitwise) {
   }
 }
 
+// Long rows (16-group batches of the AVX-512 quantizer and their tails: G = 15, 16, 17, 33, 48) and
+// non-finite x. Every ISA gives the reference's codes and scales bit for bit; a NaN anywhere in a group
+// makes that group's scale NaN (so the fused layer's row is NaN, never finite codes from bad input);
+// rows without one are unchanged.
+TEST(SvdquantW4A4, QuantizeLongRowsAndNonFiniteEveryIsa) {
+  IsaGuard guard;
+  std::mt19937 rng(test_seed() + 11);
+  for (int64_t G : {15, 16, 17, 33, 48})
+    for (bool uns : {false, true}) {
+      const int64_t K = 64 * G, M = 5, N = 128;
+      SCOPED_TRACE(::testing::Message() << "K=" << K << " unsigned=" << uns);
+      Layer l = make_layer(rng, M, N, K, 16, uns, true, DType::F32);
+      float* x = l.x.mutable_data<float>();
+      // row 1: NaN at the last element of group 0 and the first of the last group; row 2: +inf in group 1;
+      // row 3: -inf and a huge finite value; rows 0 and 4 finite
+      x[1 * K + 63] = NAN;
+      x[1 * K + (G - 1) * 64] = NAN;
+      x[2 * K + 64 + 5] = INFINITY;
+      x[3 * K + 7] = -INFINITY;
+      x[3 * K + 64 * (G / 2) + 1] = 3.0e38f;
+      set_isa(Isa::Scalar);
+      const SvdquantActs ref = quantize_svdquant_w4a4(l.x, l.p.smooth, l.p.proj_down, 256, uns);
+      ASSERT_TRUE(std::isnan(at(ref.ascales, 0 * ref.ascales.size(1) + 1)));        // group 0, row 1
+      ASSERT_TRUE(std::isnan(at(ref.ascales, (G - 1) * ref.ascales.size(1) + 1)));  // last group, row 1
+      ASSERT_FALSE(std::isnan(at(ref.ascales, 1 * ref.ascales.size(1) + 1)));       // group 1, row 1
+      const Tensor ref_y = svdquant_linear(l.x, *prepare_svdquant_w4a4(l.p), DType::F32);
+      for (Isa isa : supported_isas()) {
+        SCOPED_TRACE(isa_name(isa));
+        set_isa(isa);
+        const SvdquantActs a = quantize_svdquant_w4a4(l.x, l.p.smooth, l.p.proj_down, 256, uns);
+        ASSERT_TRUE(same_bits(a.q_x, ref.q_x));
+        ASSERT_TRUE(same_bits(a.ascales, ref.ascales));
+        const Tensor y = svdquant_linear(l.x, *prepare_svdquant_w4a4(l.p), DType::F32);
+        for (int64_t n = 0; n < N; ++n) {
+          ASSERT_TRUE(std::isnan(y.data<float>()[1 * N + n])) << "row 1 (NaN in x) n=" << n;
+          for (int64_t m : {0, 4}) ASSERT_EQ(y.data<float>()[m * N + n], ref_y.data<float>()[m * N + n]) << m << "," << n;
+        }
+      }
+    }
+}
+
 // The reference's fp32 epilogue against the same formula in double (bound in the file comment).
 TEST(SvdquantW4A4, ReferenceEpilogueWithinDerivedBound) {
   IsaGuard guard;

@@ -3,7 +3,9 @@
 // Numerics (identical in every variant, so every ISA is bit-identical to the reference):
 //   quantize   per row m, group g of 64: y = x·inv_s (inv_s = 1/s, or 0 if |s| ≤ 1e-10), amax = max|y|,
 //              scale = max(amax/qmax, 1e-10), q = rint(y·(1/scale)) (half-even), clamped to [−7, 7] or
-//              [0, 15]; all fp32, no contraction.
+//              [0, 15]; all fp32, no contraction. Non-finite x: a NaN |y| makes amax (so the scale, so the
+//              row's output) NaN, whatever its position; a q that is NaN (y·0 for y = ±inf) is the low
+//              clamp. Every variant does exactly this, so bad input shows as NaN rather than as codes.
 //   low-rank   lora[m, r] = fma chain over k = 0..K−1 of x[m,k]·down[k,r], starting from 0.
 //              bf16 low-rank (the kitchen's cuBLAS bf16 matmul; used when proj_down is stored as bf16 and the
 //              low-rank input is bf16 or fp32, see lowrank_bf16()): x̂ = RNE_bf16(x) (|x| < 2^-126 → 0,

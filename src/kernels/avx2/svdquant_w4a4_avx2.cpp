@@ -116,11 +116,13 @@ void gemm_avx2(const GemmArgs& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1
 }
 
 namespace {
-inline float hmax8(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-  return _mm_cvtss_f32(m);
+// The max of 8 lanes of non-negative floats held as int32 bit patterns (their order; a NaN, above +inf,
+// always wins), returned as the float.
+inline float hmax8_bits(__m256i v) {
+  __m128i m = _mm_max_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  m = _mm_max_epi32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(1, 0, 3, 2)));
+  m = _mm_max_epi32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtss_f32(_mm_castsi128_ps(m));
 }
 inline int32_t hsum8i(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -135,18 +137,18 @@ void quantize_avx2(const float* x, int64_t ldx, int64_t K, const float* inv_s, b
   const int64_t G = K / kGroup;
   const float qmax = act_unsigned ? 15.0f : 7.0f;
   const __m256 lo = _mm256_set1_ps(act_unsigned ? 0.0f : -7.0f), hi = _mm256_set1_ps(act_unsigned ? 15.0f : 7.0f);
-  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = x + m * ldx;
     for (int64_t g = 0; g < G; ++g) {
       __m256 y[8];
-      __m256 amax = _mm256_setzero_ps();
+      __m256i amax = _mm256_setzero_si256();  // max|y| on the bit patterns: a NaN in the group wins (kernels header)
       for (int j = 0; j < 8; ++j) {
         const int64_t k = g * kGroup + 8 * j;
         y[j] = _mm256_mul_ps(_mm256_loadu_ps(xr + k), _mm256_loadu_ps(inv_s + k));
-        amax = _mm256_max_ps(amax, _mm256_and_ps(y[j], absmask));
+        amax = _mm256_max_epi32(amax, _mm256_and_si256(_mm256_castps_si256(y[j]), absmask));
       }
-      const float scale = kmax(hmax8(amax) / qmax, 1e-10f);
+      const float scale = kmax(hmax8_bits(amax) / qmax, 1e-10f);
       const __m256 inv = _mm256_set1_ps(1.0f / scale);
       __m256i sum = _mm256_setzero_si256();
       alignas(32) int32_t qi[8];

@@ -41,12 +41,14 @@ void quantize_ref(const float* x, int64_t K, const float* inv_s, bool act_unsign
       for (int64_t j = 0; j < kGroup; ++j) {
         const int64_t k = g * kGroup + j;
         y[j] = x[m * K + k] * inv_s[k];
-        amax = std::max(amax, std::fabs(y[j]));
+        const float a = std::fabs(y[j]);
+        if (!std::isnan(amax) && !(a <= amax)) amax = a;  // a NaN in the group stays: scale NaN
       }
-      const float scale = std::max(amax / qmax, 1e-10f);
+      const float scale = std::max(amax / qmax, 1e-10f);  // NaN stays NaN (std::max keeps its first)
       const float inv = 1.0f / scale;
       for (int64_t j = 0; j < kGroup; ++j) {
-        const float q = std::clamp(std::rint(y[j] * inv), lo, hi);  // default rounding: half-even
+        const float r = std::rint(y[j] * inv);  // default rounding: half-even
+        const float q = std::isnan(r) ? lo : std::clamp(r, lo, hi);  // NaN → lo, as the vector clamps give
         codes[m * K + g * kGroup + j] = int8_t(q);
       }
       scales[m * G + g] = scale;
