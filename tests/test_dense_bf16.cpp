@@ -70,9 +70,11 @@ void check_against_fp64(const Tensor& x, const Tensor& w, const Tensor& b, const
     }
 }
 
-// odd M, N not a multiple of 32 or 128, K odd / not a multiple of the k chunk, M across row blocks
-const int64_t kShapes[][3] = {{1, 1, 1},     {5, 3, 7},     {13, 33, 31},   {12, 64, 32},  {25, 255, 97},
-                              {193, 300, 65}, {7, 513, 129}, {200, 257, 161}, {3, 2, 300}, {11, 1001, 33}};
+// odd M, N not a multiple of 32 or 128, K odd / not a multiple of the k chunk (kKcPairs pairs: K = 3200
+// is two chunks, 6145 three with a ragged last pair), M across row blocks
+const int64_t kShapes[][3] = {{1, 1, 1},     {5, 3, 7},     {13, 33, 31},    {12, 64, 32},  {25, 255, 97},
+                              {193, 300, 65}, {7, 513, 129}, {200, 257, 161}, {3, 2, 300}, {11, 1001, 33},
+                              {9, 3200, 70},  {2, 6145, 17}};
 
 }  // namespace
 

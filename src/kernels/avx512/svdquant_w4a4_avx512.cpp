@@ -1,6 +1,6 @@
 // AVX-512 activation quantizer and low-rank projection of the SVDQuant W4A4 layer (numerics:
 // svdquant_w4a4_kernels.h — every step is the reference's fp32 operation, so results are bit-identical).
-// Quantize: one 64-wide group is four zmm; the max and the integer sum are exact in any order.
+// Quantize: 16 groups (four zmm each) per batch; the max and the integer sum are exact in any order.
 // Low-rank: vectors over r (down padded to a multiple of 16 columns), 4 rows per pass, fma chain over k.
 
 // GCC 12 flags its own _mm512_undefined_* helpers inside the intrinsics headers (false positive).
