@@ -52,7 +52,8 @@ TEST(LinearF32, AllIsasMatchFp64Oracle) {
   IsaGuard guard;
   std::mt19937 rng(1234);
   const int64_t shapes[][3] = {{1, 1, 1},   {1, 17, 33},  {3, 64, 31},   {7, 100, 65},  {8, 32, 32},
-                               {9, 257, 33}, {16, 300, 129}, {33, 513, 70}, {64, 64, 200}, {5, 4, 3}};
+                               {9, 257, 33}, {16, 300, 129}, {33, 513, 70}, {64, 64, 200}, {5, 4, 3},
+                               {12, 1025, 33}, {9, 2100, 40}};  // K across two and three k chunks (kKc)
   for (Isa isa : supported_isas()) {
     set_isa(isa);
     for (auto& s : shapes)
