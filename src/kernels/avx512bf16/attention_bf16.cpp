@@ -6,7 +6,10 @@
 //   kpack[kb][p][j]  = bf16 pair (K[kb·32 + j][2p], K[kb·32 + j][2p+1])   32 keys per block
 //   vpack[jp][d]     = bf16 pair (V[2jp][d], V[2jp+1][d])
 // Scores of 8 query rows × 32 keys live in 16 zmm accumulators (one pair of hd per vdpbf16ps);
-// P (bf16) · V runs per 16-wide chunk of hd with 8 accumulators, the running output in L1.
+// P (bf16) · V runs per two 16-wide chunks of hd with 16 accumulators, the running output in L1;
+// the rows' rescale factors exp(m_old − m_new) are one vector fast_exp per block (was one libm expf
+// per row and block). Both: 58–61 → 65–66 % of the vdpbf16ps peak at S = 1280 and 4096 (one core,
+// CPU time, old and new interleaved in one session).
 // GCC 12 reports the intrinsics' own _mm*_undefined_* operands (reductions, casts) as uninitialized.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -34,6 +37,32 @@ inline uint32_t pair(float lo, float hi) { return bf16_bits(lo) | (bf16_bits(hi)
 
 constexpr int kR = 8;    // query rows per block
 constexpr int kKB = 32;  // keys per block
+
+// P (bf16, 8 rows × 32 keys) · V for NC 16-wide chunks of hd from dc on, into the running output:
+// each row's broadcast P pair feeds NC vdpbf16ps (NC = 2: half the broadcast loads of one chunk at a
+// time, which left the loop bound by loads). Per output the chain over the key pairs is unchanged.
+template <int NC>
+inline void pv_chunks(const uint32_t* vp, int64_t hd, int64_t dc, const uint16_t (*pb)[kKB], const float* alpha,
+                      float (*oacc)[256]) {
+  __m512 acc[kR][NC];
+  for (int r = 0; r < kR; ++r)
+    for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int jp = 0; jp < kKB / 2; ++jp) {
+    __m512bh vv[NC];
+    for (int c = 0; c < NC; ++c) vv[c] = (__m512bh)_mm512_loadu_si512(vp + jp * hd + (dc + c) * 16);
+    for (int r = 0; r < kR; ++r) {
+      uint32_t pr;
+      std::memcpy(&pr, pb[r] + 2 * jp, 4);
+      const __m512bh b = (__m512bh)_mm512_set1_epi32(int(pr));
+      for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], b, vv[c]);
+    }
+  }
+  for (int r = 0; r < kR; ++r)
+    for (int c = 0; c < NC; ++c) {
+      float* op = oacc[r] + (dc + c) * 16;
+      _mm512_store_ps(op, _mm512_fmadd_ps(_mm512_load_ps(op), _mm512_set1_ps(alpha[r]), acc[r][c]));
+    }
+}
 
 }  // namespace
 
@@ -88,12 +117,12 @@ void flash_head_bf16(const float* q, const float* k, const float* v, int64_t ld,
         }
       }
       const __m512 cb0 = _mm512_loadu_ps(colb + kb * kKB), cb1 = _mm512_loadu_ps(colb + kb * kKB + 16);
-      float alpha[kR];
+      alignas(32) float alpha[kR], mold[kR], rsum[kR];
       for (int r = 0; r < kR; ++r) {
         const __m512 x0 = _mm512_fmadd_ps(s0[r], vscale, cb0), x1 = _mm512_fmadd_ps(s1[r], vscale, cb1);
         const float mx = _mm512_reduce_max_ps(_mm512_max_ps(x0, x1));
         const float mnew = mx > m[r] ? mx : m[r];
-        alpha[r] = m[r] == -INFINITY ? 0.0f : std::exp(m[r] - mnew);
+        mold[r] = m[r];
         m[r] = mnew;
         const __m512 vm = _mm512_set1_ps(mnew);
         const __m256bh e0 = _mm512_cvtneps_pbh(nn::fast_exp_avx512(_mm512_sub_ps(x0, vm)));
@@ -103,25 +132,19 @@ void flash_head_bf16(const float* q, const float* k, const float* v, int64_t ld,
         // the row sum of the bf16-rounded weights that multiply V (so the weights sum to 1)
         const __m512 r0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)e0), 16));
         const __m512 r1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)e1), 16));
-        l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(_mm512_add_ps(r0, r1));
+        rsum[r] = _mm512_reduce_add_ps(_mm512_add_ps(r0, r1));
       }
+      {  // the rows' rescale factors exp(m_old − m_new) in one vector exp (0 for a row's first block)
+        const __m256 mo = _mm256_load_ps(mold), mn = _mm256_loadu_ps(m);
+        const __m512 e = nn::fast_exp_avx512(_mm512_zextps256_ps512(_mm256_sub_ps(mo, mn)));
+        const __mmask8 first = _mm256_cmp_ps_mask(mo, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ);
+        _mm256_store_ps(alpha, _mm256_mask_blend_ps(first, _mm512_castps512_ps256(e), _mm256_setzero_ps()));
+      }
+      for (int r = 0; r < kR; ++r) l[r] = l[r] * alpha[r] + rsum[r];
       const uint32_t* vp = vpack + kb * (kKB / 2) * hd;
-      for (int64_t dc = 0; dc < dch; ++dc) {
-        __m512 acc[kR];
-        for (int r = 0; r < kR; ++r) acc[r] = _mm512_setzero_ps();
-        for (int jp = 0; jp < kKB / 2; ++jp) {
-          const __m512bh vv = (__m512bh)_mm512_loadu_si512(vp + jp * hd + dc * 16);
-          for (int r = 0; r < kR; ++r) {
-            uint32_t pr;
-            std::memcpy(&pr, pb[r] + 2 * jp, 4);
-            acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(int(pr)), vv);
-          }
-        }
-        for (int r = 0; r < kR; ++r) {
-          float* op = oacc[r] + dc * 16;
-          _mm512_store_ps(op, _mm512_fmadd_ps(_mm512_load_ps(op), _mm512_set1_ps(alpha[r]), acc[r]));
-        }
-      }
+      int64_t dc = 0;
+      for (; dc + 2 <= dch; dc += 2) pv_chunks<2>(vp, hd, dc, pb, alpha, oacc);
+      if (dc < dch) pv_chunks<1>(vp, hd, dc, pb, alpha, oacc);
     }
     for (int r = 0; r < rows; ++r) {
       const float inv = 1.0f / l[r];
