@@ -3,9 +3,9 @@
 // kernels/linear_f32_kernels.h (results are bit-identical for any thread count).
 //
 // Paths: Isa::Scalar → the oracle (kernels/reference/linear_f32_ref.cpp);
-//        M < kGemmMinRows → GEMV on the stored rows (AVX-512, or the oracle below AVX-512);
-//        otherwise → pack W into 32-column panels, then the panel GEMM (AVX-512 micro-kernel, or
-//        the portable loop below AVX-512).
+//        M < kGemmMinRows → GEMV on the stored rows (AVX-512 or AVX2);
+//        otherwise → pack W into 32-column panels, then the panel GEMM (AVX-512 or AVX2
+//        micro-kernel; the portable loop only for the scalar ISA).
 #include <fmt/format.h>
 
 #include <cstdlib>
@@ -76,6 +76,11 @@ void run_packed(const float* x, int64_t M, const PackedF32Weight& w, const float
       linear_gemm_avx512(x, M, w, y, p0, p1);
     else
 #endif
+#if defined(NIBBLE_HAVE_AVX2)
+    if (isa >= Isa::Avx2)
+      linear_gemm_avx2(x, M, w, y, p0, p1);
+    else
+#endif
       linear_gemm_generic(x, M, w, y, p0, p1);
     const int64_t n1 = p1 * kPanel < w.N ? p1 * kPanel : w.N;
     add_bias(y, M, w.N, bias, p0 * kPanel, n1);
@@ -90,6 +95,11 @@ void run_rows(const float* x, int64_t M, int64_t K, const void* w, DType wdt, in
 #if defined(NIBBLE_HAVE_AVX512)
     if (isa >= Isa::Avx512)
       linear_gemv_avx512(x, M, K, w, wdt, N, y, n0, n1);
+    else
+#endif
+#if defined(NIBBLE_HAVE_AVX2)
+    if (isa >= Isa::Avx2)
+      linear_gemv_avx2(x, M, K, w, wdt, N, y, n0, n1);
     else
 #endif
       linear_ref(x, M, K, w, wdt, N, y, n0, n1);
@@ -117,6 +127,9 @@ void pack_rows_f32(const float* w, int64_t ld, int64_t N, int64_t K, float* dst)
 void gemm_packed_serial(const float* x, int64_t M, const PackedF32Weight& w, float* y) {
 #if defined(NIBBLE_HAVE_AVX512)
   if (active_isa() >= Isa::Avx512) return linear_gemm_avx512(x, M, w, y, 0, w.panels);
+#endif
+#if defined(NIBBLE_HAVE_AVX2)
+  if (active_isa() >= Isa::Avx2) return linear_gemm_avx2(x, M, w, y, 0, w.panels);
 #endif
   linear_gemm_generic(x, M, w, y, 0, w.panels);
 }

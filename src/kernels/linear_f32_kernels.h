@@ -17,7 +17,11 @@ void linear_gemm_avx512(const float* x, int64_t M, const PackedF32Weight& w, flo
 // AVX-512 GEMV from stored rows, columns [n0, n1): y (M, N); no bias.
 void linear_gemv_avx512(const float* x, int64_t M, int64_t K, const void* w, DType wdt, int64_t N, float* y,
                         int64_t n0, int64_t n1);
-// Portable GEMM on packed panels (for ISAs without an AVX-512 kernel); same contract.
+// AVX2 + FMA forms of the two (hosts without AVX-512); same contracts.
+void linear_gemm_avx2(const float* x, int64_t M, const PackedF32Weight& w, float* y, int64_t p0, int64_t p1);
+void linear_gemv_avx2(const float* x, int64_t M, int64_t K, const void* w, DType wdt, int64_t N, float* y,
+                      int64_t n0, int64_t n1);
+// Portable GEMM on packed panels (the scalar ISA); same contract.
 void linear_gemm_generic(const float* x, int64_t M, const PackedF32Weight& w, float* y, int64_t p0, int64_t p1);
 
 }  // namespace nibble::kernels::linear
