@@ -61,6 +61,8 @@ void gemm_packed_serial(const float* x, int64_t M, const PackedF32Weight& w, flo
 
 namespace nibble::kernels::attention {
 // In place over one row of attention scores: s[j] = exp((s[j] − max_j s)·scale); returns Σ_j s[j].
-// AVX-512 (a degree-6 polynomial exp, relative error < 2e-7) or the portable loop; fixed order.
+// AVX-512 or AVX2 (a degree-6 polynomial exp, relative error < 2e-7) or the portable loop; fixed order.
 float softmax_row_avx512(float* s, int64_t n, float scale);
+// The same with 8 lanes (AVX2 + FMA; the polynomial's 2^n by exponent-bit addition).
+float softmax_row_avx2(float* s, int64_t n, float scale);
 }  // namespace nibble::kernels::attention

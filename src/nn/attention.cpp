@@ -40,8 +40,9 @@ void joint_attention_f32(const float* q, const float* k, const float* v, int64_t
   const int64_t H = D / hd;
   constexpr int64_t kQb = 64;
   const float scale = 1.0f / std::sqrt(float(hd));
-  const bool use512 = active_isa() >= Isa::Avx512;
+  const bool use512 = active_isa() >= Isa::Avx512, use256 = active_isa() >= Isa::Avx2;
   (void)use512;
+  (void)use256;
   parallel_for(B * H, [&](int64_t task) {
     const int64_t b = task / H, h = task % H;
     const float* qb = q + b * S * D + h * hd;
@@ -76,6 +77,12 @@ void joint_attention_f32(const float* q, const float* k, const float* v, int64_t
 #if defined(NIBBLE_HAVE_AVX512)
         if (use512) {
           rowsum[size_t(r)] = kernels::attention::softmax_row_avx512(sr, S, scale);
+          continue;
+        }
+#endif
+#if defined(NIBBLE_HAVE_AVX2)
+        if (use256) {
+          rowsum[size_t(r)] = kernels::attention::softmax_row_avx2(sr, S, scale);
           continue;
         }
 #endif
