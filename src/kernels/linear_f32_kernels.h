@@ -21,6 +21,25 @@ void linear_gemv_avx512(const float* x, int64_t M, int64_t K, const void* w, DTy
 void linear_gemm_avx2(const float* x, int64_t M, const PackedF32Weight& w, float* y, int64_t p0, int64_t p1);
 void linear_gemv_avx2(const float* x, int64_t M, int64_t K, const void* w, DType wdt, int64_t N, float* y,
                       int64_t n0, int64_t n1);
+// The GEMV drivers' shared loop (instantiated inside each ISA file, so it compiles with that file's
+// flags): columns [n0, n1) four weight rows at a time, then one; Dot(x_row, K, w, wdt, n, out) is the
+// ISA's dot_rows<4> / dot_rows<1> selected by `rows`.
+template <class Dot4, class Dot1>
+inline void gemv_columns(const float* x, int64_t M, int64_t K, const void* w, DType wdt, int64_t N, float* y,
+                         int64_t n0, int64_t n1, Dot4 dot4, Dot1 dot1) {
+  float out[4];
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4)
+    for (int64_t m = 0; m < M; ++m) {
+      dot4(x + m * K, K, w, wdt, n, out);
+      for (int r = 0; r < 4; ++r) y[m * N + n + r] = out[r];
+    }
+  for (; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      dot1(x + m * K, K, w, wdt, n, out);
+      y[m * N + n] = out[0];
+    }
+}
 // Portable GEMM on packed panels (the scalar ISA); same contract.
 void linear_gemm_generic(const float* x, int64_t M, const PackedF32Weight& w, float* y, int64_t p0, int64_t p1);
 

@@ -124,18 +124,7 @@ void linear_gemm_avx2(const float* x, int64_t M, const PackedF32Weight& w, float
 
 void linear_gemv_avx2(const float* x, int64_t M, int64_t K, const void* w, DType wdt, int64_t N, float* y,
                       int64_t n0, int64_t n1) {
-  float out[4];
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4)
-    for (int64_t m = 0; m < M; ++m) {
-      dot_rows<4>(x + m * K, K, w, wdt, n, out);
-      for (int r = 0; r < 4; ++r) y[m * N + n + r] = out[r];
-    }
-  for (; n < n1; ++n)
-    for (int64_t m = 0; m < M; ++m) {
-      dot_rows<1>(x + m * K, K, w, wdt, n, out);
-      y[m * N + n] = out[0];
-    }
+  gemv_columns(x, M, K, w, wdt, N, y, n0, n1, dot_rows<4>, dot_rows<1>);
 }
 
 }  // namespace nibble::kernels::linear
