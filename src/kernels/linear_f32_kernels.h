@@ -22,8 +22,8 @@ void linear_gemm_avx2(const float* x, int64_t M, const PackedF32Weight& w, float
 void linear_gemv_avx2(const float* x, int64_t M, int64_t K, const void* w, DType wdt, int64_t N, float* y,
                       int64_t n0, int64_t n1);
 // The GEMV drivers' shared loop (instantiated inside each ISA file, so it compiles with that file's
-// flags): columns [n0, n1) four weight rows at a time, then one; Dot(x_row, K, w, wdt, n, out) is the
-// ISA's dot_rows<4> / dot_rows<1> selected by `rows`.
+// flags): columns [n0, n1) four weight rows at a time, then one at a time; dot4 / dot1 are the ISA's
+// dot_rows<4> / dot_rows<1>, called as dot(x_row, K, w, wdt, n, out).
 template <class Dot4, class Dot1>
 inline void gemv_columns(const float* x, int64_t M, int64_t K, const void* w, DType wdt, int64_t N, float* y,
                          int64_t n0, int64_t n1, Dot4 dot4, Dot1 dot1) {

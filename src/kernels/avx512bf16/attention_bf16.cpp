@@ -142,8 +142,8 @@ void flash_head_bf16(const float* q, const float* k, const float* v, int64_t ld,
       }
       const __m512 cb0 = _mm512_loadu_ps(colb + kb * kKB), cb1 = _mm512_loadu_ps(colb + kb * kKB + 16);
       alignas(32) float alpha[kR], mold[kR], rsum[kR];
-      // the 8 rows' maxima at once: lane r of rowmax8 (a permute network instead of 8 horizontal
-      // reductions, each a serial chain into a scalar compare and a broadcast)
+      // the 8 rows' maxima at once, lane r = row r (rowreduce8: a permute network instead of 8
+      // horizontal reductions, each a serial chain into a scalar compare and a broadcast)
       __m512 x0[kR], x1[kR], v[kR];
       for (int r = 0; r < kR; ++r) {
         x0[r] = _mm512_fmadd_ps(s0[r], vscale, cb0), x1[r] = _mm512_fmadd_ps(s1[r], vscale, cb1);
