@@ -170,6 +170,34 @@ template <class T>
 void grow(std::vector<T>& v, int64_t n) {
   if (int64_t(v.size()) < n) v.resize(size_t(n));
 }
+// Rows of a float (M, K) input as fp32: its own rows when F32, else widened exactly (as to_f32 does) into
+// this thread's scratch `slot`, one task's rows at a time — a bf16/f16 x is never copied whole (a whole
+// fp32 copy wrote and re-read twice x's bytes: ~3 % of the fused layer at M = 4096).
+struct RowSource {
+  const float* f32 = nullptr;
+  const uint16_t* half = nullptr;
+  HalfToF32Kernel widen = nullptr;
+  static RowSource of(const float* x) {
+    RowSource s;
+    s.f32 = x;
+    return s;
+  }
+  static RowSource of(const Tensor& t, const KitchenIo& io) {
+    if (t.dtype() == DType::F32) return of(t.data<float>());
+    RowSource s;
+    s.half = t.data<uint16_t>();
+    s.widen = t.dtype() == DType::BF16 ? io.bf16_to_f32 : io.f16_to_f32;
+    return s;
+  }
+  bool same_as(const RowSource& o) const { return f32 == o.f32 && half == o.half; }
+  const float* rows(int64_t m0, int64_t m1, int64_t K, kernels::Slot slot) const {
+    if (f32) return f32 + m0 * K;
+    float* d = kernels::thread_scratch<float>(slot, (m1 - m0) * K);
+    widen(half + m0 * K, (m1 - m0) * K, d);
+    return d;
+  }
+};
+
 // lr_bf16: the bf16 low-rank arithmetic (kernels header); dpk: down pair-packed (pack_down_pairs), needed
 // by a plan with a vdpbf16ps kernel.
 struct LowRank {
@@ -179,8 +207,8 @@ struct LowRank {
   bool bf16 = false;
   const uint16_t* dpk = nullptr;
 };
-void fill_acts(Acts& a, const Plan& pl, const float* x, int64_t M, int64_t K, DType x_dtype, bool shift, const float* inv_s,
-               bool act_unsigned, const float* lora_x, const LowRank& lr, int parts = 3) {
+void fill_acts(Acts& a, const Plan& pl, const RowSource& x, int64_t M, int64_t K, DType x_dtype, bool shift, const float* inv_s,
+               bool act_unsigned, const RowSource& lora_x, const LowRank& lr, int parts = 3) {
   const float* down = lr.down;
   const int64_t ldd = lr.ldd, R = lr.R;
   const DType lora_dt = lr.dt;
@@ -209,11 +237,12 @@ void fill_acts(Acts& a, const Plan& pl, const float* x, int64_t M, int64_t K, DT
   }
   parallel_for(tasks, [&](int64_t task) {
     const int64_t m0 = task * kQuantRows, m1 = std::min(M, m0 + kQuantRows);
-    const float* xs = x;
-    int64_t row0 = 0;  // xs row index of m is m − row0
+    // this task's rows (row m0 first); the low-rank input is the same rows unless the caller gave its own
+    const float* xr = do_q || (do_l && lora_x.same_as(x)) ? x.rows(m0, m1, K, kernels::Slot::KitchenX) : nullptr;
+    const float* xs = xr;
     if (shift && do_q) {
       float* sh = kernels::thread_scratch<float>(kernels::Slot::Shift, (m1 - m0) * K);
-      const float* src = x + m0 * K;
+      const float* src = xr;
       const int64_t n = (m1 - m0) * K;
       // x + shift rounded to x's dtype (a bf16/f16 tensor op in the kitchen, spec §3.4)
       if (x_dtype == DType::F32)
@@ -221,13 +250,12 @@ void fill_acts(Acts& a, const Plan& pl, const float* x, int64_t M, int64_t K, DT
       else
         for (int64_t i = 0; i < n; ++i) sh[i] = round_to(src[i] + kSvdquantUnsignedShift, x_dtype);
       xs = sh;
-      row0 = m0;
     }
     if (do_q) {
       int8_t* codes = a.codes.data() + m0 * K;
       float* sc = a.ascale.data() + m0 * G;
       int32_t* corr = a.acorr.data() + m0 * G;
-      const float* xb = xs + (m0 - row0) * K;
+      const float* xb = xs;
       if (pl.reference) {
         quantize_ref(xb, K, inv_s, act_unsigned, codes, sc, 0, m1 - m0);
         for (int64_t i = 0; i < (m1 - m0) * K; i += kGroup) {
@@ -242,7 +270,7 @@ void fill_acts(Acts& a, const Plan& pl, const float* x, int64_t M, int64_t K, DT
     }
     if (do_l) {
       float* lo = a.lora.data() + m0 * R;
-      const float* lx = lora_x + m0 * K;
+      const float* lx = lora_x.same_as(x) ? xr : lora_x.rows(m0, m1, K, kernels::Slot::KitchenLoraX);
       const int64_t rows = m1 - m0;
       if (lr.bf16 && pl.lora_bf16 && lr.dpk) {  // vdpbf16ps, x̂ formed in the kernel
         pl.lora_bf16(lx, K, K, lr.dpk, ldd, R, lo, R, rows);
@@ -400,31 +428,6 @@ std::vector<uint16_t> pack_down_pairs(const float* down, int64_t K, int64_t Rd) 
 }
 
 // ---- the kitchen ops' tensor I/O (quantize_svdquant_w4a4, scaled_mm_impl)
-// Rows [m0, m1) of a float (M, K) tensor as fp32: its own rows when F32, else widened (exactly, as
-// to_f32 does) into this thread's scratch `slot`.
-const float* rows_f32(const Tensor& t, int64_t m0, int64_t m1, int64_t K, kernels::Slot slot, const KitchenIo& io) {
-  if (t.dtype() == DType::F32) return t.data<float>() + m0 * K;
-  float* d = kernels::thread_scratch<float>(slot, (m1 - m0) * K);
-  (t.dtype() == DType::BF16 ? io.bf16_to_f32 : io.f16_to_f32)(t.data<uint16_t>() + m0 * K, (m1 - m0) * K, d);
-  return d;
-}
-// The whole of x as fp32 (x itself when F32): bf16/f16 widened exactly (as to_f32 does) by the
-// vectorised kitchen I/O kernels on every thread — to_f32 converts on one thread, which was ~5 % of a
-// bf16-x layer at M = 4096.
-Tensor widen_f32(const Tensor& x, Isa isa) {
-  if (x.dtype() == DType::F32) return x.to_f32();
-  Tensor x32 = Tensor::empty(DType::F32, x.shape());
-  const KitchenIo io = kitchen_io(isa);
-  const auto widen = x.dtype() == DType::BF16 ? io.bf16_to_f32 : io.f16_to_f32;
-  const uint16_t* src = x.data<uint16_t>();
-  float* dst = x32.mutable_data<float>();
-  const int64_t n = x.numel(), chunk = int64_t(1) << 16;
-  parallel_for((n + chunk - 1) / chunk, [&](int64_t c) {
-    const int64_t i0 = c * chunk;
-    widen(src + i0, std::min(chunk, n - i0), dst + i0);
-  });
-  return x32;
-}
 // n fp32 values v[i·vstride] → ((T*)dst)[off + i] in dt (F32, BF16 or F16), as store_as rounds them (a
 // value already rounded to dt is stored exactly; a NaN stays the same quiet NaN).
 void store_f32_as(void* dst, int64_t off, const float* v, int64_t vstride, int64_t n, DType dt) {
@@ -549,10 +552,11 @@ SvdquantActs quantize_svdquant_w4a4(const Tensor& x, const Tensor& smooth, const
   // the kitchen tensors written straight from the task's buffers.
   parallel_for((M + kQuantRows - 1) / kQuantRows, [&](int64_t task) {
     const int64_t m0 = task * kQuantRows, m1 = std::min(M, m0 + kQuantRows), n = m1 - m0;
-    const float* xs = rows_f32(x, m0, m1, K, kernels::Slot::KitchenX, io);
-    const float* ls = lora_x.defined() ? rows_f32(lora_x, m0, m1, K, kernels::Slot::KitchenLoraX, io) : xs;
+    const float* xs = RowSource::of(x, io).rows(m0, m1, K, kernels::Slot::KitchenX);
+    const float* ls =
+        lora_x.defined() ? RowSource::of(lora_x, io).rows(m0, m1, K, kernels::Slot::KitchenLoraX) : xs;
     thread_local Acts ta;  // this thread's task-sized activations (grow-only)
-    fill_acts(ta, pl, xs, n, K, xdt, false, side.inv_s, act_unsigned, ls, lr);
+    fill_acts(ta, pl, RowSource::of(xs), n, K, xdt, false, side.inv_s, act_unsigned, RowSource::of(ls), lr);
     io.pack(ta.codes.data(), n * K, q + m0 * (K / 2));
     // ascales (G, M_pad), column m; the values are already rounded to x's dtype (storing is exact)
     for (int64_t g = 0; g < G; ++g) store_f32_as(as, g * M_pad + m0, ta.ascale.data() + g, G, n, xdt);
@@ -786,13 +790,13 @@ Tensor svdquant_linear(const Tensor& x, const SvdquantW4A4Prepared& w, std::opti
   Tensor y = kernels::output_tensor(out, out_dt, os, kLinOp);
   if (M == 0) return y;
   const Plan pl = plan(active_isa());
-  const Tensor x32 = widen_f32(x, pl.isa);
+  const RowSource xs = RowSource::of(x, kitchen_io(pl.isa));  // bf16/f16 rows widened per task
   // The layer forward (spec §3.4): main path shifted for act_unsigned, low-rank on the raw input,
   // lora_act and ascales rounded to x's dtype (the kitchen's CUDA defaults).
   thread_local Acts workspace;
   Acts& a = workspace;
-  fill_acts(a, pl, x32.data<float>(), M, K, x.dtype(), w.params.act_unsigned, w.inv_s.data<float>(),
-            w.params.act_unsigned, x32.data<float>(), lowrank_of(w, x.dtype()));
+  fill_acts(a, pl, xs, M, K, x.dtype(), w.params.act_unsigned, w.inv_s.data<float>(), w.params.act_unsigned, xs,
+            lowrank_of(w, x.dtype()));
   const float* bp = w.bias.defined() ? w.bias.data<float>() : nullptr;
   if (pl.reference) {
     run_gemm(pl, a, nullptr, &w.params, bp, y.mutable_raw(), out_dt);
@@ -837,16 +841,16 @@ Tensor svdquant_linear_staged(const Tensor& x, const SvdquantW4A4Prepared& w,
                               const std::function<void(int)>& boundary) {
   const int64_t K = w.K, M = x.numel() / K, N = w.N;
   Tensor y = Tensor::empty(DType::F32, {M, N});
-  const Tensor x32 = x.to_f32();
   const Plan pl = plan(active_isa());
+  const RowSource xs = RowSource::of(x, kitchen_io(pl.isa));  // as the fused layer: widened per task, per stage
   boundary(0);
   thread_local Acts workspace;
   Acts& a = workspace;
-  fill_acts(a, pl, x32.data<float>(), M, K, x.dtype(), w.params.act_unsigned, w.inv_s.data<float>(),
-            w.params.act_unsigned, x32.data<float>(), lowrank_of(w, x.dtype()), 1);
+  fill_acts(a, pl, xs, M, K, x.dtype(), w.params.act_unsigned, w.inv_s.data<float>(), w.params.act_unsigned, xs,
+            lowrank_of(w, x.dtype()), 1);
   boundary(1);
-  fill_acts(a, pl, x32.data<float>(), M, K, x.dtype(), false, w.inv_s.data<float>(), w.params.act_unsigned,
-            x32.data<float>(), lowrank_of(w, x.dtype()), 2);
+  fill_acts(a, pl, xs, M, K, x.dtype(), false, w.inv_s.data<float>(), w.params.act_unsigned, xs,
+            lowrank_of(w, x.dtype()), 2);
   boundary(2);
   const float* bp = w.bias.defined() ? w.bias.data<float>() : nullptr;
   if (pl.reference) {
