@@ -186,19 +186,23 @@ TEST(SvdquantW4A4, EveryIsaMatchesReferenceBitwise) {
 TEST(SvdquantW4A4, QuantizeLongRowsAndNonFiniteEveryIsa) {
   IsaGuard guard;
   std::mt19937 rng(test_seed() + 11);
+  // x in each dtype: bf16/f16 rows are read as such by the AVX-512 quantizer and the bf16 low-rank kernel
+  for (DType dt : {DType::F32, DType::BF16, DType::F16})
   for (int64_t G : {15, 16, 17, 33, 48})
     for (bool uns : {false, true}) {
       const int64_t K = 64 * G, M = 5, N = 128;
-      SCOPED_TRACE(::testing::Message() << "K=" << K << " unsigned=" << uns);
-      Layer l = make_layer(rng, M, N, K, 16, uns, true, DType::F32);
-      float* x = l.x.mutable_data<float>();
+      SCOPED_TRACE(::testing::Message() << "K=" << K << " unsigned=" << uns << " x " << dtype_name(dt));
+      Layer l = make_layer(rng, M, N, K, 16, uns, true, dt);
+      Tensor x32 = l.x.to_f32();
+      float* x = x32.mutable_data<float>();
       // row 1: NaN at the last element of group 0 and the first of the last group; row 2: +inf in group 1;
       // row 3: -inf and a huge finite value; rows 0 and 4 finite
       x[1 * K + 63] = NAN;
       x[1 * K + (G - 1) * 64] = NAN;
       x[2 * K + 64 + 5] = INFINITY;
       x[3 * K + 7] = -INFINITY;
-      x[3 * K + 64 * (G / 2) + 1] = 3.0e38f;
+      x[3 * K + 64 * (G / 2) + 1] = 3.0e38f;  // +inf in f16
+      l.x = x32.to(dt);
       set_isa(Isa::Scalar);
       const SvdquantActs ref = quantize_svdquant_w4a4(l.x, l.p.smooth, l.p.proj_down, 256, uns);
       ASSERT_TRUE(std::isnan(at(ref.ascales, 0 * ref.ascales.size(1) + 1)));        // group 0, row 1
@@ -211,6 +215,11 @@ TEST(SvdquantW4A4, QuantizeLongRowsAndNonFiniteEveryIsa) {
         const SvdquantActs a = quantize_svdquant_w4a4(l.x, l.p.smooth, l.p.proj_down, 256, uns);
         ASSERT_TRUE(same_bits(a.q_x, ref.q_x));
         ASSERT_TRUE(same_bits(a.ascales, ref.ascales));
+        const int64_t R = a.lora_act.size(1);
+        const Tensor la = a.lora_act.to_f32(), la_ref = ref.lora_act.to_f32();
+        for (int64_t m : {0, 4})  // finite rows (a NaN's payload may differ between instructions)
+          for (int64_t r = 0; r < R; ++r)
+            ASSERT_EQ(la.data<float>()[m * R + r], la_ref.data<float>()[m * R + r]) << "lora_act " << m << "," << r;
         const Tensor y = svdquant_linear(l.x, *prepare_svdquant_w4a4(l.p), DType::F32);
         for (int64_t n = 0; n < N; ++n) {
           ASSERT_TRUE(std::isnan(y.data<float>()[1 * N + n])) << "row 1 (NaN in x) n=" << n;

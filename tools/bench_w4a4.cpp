@@ -3,7 +3,8 @@
 // For each shape (R = 32, fp32 x, bf16 parameters, a signed layer), one interleaved loop whose every
 // repetition runs, in rotating order: a read-bandwidth sweep, the fused svdquant_linear (the path of
 // nn::Linear), the same layer with its stages timed apart (quantize, low-rank, integer GEMM +
-// epilogue; bench::svdquant_linear_timed), OpenBLAS sgemm on the dequantized fp32 weight W_eff
+// epilogue; bench::svdquant_linear_timed), the fused layer on the same x rounded to bf16 (ComfyUI's
+// input, and the bf16 peers': speedup_vs_dnnl_bf16 compares these two), OpenBLAS sgemm on the dequantized fp32 weight W_eff
 // (the user's alternative) and the int8 VNNI peak (a register-only vpdpbusd loop). Every case
 // rotates among copies of its weights (prepared repacks for nibble, fp32 W for sgemm) that together
 // exceed 2x the L3, so no case finds its weights cache-warm from the case before — as in a model,
@@ -67,6 +68,7 @@ int run_w4a4(const BenchOptions& o) {
     std::vector<std::shared_ptr<const SvdquantW4A4Prepared>> preps;
     for (int c = 0, n = bench::copies_to_defeat_cache(prep_bytes); c < n; ++c) preps.push_back(prepare_svdquant_w4a4(params));
     const Tensor x = random_tensor(rng, DType::F32, {M, K}, -2.0f, 2.0f);
+    const Tensor xb = x.to(DType::BF16);  // the same layer fed bf16 x, as ComfyUI and the bf16 peers are
     const int r = M >= 4096 ? std::max(3, reps / 2) : reps;  // the M = 4096 sgemm takes seconds
     std::unique_ptr<bench::RotatingCopies> W;
     Tensor yb;
@@ -81,10 +83,10 @@ int run_w4a4(const BenchOptions& o) {
     const bool dnnl = bench::dnnl_available();
     std::vector<std::unique_ptr<bench::DnnlBf16Matmul>> dnnl_bf16;
     std::vector<std::unique_ptr<bench::DnnlS8Matmul>> dnnl_s8;
-    Tensor xb, yd, x8, w8, y32;
+    Tensor yd, x8, w8, y32;
     if (dnnl) {
       const Tensor wb = dequantize(layer).to(DType::BF16);
-      xb = x.to(DType::BF16), yd = Tensor::empty(DType::F32, {M, N});
+      yd = Tensor::empty(DType::F32, {M, N});
       x8 = Tensor::empty(DType::U8, {M, K}), w8 = Tensor::empty(DType::I8, {N, K}), y32 = Tensor::empty(DType::I32, {M, N});
       for (int64_t j = 0; j < x8.numel(); ++j) x8.mutable_data<uint8_t>()[j] = uint8_t(rng() & 15);
       for (int64_t j = 0; j < w8.numel(); ++j) w8.mutable_data<int8_t>()[j] = int8_t(int(rng() & 15) - 8);
@@ -117,6 +119,9 @@ int run_w4a4(const BenchOptions& o) {
           clock_gettime(CLOCK_THREAD_CPUTIME_ID, &b);
           thread_peak.push_back(ops / (double(b.tv_sec - a.tv_sec) + 1e-9 * double(b.tv_nsec - a.tv_nsec)) / 1e9);
         }}};
+    const size_t i_fused_bf16x = cases.size();
+    cases.push_back({[&](int) { (void)svdquant_linear(xb, *preps[size_t(c_f++) % preps.size()], DType::F32); }});
+    const size_t i_blas = cases.size();
     if (blas)
       cases.push_back({[&](int) {
                          bench::sgemm_nt(M, N, K, x.data<float>(), W->at(c_b++)[0].data<float>(), yb.mutable_data<float>());
@@ -128,9 +133,9 @@ int run_w4a4(const BenchOptions& o) {
       cases.push_back({[&](int) { dnnl_s8[size_t(c_d8++) % dnnl_s8.size()]->run(x8.data<uint8_t>(), y32.mutable_data<int32_t>()); }, true});
     }
     const std::vector<bench::Timing> T = bench::time_interleaved(r, cases);
-    const bench::Timing &T_probe = T[0], &T_fused = T[1], &T_peak = T[3];
+    const bench::Timing &T_probe = T[0], &T_fused = T[1], &T_peak = T[3], &T_fused_bf16x = T[i_fused_bf16x];
     const size_t n = T_fused.runs.size();
-    std::vector<double> tq, tl, tg, r_read, r_probe, r_peak_probe, r_gemm_pct, r_fused_pct, bw, ceiling;
+    std::vector<double> tq, tl, tg, r_read, r_probe, r_peak_probe, r_gemm_pct, r_fused_pct, r_fused_bf16x_pct, bw, ceiling;
     for (size_t k = 0; k < n && k < stages.size(); ++k) {
       const auto& st = stages[k];
       tq.push_back(st.quantize), tl.push_back(st.lowrank), tg.push_back(st.gemm);
@@ -141,10 +146,11 @@ int run_w4a4(const BenchOptions& o) {
       r_peak_probe.push_back(100.0 * gop / st.gemm / pk);
       r_gemm_pct.push_back(100.0 * gop / st.gemm / pk_ceil);
       r_fused_pct.push_back(100.0 * gop / T_fused.runs[k] / pk_ceil);
+      r_fused_bf16x_pct.push_back(100.0 * gop / T_fused_bf16x.runs[k] / pk_ceil);
       const double probe_rate = double(probe.bytes()) / T_probe.runs[k] / 1e9;
       const double quant_rate = double(M) * double(K) * 4.0 / st.quantize / 1e9;
       double ceil = std::max(probe_rate, quant_rate);
-      if (blas) ceil = std::max(ceil, double(W->bytes_per_copy()) / T[4].runs[k] / 1e9);
+      if (blas) ceil = std::max(ceil, double(W->bytes_per_copy()) / T[i_blas].runs[k] / 1e9);
       bw.push_back(probe_rate), ceiling.push_back(ceil);
       r_read.push_back(100.0 * quant_rate / ceil);
       r_probe.push_back(100.0 * quant_rate / probe_rate);
@@ -162,6 +168,7 @@ int run_w4a4(const BenchOptions& o) {
     rec.n("pct_quant_lowrank", 100.0 * (bench::median(tq) + bench::median(tl)) / T[2].median);
     rec.n("gemm_ms", t_g * 1e3).n("gemm_GOPs", gop / t_g).n("pct_vnni_peak", bench::median(r_gemm_pct));
     rec.n("fused_pct_vnni_peak", bench::median(r_fused_pct));
+    rec.n("fused_bf16x_ms", T_fused_bf16x.median * 1e3).n("fused_bf16x_pct_vnni_peak", bench::median(r_fused_bf16x_pct));
     // CPU-time form (robust on a loaded host): GOP per process CPU second of the GEMM stage over the
     // best per-thread peak sample (thread CPU time); pool threads that spin idle count against it.
     // The process CPU clock sees another running thread's time only at its scheduler ticks (4 ms
@@ -175,9 +182,12 @@ int run_w4a4(const BenchOptions& o) {
       rec.n("gemm_cpu_pct_vnni_peak", cpu_pct.empty() ? NAN : bench::median(cpu_pct));
     }
     rec.n("pct_peak_sample", bench::median(r_peak_probe)).n("peak_exceeded", bench::median(r_peak_probe) > 100.0 ? 1 : 0);
-    rec.n("sgemm_ms", blas ? T[4].median * 1e3 : NAN).n("speedup_vs_sgemm", blas ? bench::paired_ratio(T[4], T_fused) : NAN);
+    rec.n("sgemm_ms", blas ? T[i_blas].median * 1e3 : NAN).n("speedup_vs_sgemm", blas ? bench::paired_ratio(T[i_blas], T_fused) : NAN);
+    // against oneDNN bf16 like for like: both layers fed the same bf16 x (the fp32-x layer reads twice
+    // x's bytes: speedup_vs_dnnl_bf16_f32x)
     rec.n("dnnl_bf16_ms", dnnl ? T[i_dnnl].median * 1e3 : NAN)
-        .n("speedup_vs_dnnl_bf16", dnnl ? bench::paired_ratio(T[i_dnnl], T_fused) : NAN);
+        .n("speedup_vs_dnnl_bf16", dnnl ? bench::paired_ratio(T[i_dnnl], T_fused_bf16x) : NAN)
+        .n("speedup_vs_dnnl_bf16_f32x", dnnl ? bench::paired_ratio(T[i_dnnl], T_fused) : NAN);
     rec.n("dnnl_s8_ms", dnnl ? T[i_dnnl + 1].median * 1e3 : NAN)
         .n("speedup_vs_dnnl_s8", dnnl ? bench::paired_ratio(T[i_dnnl + 1], T_fused) : NAN);
     rec.n("vnni_peak_GOPs", bench::median(peak)).n("read_GBps", bench::median(bw)).n("ceiling_GBps", bench::median(ceiling));
@@ -191,8 +201,8 @@ int run_w4a4(const BenchOptions& o) {
     fmt::print("{}", bench::records_to_table(recs, {"M", "K", "N", "isa", "threads", "fused_ms", "fused_GOPs",
                                                     "staged_ms", "quant_ms", "pct_read_bw", "pct_probe", "lowrank_ms", "pct_quant_lowrank",
                                                     "gemm_ms", "gemm_GOPs", "pct_vnni_peak", "gemm_cpu_pct_vnni_peak", "pct_peak_sample", "fused_pct_vnni_peak",
-                                                    "sgemm_ms", "speedup_vs_sgemm", "speedup_vs_dnnl_bf16",
-                                                    "speedup_vs_dnnl_s8", "loadavg"}));
+                                                    "fused_bf16x_ms", "fused_bf16x_pct_vnni_peak", "sgemm_ms", "speedup_vs_sgemm", "speedup_vs_dnnl_bf16",
+                                                    "speedup_vs_dnnl_bf16_f32x", "speedup_vs_dnnl_s8", "loadavg"}));
     fmt::print("# stages run split (staged_ms >= fused_ms); every case reads weights that are not cache resident\n");
     for (const auto& r : recs)
       for (const auto& [k, v] : r.num) {

@@ -175,7 +175,8 @@ void grow(std::vector<T>& v, int64_t n) {
 // fp32 copy wrote and re-read twice x's bytes: ~3 % of the fused layer at M = 4096).
 struct RowSource {
   const float* f32 = nullptr;
-  const uint16_t* half = nullptr;
+  const uint16_t* half = nullptr;  // bf16 / f16 rows (dt)
+  DType dt = DType::F32;
   HalfToF32Kernel widen = nullptr;
   static RowSource of(const float* x) {
     RowSource s;
@@ -186,10 +187,17 @@ struct RowSource {
     if (t.dtype() == DType::F32) return of(t.data<float>());
     RowSource s;
     s.half = t.data<uint16_t>();
+    s.dt = t.dtype();
     s.widen = t.dtype() == DType::BF16 ? io.bf16_to_f32 : io.f16_to_f32;
     return s;
   }
   bool same_as(const RowSource& o) const { return f32 == o.f32 && half == o.half; }
+  RowSource from_row(int64_t m0, int64_t K) const {  // the rows from m0 on
+    RowSource s = *this;
+    if (f32) s.f32 += m0 * K;
+    else s.half += m0 * K;
+    return s;
+  }
   const float* rows(int64_t m0, int64_t m1, int64_t K, kernels::Slot slot) const {
     if (f32) return f32 + m0 * K;
     float* d = kernels::thread_scratch<float>(slot, (m1 - m0) * K);
@@ -237,8 +245,13 @@ void fill_acts(Acts& a, const Plan& pl, const RowSource& x, int64_t M, int64_t K
   }
   parallel_for(tasks, [&](int64_t task) {
     const int64_t m0 = task * kQuantRows, m1 = std::min(M, m0 + kQuantRows);
-    // this task's rows (row m0 first); the low-rank input is the same rows unless the caller gave its own
-    const float* xr = do_q || (do_l && lora_x.same_as(x)) ? x.rows(m0, m1, K, kernels::Slot::KitchenX) : nullptr;
+    // Kernels that read bf16/f16 rows as such (no shift to apply first) skip the fp32 rows; otherwise this
+    // task's rows widened (row m0 first). The low-rank input is the same rows unless the caller gave its own.
+    const bool q_half = do_q && !shift && x.half && pl.quantize_half;
+    const bool l_half = do_l && lora_x.half && lora_x.dt == DType::BF16 && lr.bf16 && lr.dpk && pl.lora_bf16_xbf16;
+    const bool l_same = lora_x.same_as(x);
+    const float* xr =
+        (do_q && !q_half) || (do_l && !l_half && l_same) ? x.rows(m0, m1, K, kernels::Slot::KitchenX) : nullptr;
     const float* xs = xr;
     if (shift && do_q) {
       float* sh = kernels::thread_scratch<float>(kernels::Slot::Shift, (m1 - m0) * K);
@@ -263,6 +276,8 @@ void fill_acts(Acts& a, const Plan& pl, const RowSource& x, int64_t M, int64_t K
           for (int64_t j = 0; j < kGroup; ++j) s += codes[i + j];
           corr[i / kGroup] = -8 * s;
         }
+      } else if (q_half) {
+        pl.quantize_half(x.half + m0 * K, x.dt == DType::F16, K, K, inv_s, act_unsigned, codes, sc, corr, 0, m1 - m0);
       } else {
         pl.quantize(xb, K, K, inv_s, act_unsigned, codes, sc, corr, 0, m1 - m0);
       }
@@ -270,9 +285,11 @@ void fill_acts(Acts& a, const Plan& pl, const RowSource& x, int64_t M, int64_t K
     }
     if (do_l) {
       float* lo = a.lora.data() + m0 * R;
-      const float* lx = lora_x.same_as(x) ? xr : lora_x.rows(m0, m1, K, kernels::Slot::KitchenLoraX);
+      const float* lx = l_half ? nullptr : l_same ? xr : lora_x.rows(m0, m1, K, kernels::Slot::KitchenLoraX);
       const int64_t rows = m1 - m0;
-      if (lr.bf16 && pl.lora_bf16 && lr.dpk) {  // vdpbf16ps, x̂ formed in the kernel
+      if (l_half) {  // bf16 x's own pairs
+        pl.lora_bf16_xbf16(lora_x.half + m0 * K, K, K, lr.dpk, ldd, R, lo, R, rows);
+      } else if (lr.bf16 && pl.lora_bf16 && lr.dpk) {  // vdpbf16ps, x̂ formed in the kernel
         pl.lora_bf16(lx, K, K, lr.dpk, ldd, R, lo, R, rows);
       } else {
         if (lr.bf16) {  // x̂, then the fp32 fma chain in pair order
@@ -547,16 +564,14 @@ SvdquantActs quantize_svdquant_w4a4(const Tensor& x, const Tensor& smooth, const
     dpk = pack_down_pairs(side.down, K, side.ldd);
     lr.dpk = dpk.data();
   }
-  // Per task of kQuantRows rows: x (and lora_x) widened to fp32 in thread scratch, the fused layer's own
-  // activation stage (fill_acts, run inline on these rows: the same operations as on x.to_f32()), then
-  // the kitchen tensors written straight from the task's buffers.
+  // Per task of kQuantRows rows: the fused layer's own activation stage (fill_acts, run inline on these
+  // rows: bf16/f16 read as such or widened per task, the same operations as on x.to_f32()), then the
+  // kitchen tensors written straight from the task's buffers.
+  const RowSource xsrc = RowSource::of(x, io), lsrc = lora_x.defined() ? RowSource::of(lora_x, io) : xsrc;
   parallel_for((M + kQuantRows - 1) / kQuantRows, [&](int64_t task) {
     const int64_t m0 = task * kQuantRows, m1 = std::min(M, m0 + kQuantRows), n = m1 - m0;
-    const float* xs = RowSource::of(x, io).rows(m0, m1, K, kernels::Slot::KitchenX);
-    const float* ls =
-        lora_x.defined() ? RowSource::of(lora_x, io).rows(m0, m1, K, kernels::Slot::KitchenLoraX) : xs;
     thread_local Acts ta;  // this thread's task-sized activations (grow-only)
-    fill_acts(ta, pl, RowSource::of(xs), n, K, xdt, false, side.inv_s, act_unsigned, RowSource::of(ls), lr);
+    fill_acts(ta, pl, xsrc.from_row(m0, K), n, K, xdt, false, side.inv_s, act_unsigned, lsrc.from_row(m0, K), lr);
     io.pack(ta.codes.data(), n * K, q + m0 * (K / 2));
     // ascales (G, M_pad), column m; the values are already rounded to x's dtype (storing is exact)
     for (int64_t g = 0; g < G; ++g) store_f32_as(as, g * M_pad + m0, ta.ascale.data() + g, G, n, xdt);
@@ -820,14 +835,17 @@ Plan plan(Isa isa) {
     case Isa::Avx512:
       pl.name = "avx512-quantize+avx2-gemm";
       pl.quantize = NIBBLE_K512(quantize_avx512), pl.lora = NIBBLE_K512(lora_avx512), pl.gemm = NIBBLE_K2(gemm_avx2);
+      pl.quantize_half = NIBBLE_K512(quantize_half_avx512);
       break;
     case Isa::Avx512Vnni: case Isa::Avx512Bf16:
       pl.name = "avx512-quantize+vnni-gemm";
       pl.quantize = NIBBLE_K512(quantize_avx512), pl.lora = NIBBLE_K512(lora_avx512);
+      pl.quantize_half = NIBBLE_K512(quantize_half_avx512);
       pl.gemm = NIBBLE_K512(gemm_avx512vnni);
       if (isa == Isa::Avx512Bf16) {
         pl.name = "avx512-quantize+bf16-lowrank+vnni-gemm";
         pl.lora_bf16 = NIBBLE_K512(lora_bf16_avx512bf16);
+        pl.lora_bf16_xbf16 = NIBBLE_K512(lora_bf16_xbf16_avx512bf16);
         pl.gemm_bf16up = NIBBLE_K512(gemm_avx512bf16);
       }
       break;

@@ -93,6 +93,10 @@ void quantize_avx512(const float* x, int64_t ldx, int64_t K, const float* inv_s,
                      float* scales, int32_t* acorr, int64_t m0, int64_t m1);
 void quantize_avx2(const float* x, int64_t ldx, int64_t K, const float* inv_s, bool act_unsigned, int8_t* codes,
                    float* scales, int32_t* acorr, int64_t m0, int64_t m1);
+// The same for bf16 (f16 = false) or fp16 rows, widened in-register: the bits of quantize_avx512 on the
+// widened rows, reading half the bytes.
+void quantize_half_avx512(const uint16_t* x, bool f16, int64_t ldx, int64_t K, const float* inv_s, bool act_unsigned,
+                          int8_t* codes, float* scales, int32_t* acorr, int64_t m0, int64_t m1);
 // lora (M, ldl) = x (M, K) · down (K, ldd), R columns (ldd, ldl ≥ R; ldd a multiple of the vector width);
 // pairs: the bf16 low-rank order (x already rounded to x̂).
 void lora_avx512(const float* x, int64_t ldx, int64_t K, const float* down, int64_t ldd, int64_t R, float* lora,
@@ -104,6 +108,10 @@ void lora_avx2(const float* x, int64_t ldx, int64_t K, const float* down, int64_
 // down[2q + e, r] (ldd a multiple of 16, zero padded). vdpbf16ps per pair, q ascending.
 void lora_bf16_avx512bf16(const float* x, int64_t ldx, int64_t K, const uint16_t* dpk, int64_t ldd, int64_t R,
                           float* lora, int64_t ldl, int64_t rows);
+// The same for bf16 x (row stride ldx elements), whose pairs are its own bits: equal to the fp32 entry on the
+// widened rows.
+void lora_bf16_xbf16_avx512bf16(const uint16_t* x, int64_t ldx, int64_t K, const uint16_t* dpk, int64_t ldd,
+                                int64_t R, float* lora, int64_t ldl, int64_t rows);
 
 using GemmKernel = void (*)(const GemmArgs& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
 using QuantizeKernel = void (*)(const float* x, int64_t ldx, int64_t K, const float* inv_s, bool act_unsigned,
@@ -112,6 +120,11 @@ using LoraKernel = void (*)(const float* x, int64_t ldx, int64_t K, const float*
                             float* lora, int64_t ldl, int64_t m0, int64_t m1, bool pairs);
 using LoraBf16Kernel = void (*)(const float* x, int64_t ldx, int64_t K, const uint16_t* dpk, int64_t ldd, int64_t R,
                                 float* lora, int64_t ldl, int64_t rows);
+using QuantizeHalfKernel = void (*)(const uint16_t* x, bool f16, int64_t ldx, int64_t K, const float* inv_s,
+                                    bool act_unsigned, int8_t* codes, float* scales, int32_t* acorr, int64_t m0,
+                                    int64_t m1);
+using LoraBf16XKernel = void (*)(const uint16_t* x, int64_t ldx, int64_t K, const uint16_t* dpk, int64_t ldd,
+                                 int64_t R, float* lora, int64_t ldl, int64_t rows);
 
 // The bf16 low-rank arithmetic applies (header comment) when proj_down is stored as bf16 and the low-rank
 // input is bf16 or fp32 (fp16 x and fp32/fp16 proj_down keep the fp32 chain: rounding them would lose bits).
@@ -132,6 +145,8 @@ struct Plan {
   GemmKernel gemm = nullptr;
   LoraBf16Kernel lora_bf16 = nullptr;  // null: the bf16 low-rank runs `lora` in pair order on x̂
   GemmKernel gemm_bf16up = nullptr;    // null: the bf16 up-projection runs `gemm` with up_pairs
+  QuantizeHalfKernel quantize_half = nullptr;  // bf16/f16 x read as such (null: rows widened to fp32 first)
+  LoraBf16XKernel lora_bf16_xbf16 = nullptr;   // bf16 x's own pairs (null: widened, then lora_bf16 / lora)
 };
 Plan plan(Isa isa);
 

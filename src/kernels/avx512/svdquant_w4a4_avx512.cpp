@@ -42,7 +42,20 @@ inline __m512i reduce16(__m512i v[16], const Reduce16Idx& ix, Op op) {
                 _mm512_permutex2var_epi32(v[2 * p], ix.b[l], v[2 * p + 1]));
   return v[0];
 }
-}  // namespace
+
+// The input row's element type: fp32, or bf16 / fp16 widened in-register (exactly, as to_f32 does), so a
+// half-precision x is read at its own size instead of through an fp32 copy.
+enum class XIn { F32, BF16, F16 };
+template <XIn In>
+inline __m512 load_x16(const void* row, int64_t i) {
+  if constexpr (In == XIn::F32) {
+    return _mm512_loadu_ps(static_cast<const float*>(row) + i);
+  } else {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(row) + i));
+    if constexpr (In == XIn::BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    else return _mm512_cvtph_ps(h);
+  }
+}
 
 // Batches of 16 groups: pass 1 forms y = x·inv_s (kept in an L1 buffer) and each group's lane-wise
 // max|y|; the network reduces the 16 to one vector, so scale and 1/scale are one vdivps for 16 groups;
@@ -51,8 +64,11 @@ inline __m512i reduce16(__m512i v[16], const Reduce16Idx& ix, Op op) {
 // 256-bit pipe for two cycles, so the op count is the cost. The earlier kernel (per group: two horizontal
 // reductions, a scalar divide, fp clamps) took 1.74x as long with x in cache (BM_quantize_rows_in_cache,
 // 7.0 vs 4.0 us); from DRAM, with two threads, both run at the read bandwidth.
-void quantize_avx512(const float* x, int64_t ldx, int64_t K, const float* inv_s, bool act_unsigned, int8_t* codes,
-                     float* scales, int32_t* acorr, int64_t m0, int64_t m1) {
+template <XIn In>
+void quantize_rows(const void* x, int64_t ldx, int64_t K, const float* inv_s, bool act_unsigned, int8_t* codes,
+                   float* scales, int32_t* acorr, int64_t m0, int64_t m1) {
+  constexpr int64_t esize = In == XIn::F32 ? 4 : 2;
+  constexpr int lines = int(kGroup * esize / 64);  // cache lines of x per group (4 or 2)
   static const Reduce16Idx ix;
   const int64_t G = K / kGroup;
   const __m512 qmax = _mm512_set1_ps(act_unsigned ? 15.0f : 7.0f), floor = _mm512_set1_ps(1e-10f);
@@ -66,7 +82,7 @@ void quantize_avx512(const float* x, int64_t ldx, int64_t K, const float* inv_s,
   const auto vadd = [](__m512i a, __m512i b) { return _mm512_add_epi32(a, b); };
   alignas(64) float ybuf[16 * kGroup];
   for (int64_t m = m0; m < m1; ++m) {
-    const float* xr = x + m * ldx;
+    const char* xr = static_cast<const char*>(x) + m * ldx * esize;
     for (int64_t g0 = 0; g0 < G; g0 += 16) {
       const int nb = int(G - g0 < 16 ? G - g0 : 16);
       __m512i v[16];
@@ -78,10 +94,10 @@ void quantize_avx512(const float* x, int64_t ldx, int64_t K, const float* inv_s,
         const int64_t k0 = (g0 + b) * kGroup;
         // x streams from DRAM: the batch ahead (4 KiB) is requested half in each pass, so misses stay in
         // flight through the compute-only pass 2 (all 64 lines in pass 1 ran ~10 % slower from DRAM)
-        for (int l = 0; l < 2; ++l) _mm_prefetch(reinterpret_cast<const char*>(xr + k0 + 16 * kGroup + 16 * l), _MM_HINT_T0);
+        for (int l = 0; l < lines / 2; ++l) _mm_prefetch(xr + (k0 + 16 * kGroup) * esize + 64 * l, _MM_HINT_T0);
         __m512i amax = _mm512_setzero_si512();
         for (int j = 0; j < 4; ++j) {
-          const __m512 y = _mm512_mul_ps(_mm512_loadu_ps(xr + k0 + 16 * j), _mm512_loadu_ps(inv_s + k0 + 16 * j));
+          const __m512 y = _mm512_mul_ps(load_x16<In>(xr, k0 + 16 * j), _mm512_loadu_ps(inv_s + k0 + 16 * j));
           _mm512_store_ps(ybuf + b * kGroup + 16 * j, y);
           amax = _mm512_max_epi32(amax, _mm512_and_si512(_mm512_castps_si512(y), absmask));
         }
@@ -94,7 +110,7 @@ void quantize_avx512(const float* x, int64_t ldx, int64_t K, const float* inv_s,
       _mm512_mask_storeu_ps(scales + m * G + g0, live, scale);
       for (int b = 0; b < nb; ++b) {
         const __m512 ib = _mm512_permutexvar_ps(_mm512_set1_epi32(b), inv);
-        for (int l = 2; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(xr + (g0 + b + 16) * kGroup + 16 * l), _MM_HINT_T0);
+        for (int l = lines / 2; l < lines; ++l) _mm_prefetch(xr + (g0 + b + 16) * kGroup * esize + 64 * l, _MM_HINT_T0);
         __m512i qi[4];
         for (int j = 0; j < 4; ++j)  // rint half-even (a NaN gives INT_MIN: clamped to lo below, as fp clamps do)
           qi[j] = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_load_ps(ybuf + b * kGroup + 16 * j), ib),
@@ -113,6 +129,18 @@ void quantize_avx512(const float* x, int64_t ldx, int64_t K, const float* inv_s,
       }
     }
   }
+}
+
+}  // namespace
+
+void quantize_avx512(const float* x, int64_t ldx, int64_t K, const float* inv_s, bool act_unsigned, int8_t* codes,
+                     float* scales, int32_t* acorr, int64_t m0, int64_t m1) {
+  quantize_rows<XIn::F32>(x, ldx, K, inv_s, act_unsigned, codes, scales, acorr, m0, m1);
+}
+void quantize_half_avx512(const uint16_t* x, bool f16, int64_t ldx, int64_t K, const float* inv_s, bool act_unsigned,
+                          int8_t* codes, float* scales, int32_t* acorr, int64_t m0, int64_t m1) {
+  if (f16) quantize_rows<XIn::F16>(x, ldx, K, inv_s, act_unsigned, codes, scales, acorr, m0, m1);
+  else quantize_rows<XIn::BF16>(x, ldx, K, inv_s, act_unsigned, codes, scales, acorr, m0, m1);
 }
 
 namespace {
