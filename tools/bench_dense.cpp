@@ -2,9 +2,10 @@
 //
 // The bf16 dense GEMM (kernels/dense_bf16.h: bf16 inputs, fp32 accumulation — nn::Linear's
 // DenseMath::Bf16 path) against, interleaved per repetition (rotating order): nibble's fp32 GEMM
-// (linear_f32's packed panels, the default dense path), OpenBLAS sgemm on fp32 W, and oneDNN's bf16
-// matmul (when built with libdnnl-dev; fed bf16 activations, i.e. without the fp32→bf16 rounding of
-// x our kernel does inside, and its weight reordered once to its preferred layout). Every case
+// (linear_f32's packed panels, the default dense path), the same bf16 GEMM fed bf16 x (run_packed_bf16x:
+// no rounding pass), OpenBLAS sgemm on fp32 W, and oneDNN's bf16 matmul (when built with libdnnl-dev; fed
+// bf16 activations, its weight reordered once to its preferred layout). speedup_vs_dnnl_bf16 compares the
+// two fed bf16 x; speedup_vs_dnnl_bf16_f32x nibble on fp32 x (rounded inside). Every case
 // rotates among weight copies that together exceed 2x the L3. Ratios are medians of per-repetition
 // ratios; GFLOP/s counts 2·M·N·K.
 // pct_bf16_peak: GFLOP/s of the median run over the vdpbf16ps peak of the pool, i.e. the per-core
@@ -93,7 +94,9 @@ int run_dense(const BenchOptions& o) {
     int c_b = 0, c_f = 0, c_s = 0, c_d = 0;
     std::vector<bench::InterleavedCase> cases = {
         {[&](int) { kernels::dense_bf16::run_packed(x.data<float>(), M, pb[size_t(c_b++) % pb.size()], nullptr, y.mutable_data<float>()); }},
-        {[&](int) { kernels::linear::run_packed(x.data<float>(), M, pf[size_t(c_f++) % pf.size()], nullptr, y.mutable_data<float>()); }}};
+        {[&](int) { kernels::linear::run_packed(x.data<float>(), M, pf[size_t(c_f++) % pf.size()], nullptr, y.mutable_data<float>()); }},
+        // the same bf16 GEMM fed the bf16 x the oneDNN peer gets (its pairs read as they are)
+        {[&](int) { kernels::dense_bf16::run_packed_bf16x(xb.data<uint16_t>(), M, pb[size_t(c_b++) % pb.size()], nullptr, y.mutable_data<float>()); }}};
     const size_t i_blas = cases.size();
     if (blas)
       cases.push_back({[&](int) { bench::sgemm_nt(M, N, K, x.data<float>(), W->at(c_s++)[0].data<float>(), y.mutable_data<float>()); }, true});
@@ -110,8 +113,12 @@ int run_dense(const BenchOptions& o) {
     rec.n("pct_bf16_peak", 100.0 * gflop / Tb.median / peak).n("pct_bf16_peak_best", 100.0 * gflop / Tb.best / peak);
     rec.n("f32_ms", T[1].median * 1e3).n("speedup_vs_f32", bench::paired_ratio(T[1], Tb));
     rec.n("sgemm_ms", blas ? T[i_blas].median * 1e3 : NAN).n("speedup_vs_sgemm", blas ? bench::paired_ratio(T[i_blas], Tb) : NAN);
+    // against oneDNN like for like (both fed bf16 x); fp32 x (rounded by nibble first): *_f32x
+    const bench::Timing& Tbx = T[2];
+    rec.n("bf16x_ms", Tbx.median * 1e3).n("pct_bf16_peak_bf16x", 100.0 * gflop / Tbx.median / peak);
     rec.n("dnnl_bf16_ms", dnnl ? T[i_dnnl].median * 1e3 : NAN)
-        .n("speedup_vs_dnnl_bf16", dnnl ? bench::paired_ratio(T[i_dnnl], Tb) : NAN);
+        .n("speedup_vs_dnnl_bf16", dnnl ? bench::paired_ratio(T[i_dnnl], Tbx) : NAN)
+        .n("speedup_vs_dnnl_bf16_f32x", dnnl ? bench::paired_ratio(T[i_dnnl], Tb) : NAN);
     rec.n("bf16_peak_GFLOPs", peak).n("weight_copies", double(copies)).n("loadavg", bench::load_average());
     recs.push_back(rec);
     if (!o.json) fmt::print(stderr, "  done M={} K={} N={}\n", M, K, N);
@@ -121,8 +128,8 @@ int run_dense(const BenchOptions& o) {
   } else {
     fmt::print("{}", bench::records_to_table(recs, {"M", "K", "N", "threads", "bf16_ms", "bf16_GFLOPs", "pct_bf16_peak",
                                                     "pct_bf16_peak_best", "f32_ms", "speedup_vs_f32", "sgemm_ms",
-                                                    "speedup_vs_sgemm", "dnnl_bf16_ms", "speedup_vs_dnnl_bf16",
-                                                    "loadavg"}));
+                                                    "speedup_vs_sgemm", "bf16x_ms", "pct_bf16_peak_bf16x", "dnnl_bf16_ms", "speedup_vs_dnnl_bf16",
+                                                    "speedup_vs_dnnl_bf16_f32x", "loadavg"}));
     fmt::print("# pct_bf16_peak: wall-clock GEMM vs the per-core vdpbf16ps peak (thread CPU time) x threads\n");
   }
   return 0;

@@ -49,5 +49,8 @@ bool supported();
 PackedBf16Weight pack_weight(const void* w, DType wdt, int64_t N, int64_t K);
 // y (M, w.N) fp32 = bf16(x) (M, w.K) · Wᵀ + bias (may be null); x fp32 row-major. Validated inputs.
 void run_packed(const float* x, int64_t M, const PackedBf16Weight& w, const float* bias, float* y);
+// The same on bf16 x (M, w.K): its values are their own rounding, so the result equals run_packed on the
+// widened x, bit for bit; the pairs are read as they are (no copy when K is even and fits one k chunk).
+void run_packed_bf16x(const uint16_t* x, int64_t M, const PackedBf16Weight& w, const float* bias, float* y);
 
 }  // namespace nibble::kernels::dense_bf16

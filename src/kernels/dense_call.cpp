@@ -8,7 +8,8 @@
 
 namespace nibble::kernels {
 
-DenseCall prepare_dense_call(const char* op, const Tensor& x, const Tensor& weight, const Tensor& bias) {
+DenseCall prepare_dense_call(const char* op, const Tensor& x, const Tensor& weight, const Tensor& bias,
+                             bool keep_bf16_x) {
   if (!x.defined() || !weight.defined()) throw Error(fmt::format("{}: x and weight must be defined", op));
   check_dtype(x, {DType::F32, DType::BF16, DType::F16, DType::F64}, fmt::format("{}: x", op));
   check_dtype(weight, {DType::F32, DType::BF16, DType::F16}, fmt::format("{}: weight", op));
@@ -25,7 +26,7 @@ DenseCall prepare_dense_call(const char* op, const Tensor& x, const Tensor& weig
     check_shape(bias, {c.N}, fmt::format("{}: bias", op));
     c.bias = bias.to_f32();
   }
-  c.x = x.to_f32();
+  c.x = keep_bf16_x && x.dtype() == DType::BF16 ? x : x.to_f32();
   c.M = 1;  // product of the leading dims (numel / K would lose the rows when K == 0)
   for (int64_t d = 0; d + 1 < x.dim(); ++d) c.M *= x.size(d);
   Shape out_shape = x.shape();
