@@ -88,6 +88,27 @@ inline void pv_chunks(const uint32_t* vp, int64_t hd, int64_t dc, const uint16_t
     }
 }
 
+// Raw scores (q·k, fp32, before scale and bias) of the 8 query rows × key block kb into sb: one
+// vdpbf16ps chain per output over the hd pairs, p ascending.
+inline void qk_block(const uint32_t (*qp)[128], const uint32_t* kpack, int64_t hp, int64_t kb, float (*sb)[kKB]) {
+  __m512 s0[kR], s1[kR];
+  for (int r = 0; r < kR; ++r) s0[r] = s1[r] = _mm512_setzero_ps();
+  const uint32_t* kp = kpack + kb * hp * kKB;
+  for (int64_t p = 0; p < hp; ++p) {
+    const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kp + p * kKB);
+    const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kp + p * kKB + 16);
+    for (int r = 0; r < kR; ++r) {
+      const __m512bh qb = (__m512bh)_mm512_set1_epi32(int(qp[r][p]));
+      s0[r] = _mm512_dpbf16_ps(s0[r], qb, k0);
+      s1[r] = _mm512_dpbf16_ps(s1[r], qb, k1);
+    }
+  }
+  for (int r = 0; r < kR; ++r) {
+    _mm512_store_ps(sb[r], s0[r]);
+    _mm512_store_ps(sb[r] + 16, s1[r]);
+  }
+}
+
 }  // namespace
 
 bool flash_head_bf16_supported(int64_t hd) { return hd >= 16 && hd <= 256 && hd % 16 == 0; }
@@ -115,6 +136,7 @@ void flash_head_bf16(const float* q, const float* k, const float* v, int64_t ld,
   alignas(64) uint32_t qp[kR][128];
   alignas(64) float oacc[kR][256];
   alignas(64) uint16_t pb[kR][kKB];
+  alignas(64) float sbuf[2][kR][kKB];  // raw scores of key blocks kb and kb+1
   const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t q0 = 0; q0 < S; q0 += kR) {
     const int rows = int(S - q0 < kR ? S - q0 : kR);
@@ -127,18 +149,16 @@ void flash_head_bf16(const float* q, const float* k, const float* v, int64_t ld,
       l[r] = 0.0f;
       for (int64_t d = 0; d < hd; ++d) oacc[r][d] = 0.0f;
     }
+    // Q·Kᵀ of key block kb+1 is issued between the softmax of block kb and its P·V: the softmax is a
+    // chain of dependent steps (max network, exp, sum network) that P·V must wait for, and with the next
+    // block's independent dot products right behind it in program order the core fills that wait with
+    // them. The raw scores pass through L1 (sbuf; exact), so every value is computed as before.
+    qk_block(qp, kpack, hp, 0, sbuf[0]);
     for (int64_t kb = 0; kb < nkb; ++kb) {
       __m512 s0[kR], s1[kR];
-      for (int r = 0; r < kR; ++r) s0[r] = s1[r] = _mm512_setzero_ps();
-      const uint32_t* kp = kpack + kb * hp * kKB;
-      for (int64_t p = 0; p < hp; ++p) {
-        const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kp + p * kKB);
-        const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kp + p * kKB + 16);
-        for (int r = 0; r < kR; ++r) {
-          const __m512bh qb = (__m512bh)_mm512_set1_epi32(int(qp[r][p]));
-          s0[r] = _mm512_dpbf16_ps(s0[r], qb, k0);
-          s1[r] = _mm512_dpbf16_ps(s1[r], qb, k1);
-        }
+      for (int r = 0; r < kR; ++r) {
+        s0[r] = _mm512_load_ps(sbuf[kb & 1][r]);
+        s1[r] = _mm512_load_ps(sbuf[kb & 1][r] + 16);
       }
       const __m512 cb0 = _mm512_loadu_ps(colb + kb * kKB), cb1 = _mm512_loadu_ps(colb + kb * kKB + 16);
       alignas(32) float alpha[kR], mold[kR], rsum[kR];
@@ -172,6 +192,7 @@ void flash_head_bf16(const float* q, const float* k, const float* v, int64_t ld,
         _mm256_store_ps(alpha, _mm256_mask_blend_ps(first, _mm512_castps512_ps256(e), _mm256_setzero_ps()));
       }
       for (int r = 0; r < kR; ++r) l[r] = l[r] * alpha[r] + rsum[r];
+      if (kb + 1 < nkb) qk_block(qp, kpack, hp, kb + 1, sbuf[(kb + 1) & 1]);
       const uint32_t* vp = vpack + kb * (kKB / 2) * hd;
       int64_t dc = 0;
       for (; dc + 2 <= dch; dc += 2) pv_chunks<2>(vp, hd, dc, pb, alpha, oacc);
