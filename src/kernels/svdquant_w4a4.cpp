@@ -268,9 +268,8 @@ void fill_acts(Acts& a, const Plan& pl, const RowSource& x, int64_t M, int64_t K
       int8_t* codes = a.codes.data() + m0 * K;
       float* sc = a.ascale.data() + m0 * G;
       int32_t* corr = a.acorr.data() + m0 * G;
-      const float* xb = xs;
       if (pl.reference) {
-        quantize_ref(xb, K, inv_s, act_unsigned, codes, sc, 0, m1 - m0);
+        quantize_ref(xs, K, inv_s, act_unsigned, codes, sc, 0, m1 - m0);
         for (int64_t i = 0; i < (m1 - m0) * K; i += kGroup) {
           int32_t s = 0;
           for (int64_t j = 0; j < kGroup; ++j) s += codes[i + j];
@@ -279,7 +278,7 @@ void fill_acts(Acts& a, const Plan& pl, const RowSource& x, int64_t M, int64_t K
       } else if (q_half) {
         pl.quantize_half(x.half + m0 * K, x.dt == DType::F16, K, K, inv_s, act_unsigned, codes, sc, corr, 0, m1 - m0);
       } else {
-        pl.quantize(xb, K, K, inv_s, act_unsigned, codes, sc, corr, 0, m1 - m0);
+        pl.quantize(xs, K, K, inv_s, act_unsigned, codes, sc, corr, 0, m1 - m0);
       }
       for (int64_t i = 0; i < (m1 - m0) * G; ++i) sc[i] = round_to(sc[i], x_dtype);
     }
